@@ -1,0 +1,1 @@
+"""Per-node agent: registers with the coordinator, runs and watches the node's trainer ranks, exports metrics."""

@@ -1,0 +1,1 @@
+"""Protocol buffers of the stanchion.v1 API and their generated Python modules."""

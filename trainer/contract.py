@@ -1,0 +1,247 @@
+"""The trainer contract: how an agent (or torchrun, or a person) drives trainer ranks.
+
+Agent -> trainer: the torchrun environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) plus the ``STANCHION_*`` variables below,
+and JSON files the agent drops atomically into the worker's ``control/`` directory:
+
+- ``assign-<generation>.json``: join generation g as a given rank (see :class:`Assignment`). A worker
+  started with ``STANCHION_STANDBY=1`` imports torch, builds its model, and waits for one; a worker
+  whose collective failed waits for the next one and re-forms its process group in place.
+- ``request-<id>.json``: an in-job request such as ``{"kind": "rollback", "to_step": S,
+  "skip": [[start, length]]}``. Ranks agree on the highest request id through the per-step control
+  all-reduce, so every rank acts at the same step.
+
+Trainer -> agent: append-only JSON lines in the worker directory: ``progress.jsonl`` (one record per
+step), ``events.jsonl`` (detector and lifecycle events), ``error.json`` (on a crash, with the
+traceback) and ``flight-<step>.jsonl`` (the last progress records, kept on any detector event).
+
+Pure standard library: the agent imports this without torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Environment variables (besides torchrun's).
+ENV_RUN_DIR = "STANCHION_RUN_DIR"  # the job's run directory (checkpoints live under it)
+ENV_WORKER_DIR = "STANCHION_WORKER_DIR"  # this worker's files: progress, events, error, control
+ENV_CONFIG = "STANCHION_CONFIG"  # resolved trainer config (TOML or JSON)
+ENV_GENERATION = "STANCHION_GENERATION"  # set by the agent; absent under plain torchrun
+ENV_STANDBY = "STANCHION_STANDBY"  # "1": wait for an assignment file before joining
+ENV_FAULTS = "STANCHION_FAULTS"  # a fault-injection schedule file (tests, chaos, bisection defects)
+ENV_NODE_ID = "STANCHION_NODE_ID"
+
+PROGRESS_FILE = "progress.jsonl"
+EVENTS_FILE = "events.jsonl"
+ERROR_FILE = "error.json"
+CONTROL_DIR = "control"
+CHECKPOINT_DIR = "checkpoints"
+
+# Event names (``event`` field). Detector events carry ``suspect_ranks`` (possibly empty).
+EV_STARTED = "started"  # process group formed for a generation
+EV_NONFINITE = "nonfinite"
+EV_SPIKE = "spike"
+EV_FINGERPRINT_MISMATCH = "fingerprint_mismatch"
+EV_AUDIT_MISMATCH = "audit_mismatch"
+EV_ROLLBACK = "rollback"
+EV_ROLLBACK_UNAVAILABLE = "rollback_unavailable"
+EV_CHECKPOINT_COMMITTED = "checkpoint_committed"
+EV_CHECKPOINT_SKIPPED = "checkpoint_skipped"
+EV_CHECKPOINT_FAILED = "checkpoint_failed"
+EV_COLLECTIVE_FAILED = "collective_failed"  # a peer vanished; waiting for the next generation
+EV_FINISHED = "finished"
+EV_STOPPED = "stopped"  # SIGTERM honoured: checkpoint written, exiting 0
+EV_NONDETERMINISTIC = "nondeterministic"  # the start-up replay did not reproduce bit for bit
+DETECTOR_EVENTS = frozenset({EV_NONFINITE, EV_SPIKE, EV_FINGERPRINT_MISMATCH, EV_AUDIT_MISMATCH})
+
+# Exit codes of a trainer rank.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2  # bad configuration, detected before any process group starts
+EXIT_SUPERSEDED = 3  # told to stop waiting (a newer generation does not include this worker)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Join ``generation`` as ``rank`` of ``world_size``; written by the agent to ``assign-<g>.json``."""
+
+    generation: int
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    # How this rank obtains its state: "fresh" (step 0), "checkpoint" (load ``checkpoint``, or the newest
+    # good one when empty), "peer" (receive it from ``source_rank``, a live data-parallel peer), or
+    # "keep" (a survivor keeps its own state; others receive it from ``source_rank``).
+    resume: str = "checkpoint"
+    checkpoint: str = ""
+    source_rank: int = 0
+    skip_windows: tuple[tuple[int, int], ...] = ()  # (data start step, length) windows to skip
+    node_id: str = ""
+    stop: bool = False  # "do not join": exit with EXIT_SUPERSEDED
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["skip_windows"] = [list(w) for w in self.skip_windows]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Assignment:
+        d = dict(d)
+        d["skip_windows"] = tuple(tuple(int(x) for x in w) for w in d.get("skip_windows", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Request:
+    """An in-job request, agreed on by all ranks before anyone acts on it."""
+
+    id: int
+    kind: str  # "rollback"
+    to_step: int = -1  # roll back to the newest snapshot at or before this step (-1: the newest)
+    skip: tuple[tuple[int, int], ...] = ()
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["skip"] = [list(w) for w in self.skip]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Request:
+        d = dict(d)
+        d["skip"] = tuple(tuple(int(x) for x in w) for w in d.get("skip", ()))
+        return cls(**d)
+
+
+@dataclass
+class WorkerPaths:
+    root: Path
+    progress: Path = field(init=False)
+    events: Path = field(init=False)
+    error: Path = field(init=False)
+    control: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.progress = self.root / PROGRESS_FILE
+        self.events = self.root / EVENTS_FILE
+        self.error = self.root / ERROR_FILE
+        self.control = self.root / CONTROL_DIR
+
+    def assignment_path(self, generation: int) -> Path:
+        return self.control / f"assign-{generation:08d}.json"
+
+    def request_path(self, request_id: int) -> Path:
+        return self.control / f"request-{request_id:08d}.json"
+
+    def latest_assignment(self, after_generation: int = -1) -> Assignment | None:
+        best = None
+        if not self.control.is_dir():
+            return None
+        for p in self.control.glob("assign-*.json"):
+            try:
+                g = int(p.stem.split("-", 1)[1])
+            except ValueError:
+                continue
+            if g > after_generation and (best is None or g > best[0]):
+                best = (g, p)
+        if best is None:
+            return None
+        return Assignment.from_json(read_json(best[1]))
+
+    def requests(self, after_id: int = 0) -> list[Request]:
+        out = []
+        if not self.control.is_dir():
+            return out
+        for p in self.control.glob("request-*.json"):
+            try:
+                rid = int(p.stem.split("-", 1)[1])
+            except ValueError:
+                continue
+            if rid > after_id:
+                out.append(Request.from_json(read_json(p)))
+        return sorted(out, key=lambda r: r.id)
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
+    """Write-then-rename so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        json.dump(data, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+class JsonlWriter:
+    """Append-only JSON lines, one ``write`` per record so concurrent tails never see a torn line."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def write(self, record: dict[str, Any]) -> None:
+        record.setdefault("t", time.time())
+        os.write(self._fd, (json.dumps(record, sort_keys=True, allow_nan=True) + "\n").encode())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+class JsonlTail:
+    """Incrementally reads complete lines appended to a JSON-lines file (the agent's view)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._offset = 0
+        self._partial = b""
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        if not chunk:
+            return []
+        self._offset += len(chunk)
+        data = self._partial + chunk
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        out = []
+        for line in lines:
+            if line.strip():
+                with contextlib.suppress(json.JSONDecodeError):
+                    out.append(json.loads(line))
+        return out
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    with contextlib.suppress(json.JSONDecodeError):
+                        yield json.loads(line)
+    except FileNotFoundError:
+        return
