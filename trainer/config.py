@@ -136,6 +136,9 @@ class IntegrityConfig:
     spike_grad_z: float = 10.0
     flight_records: int = 200  # progress records each rank keeps for the flight recorder
     startup_check: bool = True  # replay the first step twice and compare fingerprints (determinism proof)
+    # What a rank does itself on a fingerprint mismatch: "report" (the coordinator decides) or
+    # "rollback" in place to the newest agreed snapshot (for runs without a coordinator).
+    on_mismatch: Literal["report", "rollback"] = "report"
 
     def __post_init__(self) -> None:
         for key in ("fingerprint_every", "audit_every", "snapshot_every"):

@@ -1,0 +1,174 @@
+"""Checkpoints through torch.distributed.checkpoint, with Stanchion's manifest as the commit marker.
+
+Save: every rank writes its part of ``step-N.tmp/`` (DCP fsyncs each file); after a barrier rank 0
+renames the directory to ``step-N/`` and writes ``manifest.json`` last (step, config, data cursor,
+RNG, per-file CRC-32, parameter and optimizer-state fingerprint). Asynchronous saves block training
+only while DCP stages the state; writing, the barrier and the commit run on a background thread with
+their own gloo process group, so they never interleave with the training collectives.
+
+Load: the newest checkpoint that verifies (or a named one), through DCP, which reshards to the
+current world size. After loading, the live state's fingerprint must equal the manifest's.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from trainer import manifest as mf
+from trainer.parallel import collective
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+def rng_state() -> str:
+    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+
+
+def set_rng_state(encoded: str) -> None:
+    import numpy as np
+
+    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(encoded), dtype=np.uint8).copy()))
+
+
+class CheckpointManager:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        rank: int,
+        keep: int,
+        async_save: bool,
+        events: EventSink,
+        process_group: dist.ProcessGroup | None,
+    ):
+        self.root = Path(run_dir) / "checkpoints"
+        self.rank = rank
+        self.keep = keep
+        self.async_save = async_save
+        self.events = events
+        self.pg = process_group
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
+        self._pending: concurrent.futures.Future[Any] | None = None
+        self.last_stall_s = 0.0
+        self.last_committed_step = -1
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        fields: dict[str, Any],
+        *,
+        blocking: bool = False,
+    ) -> float:
+        """Start saving the state after ``step`` steps; returns the seconds training was blocked."""
+        t0 = time.perf_counter()
+        self.wait()  # one save in flight at a time
+        tmp = self.root / (mf.step_dir_name(step) + ".tmp")
+        final = self.root / mf.step_dir_name(step)
+        if final.exists() and (final / mf.MANIFEST).exists():
+            log.info("checkpoint %s already committed", final.name)
+            return 0.0
+        tmp.mkdir(parents=True, exist_ok=True)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        fields = {**fields, "step": step, "rng": rng_state()}
+        if self.async_save and not blocking:
+            with collective("staging an asynchronous checkpoint"):
+                fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.pg)
+            self.last_stall_s = time.perf_counter() - t0
+            self._pending = self._executor.submit(self._finish, fut, step, tmp, final, fields)
+        else:
+            try:
+                with collective("saving a checkpoint"):
+                    dcp.save(state, checkpoint_id=str(tmp), process_group=self.pg)
+                self._finish(None, step, tmp, final, fields)
+            finally:
+                self.last_stall_s = time.perf_counter() - t0
+        return self.last_stall_s
+
+    def _finish(
+        self, fut: concurrent.futures.Future[Any] | None, step: int, tmp: Path, final: Path, fields: dict[str, Any]
+    ) -> None:
+        try:
+            if fut is not None:
+                fut.result()
+            dist.barrier(group=self.pg)  # every rank's files are written and fsynced
+            if self.rank == 0:
+                os.replace(tmp, final)
+                mf.fsync_dir(self.root)
+                manifest = mf.write_manifest(final, fields)
+                self.last_committed_step = step
+                nbytes = sum(f["bytes"] for f in manifest["files"].values())
+                self.events(
+                    "checkpoint_committed",
+                    {"step": step, "path": str(final), "fingerprint": fields.get("fingerprint", ""),
+                     "replicas_agree": fields.get("replicas_agree", True), "bytes": nbytes},
+                )
+                removed = mf.apply_retention(self.root, self.keep)
+                if removed:
+                    log.info("retention removed %s", ", ".join(p.name for p in removed))
+        except Exception as e:  # noqa: BLE001 - a failed save must never stop training
+            log.error("checkpoint at step %d failed: %s", step, e)
+            self.events("checkpoint_failed", {"step": step, "error": f"{type(e).__name__}: {e}"})
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    # -- loading --------------------------------------------------------------------------------
+    def find_resume(self, explicit: str = "") -> Path | None:
+        """The named checkpoint (verified), or the newest that verifies; skipped ones become events."""
+        if explicit:
+            path = Path(explicit)
+            if not path.is_absolute() and not path.exists():
+                path = self.root / explicit
+            v = mf.verify(path)
+            if not v.ok:
+                raise ValueError(f"checkpoint {path} cannot be used: {v.reason}")
+            return path
+        path, skipped = mf.newest_good(self.root)
+        if self.rank == 0:
+            for p, reason in skipped:
+                log.warning("skipping checkpoint %s: %s", p.name, reason)
+                self.events("checkpoint_skipped", {"path": str(p), "reason": reason, "step": mf.parse_step(p) or 0})
+        return path
+
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Load ``path`` into model and optimizer (resharding as needed); returns its manifest."""
+        manifest = mf.read_manifest(path)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        with collective("loading a checkpoint"):
+            dcp.load(state, checkpoint_id=str(path), process_group=self.pg)
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+            options=StateDictOptions(strict=True),
+        )
+        if "rng" in manifest:
+            set_rng_state(manifest["rng"])
+        return manifest

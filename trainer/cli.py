@@ -1,0 +1,153 @@
+"""Command-line flags of a trainer rank, shared by `torchrun -m trainer` and `stanchion train`.
+
+    torchrun --nproc-per-node 2 -m trainer --preset tiny --data DIR --run-dir DIR --steps 200
+    stanchion train --nproc 2 --preset tiny --data DIR --run-dir DIR --steps 200
+
+Exit codes: 0 finished (or stopped by SIGTERM after a checkpoint), 1 crashed (see error.json in the
+worker directory), 2 bad configuration (before any process group starts), 3 superseded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from trainer import contract
+from trainer.config import TrainConfig, resolve
+from trainer.settings import ConfigError, merge, parse_assignments
+
+log = logging.getLogger("trainer")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trainer",
+        description="Deterministic, resumable GPT pretraining on torch.distributed.",
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", default=None, help="model/data/optimizer preset: tiny, gpt2-124m, llama-1b")
+    p.add_argument("--config", type=Path, default=None, help="a TOML file of config keys (trainer/config.py)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set model.n_layer=6 (repeatable)")
+    p.add_argument("--data", type=Path, default=None, help="a directory written by `stanchion data prepare`")
+    p.add_argument("--run-dir", type=Path, default=None, help="checkpoints and per-rank files go here")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (fixes the LR schedule)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (0: none)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--faults", type=Path, default=None, help="a JSON fault-injection schedule (trainer/faults.py)")
+    p.add_argument("--resume", default="auto", help="auto (newest good checkpoint), none, or a checkpoint path")
+    p.add_argument("--sample", type=int, default=0, metavar="N", help="print N sampled lines after training")
+    p.add_argument("--nproc", type=int, default=1, help="spawn N local ranks (stanchion train only; torchrun does its own)")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
+    return p
+
+
+def resolve_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> TrainConfig:
+    """preset < --config < flags and --set. An agent passes the resolved config in STANCHION_CONFIG."""
+    env = os.environ if env is None else env
+    overrides: dict[str, Any] = {}
+    for key, value in (("steps", args.steps), ("checkpoint_every", args.checkpoint_every), ("seed", args.seed)):
+        if value is not None:
+            overrides[key] = value
+    if args.data is not None:
+        overrides["data"] = {"path": str(args.data)}
+    if args.preset:
+        overrides["preset"] = args.preset
+    overrides = merge(overrides, parse_assignments(args.sets))
+    toml_path = args.config if args.config is not None else None
+    if toml_path is None and env.get(contract.ENV_CONFIG):
+        toml_path = Path(env[contract.ENV_CONFIG])
+    if toml_path is not None and toml_path.suffix == ".json":
+        from trainer.config import from_dict
+        from trainer.settings import merge as _merge
+
+        with open(toml_path) as f:
+            return from_dict(_merge(json.load(f), overrides))
+    cfg = resolve(args.preset or "tiny", toml_path=toml_path, overrides=overrides)
+    if not cfg.data.path:
+        raise ConfigError("data.path: no data directory given; pass --data DIR (see `stanchion data prepare`)")
+    return cfg
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK", "?")
+    gen = os.environ.get(contract.ENV_GENERATION, "-")
+    logging.basicConfig(
+        level=logging.DEBUG if os.environ.get("STANCHION_DEBUG") else logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s [trainer gen={gen} rank={rank} pid=%(process)d] %(name)s: %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging()
+    try:
+        cfg = resolve_config(args)
+        from trainer.parallel import env_topology
+
+        world = env_topology()[1]
+        if not os.environ.get(contract.ENV_STANDBY):
+            cfg.check_world(world * (args.nproc if "RANK" not in os.environ else 1))
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return contract.EXIT_CONFIG
+    if args.nproc > 1 and "RANK" not in os.environ:
+        from trainer.launch import launch_local
+
+        return launch_local(args.nproc, argv if argv is not None else sys.argv[1:])
+    return run_rank(cfg, args)
+
+
+def run_rank(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    from trainer import faults
+    from trainer.loop import RunOptions, Trainer
+
+    run_dir = Path(args.run_dir or os.environ.get(contract.ENV_RUN_DIR) or "runs/default")
+    worker_dir = Path(
+        os.environ.get(contract.ENV_WORKER_DIR) or run_dir / "ranks" / f"rank-{int(os.environ.get('RANK', '0')):05d}"
+    )
+    faults_path = args.faults or (Path(os.environ[contract.ENV_FAULTS]) if os.environ.get(contract.ENV_FAULTS) else None)
+    try:
+        schedule = faults.load(faults_path) if faults_path else None
+        trainer = Trainer(
+            cfg,
+            RunOptions(
+                run_dir=run_dir, worker_dir=worker_dir, faults=schedule, resume=args.resume,
+                standby=os.environ.get(contract.ENV_STANDBY) == "1", sample_lines=args.sample,
+            ),
+        )
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return contract.EXIT_CONFIG
+    try:
+        code = trainer.run()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return contract.EXIT_CONFIG
+    except BaseException as e:  # noqa: BLE001 - a crash is reported as data, then the process exits 1
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        trainer.write_error(e)
+        traceback.print_exc()
+        return contract.EXIT_ERROR
+    if args.json and (trainer.topo is None or trainer.topo.is_main):
+        print(json.dumps(summary(trainer), sort_keys=True))
+    return code
+
+
+def summary(trainer: Any) -> dict[str, Any]:
+    return {
+        "steps_completed": trainer.cursor.step,
+        "final_val_loss": trainer.final_val_loss,
+        "tokens": trainer.cursor.tokens,
+        "counters": trainer.counters,
+        "skip_windows": trainer.cursor.skip_windows,
+    }

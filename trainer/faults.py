@@ -1,0 +1,293 @@
+"""Fault injection: a replayable schedule of real faults inside trainer ranks.
+
+Driven by ``--faults FILE`` (a JSON list) so every chaos run can be replayed. Off unless a schedule is
+given: with no schedule the trainer holds ``None`` instead of an injector and no hook is installed.
+
+Entries (``rank`` -1 means every rank):
+
+- ``{"kind": "bitflip", "step": S, "rank": R, "target": "param"|"optim"|"grad"|"activation",
+  "tensor": NAME|null, "index": I|null, "bit": B}``; ``grad`` is the rank's local gradient before
+  the all-reduce, ``activation`` a block output in the forward pass.
+- ``{"kind": "compute", "rank": R, "from_step": S, "prob": P}``: from step S, with probability P per
+  step, the rank's matrix multiplications return a wrong element (a mercurial core).
+- ``{"kind": "nan", "step": S, "rank": R}``: the rank's loss becomes NaN.
+- ``{"kind": "crash", "step": S, "rank": R}``: the rank SIGKILLs itself.
+- ``{"kind": "hang", "step": S, "rank": R}``: the rank blocks forever inside a collective.
+- ``{"kind": "slow", "rank": R, "from_step": S, "delay_s": D, "until_step": U|null}``.
+
+One-shot faults (bitflip, nan, crash, hang) fire once per run: the firing rank records it with an
+exclusive create in ``RUN_DIR/faults/``, so a replay after a rollback or restart sees a transient
+fault that does not recur. ``"repeat": true`` makes one fire at every pass over its step instead
+(a fault tied to the data, which the replay-first policy must classify as such).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+KINDS = ("bitflip", "compute", "nan", "crash", "hang", "slow")
+TARGETS = ("param", "optim", "grad", "activation")
+_ONE_SHOT = ("bitflip", "nan", "crash", "hang")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    rank: int = -1
+    step: int = -1
+    from_step: int = -1
+    until_step: int = -1
+    target: str = "param"
+    tensor: str | None = None
+    index: int | None = None
+    bit: int = 30
+    prob: float = 1.0
+    delay_s: float = 0.0
+    repeat: bool = False
+    id: int = 0
+
+    def applies_to(self, rank: int) -> bool:
+        return self.rank in (-1, rank)
+
+
+def parse(entries: Any) -> list[Fault]:
+    """Validate a schedule; errors name the entry and the field."""
+    if not isinstance(entries, list):
+        raise ValueError("faults: expected a JSON list of fault entries")
+    out = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise ValueError(f"faults[{i}]: expected an object")
+        kind = e.get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"faults[{i}].kind: {kind!r} is not one of {', '.join(KINDS)}")
+        known = set(Fault.__dataclass_fields__) - {"id"}
+        unknown = sorted(set(e) - known)
+        if unknown:
+            raise ValueError(f"faults[{i}]: unknown field {unknown[0]!r}")
+        if kind in _ONE_SHOT and int(e.get("step", -1)) < 0:
+            raise ValueError(f"faults[{i}].step: a {kind} fault needs a step >= 0")
+        if kind in ("compute", "slow") and int(e.get("from_step", -1)) < 0:
+            raise ValueError(f"faults[{i}].from_step: a {kind} fault needs from_step >= 0")
+        if kind == "bitflip":
+            if e.get("target", "param") not in TARGETS:
+                raise ValueError(f"faults[{i}].target: expected one of {', '.join(TARGETS)}")
+            if not 0 <= int(e.get("bit", 30)) <= 63:
+                raise ValueError(f"faults[{i}].bit: expected 0..63")
+        if not 0.0 <= float(e.get("prob", 1.0)) <= 1.0:
+            raise ValueError(f"faults[{i}].prob: expected a probability in [0, 1]")
+        out.append(Fault(**{**e, "id": i}))
+    return out
+
+
+def load(path: str | os.PathLike[str]) -> list[Fault]:
+    with open(path) as f:
+        return parse(json.load(f))
+
+
+def flip_bit(t: torch.Tensor, index: int, bit: int) -> None:
+    """Flip one bit of element ``index`` of ``t`` in place (through an integer view of its storage)."""
+    flat = t.detach().reshape(-1)
+    if flat.element_size() == 8:
+        view = flat.view(torch.int64)
+    elif flat.element_size() == 4:
+        view = flat.view(torch.int32)
+    else:
+        view = flat.view(torch.int16)
+    width = flat.element_size() * 8
+    bit %= width
+    mask = 1 << bit
+    if bit == width - 1:  # the sign bit: express it as the most negative value of the type
+        mask = -(1 << (width - 1))
+    view[index] ^= mask
+
+
+class FaultInjector:
+    """Fires the schedule's faults at the trainer's named hook points for one rank."""
+
+    def __init__(self, faults: Sequence[Fault], *, rank: int, seed: int, state_dir: Path | None):
+        self.faults = [f for f in faults if f.applies_to(rank)]
+        self.rank = rank
+        self.seed = seed
+        self.state_dir = state_dir
+        self.fired: list[dict[str, Any]] = []  # what fired in this process, for tests and events
+        self._hooks: list[Any] = []
+        self._compute_active = False
+        self._step = -1
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _claim(self, f: Fault, step: int) -> bool:
+        """One-shot faults fire once per run, across restarts and rollbacks."""
+        if f.repeat or self.state_dir is None:
+            return True
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.state_dir / f"fired-{f.id}-rank{self.rank}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        return True
+
+    def _due(self, kind: str, step: int) -> list[Fault]:
+        return [f for f in self.faults if f.kind == kind and f.step == step and self._claim(f, step)]
+
+    def _record(self, f: Fault, step: int, **detail: Any) -> None:
+        rec = {"fault": f.kind, "id": f.id, "step": step, "rank": self.rank, **detail}
+        self.fired.append(rec)
+        log.warning("fault injected: %s", rec)
+
+    # -- hook points, in the order a step reaches them -----------------------------------------
+    def begin_step(self, step: int, model: torch.nn.Module) -> None:
+        """Start of step: crash, hang, slow, and arm the compute and activation faults."""
+        self._step = step
+        for f in self._due("crash", step):
+            self._record(f, step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        for f in self.faults:
+            if f.kind == "slow" and step >= f.from_step and (f.until_step < 0 or step < f.until_step):
+                time.sleep(f.delay_s)
+        self._compute_active = any(
+            f.kind == "compute" and step >= f.from_step and self._rng(f, step).random() < f.prob for f in self.faults
+        )
+        if self._compute_active:
+            self._record(next(f for f in self.faults if f.kind == "compute"), step)
+        self._install_hooks(model, step)
+
+    def hang_point(self, step: int) -> None:
+        """Inside the step's collectives: a hang blocks here, so peers wait in their all-reduce."""
+        for f in self._due("hang", step):
+            self._record(f, step)
+            while True:
+                time.sleep(3600)
+
+    def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        for f in self._due("nan", step):
+            self._record(f, step)
+            return loss * float("nan")
+        return loss
+
+    def corrupt_grads(self, step: int, model: torch.nn.Module) -> None:
+        """The rank's local gradients, before the all-reduce."""
+        for f in self._flips(step, "grad"):
+            named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+            self._flip_one(f, step, named)
+
+    def corrupt_state(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Parameters or optimizer state, after the optimizer step (a memory fault in one replica)."""
+        for f in self._flips(step, "param"):
+            self._flip_one(f, step, list(model.named_parameters()))
+        for f in self._flips(step, "optim"):
+            from trainer.fingerprint import named_state
+
+            named = [(n, t) for n, t in named_state(model, optimizer) if n.startswith("optim/") and t.numel() > 1]
+            self._flip_one(f, step, named)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _flips(self, step: int, target: str) -> list[Fault]:
+        return [f for f in self.faults if f.kind == "bitflip" and f.target == target and f.step == step and self._claim(f, step)]
+
+    def _rng(self, f: Fault, step: int) -> random.Random:
+        return random.Random(f"{self.seed}/{f.id}/{step}/{self.rank}")
+
+    def _flip_one(self, f: Fault, step: int, named: list[tuple[str, torch.Tensor]]) -> None:
+        rng = self._rng(f, step)
+        if f.tensor is not None:
+            matches = [(n, t) for n, t in named if n == f.tensor or n.endswith("/" + f.tensor)]
+            if not matches:
+                raise ValueError(f"fault {f.id}: no tensor named {f.tensor!r}")
+            name, t = matches[0]
+        else:
+            name, t = named[rng.randrange(len(named))]
+        local = t.to_local() if hasattr(t, "to_local") else t
+        index = f.index if f.index is not None else rng.randrange(local.numel())
+        with torch.no_grad():
+            flip_bit(local, index, f.bit)
+        self._record(f, step, tensor=name, index=index, bit=f.bit)
+
+    def _install_hooks(self, model: torch.nn.Module, step: int) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self._compute_active:
+            rng = random.Random(f"{self.seed}/compute/{self.rank}")
+            element, bit = rng.randrange(1 << 16), rng.choice((20, 22, 24))
+
+            def corrupt(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+                out = output.clone()
+                flip_bit(out, element % out.numel(), bit)
+                return out
+
+            for m in model.modules():
+                if isinstance(m, torch.nn.Linear):
+                    self._hooks.append(m.register_forward_hook(corrupt))
+        for f in self._flips(step, "activation"):
+            blocks = getattr(model, "blocks", None)
+            if blocks is None:
+                continue
+            rng = self._rng(f, step)
+            layer = rng.randrange(len(blocks))
+            fault, injector = f, self
+
+            def flip_activation(_m: torch.nn.Module, _i: Any, output: torch.Tensor, _layer: int = layer) -> torch.Tensor:
+                out = output.clone()
+                index = fault.index if fault.index is not None else rng.randrange(out.numel())
+                flip_bit(out, index, fault.bit)
+                injector._record(fault, step, tensor=f"blocks.{_layer}", index=index, bit=fault.bit)
+                for h in injector._hooks:  # one flip per fault, in the first forward of the step
+                    if getattr(h, "_stanchion_activation", False):
+                        h.remove()
+                return out
+
+            handle = blocks[layer].register_forward_hook(flip_activation)
+            handle._stanchion_activation = True  # type: ignore[attr-defined]
+            self._hooks.append(handle)
+
+
+def generate_schedule(
+    seed: int,
+    *,
+    steps: int,
+    world_size: int,
+    mean_interval: float,
+    mix: dict[str, float] | None = None,
+    start_step: int = 5,
+) -> list[dict[str, Any]]:
+    """A seeded schedule of faults for benchmarks and chaos tests.
+
+    Faults arrive as a Poisson process (mean ``mean_interval`` steps apart) starting after
+    ``start_step``; each fault's kind is drawn from ``mix`` (default: the goodput benchmark's
+    70% crash, 12% hang, 8% slow rank, 10% silent corruption).
+    """
+    mix = mix or {"crash": 0.70, "hang": 0.12, "slow": 0.08, "bitflip": 0.10}
+    rng = random.Random(seed)
+    kinds, weights = zip(*sorted(mix.items()), strict=True)
+    out: list[dict[str, Any]] = []
+    step = float(start_step)
+    while True:
+        step += rng.expovariate(1.0 / mean_interval)
+        s = int(step)
+        if s >= steps - 1:
+            break
+        kind = rng.choices(kinds, weights)[0]
+        rank = rng.randrange(world_size)
+        if kind == "slow":
+            out.append({"kind": "slow", "rank": rank, "from_step": s, "until_step": s + 20, "delay_s": 0.05})
+        elif kind == "bitflip":
+            target = rng.choice(("param", "optim"))
+            out.append({"kind": "bitflip", "step": s, "rank": rank, "target": target, "bit": rng.randrange(20, 31)})
+        else:
+            out.append({"kind": kind, "step": s, "rank": rank})
+    return out

@@ -1,0 +1,105 @@
+"""Stability monitors: robust spike detection and gradient norms.
+
+The spike detector sees values every rank already agrees on (the all-reduced loss and the global
+gradient norm), so every rank reaches the same verdict at the same step without extra communication.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Scale factor that makes the MAD a consistent estimator of the standard deviation for normal data.
+_MAD_TO_SIGMA = 1.4826
+
+
+@dataclass(frozen=True)
+class Spike:
+    metric: str  # "loss" or "grad_norm"
+    value: float
+    median: float
+    mad: float
+    z: float
+    threshold: float
+    window: tuple[int, int]  # first and last step of the trailing window used
+
+
+def robust_z(value: float, history: Sequence[float]) -> tuple[float, float, float]:
+    """(z, median, MAD) of ``value`` against ``history`` using median/MAD, which a spike cannot drag."""
+    med = statistics.median(history)
+    mad = statistics.median(abs(h - med) for h in history)
+    # A perfectly flat history has MAD 0; fall back to a tiny scale relative to the median so that a
+    # real jump still registers while float noise does not.
+    scale = _MAD_TO_SIGMA * mad or max(abs(med) * 1e-3, 1e-12)
+    return (value - med) / scale, med, mad
+
+
+class SpikeDetector:
+    """Flags a loss or grad-norm value far above its trailing window (upward spikes only).
+
+    Spiking values are not added to the window, so a run of spikes keeps being measured against the
+    healthy baseline.
+    """
+
+    def __init__(self, *, window: int, min_history: int, loss_z: float, grad_z: float):
+        self.min_history = min_history
+        self.thresholds = {"loss": loss_z, "grad_norm": grad_z}
+        self.history: dict[str, deque[tuple[int, float]]] = {m: deque(maxlen=window) for m in self.thresholds}
+
+    def observe(self, step: int, values: Mapping[str, float]) -> list[Spike]:
+        spikes = []
+        for metric, threshold in self.thresholds.items():
+            value = values[metric]
+            hist = self.history[metric]
+            if not math.isfinite(value):
+                continue  # the non-finite guard owns NaN/Inf
+            if len(hist) >= self.min_history:
+                z, med, mad = robust_z(value, [v for _, v in hist])
+                if z > threshold:
+                    spikes.append(Spike(metric, value, med, mad, z, threshold, (hist[0][0], hist[-1][0])))
+                    continue
+            hist.append((step, value))
+        return spikes
+
+    def state(self) -> dict[str, Any]:
+        return {m: [list(x) for x in h] for m, h in self.history.items()}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        for m, items in state.items():
+            if m in self.history:
+                self.history[m].clear()
+                self.history[m].extend((int(s), float(v)) for s, v in items)
+
+    def forget_after(self, step: int) -> None:
+        """Drop observations newer than ``step`` (after a rollback, they will be seen again)."""
+        for h in self.history.values():
+            kept = [x for x in h if x[0] <= step]
+            h.clear()
+            h.extend(kept)
+
+
+def group_norms(model: torch.nn.Module, groups: Mapping[str, Iterable[str]]) -> tuple[torch.Tensor, list[str]]:
+    """Squared L2 norms of the gradients, one per layer group, as a 1-D float32 tensor.
+
+    Squares (not norms) so that shards can be summed across ranks under FSDP before the square root.
+    """
+    params = dict(model.named_parameters())
+    device = next(iter(params.values())).device
+    labels, sq = [], []
+    for label, names in groups.items():
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for n in names:
+            g = params[n].grad
+            if g is None:
+                continue
+            local = g.to_local() if hasattr(g, "to_local") else g
+            total = total + local.detach().float().pow(2).sum()
+        labels.append(label)
+        sq.append(total)
+    return torch.stack(sq), labels
