@@ -197,10 +197,11 @@ def plan(
     if ref.problem:
         return verdict.build(inconclusive=suspects, reason=f"Stopped: {ref.problem}.")
     usable = [n for n in suspects if logs[n].failures <= cfg.max_retries]
-    spent = [n for n in suspects if logs[n].failures > cfg.max_retries]
     slots = cfg.max_parallel or _UNLIMITED
     # Known-good nodes that keep failing are not used as padding or for the reference group.
-    good_pad = sorted((k for k in known_good if logs[k].failures <= cfg.max_retries), key=lambda k: logs[k].failures)
+    good_pad = sorted(
+        (k for k in known_good if logs[k].failures <= cfg.max_retries), key=lambda k: logs[k].failures
+    )
     if len(suspects) + len(known_good) < g:
         return verdict.build(
             inconclusive=suspects,
@@ -208,12 +209,15 @@ def plan(
             "known-good nodes exist.",
         )
     if ref.trace is None:
-        return _plan_reference_round(suspects, usable, spent, good_pad, logs, ref, cfg, done, slots, verdict)
+        return _plan_reference_round(suspects, usable, good_pad, logs, ref, cfg, done, slots, verdict)
 
     ev = _evaluate(suspects, rounds, ref.trace, logs, cfg)
     if ev.problem:
         return verdict.build(
-            faulty=ev.named, cleared=ev.cleared, inconclusive=ev.undetermined, reason=f"Stopped: {ev.problem}."
+            faulty=ev.named,
+            cleared=ev.cleared,
+            inconclusive=ev.undetermined,
+            reason=f"Stopped: {ev.problem}.",
         )
     why: list[str] = []
     if ev.spent:
@@ -222,18 +226,26 @@ def plan(
         return verdict.build(ev.named, ev.cleared, ev.spent, ev.unexplained, why, ev.eliminated)
     if done >= cfg.max_rounds:
         why.append(f"{_names(ev.undetermined)} still undetermined after max_rounds={cfg.max_rounds}")
-        return verdict.build(ev.named, ev.cleared, ev.spent + ev.undetermined, ev.unexplained, why, ev.eliminated)
+        return verdict.build(
+            ev.named, ev.cleared, ev.spent + ev.undetermined, ev.unexplained, why, ev.eliminated
+        )
 
     pad = good_pad + sorted(ev.pad, key=lambda n: (logs[n].failures, suspects.index(n)))
     pools = _disjoint_pools(ev.pools)
     in_pool = {n for p in pools for n in p}
-    plain = sorted((n for n in ev.undetermined if n not in in_pool), key=lambda n: (logs[n].trials, suspects.index(n)))
-    groups = _compose(pools, plain, pad, slots, g, premise=cfg.at_most_one_fault, offset=done)
+    plain = sorted(
+        (n for n in ev.undetermined if n not in in_pool), key=lambda n: (logs[n].trials, suspects.index(n))
+    )
+    groups = _compose(
+        pools, plain, pad, slots, g, premise=cfg.at_most_one_fault, quarantine=cfg.p_show < 1.0, offset=done
+    )
     if not _informative(groups, pools, plain):
         why.append(
             f"{_names(ev.undetermined)} could not be split into smaller groups: add known_good nodes as padding"
         )
-        return verdict.build(ev.named, ev.cleared, ev.spent + ev.undetermined, ev.unexplained, why, ev.eliminated)
+        return verdict.build(
+            ev.named, ev.cleared, ev.spent + ev.undetermined, ev.unexplained, why, ev.eliminated
+        )
     n_pool = sum(len(set(grp) & in_pool) for grp in groups)
     reason = (
         f"Round {done + 1}: {len(groups)} group(s) of {g} against the {ref.kind} reference; "
@@ -246,7 +258,6 @@ def plan(
 def _plan_reference_round(
     suspects: tuple[str, ...],
     usable: list[str],
-    spent: list[str],
     good_pad: list[str],
     logs: dict[str, _Log],
     ref: _Reference,
@@ -258,13 +269,20 @@ def _plan_reference_round(
     """No reference yet: run a known-good group beside the suspects, or a round that can hold a majority."""
     g = cfg.group_size
     if not usable:
-        return verdict.build(inconclusive=suspects, reason="Every suspect ran out of retries: trials failed to run.")
+        return verdict.build(
+            inconclusive=suspects, reason="Every suspect ran out of retries: trials failed to run."
+        )
     if done >= cfg.max_rounds:
-        return verdict.build(inconclusive=suspects, reason=f"No reference trace within max_rounds={cfg.max_rounds}.")
+        return verdict.build(
+            inconclusive=suspects, reason=f"No reference trace within max_rounds={cfg.max_rounds}."
+        )
     order = sorted(usable, key=lambda n: (logs[n].trials, suspects.index(n)))  # least tested first
     if len(good_pad) >= g:
         ref_group = tuple(good_pad[:g])
-        groups = [ref_group, *_compose([], order, good_pad[g:], slots - 1, g, premise=False, offset=done)]
+        groups = [
+            ref_group,
+            *_compose([], order, good_pad[g:], slots - 1, g, premise=False, quarantine=False, offset=done),
+        ]
         return Round(
             done + 1,
             tuple(groups),
@@ -280,13 +298,17 @@ def _plan_reference_round(
             f"make at most {most} group per round, so no majority trace can exist; {hint}.",
         )
     covered = all(logs[n].trials > 0 for n in usable)
-    if ref.rounds_without_majority and covered and (cfg.p_show >= 1.0 or ref.rounds_without_majority > cfg.max_retries):
+    if (
+        ref.rounds_without_majority
+        and covered
+        and (cfg.p_show >= 1.0 or ref.rounds_without_majority > cfg.max_retries)
+    ):
         return verdict.build(
             inconclusive=suspects,
             reason=f"No reference: in {ref.rounds_without_majority} round(s) no trace was shared by a majority of "
             f"the groups, so the planner cannot tell the faulty group from the good one; {hint}.",
         )
-    groups = _compose([], order, good_pad, slots, g, premise=False, offset=done)
+    groups = _compose([], order, good_pad, slots, g, premise=False, quarantine=False, offset=done)
     return Round(
         done + 1,
         tuple(groups),
@@ -364,7 +386,9 @@ def _evaluate(
         undetermined=[n for n in open_ if n not in spent] if not problem else open_,
         spent=spent,
         pools=pools,
-        pad=[n for n in suspects if n in by_trial and n not in doubtful and logs[n].failures <= cfg.max_retries],
+        pad=[
+            n for n in suspects if n in by_trial and n not in doubtful and logs[n].failures <= cfg.max_retries
+        ],
         unexplained=list(dict.fromkeys(unexplained)),
         problem=problem,
     )
@@ -374,7 +398,10 @@ def _find_reference(
     rounds: list[tuple[int, list[TrialResult]]], good: set[str], reference_trace: str | None
 ) -> _Reference:
     known = [
-        (r, res.trace) for r, rs in rounds for res in rs if res.trace is not None and all(n in good for n in res.group)
+        (r, res.trace)
+        for r, rs in rounds
+        for res in rs
+        if res.trace is not None and all(n in good for n in res.group)
     ]
     if reference_trace is not None or known:
         trace = reference_trace if reference_trace is not None else known[0][1]
@@ -414,7 +441,7 @@ def _find_reference(
 def _disjoint_pools(pools: list[list[str]]) -> list[list[str]]:
     """Keep the smallest pools (a superset says less), each node in the first pool that holds it."""
     sets = [frozenset(p) for p in pools]
-    minimal = [p for p, s in zip(pools, sets) if not any(o < s for o in sets)]
+    minimal = [p for p, s in zip(pools, sets, strict=True) if not any(o < s for o in sets)]
     out: list[list[str]] = []
     seen: set[str] = set()
     for p in minimal:
@@ -454,9 +481,23 @@ def _split(nodes: list[str], slots: int, g: int, *, is_pool: bool, premise: bool
 
 
 def _compose(
-    pools: list[list[str]], plain: list[str], pad: list[str], slots: int, g: int, *, premise: bool, offset: int
+    pools: list[list[str]],
+    plain: list[str],
+    pad: list[str],
+    slots: int,
+    g: int,
+    *,
+    premise: bool,
+    quarantine: bool,
+    offset: int,
 ) -> list[tuple[str, ...]]:
-    """Groups for one round: split every pool and the plain nodes over the slots, then pad."""
+    """Groups for one round: split every pool and the plain nodes over the slots, then pad.
+
+    ``quarantine`` (intermittent faults): keep parts of disagreeing groups away from untested nodes,
+    whose clearing streaks a show would reset; with no padding at all, test the untested nodes alone.
+    """
+    if quarantine and plain and len(pad) < g - 1:
+        pools = []
     total = sum(map(len, pools)) + len(plain)
     slots = min(slots, total, (total + len(pad)) // g)
     if slots <= 0:
@@ -473,34 +514,43 @@ def _compose(
                 grew = True
         if not grew:
             break
-    units: list[list[str]] = []
-    for (is_pool, nodes), s in zip(cats, alloc):
+    units: list[tuple[list[str], bool]] = []
+    for (is_pool, nodes), s in zip(cats, alloc, strict=True):
         if s:
-            units.extend(_split(nodes, s, g, is_pool=is_pool, premise=premise))
+            units.extend((u, is_pool) for u in _split(nodes, s, g, is_pool=is_pool, premise=premise))
+    placed = {n for u, _ in units for n in u}
+    plain_left = [n for n in plain if n not in placed]
+    if plain_left:  # rotate the fillers so the same nodes do not always share a group
+        k = offset % len(plain_left)
+        plain_left = plain_left[k:] + plain_left[:k]
+    pool_left = [n for p in pools for n in p if n not in placed]
     pool_of = {n: frozenset(p) for p in pools for n in p}
-    placed = {n for u in units for n in u}
-    deferred = [n for n in plain if n not in placed] + [n for p in pools for n in p if n not in placed]
-    if deferred:  # rotate the fillers so the same nodes do not always share a group
-        k = offset % len(deferred)
-        deferred = deferred[k:] + deferred[:k]
-    # Too little padding: fill groups with untested suspects, never completing a pool (that group
-    # would tell nothing new); drop groups if that is not enough.
-    while units and sum(g - len(u) for u in units) > len(pad):
-        deficit = sum(g - len(u) for u in units) - len(pad)
-        for n in list(deferred):
-            if deficit == 0:
-                break
-            fits = [u for u in units if len(u) < g and not (n in pool_of and pool_of[n] <= {*u, n})]
-            if fits:
-                max(fits, key=lambda u: g - len(u)).append(n)
-                deferred.remove(n)
-                deficit -= 1
-        if deficit:
-            deferred.extend(units.pop())
+    pads = list(pad)
     groups: list[tuple[str, ...]] = []
-    it = iter(pad)
-    for u in units:
-        groups.append((*u, *(next(it) for _ in range(g - len(u)))))
+    # Padding goes to the parts of disagreeing groups first: they are told apart only beside cleared
+    # nodes. Short of padding, a group takes untested suspects, parts of disagreeing groups preferring
+    # each other; never all that is left of a disagreeing group (that trial would tell nothing new).
+    for unit, is_pool in sorted(units, key=lambda x: not x[1]):
+        need = g - len(unit)
+        take = min(need, len(pads))
+        others = (
+            pool_left
+            if is_pool and quarantine
+            else (pool_left + plain_left if is_pool else plain_left + pool_left)
+        )
+        fillers: list[str] = []
+        for n in others:
+            if len(fillers) == need - take:
+                break
+            if not (n in pool_of and pool_of[n] <= {*unit, *fillers, n}):
+                fillers.append(n)
+        if len(fillers) < need - take:
+            (pool_left if is_pool else plain_left).extend(unit)  # no room this round: it may fill others
+            continue
+        for n in fillers:
+            (pool_left if n in pool_of else plain_left).remove(n)
+        groups.append((*unit, *fillers, *pads[:take]))
+        del pads[:take]
     return groups
 
 
@@ -549,7 +599,16 @@ class _VerdictBuilder:
             unexplained=tuple(unexplained),
         )
 
-    def _sentence(self, faulty, cleared, inconclusive, unexplained, why, eliminated, confidence) -> str:  # noqa: ANN001
+    def _sentence(
+        self,
+        faulty: Sequence[str],
+        cleared: Sequence[str],
+        inconclusive: Sequence[str],
+        unexplained: Sequence[tuple[str, ...]],
+        why: Sequence[str],
+        eliminated: Sequence[str],
+        confidence: float,
+    ) -> str:
         cfg = self.cfg
         parts = []
         if faulty:
@@ -613,7 +672,9 @@ def _validate(
             raise ValueError(f"results: group {res.group} must hold {cfg.group_size} distinct nodes")
         unknown = set(res.group) - nodes
         if unknown:
-            raise ValueError(f"results: group {res.group} holds nodes that are neither suspects nor known_good")
+            raise ValueError(
+                f"results: group {res.group} holds nodes that are neither suspects nor known_good"
+            )
         again = busy.setdefault(res.round, set()) & set(res.group)
         if again:
             raise ValueError(f"results: {sorted(again)} appear in two groups of round {res.round}")

@@ -34,9 +34,9 @@ app = typer.Typer(
 # (module under diagnostics.commands, group name). A group is listed only once it has a working
 # command. Command modules import heavy dependencies (torch, grpc) inside their functions so that
 # `stanchion --help` stays fast.
-GROUPS: list[tuple[str, str]] = []
+GROUPS: list[tuple[str, str]] = [("data", "data"), ("ckpt", "ckpt"), ("diag", "diag")]
 # Single commands registered at the top level: (module, attribute, name).
-COMMANDS: list[tuple[str, str, str]] = []
+COMMANDS: list[tuple[str, str, str]] = [("train", "train", "train")]
 
 
 def _version(value: bool) -> None:

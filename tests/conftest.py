@@ -56,3 +56,11 @@ def seed(request: pytest.FixtureRequest) -> Iterator[int]:
     value = int(os.environ.get("STANCHION_TEST_SEED", random.SystemRandom().randrange(2**31)))
     print(f"[seed] {request.node.nodeid}: {value} (replay with STANCHION_TEST_SEED={value})")
     yield value
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixture corpus prepared once per session (vocab 512)."""
+    from support import prepare_data
+
+    return prepare_data(tmp_path_factory.mktemp("data") / "fixture-512")

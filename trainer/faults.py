@@ -124,6 +124,7 @@ class FaultInjector:
         self.seed = seed
         self.state_dir = state_dir
         self.fired: list[dict[str, Any]] = []  # what fired in this process, for tests and events
+        self._undrained: list[dict[str, Any]] = []
         self._hooks: list[Any] = []
         self._compute_active = False
         self._step = -1
@@ -145,9 +146,15 @@ class FaultInjector:
         return [f for f in self.faults if f.kind == kind and f.step == step and self._claim(f, step)]
 
     def _record(self, f: Fault, step: int, **detail: Any) -> None:
-        rec = {"fault": f.kind, "id": f.id, "step": step, "rank": self.rank, **detail}
+        rec = {"fault": f.kind, "id": f.id, "step": step, **detail}
         self.fired.append(rec)
+        self._undrained.append(rec)
         log.warning("fault injected: %s", rec)
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Faults fired since the last call (the trainer turns them into events)."""
+        out, self._undrained = self._undrained, []
+        return out
 
     # -- hook points, in the order a step reaches them -----------------------------------------
     def begin_step(self, step: int, model: torch.nn.Module) -> None:
@@ -162,8 +169,8 @@ class FaultInjector:
         self._compute_active = any(
             f.kind == "compute" and step >= f.from_step and self._rng(f, step).random() < f.prob for f in self.faults
         )
-        if self._compute_active:
-            self._record(next(f for f in self.faults if f.kind == "compute"), step)
+        if self._compute_active and not any(r["fault"] == "compute" for r in self.fired):
+            self._record(next(f for f in self.faults if f.kind == "compute"), step)  # once: it repeats
         self._install_hooks(model, step)
 
     def hang_point(self, step: int) -> None:

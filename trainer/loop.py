@@ -492,6 +492,9 @@ class Trainer:
         if newest_request > self.cursor.request_id:
             self.handle_request(newest_request, rows)
 
+        if self.injector is not None:
+            for fired in self.injector.drain():
+                self.event("fault_injected", **{**fired, "step": fired["step"]})
         step_time = time.perf_counter() - t0
         record.update(
             step_time_s=step_time, tokens=tokens, tokens_total=self.cursor.tokens, tokens_per_s=tokens / step_time,

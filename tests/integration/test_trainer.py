@@ -1,0 +1,135 @@
+"""The trainer as users run it: real processes, gloo, the tiny model family on CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support import (
+    committed_steps,
+    events,
+    final_fingerprint,
+    kill_group,
+    losses_by_step,
+    run_trainer,
+    start_trainer,
+    trainer_cmd,
+    wait_for,
+)
+
+from trainer import manifest as mf
+
+
+def test_exact_resume_after_sigkill_of_the_whole_group(small_data: Path, tmp_path: Path) -> None:
+    """2 ranks, 40 steps: a run SIGKILLed after a checkpoint and rerun with the same command ends
+    bit-identical to an uninterrupted run, with identical per-step losses after the resume point."""
+    clean = tmp_path / "clean"
+    args = dict(nproc=2, steps=40, extra=["--checkpoint-every", "10"])
+    r = run_trainer(trainer_cmd(small_data, clean, **args))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    broken = tmp_path / "broken"
+    p = start_trainer(trainer_cmd(small_data, broken, **args))
+    wait_for(lambda: any(s >= 20 for s in committed_steps(broken)), 180, "a committed checkpoint at step 20")
+    kill_group(p)
+    resume_from = max(committed_steps(broken))
+    assert resume_from < 40
+    r = run_trainer(trainer_cmd(small_data, broken, **args))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    restored = events(broken, 0, "restored")
+    assert restored and restored[-1]["step"] == resume_from
+    assert final_fingerprint(broken, 0) == final_fingerprint(clean, 0) == final_fingerprint(clean, 1)
+    clean_losses, resumed_losses = losses_by_step(clean), losses_by_step(broken)
+    after = [s for s in range(resume_from + 1, 41)]
+    assert [resumed_losses[s] for s in after] == [clean_losses[s] for s in after]
+
+
+def test_damaged_checkpoints_are_detected_and_skipped_on_resume(small_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = trainer_cmd(small_data, run, steps=12, extra=["--checkpoint-every", "4"])
+    assert run_trainer(cmd).returncode == 0
+    steps = committed_steps(run)
+    assert steps == [4, 8, 12]
+    ck8, ck12 = run / "checkpoints/step-00000008", run / "checkpoints/step-00000012"
+    data_file = next(p for p in sorted(ck12.iterdir()) if p.suffix == ".distcp")
+    # Truncate the newest; flip one bit in the one before.
+    data_file.write_bytes(data_file.read_bytes()[:-100])
+    f8 = next(p for p in sorted(ck8.iterdir()) if p.suffix == ".distcp")
+    raw = bytearray(f8.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    f8.write_bytes(bytes(raw))
+
+    for path, word in ((ck12, "truncated"), (ck8, "CRC-32")):
+        v = subprocess.run(
+            [sys.executable, "-m", "diagnostics.cli", "ckpt", "verify", str(path)], capture_output=True, text=True
+        )
+        assert v.returncode == 1 and word in v.stderr, v.stderr
+    ok = subprocess.run([sys.executable, "-m", "diagnostics.cli", "ckpt", "verify", str(run / "checkpoints/step-00000004")])
+    assert ok.returncode == 0
+
+    # Resume with more steps: both damaged checkpoints are reported and skipped; step 4 is loaded.
+    r = run_trainer(trainer_cmd(small_data, run, steps=14, extra=["--checkpoint-every", "0"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    skipped = {Path(e["path"]).name for e in events(run, 0, "checkpoint_skipped")}
+    assert skipped == {"step-00000008", "step-00000012"}
+    assert events(run, 0, "restored")[-1]["step"] == 4
+
+
+def test_fsdp_resumes_exactly_and_its_checkpoint_loads_into_one_rank(small_data: Path, tmp_path: Path) -> None:
+    fsdp = ["--set", "parallel=fsdp", "--checkpoint-every", "5"]
+    clean = tmp_path / "clean"
+    r = run_trainer(trainer_cmd(small_data, clean, nproc=2, steps=10, extra=fsdp))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    # Resume from step 5 exactly: copy the run, drop the step-10 checkpoint, continue to 10.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(clean / "checkpoints", resumed / "checkpoints")
+    shutil.rmtree(resumed / "checkpoints/step-00000010")
+    r = run_trainer(trainer_cmd(small_data, resumed, nproc=2, steps=10, extra=fsdp))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert events(resumed, 0, "restored")[-1]["step"] == 5
+    assert final_fingerprint(resumed) == final_fingerprint(clean)
+    assert [losses_by_step(resumed)[s] for s in range(6, 11)] == [losses_by_step(clean)[s] for s in range(6, 11)]
+
+    # The 2-rank FSDP checkpoint loads into a single rank (DCP reshards); the loaded state's
+    # fingerprint must equal the manifest's or the trainer refuses to continue.
+    single = tmp_path / "single"
+    shutil.copytree(clean / "checkpoints", single / "checkpoints")
+    r = run_trainer(trainer_cmd(small_data, single, nproc=1, steps=12, extra=["--checkpoint-every", "0"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    restored = events(single, 0, "restored")[-1]
+    assert restored["step"] == 10
+    assert restored["fingerprint"] == mf.read_manifest(clean / "checkpoints/step-00000010")["fingerprint"]
+    assert sorted(losses_by_step(single)) == [11, 12]
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        (["--set", "model.n_layerz=3"], "model.n_layerz"),
+        (["--set", "optim.lr=fast"], "optim.lr"),
+        (["--set", "data.global_batch_size=10"], "data.global_batch_size"),
+    ],
+)
+def test_bad_config_fails_before_any_process_group(small_data: Path, tmp_path: Path, extra: list[str], key: str) -> None:
+    t0 = time.monotonic()
+    r = run_trainer(trainer_cmd(small_data, tmp_path / "run", nproc=2, extra=extra), timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert key in r.stderr
+    assert not (tmp_path / "run").exists(), "nothing may be written for a rejected config"
+    assert time.monotonic() - t0 < 60
+
+
+def test_json_summary_and_samples(small_data: Path, tmp_path: Path) -> None:
+    r = run_trainer(trainer_cmd(small_data, tmp_path / "run", steps=6, extra=["--sample", "2", "--json"]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert sum(1 for line in lines if line.startswith("sample: ")) == 2
+    summary = json.loads(lines[-1])
+    assert summary["steps_completed"] == 6 and summary["final_val_loss"] > 0

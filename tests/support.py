@@ -1,0 +1,114 @@
+"""Helpers shared by integration tests: a small prepared dataset, trainer runs as real processes,
+and readers for the files ranks write."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A model small enough that a step takes tens of milliseconds on one core, big enough to learn.
+SMALL = [
+    "--set", "model.n_layer=2", "--set", "model.d_model=64", "--set", "model.n_head=4",
+    "--set", "model.n_kv_head=2", "--set", "model.max_seq_len=32", "--set", "data.seq_len=32",
+    "--set", "data.micro_batch_size=2", "--set", "data.global_batch_size=12", "--set", "optim.warmup_steps=5",
+]
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    e.pop("STANCHION_STANDBY", None)
+    e.update(extra)
+    return e
+
+
+def prepare_data(out: Path, corpus: str = "fixture", vocab: int = 512) -> Path:
+    if not (out / "meta.json").exists():
+        from trainer.data import prepare
+
+        prepare(corpus, vocab, out)
+    return out
+
+
+def trainer_cmd(data: Path, run_dir: Path, *, nproc: int = 1, steps: int = 20, extra: Iterable[str] = ()) -> list[str]:
+    return [
+        sys.executable, "-m", "trainer", "--nproc", str(nproc), "--data", str(data), "--run-dir", str(run_dir),
+        "--steps", str(steps), *SMALL, *extra,
+    ]
+
+
+def run_trainer(cmd: list[str], *, timeout: float = 240, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**env_extra), cwd=REPO)
+
+
+def start_trainer(cmd: list[str], **env_extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(**env_extra), cwd=REPO,
+        start_new_session=True,
+    )
+
+
+def kill_group(p: subprocess.Popen[Any]) -> None:
+    """SIGKILL the launcher and every rank it started (they share its session)."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait(timeout=30)
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.05):  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            out.append(json.loads(line))
+    return out
+
+
+def rank_dir(run_dir: Path, rank: int) -> Path:
+    return run_dir / "ranks" / f"rank-{rank:05d}"
+
+
+def events(run_dir: Path, rank: int = 0, name: str | None = None) -> list[dict[str, Any]]:
+    evs = read_jsonl(rank_dir(run_dir, rank) / "events.jsonl")
+    return [e for e in evs if name is None or e["event"] == name]
+
+
+def losses_by_step(run_dir: Path, rank: int = 0) -> dict[int, float]:
+    """The last recorded loss of each step (a resumed run appends; the newest record wins)."""
+    return {r["step"]: r["loss"] for r in read_jsonl(rank_dir(run_dir, rank) / "progress.jsonl")}
+
+
+def final_fingerprint(run_dir: Path, rank: int = 0) -> str:
+    done = events(run_dir, rank, "finished")
+    assert done, f"no finished event in {rank_dir(run_dir, rank)}"
+    return done[-1]["fingerprint"]
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    root = run_dir / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(int(p.name[5:]) for p in root.glob("step-*") if (p / "manifest.json").exists())
