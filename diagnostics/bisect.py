@@ -237,9 +237,17 @@ def plan(
         (n for n in ev.undetermined if n not in in_pool), key=lambda n: (logs[n].trials, suspects.index(n))
     )
     groups = _compose(
-        pools, plain, pad, slots, g, premise=cfg.at_most_one_fault, quarantine=cfg.p_show < 1.0, offset=done
+        pools,
+        plain,
+        pad,
+        slots,
+        g,
+        premise=cfg.at_most_one_fault,
+        quarantine=cfg.p_show < 1.0,
+        offset=done,
+        live=[frozenset(p) for p in ev.pools],
     )
-    if not _informative(groups, pools, plain):
+    if not groups:
         why.append(
             f"{_names(ev.undetermined)} could not be split into smaller groups: add known_good nodes as padding"
         )
@@ -490,6 +498,7 @@ def _compose(
     premise: bool,
     quarantine: bool,
     offset: int,
+    live: Sequence[frozenset[str]] = (),
 ) -> list[tuple[str, ...]]:
     """Groups for one round: split every pool and the plain nodes over the slots, then pad.
 
@@ -518,52 +527,56 @@ def _compose(
     for (is_pool, nodes), s in zip(cats, alloc, strict=True):
         if s:
             units.extend((u, is_pool) for u in _split(nodes, s, g, is_pool=is_pool, premise=premise))
-    placed = {n for u, _ in units for n in u}
-    plain_left = [n for n in plain if n not in placed]
-    if plain_left:  # rotate the fillers so the same nodes do not always share a group
-        k = offset % len(plain_left)
-        plain_left = plain_left[k:] + plain_left[:k]
-    pool_left = [n for p in pools for n in p if n not in placed]
-    pool_of = {n: frozenset(p) for p in pools for n in p}
+    units.sort(key=lambda unit: not unit[1])  # stable: parts of disagreeing groups first
+    pool_nodes = [n for p in pools for n in p]
+    pooled = set(pool_nodes)
+    spare = plain[offset % len(plain) :] + plain[: offset % len(plain)] if plain else []
     pads = list(pad)
+    used: set[str] = set()
     groups: list[tuple[str, ...]] = []
-    # Padding goes to the parts of disagreeing groups first: they are told apart only beside cleared
-    # nodes. Short of padding, a group takes untested suspects, parts of disagreeing groups preferring
-    # each other; never all that is left of a disagreeing group (that trial would tell nothing new).
-    for unit, is_pool in sorted(units, key=lambda x: not x[1]):
-        need = g - len(unit)
-        take = min(need, len(pads))
-        others = (
-            pool_left
-            if is_pool and quarantine
-            else (pool_left + plain_left if is_pool else plain_left + pool_left)
-        )
-        fillers: list[str] = []
-        for n in others:
-            if len(fillers) == need - take:
+
+    def fillers(unit: list[str], count: int) -> list[str] | None:
+        """``count`` more suspects for ``unit``, or None. Parts of disagreeing groups go together,
+        untested nodes together (so a show does not reset healthy nodes' clearing streaks); mixing
+        only as a last resort, never for a part under ``quarantine``. No group holds all open members
+        of a disagreeing group: it would disagree again and tell nothing new (a deterministic
+        bisection would repeat that round forever)."""
+        is_pool = unit[0] in pooled
+        if is_pool:
+            order = pool_nodes + ([] if quarantine else spare)
+        else:
+            order = spare + pool_nodes
+        out: list[str] = []
+        for n in order:
+            if len(out) == count:
                 break
-            if not (n in pool_of and pool_of[n] <= {*unit, *fillers, n}):
-                fillers.append(n)
-        if len(fillers) < need - take:
-            (pool_left if is_pool else plain_left).extend(unit)  # no room this round: it may fill others
-            continue
-        for n in fillers:
-            (pool_left if n in pool_of else plain_left).remove(n)
-        groups.append((*unit, *fillers, *pads[:take]))
+            if (
+                n not in used
+                and n not in unit
+                and n not in out
+                and not any(p <= {*unit, *out, n} for p in live)
+            ):
+                out.append(n)
+        return out if len(out) == count else None
+
+    def place(unit: list[str]) -> None:
+        take = min(g - len(unit), len(pads))
+        extra = fillers(unit, g - len(unit) - take)
+        if extra is None or any(p <= set(unit) for p in live):
+            return
+        used.update(unit, extra)
+        groups.append((*unit, *extra, *pads[:take]))
         del pads[:take]
+
+    # Padding goes to the parts of disagreeing groups first: only cleared company tells them apart.
+    for unit, _ in units:
+        rest = [n for n in unit if n not in used]
+        if rest and len(groups) < slots:
+            place(rest)
+    for n in pool_nodes + spare:  # slots left over (groups dropped for want of padding): any new group
+        if len(groups) < slots and n not in used:
+            place([n])
     return groups
-
-
-def _informative(groups: list[tuple[str, ...]], pools: list[list[str]], plain: list[str]) -> bool:
-    """Whether the round can teach anything: it tests a plain node or a strict part of a pool."""
-    plain_set = set(plain)
-    for grp in groups:
-        members = set(grp)
-        if members & plain_set:
-            return True
-        if any(0 < len(members & set(p)) < len(p) for p in pools):
-            return True
-    return False
 
 
 class _VerdictBuilder:

@@ -58,7 +58,10 @@ def main(argv: list[str]) -> int:
     text = render()
     if "--check" in argv:
         if OUTPUT.read_text() != text:
-            print(f"{OUTPUT} is out of date: run python {Path(__file__).relative_to(Path.cwd())}", file=sys.stderr)
+            print(
+                f"{OUTPUT} is out of date: run python {Path(__file__).relative_to(Path.cwd())}",
+                file=sys.stderr,
+            )
             return 1
         return 0
     OUTPUT.write_text(text)
