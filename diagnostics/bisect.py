@@ -31,22 +31,29 @@ got cleared (a healthy node is named only when a faulty co-member was cleared). 
 of agreement start at its first trial or after a disagreement; the run after its d-th disagreement
 reaches k_d with probability at most (1 - p)**k_d, however the planner adapts, so it is cleared with
 probability at most sum_d delta / N / 2**(d + 1) <= delta / N, and the union over at most N faulty
-nodes gives delta. ``Verdict.confidence`` is 1 - (nodes cleared by trials) * sum_d (1 - p)**k_d.
+nodes gives delta. ``Verdict.confidence`` is 1 - (nodes cleared by trials) * sum_d (1 - p)**k_d, at
+least 1 - delta; exactly 1.0 for deterministic faults (given the reference).
 
 Groups. Each round tries to test every undetermined node, preferring one suspect per group padded
-with known-good and cleared nodes; with fewer groups or padding, untested nodes share groups and the
-members of a disagreeing group are split over different groups (regrouping with cleared padding), or
-halved when one group is all a round can run. With padding to spare, one deterministic fault costs one
-round for group_size 1 and two otherwise, within ceil(log2 N) for N >= 4.
+with known-good and cleared nodes. Short of groups or padding, untested nodes share groups, and the
+open members of a disagreeing group are spread over groups with cleared padding (or halved when a
+round runs one group); no group holds all open members of a disagreeing group, which would only
+disagree again. One deterministic fault costs one round with group_size 1 (given a reference, or
+N >= 3 for a majority). With larger groups it costs at most ceil(log2 N) rounds, two for group_size
+up to 4, when 2 * group_size known-good nodes can pad; with no padding, group_size 2 keeps that bound
+from N = 4. Under intermittent faults, parts of disagreeing groups are kept away from untested nodes
+(a show would reset their clearing streaks) and wait for cleared padding, so known-good padding saves
+many rounds there.
 
 Limits.
 - One group per round (``max_parallel=1``) gives one agree/disagree bit per round. Under the naming
   rule the path where every trial agrees names nobody, so isolating one fault among N needs
   ceil(log2(N + 1)) rounds (one more than ceil(log2 N) when N is a power of two), and only with the
   premise ``at_most_one_fault`` (a disagreement clears everyone outside it by elimination; a node is
-  still named only through a trial that contained it). Without it, proving the others clean costs up
-  to two more rounds. The first trial then holds ``group_size`` suspects at most, so halving needs a
-  group_size near N and padding nodes.
+  still named only through a trial that contained it). The premise is the caller's: if it is false a
+  healthy node can be named, and the planner stops only when disjoint disagreements contradict it.
+  Without it, proving the others clean costs up to two more rounds. A trial holds ``group_size``
+  suspects at most, so halving needs a group_size near N, and padding nodes.
 - Multi-node groups see node-local faults that only show across nodes (a NIC) like any other fault.
   A fault that needs two given nodes together (a link) shows only if they share a group; the planner
   does not search pairs. When a disagreeing group's members all pass without each other, the group is
@@ -230,12 +237,11 @@ def plan(
             ev.named, ev.cleared, ev.spent + ev.undetermined, ev.unexplained, why, ev.eliminated
         )
 
-    pad = good_pad + sorted(ev.pad, key=lambda n: (logs[n].failures, suspects.index(n)))
+    index = {n: i for i, n in enumerate(suspects)}
+    pad = good_pad + sorted(ev.pad, key=lambda n: (logs[n].failures, index[n]))
     pools = _disjoint_pools(ev.pools)
     in_pool = {n for p in pools for n in p}
-    plain = sorted(
-        (n for n in ev.undetermined if n not in in_pool), key=lambda n: (logs[n].trials, suspects.index(n))
-    )
+    plain = sorted((n for n in ev.undetermined if n not in in_pool), key=lambda n: (logs[n].trials, index[n]))
     groups = _compose(
         pools,
         plain,
@@ -249,16 +255,17 @@ def plan(
     )
     if not groups:
         why.append(
-            f"{_names(ev.undetermined)} could not be split into smaller groups: add known_good nodes as padding"
+            f"{_names(ev.undetermined)} could not be split into smaller groups: "
+            "add known_good nodes as padding"
         )
         return verdict.build(
             ev.named, ev.cleared, ev.spent + ev.undetermined, ev.unexplained, why, ev.eliminated
         )
-    n_pool = sum(len(set(grp) & in_pool) for grp in groups)
+    tested = {n for grp in groups for n in grp}
     reason = (
         f"Round {done + 1}: {len(groups)} group(s) of {g} against the {ref.kind} reference; "
-        f"{n_pool} node(s) from disagreeing groups split up, {sum(len(set(grp) & set(plain)) for grp in groups)} "
-        "other undetermined node(s) tested."
+        f"{len(tested & in_pool)} node(s) from disagreeing groups split up, "
+        f"{len(tested.intersection(plain))} other undetermined node(s) tested."
     )
     return Round(done + 1, tuple(groups), reason)
 
@@ -284,7 +291,7 @@ def _plan_reference_round(
         return verdict.build(
             inconclusive=suspects, reason=f"No reference trace within max_rounds={cfg.max_rounds}."
         )
-    order = sorted(usable, key=lambda n: (logs[n].trials, suspects.index(n)))  # least tested first
+    order = sorted(usable, key=lambda n: logs[n].trials)  # least tested first (sorted is stable)
     if len(good_pad) >= g:
         ref_group = tuple(good_pad[:g])
         groups = [
@@ -302,8 +309,9 @@ def _plan_reference_round(
     if most < 2:
         return verdict.build(
             inconclusive=suspects,
-            reason=f"No reference: {len(usable)} suspect(s) in groups of {g} with max_parallel={cfg.max_parallel} "
-            f"make at most {most} group per round, so no majority trace can exist; {hint}.",
+            reason=f"No reference: {len(usable)} suspect(s) in groups of {g} with "
+            f"max_parallel={cfg.max_parallel} make at most {most} group per round, so no majority trace "
+            f"can exist; {hint}.",
         )
     covered = all(logs[n].trials > 0 for n in usable)
     if (
@@ -313,8 +321,8 @@ def _plan_reference_round(
     ):
         return verdict.build(
             inconclusive=suspects,
-            reason=f"No reference: in {ref.rounds_without_majority} round(s) no trace was shared by a majority of "
-            f"the groups, so the planner cannot tell the faulty group from the good one; {hint}.",
+            reason=f"No reference: in {ref.rounds_without_majority} round(s) no trace was shared by a "
+            f"majority of the groups, so the planner cannot tell the faulty group from the good one; {hint}.",
         )
     groups = _compose([], order, good_pad, slots, g, premise=False, quarantine=False, offset=done)
     return Round(
@@ -418,8 +426,8 @@ def _find_reference(
             return _Reference(
                 None,
                 "none",
-                problem=f"a group of known-good nodes in round {odd[0]} disagreed with the known-good reference, "
-                "so the trial is not deterministic or the reference is stale",
+                problem=f"a group of known-good nodes in round {odd[0]} disagreed with the known-good "
+                "reference, so the trial is not deterministic or the reference is stale",
             )
         return _Reference(trace, "known-good")
     fixed: tuple[int, str] | None = None

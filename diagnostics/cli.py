@@ -34,7 +34,16 @@ app = typer.Typer(
 # (module under diagnostics.commands, group name). A group is listed only once it has a working
 # command. Command modules import heavy dependencies (torch, grpc) inside their functions so that
 # `stanchion --help` stays fast.
-GROUPS: list[tuple[str, str]] = [("data", "data"), ("ckpt", "ckpt"), ("diag", "diag")]
+GROUPS: list[tuple[str, str]] = [
+    ("data", "data"),
+    ("ckpt", "ckpt"),
+    ("coordinator", "coordinator"),
+    ("agent", "agent"),
+    ("job", "job"),
+    ("node", "node"),
+    ("diag", "diag"),
+    ("certs", "certs"),
+]
 # Single commands registered at the top level: (module, attribute, name).
 COMMANDS: list[tuple[str, str, str]] = [("train", "train", "train")]
 

@@ -17,9 +17,24 @@ REPO = Path(__file__).resolve().parent.parent
 
 # A model small enough that a step takes tens of milliseconds on one core, big enough to learn.
 SMALL = [
-    "--set", "model.n_layer=2", "--set", "model.d_model=64", "--set", "model.n_head=4",
-    "--set", "model.n_kv_head=2", "--set", "model.max_seq_len=32", "--set", "data.seq_len=32",
-    "--set", "data.micro_batch_size=2", "--set", "data.global_batch_size=12", "--set", "optim.warmup_steps=5",
+    "--set",
+    "model.n_layer=2",
+    "--set",
+    "model.d_model=64",
+    "--set",
+    "model.n_head=4",
+    "--set",
+    "model.n_kv_head=2",
+    "--set",
+    "model.max_seq_len=32",
+    "--set",
+    "data.seq_len=32",
+    "--set",
+    "data.micro_batch_size=2",
+    "--set",
+    "data.global_batch_size=12",
+    "--set",
+    "optim.warmup_steps=5",
 ]
 
 
@@ -40,20 +55,42 @@ def prepare_data(out: Path, corpus: str = "fixture", vocab: int = 512) -> Path:
     return out
 
 
-def trainer_cmd(data: Path, run_dir: Path, *, nproc: int = 1, steps: int = 20, extra: Iterable[str] = ()) -> list[str]:
+def trainer_cmd(
+    data: Path, run_dir: Path, *, nproc: int = 1, steps: int = 20, extra: Iterable[str] = ()
+) -> list[str]:
     return [
-        sys.executable, "-m", "trainer", "--nproc", str(nproc), "--data", str(data), "--run-dir", str(run_dir),
-        "--steps", str(steps), *SMALL, *extra,
+        sys.executable,
+        "-m",
+        "trainer",
+        "--nproc",
+        str(nproc),
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        "--steps",
+        str(steps),
+        *SMALL,
+        *extra,
     ]
 
 
-def run_trainer(cmd: list[str], *, timeout: float = 240, **env_extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**env_extra), cwd=REPO)
+def run_trainer(
+    cmd: list[str], *, timeout: float = 240, **env_extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=env(**env_extra), cwd=REPO
+    )
 
 
 def start_trainer(cmd: list[str], **env_extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(**env_extra), cwd=REPO,
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(**env_extra),
+        cwd=REPO,
         start_new_session=True,
     )
 

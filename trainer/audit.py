@@ -48,11 +48,17 @@ def audit_verdict(own: Sequence[int], recomputed_next: Sequence[int]) -> AuditVe
     if not bad:
         return AuditVerdict(True, (), (), f"{world} ranks agree on recomputed gradients")
     if world == 2:
-        return AuditVerdict(False, bad, (), "2 ranks disagree on recomputed gradients: with two, it cannot tell which")
+        return AuditVerdict(
+            False, bad, (), "2 ranks disagree on recomputed gradients: with two, it cannot tell which"
+        )
     bad_set = set(bad)
-    suspects = tuple(r for r in range(world) if ((r - 1) % world, r) in bad_set and (r, (r + 1) % world) in bad_set)
+    suspects = tuple(
+        r for r in range(world) if ((r - 1) % world, r) in bad_set and (r, (r + 1) % world) in bad_set
+    )
     if suspects:
         reason = f"rank(s) {list(suspects)} disagree with both ring neighbours on recomputed gradients"
     else:
-        reason = f"recomputed gradients disagree on edges {list(bad)}, but no rank disagrees with both neighbours"
+        reason = (
+            f"recomputed gradients disagree on edges {list(bad)}, but no rank disagrees with both neighbours"
+        )
     return AuditVerdict(False, bad, suspects, reason)

@@ -105,7 +105,12 @@ class CheckpointManager:
         return self.last_stall_s
 
     def _finish(
-        self, fut: concurrent.futures.Future[Any] | None, step: int, tmp: Path, final: Path, fields: dict[str, Any]
+        self,
+        fut: concurrent.futures.Future[Any] | None,
+        step: int,
+        tmp: Path,
+        final: Path,
+        fields: dict[str, Any],
     ) -> None:
         try:
             if fut is not None:
@@ -119,8 +124,13 @@ class CheckpointManager:
                 nbytes = sum(f["bytes"] for f in manifest["files"].values())
                 self.events(
                     "checkpoint_committed",
-                    {"step": step, "path": str(final), "fingerprint": fields.get("fingerprint", ""),
-                     "replicas_agree": fields.get("replicas_agree", True), "bytes": nbytes},
+                    {
+                        "step": step,
+                        "path": str(final),
+                        "fingerprint": fields.get("fingerprint", ""),
+                        "replicas_agree": fields.get("replicas_agree", True),
+                        "bytes": nbytes,
+                    },
                 )
                 removed = mf.apply_retention(self.root, self.keep)
                 if removed:
@@ -141,7 +151,7 @@ class CheckpointManager:
             self._executor.shutdown(wait=True)
 
     # -- loading --------------------------------------------------------------------------------
-    def find_resume(self, explicit: str = "") -> Path | None:
+    def find_resume(self, explicit: str = "", *, max_step: int | None = None) -> Path | None:
         """The named checkpoint (verified), or the newest that verifies; skipped ones become events."""
         if explicit:
             path = Path(explicit)
@@ -151,11 +161,13 @@ class CheckpointManager:
             if not v.ok:
                 raise ValueError(f"checkpoint {path} cannot be used: {v.reason}")
             return path
-        path, skipped = mf.newest_good(self.root)
+        path, skipped = mf.newest_good(self.root, max_step=max_step)
         if self.rank == 0:
             for p, reason in skipped:
                 log.warning("skipping checkpoint %s: %s", p.name, reason)
-                self.events("checkpoint_skipped", {"path": str(p), "reason": reason, "step": mf.parse_step(p) or 0})
+                self.events(
+                    "checkpoint_skipped", {"path": str(p), "reason": reason, "step": mf.parse_step(p) or 0}
+                )
         return path
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -166,7 +178,10 @@ class CheckpointManager:
         with collective("loading a checkpoint"):
             dcp.load(state, checkpoint_id=str(path), process_group=self.pg)
         set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
             options=StateDictOptions(strict=True),
         )
         if "rng" in manifest:

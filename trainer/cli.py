@@ -34,17 +34,32 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", default=None, help="model/data/optimizer preset: tiny, gpt2-124m, llama-1b")
     p.add_argument("--config", type=Path, default=None, help="a TOML file of config keys (trainer/config.py)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set model.n_layer=6 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set model.n_layer=6 (repeatable)",
+    )
     p.add_argument("--data", type=Path, default=None, help="a directory written by `stanchion data prepare`")
     p.add_argument("--run-dir", type=Path, default=None, help="checkpoints and per-rank files go here")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (fixes the LR schedule)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (0: none)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--faults", type=Path, default=None, help="a JSON fault-injection schedule (trainer/faults.py)")
-    p.add_argument("--resume", default="auto", help="auto (newest good checkpoint), none, or a checkpoint path")
+    p.add_argument(
+        "--faults", type=Path, default=None, help="a JSON fault-injection schedule (trainer/faults.py)"
+    )
+    p.add_argument(
+        "--resume", default="auto", help="auto (newest good checkpoint), none, or a checkpoint path"
+    )
     p.add_argument("--sample", type=int, default=0, metavar="N", help="print N sampled lines after training")
-    p.add_argument("--nproc", type=int, default=1, help="spawn N local ranks (stanchion train only; torchrun does its own)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="spawn N local ranks (stanchion train only; torchrun does its own)",
+    )
     p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
     return p
 
@@ -53,7 +68,11 @@ def resolve_config(args: argparse.Namespace, env: dict[str, str] | None = None) 
     """preset < --config < flags and --set. An agent passes the resolved config in STANCHION_CONFIG."""
     env = os.environ if env is None else env
     overrides: dict[str, Any] = {}
-    for key, value in (("steps", args.steps), ("checkpoint_every", args.checkpoint_every), ("seed", args.seed)):
+    for key, value in (
+        ("steps", args.steps),
+        ("checkpoint_every", args.checkpoint_every),
+        ("seed", args.seed),
+    ):
         if value is not None:
             overrides[key] = value
     if args.data is not None:
@@ -62,7 +81,7 @@ def resolve_config(args: argparse.Namespace, env: dict[str, str] | None = None) 
         overrides["preset"] = args.preset
     overrides = merge(overrides, parse_assignments(args.sets))
     toml_path = args.config if args.config is not None else None
-    if toml_path is None and env.get(contract.ENV_CONFIG):
+    if toml_path is None and env.get(contract.ENV_CONFIG):  # an agent-written resolved config
         toml_path = Path(env[contract.ENV_CONFIG])
     if toml_path is not None and toml_path.suffix == ".json":
         from trainer.config import from_dict
@@ -72,7 +91,9 @@ def resolve_config(args: argparse.Namespace, env: dict[str, str] | None = None) 
             return from_dict(_merge(json.load(f), overrides))
     cfg = resolve(args.preset or "tiny", toml_path=toml_path, overrides=overrides)
     if not cfg.data.path:
-        raise ConfigError("data.path: no data directory given; pass --data DIR (see `stanchion data prepare`)")
+        raise ConfigError(
+            "data.path: no data directory given; pass --data DIR (see `stanchion data prepare`)"
+        )
     return cfg
 
 
@@ -86,9 +107,25 @@ def setup_logging() -> None:
     )
 
 
+def die_with_parent() -> None:
+    """An agent-managed rank must not outlive its agent (systemd kills the unit's cgroup the same way)."""
+    parent = os.environ.get(contract.ENV_PARENT_PID)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, 9)  # SIGKILL
+    if os.getppid() != int(parent):  # the agent died before prctl took effect
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     args = parser().parse_args(argv)
     setup_logging()
+    if os.environ.get(contract.ENV_STANDBY) == "1":
+        return standby(args)
     try:
         cfg = resolve_config(args)
         from trainer.parallel import env_topology
@@ -106,22 +143,64 @@ def main(argv: list[str] | None = None) -> int:
     return run_rank(cfg, args)
 
 
-def run_rank(cfg: TrainConfig, args: argparse.Namespace) -> int:
+def standby(args: argparse.Namespace) -> int:
+    """A pre-warmed rank for an agent: pay for Python, torch and the trainer's imports now, then wait
+    for an assignment that names the generation, the rank and the config to build."""
+    import signal
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    import torch
+
+    import trainer.loop  # noqa: F401 - model, data, optimizer, checkpoint and distributed modules
+
+    # The first optimizer construction imports torch._dynamo (about a second): do it while idle.
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], foreach=True)
+    paths = contract.WorkerPaths(Path(os.environ[contract.ENV_WORKER_DIR]))
+    paths.control.mkdir(parents=True, exist_ok=True)
+    contract.JsonlWriter(paths.events).write(
+        {"event": "standby", "pid": os.getpid(), "rank": -1, "generation": -1, "step": 0}
+    )
+    assignment = paths.wait_for_assignment(-1, give_up=lambda: bool(stop))
+    if assignment is None or assignment.stop:
+        return contract.EXIT_SUPERSEDED
+    if stop:
+        return contract.EXIT_OK
+    try:
+        cfg = resolve_config(args, env={contract.ENV_CONFIG: assignment.config})
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return contract.EXIT_CONFIG
+    if assignment.faults:
+        args.faults = Path(assignment.faults)
+    if assignment.run_dir:
+        args.run_dir = Path(assignment.run_dir)
+    return run_rank(cfg, args, first_assignment=assignment)
+
+
+def run_rank(cfg: TrainConfig, args: argparse.Namespace, first_assignment: Any = None) -> int:
     from trainer import faults
     from trainer.loop import RunOptions, Trainer
 
     run_dir = Path(args.run_dir or os.environ.get(contract.ENV_RUN_DIR) or "runs/default")
     worker_dir = Path(
-        os.environ.get(contract.ENV_WORKER_DIR) or run_dir / "ranks" / f"rank-{int(os.environ.get('RANK', '0')):05d}"
+        os.environ.get(contract.ENV_WORKER_DIR)
+        or run_dir / "ranks" / f"rank-{int(os.environ.get('RANK', '0')):05d}"
     )
-    faults_path = args.faults or (Path(os.environ[contract.ENV_FAULTS]) if os.environ.get(contract.ENV_FAULTS) else None)
+    faults_path = args.faults or (
+        Path(os.environ[contract.ENV_FAULTS]) if os.environ.get(contract.ENV_FAULTS) else None
+    )
     try:
         schedule = faults.load(faults_path) if faults_path else None
         trainer = Trainer(
             cfg,
             RunOptions(
-                run_dir=run_dir, worker_dir=worker_dir, faults=schedule, resume=args.resume,
-                standby=os.environ.get(contract.ENV_STANDBY) == "1", sample_lines=args.sample,
+                run_dir=run_dir,
+                worker_dir=worker_dir,
+                faults=schedule,
+                resume=args.resume,
+                first_assignment=first_assignment,
+                sample_lines=args.sample,
             ),
         )
     except (ConfigError, ValueError) as e:

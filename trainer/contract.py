@@ -37,6 +37,7 @@ ENV_GENERATION = "STANCHION_GENERATION"  # set by the agent; absent under plain 
 ENV_STANDBY = "STANCHION_STANDBY"  # "1": wait for an assignment file before joining
 ENV_FAULTS = "STANCHION_FAULTS"  # a fault-injection schedule file (tests, chaos, bisection defects)
 ENV_NODE_ID = "STANCHION_NODE_ID"
+ENV_PARENT_PID = "STANCHION_PARENT_PID"  # the rank dies with this process (the agent)
 
 PROGRESS_FILE = "progress.jsonl"
 EVENTS_FILE = "events.jsonl"
@@ -86,7 +87,12 @@ class Assignment:
     checkpoint: str = ""
     source_rank: int = 0
     skip_windows: tuple[tuple[int, int], ...] = ()  # (data start step, length) windows to skip
+    rollback_to: int = -1  # survivors first restore their newest snapshot at or before this step
     node_id: str = ""
+    job_id: str = ""
+    run_dir: str = ""  # the job's run directory (checkpoints); a generic standby learns it here
+    config: str = ""  # the resolved trainer config (JSON file) a generic standby builds itself from
+    faults: str = ""  # a fault schedule file, or empty
     stop: bool = False  # "do not join": exit with EXIT_SUPERSEDED
 
     def to_json(self) -> dict[str, Any]:
@@ -143,6 +149,18 @@ class WorkerPaths:
 
     def request_path(self, request_id: int) -> Path:
         return self.control / f"request-{request_id:08d}.json"
+
+    def wait_for_assignment(
+        self, after_generation: int = -1, *, poll_s: float = 0.01, give_up: Any = None
+    ) -> Assignment | None:
+        """Poll until an assignment newer than ``after_generation`` appears (None if ``give_up()``)."""
+        while True:
+            a = self.latest_assignment(after_generation)
+            if a is not None:
+                return a
+            if give_up is not None and give_up():
+                return None
+            time.sleep(poll_s)
 
     def latest_assignment(self, after_generation: int = -1) -> Assignment | None:
         best = None

@@ -3,7 +3,8 @@
 Driven by ``--faults FILE`` (a JSON list) so every chaos run can be replayed. Off unless a schedule is
 given: with no schedule the trainer holds ``None`` instead of an injector and no hook is installed.
 
-Entries (``rank`` -1 means every rank):
+Entries (``rank`` -1 means every rank; an optional ``"node": ID`` limits a fault to the ranks on that
+node, for hardware faults that must follow the machine when ranks move):
 
 - ``{"kind": "bitflip", "step": S, "rank": R, "target": "param"|"optim"|"grad"|"activation",
   "tensor": NAME|null, "index": I|null, "bit": B}``; ``grad`` is the rank's local gradient before
@@ -57,10 +58,11 @@ class Fault:
     prob: float = 1.0
     delay_s: float = 0.0
     repeat: bool = False
+    node: str = ""  # only ranks on this node (a hardware fault follows the machine, not the rank)
     id: int = 0
 
-    def applies_to(self, rank: int) -> bool:
-        return self.rank in (-1, rank)
+    def applies_to(self, rank: int, node: str = "") -> bool:
+        return self.rank in (-1, rank) and self.node in ("", node)
 
 
 def parse(entries: Any) -> list[Fault]:
@@ -118,25 +120,37 @@ def flip_bit(t: torch.Tensor, index: int, bit: int) -> None:
 class FaultInjector:
     """Fires the schedule's faults at the trainer's named hook points for one rank."""
 
-    def __init__(self, faults: Sequence[Fault], *, rank: int, seed: int, state_dir: Path | None):
-        self.faults = [f for f in faults if f.applies_to(rank)]
+    def __init__(
+        self, faults: Sequence[Fault], *, rank: int, seed: int, state_dir: Path | None, node: str = ""
+    ):
+        self.all_faults = list(faults)
+        self.node = node
+        self.faults = [f for f in faults if f.applies_to(rank, node)]
         self.rank = rank
         self.seed = seed
         self.state_dir = state_dir
         self.fired: list[dict[str, Any]] = []  # what fired in this process, for tests and events
         self._undrained: list[dict[str, Any]] = []
         self._hooks: list[Any] = []
+        self._activation_hooks: list[Any] = []
         self._compute_active = False
         self._step = -1
 
     # -- bookkeeping -------------------------------------------------------------------------
+    def set_rank(self, rank: int) -> None:
+        """A re-formed generation may give this process another rank."""
+        self.rank = rank
+        self.faults = [f for f in self.all_faults if f.applies_to(rank, self.node)]
+
     def _claim(self, f: Fault, step: int) -> bool:
         """One-shot faults fire once per run, across restarts and rollbacks."""
         if f.repeat or self.state_dir is None:
             return True
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(self.state_dir / f"fired-{f.id}-rank{self.rank}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(
+                self.state_dir / f"fired-{f.id}-rank{self.rank}", os.O_CREAT | os.O_EXCL | os.O_WRONLY
+            )
         except FileExistsError:
             return False
         os.close(fd)
@@ -167,7 +181,8 @@ class FaultInjector:
             if f.kind == "slow" and step >= f.from_step and (f.until_step < 0 or step < f.until_step):
                 time.sleep(f.delay_s)
         self._compute_active = any(
-            f.kind == "compute" and step >= f.from_step and self._rng(f, step).random() < f.prob for f in self.faults
+            f.kind == "compute" and step >= f.from_step and self._rng(f, step).random() < f.prob
+            for f in self.faults
         )
         if self._compute_active and not any(r["fault"] == "compute" for r in self.fired):
             self._record(next(f for f in self.faults if f.kind == "compute"), step)  # once: it repeats
@@ -199,12 +214,18 @@ class FaultInjector:
         for f in self._flips(step, "optim"):
             from trainer.fingerprint import named_state
 
-            named = [(n, t) for n, t in named_state(model, optimizer) if n.startswith("optim/") and t.numel() > 1]
+            named = [
+                (n, t) for n, t in named_state(model, optimizer) if n.startswith("optim/") and t.numel() > 1
+            ]
             self._flip_one(f, step, named)
 
     # -- internals -----------------------------------------------------------------------------
     def _flips(self, step: int, target: str) -> list[Fault]:
-        return [f for f in self.faults if f.kind == "bitflip" and f.target == target and f.step == step and self._claim(f, step)]
+        return [
+            f
+            for f in self.faults
+            if f.kind == "bitflip" and f.target == target and f.step == step and self._claim(f, step)
+        ]
 
     def _rng(self, f: Fault, step: int) -> random.Random:
         return random.Random(f"{self.seed}/{f.id}/{step}/{self.rank}")
@@ -242,25 +263,27 @@ class FaultInjector:
                     self._hooks.append(m.register_forward_hook(corrupt))
         for f in self._flips(step, "activation"):
             blocks = getattr(model, "blocks", None)
-            if blocks is None:
-                continue
-            rng = self._rng(f, step)
-            layer = rng.randrange(len(blocks))
-            fault, injector = f, self
+            if blocks is not None:
+                rng = self._rng(f, step)
+                layer = rng.randrange(len(blocks))
+                handle = blocks[layer].register_forward_hook(self._activation_flip(f, step, layer, rng))
+                self._hooks.append(handle)
+                self._activation_hooks.append(handle)
 
-            def flip_activation(_m: torch.nn.Module, _i: Any, output: torch.Tensor, _layer: int = layer) -> torch.Tensor:
-                out = output.clone()
-                index = fault.index if fault.index is not None else rng.randrange(out.numel())
-                flip_bit(out, index, fault.bit)
-                injector._record(fault, step, tensor=f"blocks.{_layer}", index=index, bit=fault.bit)
-                for h in injector._hooks:  # one flip per fault, in the first forward of the step
-                    if getattr(h, "_stanchion_activation", False):
-                        h.remove()
-                return out
+    def _activation_flip(self, fault: Fault, step: int, layer: int, rng: random.Random) -> Any:
+        """A forward hook that flips one bit of a block's output once, in the step's first forward."""
 
-            handle = blocks[layer].register_forward_hook(flip_activation)
-            handle._stanchion_activation = True  # type: ignore[attr-defined]
-            self._hooks.append(handle)
+        def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            out = output.clone()
+            index = fault.index if fault.index is not None else rng.randrange(out.numel())
+            flip_bit(out, index, fault.bit)
+            self._record(fault, step, tensor=f"blocks.{layer}", index=index, bit=fault.bit)
+            for h in self._activation_hooks:
+                h.remove()
+            self._activation_hooks = []
+            return out
+
+        return hook
 
 
 def generate_schedule(
@@ -294,7 +317,9 @@ def generate_schedule(
             out.append({"kind": "slow", "rank": rank, "from_step": s, "until_step": s + 20, "delay_s": 0.05})
         elif kind == "bitflip":
             target = rng.choice(("param", "optim"))
-            out.append({"kind": "bitflip", "step": s, "rank": rank, "target": target, "bit": rng.randrange(20, 31)})
+            out.append(
+                {"kind": "bitflip", "step": s, "rank": rank, "target": target, "bit": rng.randrange(20, 31)}
+            )
         else:
             out.append({"kind": kind, "step": s, "rank": rank})
     return out

@@ -51,7 +51,9 @@ def fingerprints(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[str], 
     return names, torch.stack(values)
 
 
-def named_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> list[tuple[str, torch.Tensor]]:
+def named_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> list[tuple[str, torch.Tensor]]:
     """Parameters and optimizer state as (name, tensor) in a fixed order: what a replica must agree on."""
     out = [(f"param/{n}", p) for n, p in model.named_parameters()]
     if optimizer is not None:

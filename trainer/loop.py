@@ -38,6 +38,7 @@ from trainer.config import TrainConfig, replace, to_dict
 from trainer.contract import Assignment, JsonlWriter, WorkerPaths
 from trainer.data import TokenData, data_index, eval_batches, get_batch
 from trainer.faults import Fault, FaultInjector
+from trainer.liveness import LivenessThread
 from trainer.model import GPT
 from trainer.monitors import SpikeDetector, group_norms
 from trainer.optim import build_optimizer, lr_at, set_lr
@@ -57,8 +58,11 @@ from trainer.snapshot import SnapshotRing
 log = logging.getLogger(__name__)
 
 # Columns of the per-step control all-gather (int64).
-C_STEP, C_LOSS, C_NONFINITE, C_STOP, C_REQUEST, C_AUDIT_OWN, C_AUDIT_NEXT = range(7)
-N_CONTROL = 7
+C_STEP, C_LOSS, C_NONFINITE, C_STOP, C_REQUEST, C_AUDIT_OWN, C_AUDIT_NEXT, C_NEXT_GEN = range(8)
+
+
+class GenerationChange(Exception):
+    """Every rank agreed, at the same step, that a newer generation has been assigned."""
 
 
 class Superseded(Exception):
@@ -71,7 +75,7 @@ class RunOptions:
     worker_dir: Path
     faults: list[Fault] | None = None
     resume: str = "auto"  # "auto" (newest good checkpoint), "none", or a checkpoint path
-    standby: bool = False  # wait for an assignment file (agent-managed)
+    first_assignment: Assignment | None = None  # agent-managed: the generation to join first
     sample_lines: int = 0
     collective_timeout_s: float = 300.0
     poll_s: float = 0.01
@@ -95,15 +99,21 @@ class Cursor:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "step": self.step, "skip_windows": [list(w) for w in self.skip_windows], "tokens": self.tokens,
-            "request_id": self.request_id, "last_agreed_step": self.last_agreed_step,
+            "step": self.step,
+            "skip_windows": [list(w) for w in self.skip_windows],
+            "tokens": self.tokens,
+            "request_id": self.request_id,
+            "last_agreed_step": self.last_agreed_step,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Cursor:
         return cls(
-            int(d.get("step", 0)), [list(map(int, w)) for w in d.get("skip_windows", [])], int(d.get("tokens", 0)),
-            int(d.get("request_id", 0)), int(d.get("last_agreed_step", d.get("step", 0))),
+            int(d.get("step", 0)),
+            [list(map(int, w)) for w in d.get("skip_windows", [])],
+            int(d.get("tokens", 0)),
+            int(d.get("request_id", 0)),
+            int(d.get("last_agreed_step", d.get("step", 0))),
         )
 
 
@@ -142,7 +152,10 @@ class Trainer:
         self.snapshots = SnapshotRing(cfg.integrity.snapshots_kept)
         ic = cfg.integrity
         self.spikes = SpikeDetector(
-            window=ic.spike_window, min_history=ic.spike_min_history, loss_z=ic.spike_loss_z, grad_z=ic.spike_grad_z
+            window=ic.spike_window,
+            min_history=ic.spike_min_history,
+            loss_z=ic.spike_loss_z,
+            grad_z=ic.spike_grad_z,
         )
         self.counters = {"nonfinite": 0, "spikes": 0, "fingerprint_mismatches": 0, "audit_mismatches": 0}
         torch.set_num_threads(cfg.threads)
@@ -161,7 +174,13 @@ class Trainer:
     def event(self, name: str, **fields: Any) -> None:
         rank = self.topo.rank if self.topo else -1
         gen = self.topo.generation if self.topo else -1
-        rec = {"event": name, "rank": rank, "generation": gen, "step": fields.pop("step", self.cursor.step), **fields}
+        rec = {
+            "event": name,
+            "rank": rank,
+            "generation": gen,
+            "step": fields.pop("step", self.cursor.step),
+            **fields,
+        }
         if name in contract.DETECTOR_EVENTS:
             rec.setdefault("suspect_ranks", [])
             self.dump_flight(rec["step"])
@@ -178,13 +197,10 @@ class Trainer:
     # Generations
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        assignment: Assignment | None = None
-        if self.opts.standby:
-            self.event("standby", pid=os.getpid())
-            try:
-                assignment = self.wait_for_assignment(-1)
-            except Superseded:
-                return contract.EXIT_SUPERSEDED
+        LivenessThread(self.paths.root).start()
+        assignment = self.opts.first_assignment
+        if assignment is not None and assignment.stop:
+            return contract.EXIT_SUPERSEDED
         while True:
             if self.stop_requested and assignment is not None and not self.has_state:
                 return contract.EXIT_OK
@@ -192,11 +208,18 @@ class Trainer:
                 self.join(assignment)
                 outcome = self.train()
                 break
-            except CollectiveFailed as e:
-                if self.topo is None or not self.topo.managed or self.cfg.parallel == "fsdp":
+            except (CollectiveFailed, GenerationChange) as e:
+                if (
+                    self.topo is None
+                    or not self.topo.managed
+                    or (self.cfg.parallel == "fsdp" and isinstance(e, CollectiveFailed))
+                ):
                     raise
                 failed_gen = self.topo.generation
-                self.event("collective_failed", error=str(e)[:500], has_state=self.has_state)
+                if isinstance(e, CollectiveFailed):
+                    self.event("collective_failed", error=str(e)[:500], has_state=self.has_state)
+                else:
+                    self.event("generation_change", step=self.cursor.step, has_state=self.has_state)
                 self.teardown_generation()
                 if self.stop_requested:
                     return contract.EXIT_OK
@@ -208,15 +231,12 @@ class Trainer:
         return contract.EXIT_OK
 
     def wait_for_assignment(self, after_generation: int) -> Assignment:
-        while True:
-            a = self.paths.latest_assignment(after_generation)
-            if a is not None:
-                if a.stop:
-                    raise Superseded()
-                return a
-            if self.stop_requested:
-                raise Superseded()
-            time.sleep(self.opts.poll_s)
+        a = self.paths.wait_for_assignment(
+            after_generation, poll_s=self.opts.poll_s, give_up=lambda: self.stop_requested
+        )
+        if a is None or a.stop:
+            raise Superseded()
+        return a
 
     def join(self, assignment: Assignment | None) -> None:
         cfg = self.cfg
@@ -232,23 +252,38 @@ class Trainer:
             self.optimizer = build_optimizer(self.model, cfg.optim, device_type=topo.device.type)
             self.grad_sync = GradSync(list(self.model.parameters())) if cfg.parallel == "ddp" else None
             self.injector = (
-                FaultInjector(self.opts.faults, rank=topo.rank, seed=cfg.seed, state_dir=self.opts.run_dir / "faults")
-                if self.opts.faults else None
+                FaultInjector(
+                    self.opts.faults,
+                    rank=topo.rank,
+                    seed=cfg.seed,
+                    state_dir=self.opts.run_dir / "faults",
+                    node=os.environ.get(contract.ENV_NODE_ID, ""),
+                )
+                if self.opts.faults
+                else None
             )
         elif self.injector is not None:
-            self.injector.rank = topo.rank
+            self.injector.set_rank(topo.rank)
         with collective("creating the checkpoint group"):
             ckpt_pg = dist.new_group(backend="gloo")
         self.ckpt = CheckpointManager(
-            self.opts.run_dir, rank=topo.rank, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint,
-            events=lambda name, f: self.event(name, **f), process_group=ckpt_pg,
+            self.opts.run_dir,
+            rank=topo.rank,
+            keep=cfg.keep_checkpoints,
+            async_save=cfg.async_checkpoint,
+            events=lambda name, f: self.event(name, **f),
+            process_group=ckpt_pg,
         )
         if first and topo.is_main:
             log.info("resolved config: %s", contract.json.dumps(to_dict(cfg), sort_keys=True))
         self.restore(assignment)
         self.event(
-            "started", world_size=topo.world_size, grad_accum=self.accum, pid=os.getpid(),
-            node_id=os.environ.get(contract.ENV_NODE_ID, ""), resumed_step=self.cursor.step,
+            "started",
+            world_size=topo.world_size,
+            grad_accum=self.accum,
+            pid=os.getpid(),
+            node_id=os.environ.get(contract.ENV_NODE_ID, ""),
+            resumed_step=self.cursor.step,
         )
 
     def _shard(self, topo: Topology) -> torch.nn.Module:
@@ -257,7 +292,9 @@ class Trainer:
 
         rep = self.cfg.hsdp_replicate
         if rep > 1:
-            mesh = init_device_mesh(topo.device.type, (rep, topo.world_size // rep), mesh_dim_names=("replicate", "shard"))
+            mesh = init_device_mesh(
+                topo.device.type, (rep, topo.world_size // rep), mesh_dim_names=("replicate", "shard")
+            )
         else:
             mesh = init_device_mesh(topo.device.type, (topo.world_size,), mesh_dim_names=("shard",))
         for block in self.model.blocks:
@@ -277,12 +314,26 @@ class Trainer:
     def restore(self, assignment: Assignment | None) -> None:
         assert self.optimizer is not None and self.ckpt is not None and self.topo is not None
         mode = assignment.resume if assignment else ("none" if self.opts.resume == "none" else "checkpoint")
-        explicit = assignment.checkpoint if assignment else ("" if self.opts.resume in ("auto", "none") else self.opts.resume)
+        explicit = (
+            assignment.checkpoint
+            if assignment
+            else ("" if self.opts.resume in ("auto", "none") else self.opts.resume)
+        )
         restored = False
+        if assignment is not None and assignment.rollback_to >= 0 and self.has_state:
+            # Roll back past an alarm's onset before anyone serves as a healing source.
+            snap = self.snapshots.newest_at_or_before(assignment.rollback_to)
+            if snap is not None:
+                self._restore_snapshot(snap)
+            else:
+                self.has_state = False  # nothing old enough here: do not serve as a source
         if mode in ("peer", "keep"):
             restored = self._heal_from_peer()
         if not restored and mode != "none" and mode != "fresh":
-            path = self.ckpt.find_resume(explicit)
+            max_step = (
+                assignment.rollback_to if assignment is not None and assignment.rollback_to >= 0 else None
+            )
+            path = self.ckpt.find_resume(explicit, max_step=max_step)
             if path is not None:
                 self._load_checkpoint(path)
                 restored = True
@@ -302,7 +353,9 @@ class Trainer:
     def _heal_from_peer(self) -> bool:
         """Pick the live rank with the newest state and broadcast it to everyone else."""
         assert self.topo is not None and self.optimizer is not None
-        mine = torch.tensor([1 if self.has_state else 0, self.cursor.step], dtype=torch.int64, device=self.topo.device)
+        mine = torch.tensor(
+            [1 if self.has_state else 0, self.cursor.step], dtype=torch.int64, device=self.topo.device
+        )
         rows = all_gather_rows(mine, "choosing a healing source")
         candidates = [(int(rows[r, 1]), -r) for r in range(rows.shape[0]) if rows[r, 0] == 1]
         if not candidates:
@@ -311,7 +364,10 @@ class Trainer:
         src = -neg_rank
         t0 = time.perf_counter()
         extra = broadcast_training_state(
-            self.model, self.optimizer, {"cursor": self.cursor.to_json(), "spikes": self.spikes.state()}, src=src
+            self.model,
+            self.optimizer,
+            {"cursor": self.cursor.to_json(), "spikes": self.spikes.state()},
+            src=src,
         )
         self.cursor = Cursor.from_json(extra["cursor"])
         self.spikes.load_state(extra["spikes"])
@@ -360,9 +416,16 @@ class Trainer:
     def batch(self, step_index: int, dp_rank: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         x, y = get_batch(
-            self.data, seed=cfg.seed, step=step_index, dp_rank=dp_rank, dp_world=self.topo.world_size,
-            micro_step=micro, micro_batch_size=cfg.data.micro_batch_size, grad_accum=self.accum,
-            seq_len=cfg.data.seq_len, skip_windows=self.cursor.skip_windows,
+            self.data,
+            seed=cfg.seed,
+            step=step_index,
+            dp_rank=dp_rank,
+            dp_world=self.topo.world_size,
+            micro_step=micro,
+            micro_batch_size=cfg.data.micro_batch_size,
+            grad_accum=self.accum,
+            seq_len=cfg.data.seq_len,
+            skip_windows=self.cursor.skip_windows,
         )
         return x.to(self.topo.device, non_blocking=True), y.to(self.topo.device, non_blocking=True)
 
@@ -395,8 +458,10 @@ class Trainer:
         if self.injector:
             self.injector.begin_step(index + 1, model)
         audit_due = (
-            bool(cfg.integrity.audit_every) and (index + 1) % cfg.integrity.audit_every == 0
-            and topo.world_size > 1 and cfg.parallel == "ddp"  # under FSDP local gradients never exist whole
+            bool(cfg.integrity.audit_every)
+            and (index + 1) % cfg.integrity.audit_every == 0
+            and topo.world_size > 1
+            and cfg.parallel == "ddp"  # under FSDP local gradients never exist whole
         )
         params = list(model.parameters())
 
@@ -426,10 +491,20 @@ class Trainer:
             self.grad_sync.all_reduce_mean(topo.world_size)
         local_loss = float(loss_sum) / self.accum
         request = self.newest_request_id()
+        next_gen = self.newest_assignment_generation() if topo.managed else -1
         ctrl = torch.tensor(
-            [index, float_bits(local_loss), int(not math.isfinite(local_loss)), int(self.stop_requested), request,
-             audit_own, audit_next],
-            dtype=torch.int64, device=topo.device,
+            [
+                index,
+                float_bits(local_loss),
+                int(not math.isfinite(local_loss)),
+                int(self.stop_requested),
+                request,
+                audit_own,
+                audit_next,
+                next_gen,
+            ],
+            dtype=torch.int64,
+            device=topo.device,
         )
         rows = all_gather_rows(ctrl, "step control all-gather")
         if not bool((rows[:, C_STEP] == index).all()):
@@ -438,6 +513,11 @@ class Trainer:
         nonfinite_ranks = [r for r in range(topo.world_size) if rows[r, C_NONFINITE]]
         stop = bool(rows[:, C_STOP].any())
         newest_request = int(rows[:, C_REQUEST].max())
+        if int(rows[:, C_NEXT_GEN].max()) > topo.generation:
+            # A newer generation exists (membership change): everyone leaves at this step, before
+            # applying it, and rejoins with the state it has (the step is recomputed there).
+            opt.zero_grad(set_to_none=True)
+            raise GenerationChange()
 
         sq, labels = group_norms(self.train_model, self.layer_groups)
         if cfg.parallel == "fsdp":
@@ -446,8 +526,13 @@ class Trainer:
         grad_norm = float(sq.sum().sqrt())
         step_no = index + 1
         record: dict[str, Any] = {
-            "step": step_no, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-            "generation": topo.generation, "rank": topo.rank, "world_size": topo.world_size,
+            "step": step_no,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "generation": topo.generation,
+            "rank": topo.rank,
+            "world_size": topo.world_size,
             "data_index": data_index(index, self.cursor.skip_windows),
         }
 
@@ -455,7 +540,14 @@ class Trainer:
         if nonfinite_ranks or not math.isfinite(grad_norm):
             opt.zero_grad(set_to_none=True)
             self.counters["nonfinite"] += 1
-            self.event("nonfinite", step=step_no, suspect_ranks=nonfinite_ranks, loss=loss_value, grad_norm=grad_norm)
+            self.event(
+                "nonfinite",
+                step=step_no,
+                suspect_ranks=nonfinite_ranks,
+                loss=loss_value,
+                grad_norm=grad_norm,
+                data_index=record["data_index"],
+            )
             record["skipped"] = True
         else:
             coef = cfg.optim.grad_clip / (grad_norm + 1e-6) if cfg.optim.grad_clip else 1.0
@@ -473,8 +565,17 @@ class Trainer:
             for spike in self.spikes.observe(step_no, {"loss": loss_value, "grad_norm": grad_norm}):
                 self.counters["spikes"] += 1
                 self.event(
-                    "spike", step=step_no, suspect_ranks=[], metric=spike.metric, value=spike.value,
-                    median=spike.median, mad=spike.mad, z=spike.z, threshold=spike.threshold, window=list(spike.window),
+                    "spike",
+                    step=step_no,
+                    suspect_ranks=[],
+                    data_index=record["data_index"],
+                    metric=spike.metric,
+                    value=spike.value,
+                    median=spike.median,
+                    mad=spike.mad,
+                    z=spike.z,
+                    threshold=spike.threshold,
+                    window=list(spike.window),
                 )
         tokens = cfg.data.global_batch_size * cfg.data.seq_len
         self.cursor.step = step_no
@@ -488,7 +589,11 @@ class Trainer:
                 if cfg.integrity.snapshot_every and step_no % cfg.integrity.snapshot_every == 0:
                     self.take_snapshot()
             elif cfg.integrity.on_mismatch == "rollback":  # every rank saw the same comparison
-                self.rollback(contract.Request(id=self.cursor.request_id, kind="rollback", reason="fingerprint mismatch"))
+                self.rollback(
+                    contract.Request(
+                        id=self.cursor.request_id, kind="rollback", reason="fingerprint mismatch"
+                    )
+                )
         if newest_request > self.cursor.request_id:
             self.handle_request(newest_request, rows)
 
@@ -497,9 +602,15 @@ class Trainer:
                 self.event("fault_injected", **{**fired, "step": fired["step"]})
         step_time = time.perf_counter() - t0
         record.update(
-            step_time_s=step_time, tokens=tokens, tokens_total=self.cursor.tokens, tokens_per_s=tokens / step_time,
-            layer_grad_norms={lab: math.sqrt(max(float(v), 0.0)) for lab, v in zip(labels, sq.tolist(), strict=True)},
-            activation_norms=[float(a) for a in act_norms], **{f"{k}_total": v for k, v in self.counters.items()},
+            step_time_s=step_time,
+            tokens=tokens,
+            tokens_total=self.cursor.tokens,
+            tokens_per_s=tokens / step_time,
+            layer_grad_norms={
+                lab: math.sqrt(max(float(v), 0.0)) for lab, v in zip(labels, sq.tolist(), strict=True)
+            },
+            activation_norms=[float(a) for a in act_norms],
+            **{f"{k}_total": v for k, v in self.counters.items()},
             checkpoint_stall_s=self.ckpt.last_stall_s if self.ckpt else 0.0,
         )
         self.progress_out.write(record)
@@ -527,8 +638,11 @@ class Trainer:
             self.counters["audit_mismatches"] += 1
             last_clean = step_no - self.cfg.integrity.audit_every
             self.event(
-                "audit_mismatch", step=step_no, suspect_ranks=list(verdict.suspect_ranks),
-                bad_edges=[list(e) for e in verdict.bad_edges], reason=verdict.reason,
+                "audit_mismatch",
+                step=step_no,
+                suspect_ranks=list(verdict.suspect_ranks),
+                bad_edges=[list(e) for e in verdict.bad_edges],
+                reason=verdict.reason,
                 onset_window=[max(last_clean, 0), step_no],
             )
 
@@ -548,8 +662,12 @@ class Trainer:
             if not cmp.agree:
                 self.counters["fingerprint_mismatches"] += 1
                 self.event(
-                    "fingerprint_mismatch", step=step, suspect_ranks=list(cmp.suspect_ranks), reason=cmp.reason,
-                    tensors=list(cmp.mismatched_tensors)[:20], onset_window=[self.cursor.last_agreed_step, step],
+                    "fingerprint_mismatch",
+                    step=step,
+                    suspect_ranks=list(cmp.suspect_ranks),
+                    reason=cmp.reason,
+                    tensors=list(cmp.mismatched_tensors)[:20],
+                    onset_window=[self.cursor.last_agreed_step, step],
                     check=reason,
                 )
                 return False
@@ -566,11 +684,18 @@ class Trainer:
 
     def take_snapshot(self) -> None:
         self.snapshots.take(
-            self.cursor.step, self.model, self.optimizer, {"cursor": self.cursor.to_json(), "spikes": self.spikes.state()}
+            self.cursor.step,
+            self.model,
+            self.optimizer,
+            {"cursor": self.cursor.to_json(), "spikes": self.spikes.state()},
         )
 
     # ------------------------------------------------------------------------------------------
     # Requests from the agent (rollback in place)
+    def newest_assignment_generation(self) -> int:
+        a = self.paths.latest_assignment(self.topo.generation)
+        return a.generation if a is not None else -1
+
     def newest_request_id(self) -> int:
         reqs = self.paths.requests(self.cursor.request_id)
         return reqs[-1].id if reqs else self.cursor.request_id
@@ -592,21 +717,31 @@ class Trainer:
         snap = self.snapshots.newest_at_or_before(req.to_step)
         if snap is None:
             self.event(
-                "rollback_unavailable", request_id=req.id, to_step=req.to_step,
-                snapshots=self.snapshots.steps(), reason="no in-memory snapshot at or before that step",
+                "rollback_unavailable",
+                request_id=req.id,
+                to_step=req.to_step,
+                snapshots=self.snapshots.steps(),
+                reason="no in-memory snapshot at or before that step",
             )
             return
         from_step = self.cursor.step
+        self._restore_snapshot(snap)
+        self.cursor.skip_windows = self.cursor.skip_windows + [list(w) for w in req.skip]
+        self.event(
+            "rollback",
+            request_id=req.id,
+            from_step=from_step,
+            step=self.cursor.step,
+            skip=[list(w) for w in req.skip],
+            reason=req.reason,
+        )
+
+    def _restore_snapshot(self, snap: Any) -> None:
         request_id = self.cursor.request_id
         extra = self.snapshots.restore(snap, self.model, self.optimizer)
         self.cursor = Cursor.from_json(extra["cursor"])
-        self.cursor.request_id = request_id
-        self.cursor.skip_windows = self.cursor.skip_windows + [list(w) for w in req.skip]
+        self.cursor.request_id = request_id  # requests already handled stay handled
         self.spikes.load_state(extra["spikes"])
-        self.event(
-            "rollback", request_id=req.id, from_step=from_step, step=self.cursor.step,
-            skip=[list(w) for w in req.skip], reason=req.reason,
-        )
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints, evaluation, the end
@@ -614,7 +749,10 @@ class Trainer:
         """The whole training state's fingerprint, independent of sharding and world size."""
         if self.cfg.parallel == "ddp":
             return fingerprint.state_digest(self.model, self.optimizer)
-        full = [(n, t.full_tensor() if hasattr(t, "full_tensor") else t) for n, t in fingerprint.named_state(self.model, self.optimizer)]
+        full = [
+            (n, t.full_tensor() if hasattr(t, "full_tensor") else t)
+            for n, t in fingerprint.named_state(self.model, self.optimizer)
+        ]
         return fingerprint.digest(fingerprint.fingerprints(full)[1])
 
     def save_checkpoint(self, *, blocking: bool = False) -> None:
@@ -626,9 +764,14 @@ class Trainer:
             self.event("checkpoint_skipped", step=step, reason="replica fingerprints disagree at this step")
             return
         fields = {
-            "config": to_dict(self.cfg), "cursor": self.cursor.to_json(), "spikes": self.spikes.state(),
-            "fingerprint": self.canonical_digest(), "replicas_agree": True, "world_size": self.topo.world_size,
-            "parallel": self.cfg.parallel, "generation": self.topo.generation,
+            "config": to_dict(self.cfg),
+            "cursor": self.cursor.to_json(),
+            "spikes": self.spikes.state(),
+            "fingerprint": self.canonical_digest(),
+            "replicas_agree": True,
+            "world_size": self.topo.world_size,
+            "parallel": self.cfg.parallel,
+            "generation": self.topo.generation,
         }
         stall = self.ckpt.save(step, self.train_model, self.optimizer, fields, blocking=blocking)
         log.info("checkpoint at step %d: training blocked %.3f s", step, stall)
@@ -636,7 +779,10 @@ class Trainer:
     def evaluate(self) -> float:
         cfg, topo = self.cfg, self.topo
         batches = eval_batches(
-            self.data, seed=cfg.seed, n_batches=cfg.eval_batches, batch_size=cfg.data.micro_batch_size,
+            self.data,
+            seed=cfg.seed,
+            n_batches=cfg.eval_batches,
+            batch_size=cfg.data.micro_batch_size,
             seq_len=cfg.data.seq_len,
         )
         total = torch.zeros(2, dtype=torch.float64, device=topo.device)
@@ -666,7 +812,10 @@ class Trainer:
                 self.save_checkpoint(blocking=True)
             self.ckpt.wait()
             self.event(
-                "finished", step=self.cursor.step, fingerprint=self.canonical_digest(), val_loss=self.final_val_loss,
+                "finished",
+                step=self.cursor.step,
+                fingerprint=self.canonical_digest(),
+                val_loss=self.final_val_loss,
                 tokens_total=self.cursor.tokens,
             )
         else:
@@ -682,7 +831,9 @@ class Trainer:
         gen = torch.Generator(device=self.topo.device).manual_seed(self.cfg.seed)
         start = torch.full((n, 1), self.data.eot_id, dtype=torch.long)
         # Every rank generates (FSDP needs all of them in each forward); rank 0 prints.
-        out = self.model.generate(start.to(self.topo.device), max_new_tokens=64, temperature=0.8, top_k=40, generator=gen)
+        out = self.model.generate(
+            start.to(self.topo.device), max_new_tokens=64, temperature=0.8, top_k=40, generator=gen
+        )
         if not self.topo.is_main:
             return
         for row in out.tolist():
@@ -696,8 +847,12 @@ class Trainer:
         """The error file the agent reads to classify a crash (the torchelastic convention)."""
         contract.write_json_atomic(
             self.paths.error,
-            {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(), "step": self.cursor.step,
-             "rank": self.topo.rank if self.topo else -1, "time": time.time()},
+            {
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+                "step": self.cursor.step,
+                "rank": self.topo.rank if self.topo else -1,
+                "time": time.time(),
+            },
         )
         self.dump_flight(self.cursor.step)
-

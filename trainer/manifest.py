@@ -118,7 +118,11 @@ def verify(ckpt_dir: str | os.PathLike[str]) -> Verification:
             return Verification(False, f"{rel} is missing", manifest)
         size, crc = file_crc32(p)
         if size != expect.get("bytes"):
-            return Verification(False, f"{rel} has {size} bytes, the manifest says {expect.get('bytes')} (truncated?)", manifest)
+            return Verification(
+                False,
+                f"{rel} has {size} bytes, the manifest says {expect.get('bytes')} (truncated?)",
+                manifest,
+            )
         if crc != expect.get("crc32"):
             return Verification(False, f"{rel} fails its CRC-32 check (bit rot or a partial write)", manifest)
     bad = ckpt_dir / BAD_MARKER
@@ -160,7 +164,9 @@ def scan(ckpt_root: str | os.PathLike[str]) -> list[CheckpointEntry]:
     return sorted(out, key=lambda e: e.step)
 
 
-def newest_good(ckpt_root: str | os.PathLike[str], *, max_step: int | None = None) -> tuple[Path | None, list[tuple[Path, str]]]:
+def newest_good(
+    ckpt_root: str | os.PathLike[str], *, max_step: int | None = None
+) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest checkpoint that verifies (at or before ``max_step``), and the newer ones skipped with why."""
     skipped = []
     for entry in reversed(scan(ckpt_root)):

@@ -84,7 +84,9 @@ class SpikeDetector:
             h.extend(kept)
 
 
-def group_norms(model: torch.nn.Module, groups: Mapping[str, Iterable[str]]) -> tuple[torch.Tensor, list[str]]:
+def group_norms(
+    model: torch.nn.Module, groups: Mapping[str, Iterable[str]]
+) -> tuple[torch.Tensor, list[str]]:
     """Squared L2 norms of the gradients, one per layer group, as a 1-D float32 tensor.
 
     Squares (not norms) so that shards can be summed across ranks under FSDP before the square root.

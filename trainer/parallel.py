@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +78,9 @@ def form_group(assign: Assignment | None, *, device_kind: str, timeout_s: float)
         device = pick_device(device_kind, local_rank)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, device_id=_device_id(device))
+            dist.init_process_group(
+                backend, rank=rank, world_size=world, timeout=timeout, device_id=_device_id(device)
+            )
         else:  # a single process with no launcher: a private in-memory store
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return Topology(rank, world, local_rank, local_world, 0, device, managed=False)
@@ -85,14 +88,24 @@ def form_group(assign: Assignment | None, *, device_kind: str, timeout_s: float)
     device = pick_device(device_kind, assign.local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     store = dist.TCPStore(assign.master_addr, assign.master_port, is_master=False, timeout=timeout)
-    prefixed = dist.PrefixStore(f"stanchion/gen{assign.generation}/", store)
+    # One key space per (job, generation): a restarted rank can never read an older generation's keys.
+    prefixed = dist.PrefixStore(f"stanchion/{assign.job_id}/gen{assign.generation}/", store)
     with collective("forming the process group"):
         dist.init_process_group(
-            backend, store=prefixed, rank=assign.rank, world_size=assign.world_size, timeout=timeout,
+            backend,
+            store=prefixed,
+            rank=assign.rank,
+            world_size=assign.world_size,
+            timeout=timeout,
             device_id=_device_id(device),
         )
     return Topology(
-        assign.rank, assign.world_size, assign.local_rank, assign.local_world_size, assign.generation, device,
+        assign.rank,
+        assign.world_size,
+        assign.local_rank,
+        assign.local_world_size,
+        assign.generation,
+        device,
         managed=True,
     )
 
@@ -108,15 +121,23 @@ def leave_group() -> None:
             dist.destroy_process_group()
 
 
+# What this rank is blocked in, if anything: read by the liveness thread (trainer/liveness.py) so
+# an agent can tell a rank waiting on a peer from a rank that is itself stuck.
+current_collective: list[tuple[str, float]] = []
+
+
 @contextlib.contextmanager
 def collective(what: str) -> Iterator[None]:
     """Turn a distributed backend failure inside this block into CollectiveFailed."""
+    current_collective.append((what, time.time()))
     try:
         yield
     except CollectiveFailed:
         raise
     except (RuntimeError, dist.DistError) as e:  # gloo raises RuntimeError("... Connection closed by peer")
         raise CollectiveFailed(f"{what}: {e}") from e
+    finally:
+        current_collective.pop()
 
 
 def all_gather_rows(t: torch.Tensor, what: str) -> torch.Tensor:

@@ -43,12 +43,19 @@ class SnapshotRing:
     def clear(self) -> None:
         self.ring.clear()
 
-    def take(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> None:
+    def take(
+        self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]
+    ) -> None:
         params = [_local(p).detach().to("cpu", copy=True) for p in model.parameters()]
         optim = []
         for p in _optim_params(optimizer):
             state = optimizer.state.get(p, {})
-            optim.append({k: _local(v).detach().to("cpu", copy=True) if torch.is_tensor(v) else copy.deepcopy(v) for k, v in state.items()})
+            optim.append(
+                {
+                    k: _local(v).detach().to("cpu", copy=True) if torch.is_tensor(v) else copy.deepcopy(v)
+                    for k, v in state.items()
+                }
+            )
         self.ring.append(Snapshot(step, params, optim, copy.deepcopy(extra)))
 
     def newest_at_or_before(self, step: int) -> Snapshot | None:
@@ -57,7 +64,9 @@ class SnapshotRing:
                 return snap
         return None
 
-    def restore(self, snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def restore(
+        self, snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any]:
         """Copy ``snap`` back into the live model and optimizer; drop newer snapshots."""
         with torch.no_grad():
             for p, saved in zip(model.parameters(), snap.params, strict=True):

@@ -36,8 +36,15 @@ def list_(
         v = mf.verify(entry.path)
         m = v.manifest or {}
         rows.append(
-            {"step": entry.step, "path": str(entry.path), "good": v.ok, "reason": v.reason,
-             "fingerprint": m.get("fingerprint", ""), "world_size": m.get("world_size"), "time": m.get("time")}
+            {
+                "step": entry.step,
+                "path": str(entry.path),
+                "good": v.ok,
+                "reason": v.reason,
+                "fingerprint": m.get("fingerprint", ""),
+                "world_size": m.get("world_size"),
+                "time": m.get("time"),
+            }
         )
     if json_:
         emit_json(rows)
@@ -46,7 +53,10 @@ def list_(
     else:
         emit_table(
             ["step", "good", "fingerprint", "world", "reason"],
-            [(r["step"], "yes" if r["good"] else "NO", r["fingerprint"], r["world_size"], r["reason"]) for r in rows],
+            [
+                (r["step"], "yes" if r["good"] else "NO", r["fingerprint"], r["world_size"], r["reason"])
+                for r in rows
+            ],
         )
 
 
@@ -80,14 +90,22 @@ def inspect(
     try:
         m = mf.read_manifest(path)
     except FileNotFoundError:
-        raise CliError(f"{path} has no {mf.MANIFEST}", hint="it was never committed", exit_code=EXIT_NOT_FOUND) from None
+        raise CliError(
+            f"{path} has no {mf.MANIFEST}", hint="it was never committed", exit_code=EXIT_NOT_FOUND
+        ) from None
     m.pop("rng", None)
     if json_:
         emit_json(m)
     else:
         emit_table(
             ["key", "value"],
-            [("step", m.get("step")), ("fingerprint", m.get("fingerprint")), ("world_size", m.get("world_size")),
-             ("parallel", m.get("parallel")), ("replicas_agree", m.get("replicas_agree")),
-             ("skip_windows", (m.get("cursor") or {}).get("skip_windows")), ("files", len(m.get("files", {})))],
+            [
+                ("step", m.get("step")),
+                ("fingerprint", m.get("fingerprint")),
+                ("world_size", m.get("world_size")),
+                ("parallel", m.get("parallel")),
+                ("replicas_agree", m.get("replicas_agree")),
+                ("skip_windows", (m.get("cursor") or {}).get("skip_windows")),
+                ("files", len(m.get("files", {}))),
+            ],
         )

@@ -21,7 +21,7 @@ SYSTEMD = DEPLOY / "systemd"
 UNITS = ["stanchion-coordinator.service", "stanchion-agent.service"]
 INSTALLED_BINARY = "/opt/stanchion/venv/bin/stanchion"
 # systemd-analyze security --threshold takes the exposure score times ten. docs/deploy.md states
-# both numbers; the coordinator scores 1.1 and the agent 2.6 today.
+# both numbers; the coordinator scores 1.1 and the agent 2.5 today.
 COORDINATOR_THRESHOLD = 20
 AGENT_THRESHOLD = 30
 # SIGTERM to the workers, emergency checkpoint up to ~120 s, then the agent exits.

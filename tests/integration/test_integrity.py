@@ -27,22 +27,42 @@ def write_faults(path: Path, entries: list[dict]) -> Path:
     return path
 
 
-def test_every_state_bitflip_is_caught_at_once_and_the_right_rank_named(small_data: Path, tmp_path: Path, seed: int) -> None:
+def test_every_state_bitflip_is_caught_at_once_and_the_right_rank_named(
+    small_data: Path, tmp_path: Path, seed: int
+) -> None:
     """3 ranks, 200 seeded single-bit flips (bits 0-31) in parameters and optimizer state, one every
     4 steps, fingerprints every step (K=1). Each flip is named at its step; each rank rolls back in
     place to the last agreed snapshot and carries on. Every other check is clean."""
     rng = random.Random(seed)
     flips = [
-        {"kind": "bitflip", "step": s, "rank": rng.randrange(3), "target": rng.choice(["param", "optim"]),
-         "bit": rng.randrange(32)}
+        {
+            "kind": "bitflip",
+            "step": s,
+            "rank": rng.randrange(3),
+            "target": rng.choice(["param", "optim"]),
+            "bit": rng.randrange(32),
+        }
         for s in range(4, 804, 4)
     ]
     faults = write_faults(tmp_path / "faults.json", flips)
     run = tmp_path / "run"
     extra = [
-        "--faults", str(faults), "--checkpoint-every", "0", "--set", "integrity.fingerprint_every=1",
-        "--set", "integrity.snapshot_every=1", "--set", "integrity.on_mismatch=rollback",
-        "--set", "integrity.audit_every=0", "--set", "integrity.spike_loss_z=1000", "--set", "integrity.spike_grad_z=1000",
+        "--faults",
+        str(faults),
+        "--checkpoint-every",
+        "0",
+        "--set",
+        "integrity.fingerprint_every=1",
+        "--set",
+        "integrity.snapshot_every=1",
+        "--set",
+        "integrity.on_mismatch=rollback",
+        "--set",
+        "integrity.audit_every=0",
+        "--set",
+        "integrity.spike_loss_z=1000",
+        "--set",
+        "integrity.spike_grad_z=1000",
     ]
     r = run_trainer(trainer_cmd(small_data, run, nproc=3, steps=900, extra=extra), timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -55,7 +75,9 @@ def test_every_state_bitflip_is_caught_at_once_and_the_right_rank_named(small_da
     mismatches = events(run, 0, "fingerprint_mismatch")
     named = {e["step"]: e["suspect_ranks"] for e in mismatches}
     assert sorted(named) == sorted(fired), "a flip was missed, or a clean check raised an alarm"
-    assert all(named[s] == [fired[s]] for s in fired), {s: (named[s], fired[s]) for s in fired if named[s] != [fired[s]]}
+    assert all(named[s] == [fired[s]] for s in fired), {
+        s: (named[s], fired[s]) for s in fired if named[s] != [fired[s]]
+    }
     assert len(events(run, 0, "rollback")) == 200
 
     # Clean checks: every other fingerprint check on every rank agreed (>= 2,000 rank-step checks).
@@ -67,13 +89,25 @@ def test_every_state_bitflip_is_caught_at_once_and_the_right_rank_named(small_da
 
 
 @pytest.mark.parametrize("faulty_rank", [0, 1, 2])
-def test_persistent_compute_fault_is_named_by_the_audit(small_data: Path, tmp_path: Path, faulty_rank: int) -> None:
+def test_persistent_compute_fault_is_named_by_the_audit(
+    small_data: Path, tmp_path: Path, faulty_rank: int
+) -> None:
     """A mercurial core on one of 3 ranks corrupts matmuls from step 3; replica fingerprints cannot
     see it (every replica applies the same averaged update); the ring audit names it within M=5."""
-    faults = write_faults(tmp_path / "f.json", [{"kind": "compute", "rank": faulty_rank, "from_step": 3, "prob": 1.0}])
+    faults = write_faults(
+        tmp_path / "f.json", [{"kind": "compute", "rank": faulty_rank, "from_step": 3, "prob": 1.0}]
+    )
     run = tmp_path / "run"
-    extra = ["--faults", str(faults), "--checkpoint-every", "0", "--set", "integrity.audit_every=5",
-             "--set", "integrity.fingerprint_every=1"]
+    extra = [
+        "--faults",
+        str(faults),
+        "--checkpoint-every",
+        "0",
+        "--set",
+        "integrity.audit_every=5",
+        "--set",
+        "integrity.fingerprint_every=1",
+    ]
     r = run_trainer(trainer_cmd(small_data, run, nproc=3, steps=8, extra=extra))
     assert r.returncode == 0, r.stderr[-3000:]
     audits = events(run, 0, "audit_mismatch")
@@ -81,16 +115,24 @@ def test_persistent_compute_fault_is_named_by_the_audit(small_data: Path, tmp_pa
     first = audits[0]
     assert first["step"] <= 3 + 5 - 1
     assert first["suspect_ranks"] == [faulty_rank]
-    assert events(run, 0, "fingerprint_mismatch") == []  # replicas stay identical: the fault is invisible to them
+    assert (
+        events(run, 0, "fingerprint_mismatch") == []
+    )  # replicas stay identical: the fault is invisible to them
 
 
-def test_nan_on_one_rank_is_agreed_and_the_step_is_skipped_everywhere(small_data: Path, tmp_path: Path) -> None:
+def test_nan_on_one_rank_is_agreed_and_the_step_is_skipped_everywhere(
+    small_data: Path, tmp_path: Path
+) -> None:
     import torch
     import torch.distributed.checkpoint as dcp
 
     faults = write_faults(tmp_path / "f.json", [{"kind": "nan", "step": 5, "rank": 1}])
     run = tmp_path / "run"
-    r = run_trainer(trainer_cmd(small_data, run, nproc=2, steps=6, extra=["--faults", str(faults), "--checkpoint-every", "1"]))
+    r = run_trainer(
+        trainer_cmd(
+            small_data, run, nproc=2, steps=6, extra=["--faults", str(faults), "--checkpoint-every", "1"]
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in range(2):
         nonfinite = events(run, rank, "nonfinite")
@@ -109,9 +151,21 @@ def test_nan_on_one_rank_is_agreed_and_the_step_is_skipped_everywhere(small_data
     assert state and all(bool(torch.isfinite(t).all()) for t in state.values())
 
 
-def test_in_place_rollback_with_empty_window_reproduces_the_clean_run(small_data: Path, tmp_path: Path) -> None:
-    args = dict(nproc=2, steps=40, extra=["--checkpoint-every", "0", "--set", "integrity.snapshot_every=5",
-                                          "--set", "integrity.fingerprint_every=5"])
+def test_in_place_rollback_with_empty_window_reproduces_the_clean_run(
+    small_data: Path, tmp_path: Path
+) -> None:
+    args = dict(
+        nproc=2,
+        steps=40,
+        extra=[
+            "--checkpoint-every",
+            "0",
+            "--set",
+            "integrity.snapshot_every=5",
+            "--set",
+            "integrity.fingerprint_every=5",
+        ],
+    )
     clean = tmp_path / "clean"
     assert run_trainer(trainer_cmd(small_data, clean, **args)).returncode == 0
 

@@ -67,10 +67,14 @@ def test_damaged_checkpoints_are_detected_and_skipped_on_resume(small_data: Path
 
     for path, word in ((ck12, "truncated"), (ck8, "CRC-32")):
         v = subprocess.run(
-            [sys.executable, "-m", "diagnostics.cli", "ckpt", "verify", str(path)], capture_output=True, text=True
+            [sys.executable, "-m", "diagnostics.cli", "ckpt", "verify", str(path)],
+            capture_output=True,
+            text=True,
         )
         assert v.returncode == 1 and word in v.stderr, v.stderr
-    ok = subprocess.run([sys.executable, "-m", "diagnostics.cli", "ckpt", "verify", str(run / "checkpoints/step-00000004")])
+    ok = subprocess.run(
+        [sys.executable, "-m", "diagnostics.cli", "ckpt", "verify", str(run / "checkpoints/step-00000004")]
+    )
     assert ok.returncode == 0
 
     # Resume with more steps: both damaged checkpoints are reported and skipped; step 4 is loaded.
@@ -81,7 +85,9 @@ def test_damaged_checkpoints_are_detected_and_skipped_on_resume(small_data: Path
     assert events(run, 0, "restored")[-1]["step"] == 4
 
 
-def test_fsdp_resumes_exactly_and_its_checkpoint_loads_into_one_rank(small_data: Path, tmp_path: Path) -> None:
+def test_fsdp_resumes_exactly_and_its_checkpoint_loads_into_one_rank(
+    small_data: Path, tmp_path: Path
+) -> None:
     fsdp = ["--set", "parallel=fsdp", "--checkpoint-every", "5"]
     clean = tmp_path / "clean"
     r = run_trainer(trainer_cmd(small_data, clean, nproc=2, steps=10, extra=fsdp))
@@ -95,7 +101,9 @@ def test_fsdp_resumes_exactly_and_its_checkpoint_loads_into_one_rank(small_data:
     assert r.returncode == 0, r.stderr[-3000:]
     assert events(resumed, 0, "restored")[-1]["step"] == 5
     assert final_fingerprint(resumed) == final_fingerprint(clean)
-    assert [losses_by_step(resumed)[s] for s in range(6, 11)] == [losses_by_step(clean)[s] for s in range(6, 11)]
+    assert [losses_by_step(resumed)[s] for s in range(6, 11)] == [
+        losses_by_step(clean)[s] for s in range(6, 11)
+    ]
 
     # The 2-rank FSDP checkpoint loads into a single rank (DCP reshards); the loaded state's
     # fingerprint must equal the manifest's or the trainer refuses to continue.
@@ -117,7 +125,9 @@ def test_fsdp_resumes_exactly_and_its_checkpoint_loads_into_one_rank(small_data:
         (["--set", "data.global_batch_size=10"], "data.global_batch_size"),
     ],
 )
-def test_bad_config_fails_before_any_process_group(small_data: Path, tmp_path: Path, extra: list[str], key: str) -> None:
+def test_bad_config_fails_before_any_process_group(
+    small_data: Path, tmp_path: Path, extra: list[str], key: str
+) -> None:
     t0 = time.monotonic()
     r = run_trainer(trainer_cmd(small_data, tmp_path / "run", nproc=2, extra=extra), timeout=60)
     assert r.returncode == 2, r.stdout + r.stderr

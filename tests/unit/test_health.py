@@ -648,7 +648,9 @@ def test_registering_the_collector_does_not_query_nvml():
 
 def test_exposition_passes_promtool(tmp_path):
     promtool = shutil.which("promtool")
-    assert promtool is not None, "promtool is missing: run `make test` (it installs Debian's prometheus package)"
+    assert promtool is not None, (
+        "promtool is missing: run `make test` (it installs Debian's prometheus package)"
+    )
     fake = FakeNvml([FakeGpu(0), FakeGpu(1, temperature=err(GPU_IS_LOST))])
     backend = NvmlBackend(fake)
     watcher = XidWatcher(backend, wait_timeout_ms=20)

@@ -60,7 +60,7 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, directives: _Optional[_Iterable[_Union[Directive, _Mapping]]] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class StartWorkers(_message.Message):
-    __slots__ = ("node_rank", "num_nodes", "workers_per_node", "master_addr", "master_port", "resume", "checkpoint", "source_rank", "skip_windows", "config_json", "faults_json")
+    __slots__ = ("node_rank", "num_nodes", "workers_per_node", "master_addr", "master_port", "resume", "checkpoint", "source_rank", "skip_windows", "config_json", "faults_json", "rollback_to")
     NODE_RANK_FIELD_NUMBER: _ClassVar[int]
     NUM_NODES_FIELD_NUMBER: _ClassVar[int]
     WORKERS_PER_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class StartWorkers(_message.Message):
     SKIP_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     FAULTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_TO_FIELD_NUMBER: _ClassVar[int]
     node_rank: int
     num_nodes: int
     workers_per_node: int
@@ -83,7 +84,8 @@ class StartWorkers(_message.Message):
     skip_windows: _containers.RepeatedCompositeFieldContainer[_types_pb2.SkipWindow]
     config_json: str
     faults_json: str
-    def __init__(self, node_rank: _Optional[int] = ..., num_nodes: _Optional[int] = ..., workers_per_node: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., resume: _Optional[str] = ..., checkpoint: _Optional[str] = ..., source_rank: _Optional[int] = ..., skip_windows: _Optional[_Iterable[_Union[_types_pb2.SkipWindow, _Mapping]]] = ..., config_json: _Optional[str] = ..., faults_json: _Optional[str] = ...) -> None: ...
+    rollback_to: int
+    def __init__(self, node_rank: _Optional[int] = ..., num_nodes: _Optional[int] = ..., workers_per_node: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., resume: _Optional[str] = ..., checkpoint: _Optional[str] = ..., source_rank: _Optional[int] = ..., skip_windows: _Optional[_Iterable[_Union[_types_pb2.SkipWindow, _Mapping]]] = ..., config_json: _Optional[str] = ..., faults_json: _Optional[str] = ..., rollback_to: _Optional[int] = ...) -> None: ...
 
 class StopWorkers(_message.Message):
     __slots__ = ("reason", "checkpoint")
@@ -104,6 +106,14 @@ class Rollback(_message.Message):
     skip: _containers.RepeatedCompositeFieldContainer[_types_pb2.SkipWindow]
     reason: str
     def __init__(self, request_id: _Optional[int] = ..., to_step: _Optional[int] = ..., skip: _Optional[_Iterable[_Union[_types_pb2.SkipWindow, _Mapping]]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class MarkCheckpoint(_message.Message):
+    __slots__ = ("path", "reason")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    reason: str
+    def __init__(self, path: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RunTrial(_message.Message):
     __slots__ = ("trial_id", "group_rank", "group_size", "master_addr", "master_port", "steps", "seed", "workers_per_node")
@@ -126,7 +136,7 @@ class RunTrial(_message.Message):
     def __init__(self, trial_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., group_size: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., workers_per_node: _Optional[int] = ...) -> None: ...
 
 class Directive(_message.Message):
-    __slots__ = ("seq", "job_id", "generation", "start", "stop", "rollback", "trial")
+    __slots__ = ("seq", "job_id", "generation", "start", "stop", "rollback", "trial", "mark")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +144,7 @@ class Directive(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_FIELD_NUMBER: _ClassVar[int]
     TRIAL_FIELD_NUMBER: _ClassVar[int]
+    MARK_FIELD_NUMBER: _ClassVar[int]
     seq: int
     job_id: str
     generation: int
@@ -141,7 +152,8 @@ class Directive(_message.Message):
     stop: StopWorkers
     rollback: Rollback
     trial: RunTrial
-    def __init__(self, seq: _Optional[int] = ..., job_id: _Optional[str] = ..., generation: _Optional[int] = ..., start: _Optional[_Union[StartWorkers, _Mapping]] = ..., stop: _Optional[_Union[StopWorkers, _Mapping]] = ..., rollback: _Optional[_Union[Rollback, _Mapping]] = ..., trial: _Optional[_Union[RunTrial, _Mapping]] = ...) -> None: ...
+    mark: MarkCheckpoint
+    def __init__(self, seq: _Optional[int] = ..., job_id: _Optional[str] = ..., generation: _Optional[int] = ..., start: _Optional[_Union[StartWorkers, _Mapping]] = ..., stop: _Optional[_Union[StopWorkers, _Mapping]] = ..., rollback: _Optional[_Union[Rollback, _Mapping]] = ..., trial: _Optional[_Union[RunTrial, _Mapping]] = ..., mark: _Optional[_Union[MarkCheckpoint, _Mapping]] = ...) -> None: ...
 
 class Trace(_message.Message):
     __slots__ = ("trial_id", "node_id", "loss_bits", "fingerprints", "ok", "error")

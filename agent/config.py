@@ -1,0 +1,87 @@
+"""How an agent daemon runs. Defaults < TOML file < ``STANCHION_*`` environment < CLI flags."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from trainer.settings import require
+
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    coordinator: str = "127.0.0.1:50051"
+    node_id: str = ""
+    workers: int = 1  # trainer ranks on this node (one per GPU)
+    run_root: str = "runs"  # each job's run directory is RUN_ROOT/JOB_ID; checkpoints live under it
+    data_root: str = ""  # job specs name data relative to this directory (default: RUN_ROOT/../data)
+    spare: bool = False
+    metrics_port: int = -1  # -1: off, 0: any free port
+    metrics_addr: str = "127.0.0.1"
+    health_port: int = 0  # plaintext grpc.health.v1 (0: off)
+    host: str = "127.0.0.1"  # the address other nodes' ranks use to reach this node's TCPStore
+    tls_dir: str = ""
+    insecure: bool = False
+    token_file: str = ""
+    standby: int = 1  # pre-warmed processes kept ready to replace a rank
+    hang_factor: float = 5.0  # no step within factor x median step time ...
+    hang_floor_s: float = 30.0  # ... and at least this long: the rank is hung
+    startup_timeout_s: float = 300.0  # first step of a generation must come within this
+    stop_grace_s: float = 60.0  # SIGTERM, then SIGKILL after this (room for an emergency checkpoint)
+    rpc_timeout_s: float = 5.0
+    max_backoff_s: float = 5.0
+    simulate_defect: str = (
+        ""  # "persistent" or "intermittent:P": this node's ranks corrupt matmuls (bisection tests)
+    )
+    threads: int = 1  # torch threads per rank on CPU (also OMP_NUM_THREADS)
+    health_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        require(
+            bool(NODE_ID_RE.match(self.node_id)),
+            "node_id",
+            "required: 1-63 letters, digits, '.', '_' or '-', starting alphanumeric",
+        )
+        host, sep, port = self.coordinator.rpartition(":")
+        require(bool(sep) and bool(host) and port.isdigit(), "coordinator", "expected HOST:PORT")
+        require(1 <= self.workers <= 64, "workers", "must be between 1 and 64")
+        require(
+            -1 <= self.metrics_port < 65536,
+            "metrics_port",
+            "must be a port number (-1: off, 0: any free port)",
+        )
+        require(0 <= self.health_port < 65536, "health_port", "must be a port number (0: off)")
+        require(
+            self.insecure or bool(self.tls_dir),
+            "tls_dir",
+            "TLS is the default: pass --tls-dir DIR (see `stanchion certs init`), or --insecure for plaintext",
+        )
+        require(0 <= self.standby <= 8, "standby", "must be between 0 and 8")
+        require(
+            self.hang_factor >= 1 and self.hang_floor_s > 0,
+            "hang_factor",
+            "hang_factor >= 1 and hang_floor_s > 0",
+        )
+        require(self.stop_grace_s >= 0, "stop_grace_s", "must be >= 0")
+        if self.simulate_defect:
+            kind, _, p = self.simulate_defect.partition(":")
+            ok = kind == "persistent" and not p or kind == "intermittent" and _is_prob(p)
+            require(ok, "simulate_defect", "expected 'persistent' or 'intermittent:P' with 0 < P <= 1")
+
+    def defect_faults(self) -> list[dict]:
+        """The simulated defect as a fault schedule for this node's ranks (the integrity issue's compute fault)."""
+        if not self.simulate_defect:
+            return []
+        kind, _, p = self.simulate_defect.partition(":")
+        return [
+            {"kind": "compute", "rank": -1, "from_step": 0, "prob": 1.0 if kind == "persistent" else float(p)}
+        ]
+
+
+def _is_prob(text: str) -> bool:
+    try:
+        return 0 < float(text) <= 1
+    except ValueError:
+        return False

@@ -1,0 +1,454 @@
+"""The node's trainer processes: spawn, assign, watch, stop.
+
+Every rank starts life as a generic *standby*: a Python process that has already imported torch and
+the trainer and waits for an assignment file. Starting Python and torch is about 90% of a restart's
+cost, so the agent keeps ``standby`` such processes warm; a replacement rank is an assignment, not a
+process start. Ranks that survive a peer's failure are never re-created: they get the next
+generation's assignment and re-form their process group in place.
+
+The agent watches each rank through the files it writes (progress, events, liveness) and through
+its exit status, classifies exits (error file, exit code, signal), and detects hangs: no step
+within max(hang_factor x median step time, hang_floor_s), with a stale liveness file or outside a
+collective. A rank blocked in a collective with a fresh liveness file is waiting on a peer, not hung.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import statistics
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.metrics import TrainingMetrics
+from protos.stanchion.v1 import agent_pb2, types_pb2
+from trainer import contract, liveness
+from trainer.contract import Assignment, JsonlTail, Request, WorkerPaths
+
+log = logging.getLogger(__name__)
+
+LIVENESS_STALE_S = 3.0
+FORWARDED = frozenset(
+    {
+        "started",
+        "healed",
+        "restored",
+        "nonfinite",
+        "spike",
+        "fingerprint_mismatch",
+        "audit_mismatch",
+        "rollback",
+        "rollback_unavailable",
+        "checkpoint_committed",
+        "checkpoint_skipped",
+        "checkpoint_failed",
+        "collective_failed",
+        "generation_change",
+        "finished",
+        "stopped",
+        "eval",
+        "fault_injected",
+        "nondeterministic",
+    }
+)
+
+
+@dataclass
+class Worker:
+    wid: int
+    proc: asyncio.subprocess.Process
+    paths: WorkerPaths
+    spawned_at: float
+    job_id: str = ""
+    slot: int | None = None  # local rank once assigned
+    rank: int = -1
+    generation: int = -1
+    state: int = types_pb2.WORKER_STATE_STANDBY
+    ready: bool = False  # the standby finished importing
+    assigned_at: float = 0.0
+    last_progress_at: float = 0.0
+    step: int = 0
+    step_times: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+    hung: bool = False
+    stopping: bool = False
+    exit_code: int | None = None
+    progress_tail: JsonlTail | None = None
+    events_tail: JsonlTail | None = None
+
+    def __post_init__(self) -> None:
+        self.progress_tail = JsonlTail(self.paths.progress)
+        self.events_tail = JsonlTail(self.paths.events)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    def median_step_s(self) -> float:
+        return statistics.median(self.step_times) if self.step_times else 0.0
+
+
+class WorkerGroup:
+    def __init__(self, cfg: AgentConfig, *, python: str = sys.executable):
+        self.cfg = cfg
+        self.python = python
+        self.run_root = Path(cfg.run_root).resolve()
+        self.data_root = Path(cfg.data_root).resolve() if cfg.data_root else self.run_root
+        self.base = self.run_root / "workers" / cfg.node_id
+        self.workers: list[Worker] = []
+        self._next_wid = self._first_wid()
+        self.job_id = ""
+        self.generation = -1
+        self.config_path: Path | None = None
+        self.faults_path: Path | None = None
+        self.metrics = TrainingMetrics()  # the Prometheus relay of the ranks' progress
+
+    def _first_wid(self) -> int:
+        existing = (
+            [int(p.name[1:]) for p in self.base.glob("w*") if p.name[1:].isdigit()]
+            if self.base.exists()
+            else []
+        )
+        return max(existing, default=-1) + 1
+
+    # -- spawning -------------------------------------------------------------------------------
+    async def spawn(self) -> Worker:
+        wid = self._next_wid
+        self._next_wid += 1
+        paths = WorkerPaths(self.base / f"w{wid:05d}")
+        paths.control.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        for key in (
+            contract.ENV_CONFIG,
+            contract.ENV_FAULTS,
+            "RANK",
+            "WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ):
+            env.pop(key, None)
+        env.update(
+            {
+                contract.ENV_STANDBY: "1",
+                contract.ENV_WORKER_DIR: str(paths.root),
+                contract.ENV_NODE_ID: self.cfg.node_id,
+                contract.ENV_PARENT_PID: str(os.getpid()),
+                "OMP_NUM_THREADS": str(self.cfg.threads),
+                "MKL_NUM_THREADS": str(self.cfg.threads),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        log_file = open(paths.root / "output.log", "ab")  # noqa: SIM115 - handed to the child process
+        try:
+            # An argv list, never a shell: nothing from a job spec reaches the command line.
+            proc = await asyncio.create_subprocess_exec(
+                self.python,
+                "-m",
+                "trainer",
+                env=env,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            log_file.close()
+        w = Worker(wid, proc, paths, time.time())
+        self.workers.append(w)
+        log.info("spawned standby w%05d (pid %d)", wid, proc.pid)
+        return w
+
+    async def ensure_standbys(self) -> None:
+        idle = [w for w in self.workers if w.alive and w.slot is None and not w.stopping]
+        for _ in range(self.cfg.standby - len(idle)):
+            await self.spawn()
+
+    # -- directives -----------------------------------------------------------------------------
+    def _prepare_job(self, job_id: str, start: agent_pb2.StartWorkers) -> Path:
+        """Write the job's resolved config (data path made absolute under the data root) for the ranks."""
+        cfg = json.loads(start.config_json)
+        data_rel = cfg.get("data", {}).get("path", "")
+        data_dir = (self.data_root / data_rel).resolve()
+        if not data_dir.is_relative_to(self.data_root):
+            raise ValueError(f"data path {data_rel!r} escapes the data root {self.data_root}")
+        cfg.setdefault("data", {})["path"] = str(data_dir)
+        run_dir = self.run_dir(job_id)
+        node_dir = run_dir / "nodes" / self.cfg.node_id
+        node_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = node_dir / "trainer-config.json"
+        contract.write_json_atomic(self.config_path, cfg)
+        faults = json.loads(start.faults_json) if start.faults_json else []
+        faults += self.cfg.defect_faults()
+        self.faults_path = None
+        if faults:
+            self.faults_path = node_dir / "faults.json"
+            contract.write_json_atomic(self.faults_path, faults)
+        return run_dir
+
+    def run_dir(self, job_id: str) -> Path:
+        path = (self.run_root / job_id).resolve()
+        if not path.is_relative_to(self.run_root) or path == self.run_root:
+            raise ValueError(f"job id {job_id!r} does not name a directory under the run root")
+        return path
+
+    def checkpoint_path(self, job_id: str, path: str) -> str:
+        """A checkpoint named by the coordinator must lie inside this job's run directory."""
+        if not path:
+            return ""
+        resolved = Path(path).resolve()
+        if not resolved.is_relative_to(self.run_dir(job_id)):
+            raise ValueError(f"checkpoint {path!r} is outside the job's run directory")
+        return str(resolved)
+
+    async def start_generation(self, d: agent_pb2.Directive) -> None:
+        s = d.start
+        if d.job_id != self.job_id:
+            await self.stop_job_workers("a new job")
+            self.job_id = d.job_id
+        run_dir = self._prepare_job(d.job_id, s)
+        self.generation = d.generation
+        checkpoint = self.checkpoint_path(d.job_id, s.checkpoint)
+        world = s.num_nodes * s.workers_per_node
+        for slot in range(s.workers_per_node):
+            w = self._worker_for_slot(slot)
+            if w is None:
+                w = self._take_standby() or await self.spawn()
+                w.slot = slot
+            w.job_id, w.generation, w.rank = d.job_id, d.generation, s.node_rank * s.workers_per_node + slot
+            w.state, w.assigned_at, w.hung = types_pb2.WORKER_STATE_STARTING, time.time(), False
+            w.last_progress_at = w.assigned_at
+            a = Assignment(
+                generation=d.generation,
+                rank=w.rank,
+                world_size=world,
+                local_rank=slot,
+                local_world_size=s.workers_per_node,
+                master_addr=s.master_addr,
+                master_port=s.master_port,
+                resume=s.resume,
+                checkpoint=checkpoint,
+                source_rank=s.source_rank,
+                skip_windows=tuple((x.start, x.length) for x in s.skip_windows),
+                rollback_to=s.rollback_to,
+                node_id=self.cfg.node_id,
+                job_id=d.job_id,
+                run_dir=str(run_dir),
+                config=str(self.config_path),
+                faults=str(self.faults_path or ""),
+            )
+            contract.write_json_atomic(w.paths.assignment_path(d.generation), a.to_json())
+        for w in self.workers:  # a slot this node no longer has (fewer workers per node)
+            if w.alive and w.slot is not None and w.slot >= s.workers_per_node:
+                await self._supersede(w, d.generation)
+        await self.ensure_standbys()
+
+    def _worker_for_slot(self, slot: int) -> Worker | None:
+        for w in self.workers:
+            if w.alive and w.slot == slot and not w.stopping and not w.hung:
+                return w
+        return None
+
+    def _take_standby(self) -> Worker | None:
+        idle = [w for w in self.workers if w.alive and w.slot is None and not w.stopping]
+        idle.sort(key=lambda w: (not w.ready, w.wid))  # warm ones first
+        return idle[0] if idle else None
+
+    async def _supersede(self, w: Worker, generation: int) -> None:
+        """Tell a rank it is not part of ``generation``: it leaves with its peers at a step boundary."""
+        stop = Assignment(
+            generation=generation,
+            rank=-1,
+            world_size=0,
+            local_rank=-1,
+            local_world_size=0,
+            master_addr="",
+            master_port=0,
+            stop=True,
+            node_id=self.cfg.node_id,
+        )
+        contract.write_json_atomic(w.paths.assignment_path(generation), stop.to_json())
+        w.stopping = True
+        asyncio.get_running_loop().call_later(self.cfg.stop_grace_s, self._kill_if_alive, w)
+
+    async def stop_job_workers(
+        self, reason: str, *, generation: int | None = None, checkpoint: bool = False
+    ) -> None:
+        """Stop every assigned rank: a stop assignment (so peers leave together), SIGTERM (a rank in
+        training checkpoints and exits 0), then SIGKILL after the grace period."""
+        gen = generation if generation is not None else self.generation + 1
+        for w in self.workers:
+            if w.alive and w.slot is not None and not w.stopping:
+                log.info("stopping w%05d (rank %d): %s", w.wid, w.rank, reason)
+                await self._supersede(w, gen)
+                if checkpoint:
+                    with contextlib.suppress(ProcessLookupError):
+                        w.proc.send_signal(signal.SIGTERM)
+
+    def rollback(self, d: agent_pb2.Directive) -> int:
+        r = d.rollback
+        req = Request(
+            id=r.request_id,
+            kind="rollback",
+            to_step=r.to_step,
+            skip=tuple((x.start, x.length) for x in r.skip),
+            reason=r.reason,
+        )
+        n = 0
+        for w in self.workers:
+            if w.alive and w.slot is not None and w.generation == d.generation and not w.stopping:
+                contract.write_json_atomic(w.paths.request_path(r.request_id), req.to_json())
+                n += 1
+        return n
+
+    def _kill_if_alive(self, w: Worker) -> None:
+        if w.alive:
+            log.warning("w%05d did not stop within %.0fs: SIGKILL", w.wid, self.cfg.stop_grace_s)
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.kill()
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Agent exit: SIGTERM every process (ranks checkpoint), SIGKILL what is left after the grace."""
+        for w in self.workers:
+            if w.alive:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for w in self.workers:
+            remaining = max(0.0, deadline - time.monotonic())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(w.proc.wait(), remaining)
+            if w.alive:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
+                await w.proc.wait()
+
+    # -- watching -------------------------------------------------------------------------------
+    def poll(self, now: float | None = None) -> list[tuple[str, Worker, dict[str, Any]]]:
+        """Read new records, detect exits and hangs. Returns (kind, worker, record) events to relay."""
+        now = time.time() if now is None else now
+        out: list[tuple[str, Worker, dict[str, Any]]] = []
+        for w in list(self.workers):
+            for rec in w.events_tail.read():
+                kind = rec.get("event", "")
+                self._track(w, kind, rec)
+                self.metrics.observe_event(w.job_id, kind, rec)
+                if kind in FORWARDED:
+                    out.append((kind, w, rec))
+            for rec in w.progress_tail.read():
+                w.step = int(rec.get("step", w.step))
+                w.last_progress_at = now
+                if rec.get("step_time_s"):
+                    w.step_times.append(float(rec["step_time_s"]))
+                if w.state in (types_pb2.WORKER_STATE_STARTING, types_pb2.WORKER_STATE_WAITING):
+                    w.state = types_pb2.WORKER_STATE_TRAINING
+                self.metrics.observe_progress(w.job_id, w.rank, rec)
+            if not w.alive:
+                out.append(("worker_exited", w, self._classify_exit(w)))
+                self.workers.remove(w)
+                continue
+            hung = self._hang_reason(w, now)
+            if hung:
+                log.error("w%05d (rank %d) is hung: %s; SIGKILL", w.wid, w.rank, hung)
+                w.hung = True
+                w.state = types_pb2.WORKER_STATE_HUNG
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
+        return out
+
+    def _track(self, w: Worker, kind: str, rec: dict[str, Any]) -> None:
+        if kind == "standby":
+            w.ready = True
+        elif kind == "started":  # the group formed; TRAINING begins with the first progress record
+            w.generation, w.rank = int(rec.get("generation", w.generation)), int(rec.get("rank", w.rank))
+            w.last_progress_at = time.time()
+        elif kind in ("collective_failed", "generation_change"):
+            w.state = types_pb2.WORKER_STATE_WAITING
+            w.last_progress_at = time.time()
+        elif kind == "finished":
+            w.state = types_pb2.WORKER_STATE_EXITED
+
+    def _hang_reason(self, w: Worker, now: float) -> str:
+        if w.stopping or w.hung or w.slot is None:
+            return ""
+        if w.state == types_pb2.WORKER_STATE_STARTING:
+            if now - w.assigned_at > self.cfg.startup_timeout_s:
+                return f"no process group within {self.cfg.startup_timeout_s:.0f}s of its assignment"
+            return ""
+        if w.state != types_pb2.WORKER_STATE_TRAINING:
+            return ""
+        timeout = max(self.cfg.hang_factor * w.median_step_s(), self.cfg.hang_floor_s)
+        idle = now - w.last_progress_at
+        if idle <= timeout:
+            return ""
+        age, state = liveness.read(w.paths.root)
+        if age > LIVENESS_STALE_S:
+            return f"no step for {idle:.1f}s (limit {timeout:.1f}s) and its liveness file is {age:.1f}s old"
+        if "collective" not in state:
+            return f"no step for {idle:.1f}s (limit {timeout:.1f}s) outside any collective"
+        return ""  # alive and blocked in a collective: it waits on a peer
+
+    def _classify_exit(self, w: Worker) -> dict[str, Any]:
+        code = w.proc.returncode
+        detail: dict[str, Any] = {"exit_code": code, "pid": w.proc.pid, "worker": w.wid, "slot": w.slot}
+        if w.hung:
+            reason, summary = "hang", "killed by the agent: no progress"
+        elif code == contract.EXIT_OK:
+            reason, summary = (
+                ("finished" if w.state == types_pb2.WORKER_STATE_EXITED else "stopped"),
+                "exit 0",
+            )
+        elif code == contract.EXIT_SUPERSEDED:
+            reason, summary = "superseded", "left: not part of the new generation"
+        elif code == contract.EXIT_CONFIG:
+            reason, summary = "config", self._last_error_line(w) or "configuration rejected"
+        elif code is not None and code < 0:
+            reason, summary = "crash", f"signal {signal.Signals(-code).name}"
+        else:
+            reason, summary = "crash", f"exit {code}"
+        try:
+            err = json.loads(w.paths.error.read_text())
+            summary += f": {err.get('error', '')}"[:500]
+        except (OSError, ValueError):
+            pass
+        if w.stopping and reason == "crash":
+            reason = "stopped"  # we asked it to go
+        if w.slot is None and reason == "crash":
+            reason = "standby_lost"
+        detail.update(reason=reason, summary=summary)
+        w.state = (
+            types_pb2.WORKER_STATE_EXITED
+            if reason in ("finished", "stopped", "superseded")
+            else types_pb2.WORKER_STATE_FAILED
+        )
+        return detail
+
+    def _last_error_line(self, w: Worker) -> str:
+        try:
+            lines = (w.paths.root / "output.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        errors = [line for line in lines if line.startswith("error:")]
+        return errors[-1][len("error:") :].strip() if errors else ""
+
+    def statuses(self) -> list[types_pb2.WorkerStatus]:
+        return [
+            types_pb2.WorkerStatus(
+                local_rank=w.slot if w.slot is not None else -1,
+                rank=w.rank,
+                state=w.state,
+                pid=w.proc.pid or 0,
+                step=w.step,
+                step_time_s=w.median_step_s(),
+                generation=max(w.generation, 0),
+            )
+            for w in self.workers
+            if w.alive
+        ][:64]

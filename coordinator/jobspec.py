@@ -1,0 +1,175 @@
+"""Job specs: what an operator submits (`stanchion job submit SPEC.toml`).
+
+```toml
+name = "demo"
+nodes = 2                  # data-parallel nodes wanted
+min_nodes = 1              # shrink data parallelism down to this many when no spare is left
+workers_per_node = 1
+
+[trainer]                  # a trainer config (trainer/config.py): preset plus overrides
+preset = "tiny"
+steps = 300
+[trainer.data]
+path = "data/sotu"         # relative to the agents' data root
+```
+
+A spec is data only: it cannot name a command, arguments or an output directory (agents choose the
+run directory under their own run root), and paths must stay inside the agents' data root. The
+fault schedule is a test and chaos facility: a list validated entry by entry.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from trainer import config as trainer_config
+from trainer import settings
+from trainer.settings import ConfigError, require
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+MAX_SPEC_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str = "job"
+    nodes: int = 2
+    min_nodes: int = 1
+    workers_per_node: int = 1
+    max_restarts: int = 50
+    max_restarts_without_progress: int = 3
+    rendezvous_timeout_s: float = 600.0
+    skip_batches: int = 8  # batches skipped when an anomaly recurs at the same data (PaLM: 200-500)
+    hardware_horizon_steps: int = (
+        500  # a replayed anomaly that recurs at other data within this many steps suggests hardware
+    )
+    bisect_on_suspect: bool = True
+    faults: tuple[dict[str, Any], ...] = ()
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        require(
+            bool(NAME_RE.match(self.name)),
+            "name",
+            "use 1-63 letters, digits, '.', '_' or '-', starting alphanumeric",
+        )
+        require(1 <= self.nodes <= 4096, "nodes", "must be between 1 and 4096")
+        require(1 <= self.min_nodes <= self.nodes, "min_nodes", f"must be between 1 and nodes={self.nodes}")
+        require(1 <= self.workers_per_node <= 64, "workers_per_node", "must be between 1 and 64")
+        require(0 <= self.max_restarts <= 10_000, "max_restarts", "must be between 0 and 10000")
+        require(
+            1 <= self.max_restarts_without_progress <= 1000,
+            "max_restarts_without_progress",
+            "must be 1..1000",
+        )
+        require(
+            1 <= self.rendezvous_timeout_s <= 86_400, "rendezvous_timeout_s", "must be between 1 and 86400"
+        )
+        require(1 <= self.skip_batches <= 100_000, "skip_batches", "must be between 1 and 100000")
+        require(self.hardware_horizon_steps >= 1, "hardware_horizon_steps", "must be >= 1")
+        require(len(self.faults) <= 10_000, "faults", "at most 10000 entries")
+
+    def train_config(self) -> trainer_config.TrainConfig:
+        """The resolved trainer config (validated; unknown keys name themselves)."""
+        t = dict(self.trainer)
+        preset = t.pop("preset", "tiny")
+        try:
+            return trainer_config.resolve(preset, overrides={**t, "preset": preset})
+        except ConfigError as e:
+            raise ConfigError(f"trainer.{e}") from None
+
+    def config_json(self) -> str:
+        return json.dumps(trainer_config.to_dict(self.train_config()), sort_keys=True)
+
+    def world_size(self, nodes: int) -> int:
+        return nodes * self.workers_per_node
+
+
+def parse(text: str) -> JobSpec:
+    """Parse and validate a TOML job spec."""
+    if len(text.encode()) > MAX_SPEC_BYTES:
+        raise ConfigError(f"spec: {len(text.encode())} bytes is larger than the {MAX_SPEC_BYTES}-byte limit")
+    try:
+        data = settings.tomllib.loads(text)
+    except settings.tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"spec: not valid TOML: {e}") from None
+    if "faults" in data:
+        from trainer import faults
+
+        try:
+            faults.parse(data["faults"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    spec = settings.build(JobSpec, data)
+    cfg = spec.train_config()
+    check_data_path(cfg.data.path)
+    for n in range(spec.min_nodes, spec.nodes + 1):  # the full size must divide; smaller ones may not
+        try:
+            cfg.check_world(spec.world_size(n))
+        except ConfigError as e:
+            if n == spec.nodes:
+                raise ConfigError(f"trainer.{e}") from None
+    return spec
+
+
+def check_data_path(path: str) -> None:
+    """A job may read data only inside the agents' data root: a relative path without '..'."""
+    if not path:
+        raise ConfigError("trainer.data.path: required (a directory under the agents' data root)")
+    p = PurePosixPath(path)
+    if p.is_absolute() or ".." in p.parts or "\\" in path or "\x00" in path:
+        raise ConfigError(
+            f"trainer.data.path: {path!r} must be a relative path inside the agents' data root, without '..'"
+        )
+
+
+def to_toml(spec: JobSpec) -> str:
+    """A canonical TOML rendering of a spec (stored with the job and shown by `job status --json`)."""
+    lines = []
+    for key in (
+        "name",
+        "nodes",
+        "min_nodes",
+        "workers_per_node",
+        "max_restarts",
+        "max_restarts_without_progress",
+        "rendezvous_timeout_s",
+        "skip_batches",
+        "hardware_horizon_steps",
+        "bisect_on_suspect",
+    ):
+        lines.append(f"{key} = {json.dumps(getattr(spec, key))}")
+    if spec.faults:
+        lines.append(f"faults = {_toml_value(list(spec.faults))}")
+    lines.append("")
+    _table(lines, "trainer", spec.trainer)
+    return "\n".join(lines) + "\n"
+
+
+def _table(lines: list[str], name: str, data: dict[str, Any]) -> None:
+    lines.append(f"[{name}]")
+    nested = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            nested.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for k, v in nested:
+        lines.append("")
+        _table(lines, f"{name}.{k}", v)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items() if x is not None) + " }"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if v is None:
+        return '""'
+    return json.dumps(v)

@@ -1,0 +1,1025 @@
+"""The job state machine: data plus one pure function.
+
+    step(job, event, nodes, now) -> Decision(job, actions, reason)
+
+A single controller applies events in order: it decides with this function, persists the decision,
+then acts on it. Time enters only as ``now``; nothing here does I/O. Every decision that changes
+anything carries a human-readable reason, which ``stanchion job explain`` prints; a decision with an
+empty reason changed nothing.
+
+Policies, from DESIGN.md's fault table:
+- a rank crash or hang: a new generation. Surviving ranks keep their state and the replacement
+  heals from a live data-parallel peer; without one, everyone restores the last good checkpoint;
+- node loss: replace it with a spare, else shrink data parallelism (when the global batch still
+  divides), else wait for capacity;
+- NaN or spike: roll back in place and replay the same data first (a transient fault leaves no
+  trace); a recurrence at the same data means the data, so that window is skipped; a recurrence at
+  other data suggests hardware, so the job bisects;
+- fingerprint mismatch: a named rank's node is cordoned and replaced (the majority's state is right);
+  with nobody named, roll back to the last snapshot whose fingerprints agreed;
+- audit mismatch: the named rank's node is cordoned and replaced, and the survivors roll back past
+  the onset window first (every replica applied the corrupted average since then);
+- restart-loop guards: a cap on restarts and on restarts without progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.jobspec import JobSpec
+from coordinator.membership import NodeView, choose_members
+from trainer.settings import ConfigError
+
+
+class JobState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    RECOVERING = "recovering"
+    BISECTING = "bisecting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+ACTIVE = frozenset({JobState.RUNNING, JobState.RECOVERING, JobState.BISECTING})
+ALLOWED: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.PENDING, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset(
+        {
+            JobState.RUNNING,
+            JobState.RECOVERING,
+            JobState.BISECTING,
+            JobState.SUCCEEDED,
+            JobState.FAILED,
+            JobState.CANCELLED,
+        }
+    ),
+    JobState.RECOVERING: frozenset(
+        {
+            JobState.RECOVERING,
+            JobState.RUNNING,
+            JobState.BISECTING,
+            JobState.SUCCEEDED,
+            JobState.FAILED,
+            JobState.CANCELLED,
+        }
+    ),
+    JobState.BISECTING: frozenset(
+        {JobState.BISECTING, JobState.RECOVERING, JobState.FAILED, JobState.CANCELLED}
+    ),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+PEER_WAIT_GRACE_S = 5.0  # a rank waiting on a vanished peer, with no failure reported, for this long
+RECONCILE_GRACE_S = 10.0  # after a coordinator restart: time for agents to report in
+
+
+# ---------------------------------------------------------------------------------------------
+# Job data
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    kind: str
+    step: int
+    data_index: int
+    outcome: str  # "replay", "skip", "hardware"
+    generation: int
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    step: int
+    path: str
+    good: bool
+    reason: str
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class Alarm:
+    kind: str
+    onset_step: int  # the alarm may have started right after this step
+    step: int
+
+
+@dataclass(frozen=True)
+class PendingRollback:
+    request_id: int
+    to_step: int
+    since: float
+    purpose: str
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    spec: JobSpec
+    state: JobState = JobState.PENDING
+    generation: int = 0
+    members: tuple[str, ...] = ()
+    created: float = 0.0
+    state_since: float = 0.0
+    step: int = 0
+    restarts: int = 0
+    restarts_by_reason: tuple[tuple[str, int], ...] = ()
+    restarts_without_progress: int = 0
+    step_at_last_restart: int = -1
+    skip_windows: tuple[tuple[int, int], ...] = ()
+    anomalies: tuple[Anomaly, ...] = ()
+    alarms: tuple[Alarm, ...] = ()
+    checkpoints: tuple[CheckpointRecord, ...] = ()
+    next_request_id: int = 1
+    pending_rollback: PendingRollback | None = None
+    fault_time: float | None = None  # detection time of the fault the job is recovering from
+    awaiting_capacity: bool = False
+    waiting_since: float | None = None  # a rank reported its collective failed, nothing else yet
+    recoveries: tuple[float, ...] = ()
+    finished_ranks: tuple[int, ...] = ()
+    final_fingerprint: str = ""
+    final_val_loss: float | None = None
+    reason: str = ""
+    reconcile_until: float | None = None
+    reconciled: tuple[str, ...] = ()
+    world_size: int = 0
+    bisection: str = ""  # id of the bisection this job waits for, if any
+    started: float | None = None  # when the first generation launched (goodput's wall clock starts)
+
+    @property
+    def last_good(self) -> CheckpointRecord | None:
+        good = [c for c in self.checkpoints if c.good]
+        return good[-1] if good else None
+
+    def last_good_at_or_before(self, step: int) -> CheckpointRecord | None:
+        good = [c for c in self.checkpoints if c.good and c.step <= step]
+        return good[-1] if good else None
+
+    def node_of_rank(self, rank: int) -> str | None:
+        wpn = self.spec.workers_per_node
+        i = rank // wpn
+        return self.members[i] if 0 <= i < len(self.members) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+
+
+@dataclass(frozen=True)
+class Submitted:
+    pass
+
+
+@dataclass(frozen=True)
+class Tick:
+    pass
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    node_id: str
+    generation: int
+    rank: int
+    kind: str  # "crash", "hang" or "config"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class PeerWaiting:
+    node_id: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class NodeLost:
+    node_id: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class NodeChanged:
+    node_id: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    node_id: str
+    generation: int
+    step: int
+
+
+@dataclass(frozen=True)
+class Detector:
+    kind: str  # nonfinite, spike, fingerprint_mismatch, audit_mismatch
+    node_id: str
+    generation: int
+    step: int
+    data_index: int = -1
+    suspect_ranks: tuple[int, ...] = ()
+    onset_step: int = -1
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class CheckpointCommitted:
+    generation: int
+    step: int
+    path: str
+    fingerprint: str = ""
+    verified: bool = True
+    replicas_agree: bool = True
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RollbackDone:
+    generation: int
+    request_id: int
+    step: int
+
+
+@dataclass(frozen=True)
+class RollbackUnavailable:
+    generation: int
+    request_id: int
+
+
+@dataclass(frozen=True)
+class RankFinished:
+    generation: int
+    rank: int
+    fingerprint: str = ""
+    val_loss: float | None = None
+
+
+@dataclass(frozen=True)
+class Cancel:
+    reason: str = "cancelled by an operator"
+
+
+@dataclass(frozen=True)
+class Drain:
+    node_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Reported:
+    """After a coordinator restart: an agent reported its workers' generation."""
+
+    node_id: str
+    generation: int
+    training: bool
+
+
+@dataclass(frozen=True)
+class BisectionDone:
+    bisection_id: str
+    faulty: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class CoordinatorRestarted:
+    pass
+
+
+Event = Any
+
+# ---------------------------------------------------------------------------------------------
+# Actions
+
+
+@dataclass(frozen=True)
+class StartGeneration:
+    generation: int
+    members: tuple[str, ...]
+    previous_members: tuple[str, ...]
+    resume: str  # "checkpoint", "peer" or "fresh"
+    checkpoint: str
+    skip_windows: tuple[tuple[int, int], ...]
+    rollback_to: int = -1
+
+
+@dataclass(frozen=True)
+class StopWorkers:
+    nodes: tuple[str, ...]
+    reason: str
+    checkpoint: bool = False
+
+
+@dataclass(frozen=True)
+class SendRollback:
+    generation: int
+    members: tuple[str, ...]
+    request_id: int
+    to_step: int
+    skip: tuple[tuple[int, int], ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class MarkCheckpoint:
+    step: int
+    path: str
+    good: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Cordon:
+    node_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RecordRecovery:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StartBisection:
+    nodes: tuple[str, ...]
+    reason: str
+
+
+Action = Any
+
+
+@dataclass(frozen=True)
+class Decision:
+    job: Job
+    actions: tuple[Action, ...] = ()
+    reason: str = ""  # empty: nothing changed
+
+
+def describe(action: Action) -> str:
+    """A one-line summary of an action (stored with the decision, printed by `job explain`)."""
+    name = type(action).__name__
+    fields = {f.name: getattr(action, f.name) for f in dataclasses.fields(action)}
+    parts = ", ".join(f"{k}={v}" for k, v in fields.items() if v not in ((), "", None, -1))
+    return f"{name}({parts})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The transition function
+
+
+def step(job: Job, event: Event, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    if job.state in TERMINAL:
+        return Decision(job)
+    handler = _HANDLERS.get(type(event))
+    if handler is None:
+        raise TypeError(f"unknown event {type(event).__name__}")
+    decision = handler(job, event, nodes, now)
+    new = decision.job
+    if new.state not in ALLOWED[job.state]:
+        raise AssertionError(
+            f"illegal transition {job.state.value} -> {new.state.value} on {type(event).__name__}"
+        )
+    if new.state != job.state:
+        new = dataclasses.replace(new, state_since=now)
+    if decision.reason:
+        new = dataclasses.replace(new, reason=decision.reason)
+    return dataclasses.replace(decision, job=new)
+
+
+def _noop(job: Job) -> Decision:
+    return Decision(job)
+
+
+def _fits(spec: JobSpec) -> Any:
+    try:
+        cfg = spec.train_config()
+    except ConfigError:
+        return lambda n: False
+
+    def fits(n_nodes: int) -> bool:
+        try:
+            cfg.check_world(spec.world_size(n_nodes))
+            return True
+        except ConfigError:
+            return False
+
+    return fits
+
+
+def _start_first(job: Job, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    spec = job.spec
+    choice = choose_members(
+        wanted=spec.nodes,
+        min_nodes=spec.min_nodes,
+        current=(),
+        nodes=nodes,
+        job_id=job.job_id,
+        fits=_fits(spec),
+        initial=True,
+    )
+    if choice is None and now - job.created >= spec.rendezvous_timeout_s:
+        usable = [n for n in nodes.values() if n.eligible and not n.spare and n.busy_with in ("", job.job_id)]
+        if len(usable) >= spec.min_nodes and _fits(spec)(len(usable)):
+            members = tuple(sorted(n.node_id for n in usable))[: spec.nodes]
+            return _launch(
+                job,
+                members,
+                now,
+                f"rendezvous timed out after {spec.rendezvous_timeout_s:.0f}s: "
+                f"starting with {len(members)} of {spec.nodes} nodes",
+            )
+        return Decision(
+            dataclasses.replace(job, state=JobState.FAILED),
+            (),
+            f"rendezvous timed out after {spec.rendezvous_timeout_s:.0f}s with {len(usable)} usable nodes; "
+            f"the job needs at least {spec.min_nodes}",
+        )
+    if choice is None:
+        return _noop(job)
+    return _launch(job, choice.members, now, f"rendezvous complete: nodes {', '.join(choice.members)}")
+
+
+def _launch(job: Job, members: tuple[str, ...], now: float, reason: str) -> Decision:
+    gen = job.generation + 1
+    new = dataclasses.replace(
+        job,
+        state=JobState.RUNNING,
+        generation=gen,
+        members=members,
+        world_size=job.spec.world_size(len(members)),
+        finished_ranks=(),
+        started=job.started or now,
+    )
+    return Decision(new, (StartGeneration(gen, members, (), "checkpoint", "", job.skip_windows),), reason)
+
+
+def on_submitted(job: Job, event: Submitted, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    return _start_first(job, nodes, now)
+
+
+def on_tick(job: Job, event: Tick, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    if job.state is JobState.PENDING:
+        return _start_first(job, nodes, now)
+    if job.reconcile_until is not None and now >= job.reconcile_until:
+        missing = [m for m in job.members if m not in job.reconciled]
+        job = dataclasses.replace(job, reconcile_until=None)
+        if missing:
+            return _restart(
+                job,
+                "reconcile",
+                nodes,
+                now,
+                exclude=(),
+                detail=f"after the coordinator restarted, {', '.join(missing)} did not report generation {job.generation}",
+            )
+        return Decision(job, (), f"reconciled: every member is still training generation {job.generation}")
+    if job.awaiting_capacity:
+        return _restart(job, "capacity", nodes, now, exclude=(), count=False, detail="retrying")
+    if job.waiting_since is not None and now - job.waiting_since >= PEER_WAIT_GRACE_S:
+        return _restart(
+            job,
+            "collective_failed",
+            nodes,
+            now,
+            exclude=(),
+            detail=f"a rank lost its peers {now - job.waiting_since:.1f}s ago and no failure was reported",
+        )
+    return _noop(job)
+
+
+def on_worker_failed(job: Job, ev: WorkerFailed, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    if job.state not in ACTIVE or ev.generation != job.generation:
+        return _noop(job)
+    if ev.kind == "config":
+        return _fail(job, f"the trainer rejected its configuration on {ev.node_id}: {ev.detail}")
+    what = "hung" if ev.kind == "hang" else "crashed"
+    return _restart(
+        job, ev.kind, nodes, now, exclude=(), detail=f"rank {ev.rank} on {ev.node_id} {what}: {ev.detail}"
+    )
+
+
+def on_peer_waiting(job: Job, ev: PeerWaiting, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    if job.state not in ACTIVE or ev.generation != job.generation or job.waiting_since is not None:
+        return _noop(job)
+    return Decision(dataclasses.replace(job, waiting_since=now))
+
+
+def on_node_lost(job: Job, ev: NodeLost, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    if job.state not in ACTIVE or ev.node_id not in job.members:
+        return _noop(job)
+    return _restart(
+        job, "node_lost", nodes, now, exclude=(ev.node_id,), detail=f"node {ev.node_id} lost: {ev.detail}"
+    )
+
+
+def on_node_changed(job: Job, ev: NodeChanged, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    if job.state is JobState.PENDING:
+        return _start_first(job, nodes, now)
+    if job.awaiting_capacity:
+        return _restart(
+            job, "capacity", nodes, now, exclude=(), count=False, detail=f"node {ev.node_id} became available"
+        )
+    return _noop(job)
+
+
+def on_drain(job: Job, ev: Drain, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    if job.state not in ACTIVE or ev.node_id not in job.members:
+        return _noop(job)
+    return _restart(
+        job, "drain", nodes, now, exclude=(ev.node_id,), detail=f"node {ev.node_id} drained: {ev.reason}"
+    )
+
+
+def on_progress(job: Job, ev: Progress, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    if ev.generation != job.generation or job.state not in ACTIVE:
+        return _noop(job)
+    new = job
+    if ev.step > job.step:
+        new = dataclasses.replace(new, step=ev.step)
+    if job.waiting_since is not None and ev.step > job.step:
+        new = dataclasses.replace(new, waiting_since=None)
+    if job.state is JobState.RECOVERING and ev.step > job.step_at_last_restart:
+        seconds = now - job.fault_time if job.fault_time is not None else 0.0
+        new = dataclasses.replace(
+            new,
+            state=JobState.RUNNING,
+            fault_time=None,
+            waiting_since=None,
+            recoveries=(*job.recoveries, seconds),
+        )
+        return Decision(
+            new,
+            (RecordRecovery(seconds),),
+            f"generation {job.generation} completed step {ev.step}: recovered in {seconds:.2f}s",
+        )
+    return Decision(new)
+
+
+def on_detector(job: Job, ev: Detector, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    if job.state not in ACTIVE or ev.generation != job.generation:
+        return _noop(job)
+    if job.pending_rollback is not None and ev.step > job.pending_rollback.to_step:
+        return _noop(job)  # these steps are about to be recomputed
+    job, marks = _raise_alarm(job, ev)
+    if ev.kind in ("nonfinite", "spike"):
+        return _replay_first(job, ev, nodes, now, marks)
+    suspects = tuple(sorted({n for r in ev.suspect_ranks if (n := job.node_of_rank(r)) is not None}))
+    if ev.kind == "fingerprint_mismatch":
+        if suspects:
+            cordons = tuple(
+                Cordon(n, f"its replica diverged at step {ev.step} ({ev.detail})") for n in suspects
+            )
+            d = _restart(
+                job,
+                "fingerprint",
+                nodes,
+                now,
+                exclude=suspects,
+                detail=f"replica fingerprints at step {ev.step}: {ev.detail}; the majority's state is kept",
+            )
+            return dataclasses.replace(d, actions=marks + cordons + d.actions)
+        return _rollback(
+            job,
+            max(ev.onset_step, 0),
+            (),
+            now,
+            "fingerprint",
+            f"replica fingerprints disagree at step {ev.step} and no rank can be named ({ev.detail}): "
+            f"rolling back to step {ev.onset_step}, where they agreed",
+            marks,
+        )
+    if ev.kind == "audit_mismatch":
+        onset = max(ev.onset_step, 0)
+        if suspects:
+            cordons = tuple(
+                Cordon(n, f"the recomputation audit at step {ev.step} named it") for n in suspects
+            )
+            d = _restart(
+                job,
+                "audit",
+                nodes,
+                now,
+                exclude=suspects,
+                rollback_to=onset,
+                detail=f"audit at step {ev.step}: {ev.detail}; survivors roll back to step {onset}, before the onset",
+            )
+            return dataclasses.replace(d, actions=marks + cordons + d.actions)
+        return _suspect_hardware(
+            job,
+            ev,
+            nodes,
+            now,
+            marks,
+            f"the audit at step {ev.step} disagrees but cannot name a rank ({ev.detail})",
+        )
+    return _noop(job)
+
+
+def _raise_alarm(job: Job, ev: Detector) -> tuple[Job, tuple[Action, ...]]:
+    """Record the alarm and mark every checkpoint its onset window reaches back to as bad."""
+    if ev.kind == "nonfinite":
+        return job, ()  # the poisoned update was never applied
+    onset = ev.onset_step if ev.onset_step >= 0 else ev.step - 1
+    marks = []
+    records = []
+    for c in job.checkpoints:
+        if c.good and c.step > onset:
+            reason = f"alarm {ev.kind} at step {ev.step} has an onset window reaching back to step {onset}"
+            c = dataclasses.replace(c, good=False, reason=reason)
+            marks.append(MarkCheckpoint(c.step, c.path, False, reason))
+        records.append(c)
+    return dataclasses.replace(
+        job, alarms=(*job.alarms, Alarm(ev.kind, onset, ev.step)), checkpoints=tuple(records)
+    ), tuple(marks)
+
+
+def _replay_first(
+    job: Job, ev: Detector, nodes: Mapping[str, NodeView], now: float, marks: tuple[Action, ...]
+) -> Decision:
+    spec = job.spec
+    prior = [a for a in job.anomalies if a.kind in ("nonfinite", "spike")]
+    same_data = [a for a in prior if a.data_index == ev.data_index and a.outcome == "replay"]
+    to_step = max(ev.step - 1, 0)
+    if same_data:
+        window = (ev.step - 1, spec.skip_batches)
+        anomaly = Anomaly(ev.kind, ev.step, ev.data_index, "skip", job.generation)
+        explained = tuple(  # the earlier replay is explained by the data, not by hardware
+            dataclasses.replace(a, outcome="data") if a in same_data else a for a in job.anomalies
+        )
+        job = dataclasses.replace(job, anomalies=(*explained, anomaly))
+        return _rollback(
+            job,
+            to_step,
+            (window,),
+            now,
+            ev.kind,
+            f"{ev.kind} at step {ev.step} recurred at the same data (data index {ev.data_index}) after a replay: "
+            f"the data is the cause, skipping {spec.skip_batches} batches from step {ev.step}",
+            marks,
+        )
+    recent = [
+        a
+        for a in prior
+        if a.outcome == "replay"
+        and a.data_index != ev.data_index
+        and ev.step - a.step <= spec.hardware_horizon_steps
+    ]
+    if recent:
+        anomaly = Anomaly(ev.kind, ev.step, ev.data_index, "hardware", job.generation)
+        job = dataclasses.replace(job, anomalies=(*job.anomalies, anomaly))
+        return _suspect_hardware(
+            job,
+            ev,
+            nodes,
+            now,
+            marks,
+            f"{ev.kind} at step {ev.step} (data index {ev.data_index}) follows a replayed {recent[-1].kind} at step "
+            f"{recent[-1].step} (data index {recent[-1].data_index}): different data, so the hardware is suspect",
+        )
+    anomaly = Anomaly(ev.kind, ev.step, ev.data_index, "replay", job.generation)
+    job = dataclasses.replace(job, anomalies=(*job.anomalies, anomaly))
+    return _rollback(
+        job,
+        to_step,
+        (),
+        now,
+        ev.kind,
+        f"{ev.kind} at step {ev.step}: rolling back in place and replaying the same data (a transient fault "
+        f"leaves no trace; a recurrence at this data would mean the data)",
+        marks,
+    )
+
+
+def _suspect_hardware(
+    job: Job, ev: Detector, nodes: Mapping[str, NodeView], now: float, marks: tuple[Action, ...], why: str
+) -> Decision:
+    onset = ev.onset_step if ev.onset_step >= 0 else max(ev.step - 1, 0)
+    if job.spec.bisect_on_suspect and len(job.members) >= 2:
+        new = dataclasses.replace(job, state=JobState.BISECTING, fault_time=job.fault_time or now)
+        return Decision(
+            new,
+            (
+                *marks,
+                StopWorkers(job.members, "bisecting to find the faulty node"),
+                StartBisection(job.members, why),
+            ),
+            f"{why}: stopping the job to bisect its nodes; it resumes from the last good checkpoint at or before step {onset}",
+        )
+    return _rollback(job, onset, (), now, ev.kind, f"{why}; rolling back to step {onset}", marks)
+
+
+def _rollback(
+    job: Job,
+    to_step: int,
+    skip: tuple[tuple[int, int], ...],
+    now: float,
+    kind: str,
+    reason: str,
+    marks: tuple[Action, ...] = (),
+) -> Decision:
+    rid = job.next_request_id
+    new = dataclasses.replace(
+        job,
+        next_request_id=rid + 1,
+        skip_windows=(*job.skip_windows, *skip),
+        pending_rollback=PendingRollback(rid, to_step, now, kind),
+    )
+    return Decision(
+        new, (*marks, SendRollback(job.generation, job.members, rid, to_step, skip, reason)), reason
+    )
+
+
+def on_rollback_done(job: Job, ev: RollbackDone, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    pending = job.pending_rollback
+    if pending is None or ev.request_id != pending.request_id:
+        return _noop(job)
+    return Decision(
+        dataclasses.replace(job, pending_rollback=None),
+        (),
+        f"rollback {ev.request_id} done: training resumed from step {ev.step}",
+    )
+
+
+def on_rollback_unavailable(
+    job: Job, ev: RollbackUnavailable, nodes: Mapping[str, NodeView], now: float
+) -> Decision:
+    pending = job.pending_rollback
+    if pending is None or ev.request_id != pending.request_id:
+        return _noop(job)
+    job = dataclasses.replace(job, pending_rollback=None)
+    return _restart(
+        job,
+        pending.purpose,
+        nodes,
+        now,
+        exclude=(),
+        rollback_to=pending.to_step,
+        force_checkpoint=True,
+        detail=f"no in-memory snapshot at or before step {pending.to_step}: restoring a checkpoint instead",
+    )
+
+
+def on_checkpoint(job: Job, ev: CheckpointCommitted, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    if any(c.step == ev.step for c in job.checkpoints):
+        return _noop(job)
+    good, why = ev.verified and ev.replicas_agree, ev.reason or "committed, verified, replicas agreed"
+    if not ev.replicas_agree:
+        why = "replica fingerprints disagreed when it was saved"
+    for a in job.alarms:
+        if a.onset_step < ev.step:
+            good, why = (
+                False,
+                f"alarm {a.kind} at step {a.step} has an onset window reaching back to step {a.onset_step}",
+            )
+    record = CheckpointRecord(ev.step, ev.path, good, why, ev.fingerprint)
+    new = dataclasses.replace(
+        job, checkpoints=tuple(sorted((*job.checkpoints, record), key=lambda c: c.step))
+    )
+    return Decision(
+        new,
+        (MarkCheckpoint(ev.step, ev.path, good, why),),
+        f"checkpoint at step {ev.step} is {'good' if good else 'bad'}: {why}",
+    )
+
+
+def on_rank_finished(job: Job, ev: RankFinished, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    if job.state not in ACTIVE or ev.generation != job.generation or ev.rank in job.finished_ranks:
+        return _noop(job)
+    finished = tuple(sorted((*job.finished_ranks, ev.rank)))
+    new = dataclasses.replace(
+        job,
+        finished_ranks=finished,
+        final_fingerprint=ev.fingerprint or job.final_fingerprint,
+        final_val_loss=ev.val_loss if ev.val_loss is not None else job.final_val_loss,
+    )
+    if len(finished) < job.world_size:
+        return Decision(new)
+    new = dataclasses.replace(new, state=JobState.SUCCEEDED)
+    return Decision(
+        new,
+        (StopWorkers(job.members, "the job finished"),),
+        f"all {job.world_size} ranks finished; final state fingerprint {new.final_fingerprint}",
+    )
+
+
+def on_cancel(job: Job, ev: Cancel, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    new = dataclasses.replace(job, state=JobState.CANCELLED)
+    return Decision(
+        new, (StopWorkers(job.members, ev.reason, checkpoint=True),) if job.members else (), ev.reason
+    )
+
+
+def on_reported(job: Job, ev: Reported, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    if job.reconcile_until is None or ev.node_id not in job.members or ev.node_id in job.reconciled:
+        return _noop(job)
+    if ev.generation != job.generation or not ev.training:
+        return _noop(job)
+    reconciled = (*job.reconciled, ev.node_id)
+    new = dataclasses.replace(job, reconciled=reconciled)
+    if set(reconciled) >= set(job.members):
+        new = dataclasses.replace(new, reconcile_until=None)
+        return Decision(
+            new,
+            (),
+            f"reconciled after a coordinator restart: every member still trains generation {job.generation}; nothing restarted",
+        )
+    return Decision(new)
+
+
+def on_coordinator_restarted(
+    job: Job, ev: CoordinatorRestarted, nodes: Mapping[str, NodeView], now: float
+) -> Decision:
+    if job.state not in ACTIVE:
+        return _noop(job)
+    new = dataclasses.replace(job, reconcile_until=now + RECONCILE_GRACE_S, reconciled=())
+    return Decision(
+        new,
+        (),
+        f"coordinator restarted: waiting up to {RECONCILE_GRACE_S:.0f}s for members to report "
+        f"generation {job.generation} before deciding anything",
+    )
+
+
+def on_bisection_done(job: Job, ev: BisectionDone, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    if job.state is not JobState.BISECTING:
+        return _noop(job)
+    last_alarm = job.alarms[-1].onset_step if job.alarms else job.step
+    cordons = tuple(Cordon(n, f"bisection {ev.bisection_id} named it") for n in ev.faulty)
+    d = _restart(
+        job,
+        "bisection",
+        nodes,
+        now,
+        exclude=ev.faulty,
+        rollback_to=last_alarm,
+        force_checkpoint=True,
+        detail=f"bisection {ev.bisection_id}: {ev.reason}",
+    )
+    return dataclasses.replace(d, actions=cordons + d.actions)
+
+
+def _fail(job: Job, reason: str) -> Decision:
+    new = dataclasses.replace(job, state=JobState.FAILED)
+    return Decision(new, (StopWorkers(job.members, reason),) if job.members else (), reason)
+
+
+def _restart(
+    job: Job,
+    why: str,
+    nodes: Mapping[str, NodeView],
+    now: float,
+    *,
+    exclude: tuple[str, ...],
+    detail: str,
+    rollback_to: int = -1,
+    force_checkpoint: bool = False,
+    count: bool = True,
+) -> Decision:
+    """A new generation: survivors keep their state and heal the replacement, or everyone restores
+    the last good checkpoint. Enforces the restart-loop guards."""
+    spec = job.spec
+    if count:
+        made_progress = job.step > job.step_at_last_restart
+        without = 1 if made_progress else job.restarts_without_progress + 1
+        by_reason = dict(job.restarts_by_reason)
+        by_reason[why] = by_reason.get(why, 0) + 1
+        job = dataclasses.replace(
+            job,
+            restarts=job.restarts + 1,
+            restarts_by_reason=tuple(sorted(by_reason.items())),
+            restarts_without_progress=without,
+            step_at_last_restart=job.step,
+        )
+        if job.restarts > spec.max_restarts:
+            return _fail(
+                job,
+                f"{detail}; giving up: {job.restarts - 1} restarts already (max_restarts={spec.max_restarts})",
+            )
+        if without > spec.max_restarts_without_progress:
+            return _fail(
+                job,
+                f"{detail}; giving up: {without} restarts in a row without progress past step {job.step} "
+                f"(max_restarts_without_progress={spec.max_restarts_without_progress})",
+            )
+    fault_time = job.fault_time if job.fault_time is not None else now
+    current = tuple(m for m in job.members if m not in exclude)
+    choice = choose_members(
+        wanted=spec.nodes,
+        min_nodes=spec.min_nodes,
+        current=job.members,
+        nodes=_without(nodes, exclude),
+        job_id=job.job_id,
+        fits=_fits(spec),
+        initial=False,
+    )
+    if choice is None:
+        new = dataclasses.replace(
+            job, state=JobState.RECOVERING, awaiting_capacity=True, fault_time=fault_time, waiting_since=None
+        )
+        if count:
+            return Decision(
+                new,
+                (StopWorkers(current, "waiting for capacity"),) if current else (),
+                f"{detail}; no capacity for a new generation: waiting for nodes",
+            )
+        return Decision(new)
+    survivors = [m for m in choice.members if m in current]
+    cfg_parallel = _parallel(spec)
+    resume = "peer" if survivors and cfg_parallel == "ddp" and not force_checkpoint else "checkpoint"
+    if rollback_to >= 0:
+        ck = job.last_good_at_or_before(rollback_to)
+    else:
+        ck = job.last_good
+    checkpoint = ck.path if ck else ""
+    if resume == "checkpoint" and ck is None and any(not c.good for c in job.checkpoints):
+        resume = "fresh"  # checkpoints exist but none is good: never let the trainer pick a bad one
+    gen = job.generation + 1
+    new = dataclasses.replace(
+        job,
+        state=JobState.RECOVERING,
+        generation=gen,
+        members=choice.members,
+        world_size=spec.world_size(len(choice.members)),
+        fault_time=fault_time,
+        awaiting_capacity=False,
+        waiting_since=None,
+        finished_ranks=(),
+        pending_rollback=None,
+        reconcile_until=None,
+    )
+    action = StartGeneration(
+        gen, choice.members, job.members, resume, checkpoint, job.skip_windows, rollback_to
+    )
+    how = {
+        "peer": "survivors keep their state and heal the replacement from a live peer",
+        "checkpoint": f"restoring checkpoint {checkpoint or '(newest that verifies)'}",
+        "fresh": "no good checkpoint: starting from step 0",
+    }[resume]
+    return Decision(
+        new, (action,), f"{detail}; generation {gen} on {', '.join(choice.members)} ({choice.reason}): {how}"
+    )
+
+
+def _parallel(spec: JobSpec) -> str:
+    try:
+        return spec.train_config().parallel
+    except ConfigError:
+        return "ddp"
+
+
+def _without(nodes: Mapping[str, NodeView], exclude: tuple[str, ...]) -> dict[str, NodeView]:
+    return {k: (dataclasses.replace(v, ready=False) if k in exclude else v) for k, v in nodes.items()}
+
+
+_HANDLERS = {
+    Submitted: on_submitted,
+    Tick: on_tick,
+    WorkerFailed: on_worker_failed,
+    PeerWaiting: on_peer_waiting,
+    NodeLost: on_node_lost,
+    NodeChanged: on_node_changed,
+    Drain: on_drain,
+    Progress: on_progress,
+    Detector: on_detector,
+    CheckpointCommitted: on_checkpoint,
+    RollbackDone: on_rollback_done,
+    RollbackUnavailable: on_rollback_unavailable,
+    RankFinished: on_rank_finished,
+    Cancel: on_cancel,
+    Reported: on_reported,
+    CoordinatorRestarted: on_coordinator_restarted,
+    BisectionDone: on_bisection_done,
+}
+
+
+def new_job(job_id: str, spec: JobSpec, now: float) -> Job:
+    return Job(job_id=job_id, spec=spec, created=now, state_since=now)
+
+
+def to_json(job: Job) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    d = asdict(job)
+    d["state"] = job.state.value
+    d.pop("spec")
+    return d
+
+
+def from_json(d: dict[str, Any], spec: JobSpec) -> Job:
+    d = dict(d)
+    d["state"] = JobState(d["state"])
+    d["spec"] = spec
+    d["restarts_by_reason"] = tuple(tuple(x) for x in d.get("restarts_by_reason", ()))
+    d["skip_windows"] = tuple(tuple(x) for x in d.get("skip_windows", ()))
+    d["anomalies"] = tuple(Anomaly(**a) for a in d.get("anomalies", ()))
+    d["alarms"] = tuple(Alarm(**a) for a in d.get("alarms", ()))
+    d["checkpoints"] = tuple(CheckpointRecord(**c) for c in d.get("checkpoints", ()))
+    d["pending_rollback"] = PendingRollback(**d["pending_rollback"]) if d.get("pending_rollback") else None
+    for key in ("members", "recoveries", "finished_ranks", "reconciled"):
+        d[key] = tuple(d.get(key, ()))
+    known = {f.name for f in dataclasses.fields(Job)}
+    return Job(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,348 @@
+"""A whole Stanchion cluster on 127.0.0.1: one coordinator and N agents as real processes.
+
+Used by `stanchion up`, by the benchmarks and by the integration and chaos tests, so all of them run
+the same daemons the same way. Every process it starts is tracked by pid and stopped by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    args: list[str]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+@dataclass
+class LocalCluster:
+    root: Path
+    tls: bool = True
+    hang_floor_s: float = 5.0
+    stop_grace_s: float = 20.0
+    heartbeat_timeout_s: float = 3.0
+    python: str = sys.executable
+    env: dict[str, str] = field(default_factory=dict)
+    coordinator: Proc | None = None
+    port: int = 0
+    metrics_port: int = 0
+    agents: dict[str, Proc] = field(default_factory=dict)
+    agent_args: dict[str, list[str]] = field(default_factory=dict)
+    node_ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()
+        for d in ("logs", "runs", "data"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+
+    # -- paths ----------------------------------------------------------------------------------
+    @property
+    def tls_dir(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def run_root(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def data_root(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def init_tls(self, node_ids: list[str]) -> None:
+        """A fresh development PKI for this cluster (TLS is the default, even on one machine)."""
+        from diagnostics.certs import init_pki
+
+        init_pki(self.tls_dir, node_ids=node_ids, overwrite=True)
+
+    # -- processes ------------------------------------------------------------------------------
+    def _spawn(self, name: str, args: list[str]) -> Proc:
+        log = self.root / "logs" / f"{name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **self.env}
+        with log.open("ab") as f:
+            p = subprocess.Popen(
+                [self.python, "-m", "diagnostics.cli", *args],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        return Proc(name, p, log, args)
+
+    def _security(self, role_args: list[str] | None = None) -> list[str]:
+        return ["--tls-dir", str(self.tls_dir)] if self.tls else ["--insecure"]
+
+    def start_coordinator(self, *, wait_s: float = 60.0) -> None:
+        port_file = self.root / "coordinator.json"
+        port_file.unlink(missing_ok=True)
+        listen = f"127.0.0.1:{self.port}"  # a restart reuses the port the agents know
+        args = [
+            "coordinator",
+            "serve",
+            "--listen",
+            listen,
+            "--state-db",
+            str(self.root / "coordinator.db"),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--port-file",
+            str(port_file),
+            "--heartbeat-timeout-s",
+            str(self.heartbeat_timeout_s),
+            *self._security(),
+        ]
+        self.coordinator = self._spawn("coordinator", args)
+        info = self._wait_file(port_file, self.coordinator, wait_s)
+        self.port, self.metrics_port = info["port"], info["metrics_port"]
+
+    def start_agent(
+        self,
+        node_id: str,
+        *,
+        spare: bool = False,
+        workers: int = 1,
+        extra: list[str] | None = None,
+        wait_s: float = 60.0,
+    ) -> Proc:
+        port_file = self.root / f"agent-{node_id}.json"
+        port_file.unlink(missing_ok=True)
+        args = self.agent_args.get(node_id) or [
+            "agent",
+            "serve",
+            "--coordinator",
+            self.address,
+            "--node-id",
+            node_id,
+            "--workers",
+            str(workers),
+            "--run-root",
+            str(self.run_root),
+            "--data-root",
+            str(self.data_root),
+            "--metrics-port",
+            "0",
+            "--hang-floor-s",
+            str(self.hang_floor_s),
+            "--stop-grace-s",
+            str(self.stop_grace_s),
+            "--port-file",
+            str(port_file),
+            *self._security(),
+            *(["--spare"] if spare else []),
+            *(extra or []),
+        ]
+        self.agent_args[node_id] = args
+        proc = self._spawn(f"agent-{node_id}", args)
+        self.agents[node_id] = proc
+        if node_id not in self.node_ids:
+            self.node_ids.append(node_id)
+        self._wait_file(port_file, proc, wait_s)
+        return proc
+
+    def restart_agent(self, node_id: str) -> Proc:
+        return self.start_agent(node_id)
+
+    def _wait_file(self, path: Path, proc: Proc, wait_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if path.exists():
+                with contextlib.suppress(ValueError, OSError):
+                    return json.loads(path.read_text())
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}: {self.tail(proc)}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{proc.name} did not start within {wait_s:.0f}s: {self.tail(proc)}")
+
+    def tail(self, proc: Proc, lines: int = 20) -> str:
+        try:
+            return "\n".join(proc.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def signal(self, proc: Proc, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+
+    def kill_coordinator(self) -> None:
+        assert self.coordinator is not None
+        self.signal(self.coordinator, signal.SIGKILL)
+        self.coordinator.popen.wait()
+
+    def kill_agent(self, node_id: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.agents[node_id]
+        self.signal(proc, sig)
+        if sig == signal.SIGKILL:
+            proc.popen.wait()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """SIGTERM the agents (their ranks checkpoint) and the coordinator; SIGKILL what is left."""
+        timeout_s = self.stop_grace_s + 10 if timeout_s is None else timeout_s
+        procs = [p for p in self.agents.values() if p.alive()]
+        for p in procs:
+            self.signal(p, signal.SIGCONT)
+            self.signal(p, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.popen.wait(max(0.1, deadline - time.monotonic()))
+            if p.alive():
+                self.signal(p, signal.SIGKILL)
+                p.popen.wait()
+        if self.coordinator is not None and self.coordinator.alive():
+            self.signal(self.coordinator, signal.SIGCONT)
+            self.signal(self.coordinator, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.coordinator.popen.wait(10)
+            if self.coordinator.alive():
+                self.signal(self.coordinator, signal.SIGKILL)
+                self.coordinator.popen.wait()
+        self._kill_stray_ranks()
+
+    def _kill_stray_ranks(self) -> None:
+        """Ranks die with their agent (PR_SET_PDEATHSIG); this catches any that outlived it, by the
+        pids they recorded in their own liveness files."""
+        for alive in self.run_root.glob("workers/*/w*/alive.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, ProcessLookupError, PermissionError):
+                pid = int(json.loads(alive.read_text())["pid"])
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if (
+                    b"trainer" in cmdline
+                    and str(alive.parent).encode() in Path(f"/proc/{pid}/environ").read_bytes()
+                ):
+                    os.kill(pid, signal.SIGKILL)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the operator API -----------------------------------------------------------------------
+    def channel(self) -> Any:
+        from protos import client
+
+        return client.channel(self.address, tls_dir=str(self.tls_dir), role="operator", insecure=not self.tls)
+
+    def rpc(self, method: str, request: Any, timeout: float = 10.0) -> Any:
+        from protos.stanchion.v1 import operator_pb2_grpc
+
+        with self.channel() as ch:
+            return getattr(operator_pb2_grpc.OperatorServiceStub(ch), method)(request, timeout=timeout)
+
+    def submit(self, spec_toml: str) -> str:
+        from protos.stanchion.v1 import operator_pb2
+
+        return self.rpc(
+            "SubmitJob", operator_pb2.SubmitJobRequest(spec_toml=spec_toml, request_id=f"r{time.time_ns()}")
+        ).job.job_id
+
+    def job(self, job_id: str = "") -> Any:
+        from protos.stanchion.v1 import operator_pb2
+
+        return self.rpc("GetJob", operator_pb2.GetJobRequest(job_id=job_id)).job
+
+    def explain(self, job_id: str = "") -> Any:
+        from protos.stanchion.v1 import operator_pb2
+
+        return self.rpc("ExplainJob", operator_pb2.ExplainJobRequest(job_id=job_id))
+
+    def nodes(self) -> Any:
+        from protos.stanchion.v1 import operator_pb2
+
+        return self.rpc("ListNodes", operator_pb2.ListNodesRequest()).nodes
+
+    def wait(self, predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:
+        """Poll ``predicate`` (errors while the coordinator restarts count as not yet)."""
+        import grpc
+
+        deadline = time.monotonic() + timeout_s
+        last_error = ""
+        while time.monotonic() < deadline:
+            try:
+                value = predicate()
+                if value:
+                    return value
+            except grpc.RpcError as e:
+                last_error = f"{e.code().name}: {e.details()}"
+            time.sleep(interval_s)
+        raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what} {last_error}")
+
+    def wait_job(self, states: set[str], timeout_s: float, job_id: str = "") -> Any:
+        from protos.stanchion.v1 import types_pb2
+
+        def done() -> Any:
+            j = self.job(job_id)
+            name = types_pb2.JobState.Name(j.state).removeprefix("JOB_STATE_").lower()
+            return j if name in states else None
+
+        return self.wait(done, timeout_s, f"job state in {sorted(states)}")
+
+    # -- looking inside -------------------------------------------------------------------------
+    def ranks(self, node_id: str) -> list[dict[str, Any]]:
+        """The live assigned ranks of a node: pid, rank, generation (from the files they write)."""
+        out = []
+        for w in sorted((self.run_root / "workers" / node_id).glob("w*")):
+            try:
+                alive = json.loads((w / "alive.json").read_text())
+            except (OSError, ValueError):
+                continue
+            pid = int(alive["pid"])
+            if not Path(f"/proc/{pid}").exists():
+                continue
+            started = [e for e in _read_jsonl(w / "events.jsonl") if e.get("event") == "started"]
+            if started:
+                out.append(
+                    {
+                        "pid": pid,
+                        "rank": started[-1]["rank"],
+                        "generation": started[-1]["generation"],
+                        "dir": w,
+                    }
+                )
+        return out
+
+    def progress(self, node_id: str | None = None) -> list[dict[str, Any]]:
+        """Every progress record written on a node (or all nodes), oldest first."""
+        pattern = f"workers/{node_id or '*'}/w*/progress.jsonl"
+        recs = [r for p in self.run_root.glob(pattern) for r in _read_jsonl(p)]
+        return sorted(recs, key=lambda r: r.get("t", 0))
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        recs = [r for p in self.run_root.glob("workers/*/w*/events.jsonl") for r in _read_jsonl(p)]
+        recs = [r for r in recs if kind is None or r.get("event") == kind]
+        return sorted(recs, key=lambda r: r.get("t", 0))
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    out = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out

@@ -1,0 +1,307 @@
+"""`stanchion bench`: the pure helpers (medians, ratios, step classes, FLOP accounting, run plans,
+the JSON envelope) and one real `bench integrity --quick` run that checks the JSON's shape.
+
+No assertion here depends on how fast anything ran.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from diagnostics import bench
+from diagnostics.bench import Cadence, Run
+from diagnostics.commands.bench import app, command_line
+from trainer.config import IntegrityConfig, replace, resolve
+
+runner = CliRunner()
+
+
+# ---- statistics -----------------------------------------------------------------------------
+
+
+def test_median_ratio_and_relative_change() -> None:
+    assert bench.median([3.0, 1.0, 2.0]) == 2.0
+    assert bench.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    with pytest.raises(ValueError):
+        bench.median([])
+    assert bench.ratio(3.0, 2.0) == 1.5
+    assert bench.ratio(1.0, 0.0) is None
+    assert bench.ratio(None, 2.0) is None
+    assert bench.relative_change(1.03, 1.0) == pytest.approx(0.03)
+    assert bench.relative_change(1.0, None) is None
+
+
+def test_summary() -> None:
+    assert bench.summary([2.0, 9.0, 1.0]) == {"median": 2.0, "min": 1.0, "max": 9.0, "n": 3}
+
+
+def test_stratified_mean_charges_rare_steps_their_share() -> None:
+    # 19 ordinary steps (one a 50x outlier from a noisy neighbour) and 2 steps with an audit.
+    by_class = {(): [1.0] * 18 + [50.0], ("audit",): [2.0, 2.2]}
+    assert bench.stratified_mean(by_class) == pytest.approx((19 * 1.0 + 2 * 2.1) / 21)
+    assert bench.stratified_mean({(): [1.0, 2.0, 30.0]}) == 2.0  # one class: the median
+
+
+def test_periodic_overhead_is_relative_to_the_same_runs_ordinary_steps() -> None:
+    by_class = {(): [1.0] * 18, ("fingerprint",): [1.5, 1.5]}
+    assert bench.periodic_overhead(by_class) == pytest.approx(2 * 0.5 / (20 * 1.0))
+    assert bench.periodic_overhead({(): [1.0, 1.0]}) == 0.0
+    assert bench.periodic_overhead({("fingerprint",): [1.0]}) is None  # K=1: no ordinary step
+
+
+def test_sig_rounds_floats_in_nested_json() -> None:
+    assert bench.sig({"a": [1.234567, 2], "b": {"c": 0.000123456}, "d": "x"}) == {
+        "a": [1.235, 2],
+        "b": {"c": 0.0001235},
+        "d": "x",
+    }
+    assert math.isnan(bench.sig(float("nan")))
+
+
+def test_interleaved_flips_the_order_every_round() -> None:
+    assert bench.interleaved(["a", "b", "c"], 3) == [
+        (0, "a"),
+        (0, "b"),
+        (0, "c"),
+        (1, "c"),
+        (1, "b"),
+        (1, "a"),
+        (2, "a"),
+        (2, "b"),
+        (2, "c"),
+    ]
+
+
+# ---- step classes ---------------------------------------------------------------------------
+
+
+def test_cadence_follows_the_trainers_rules() -> None:
+    c = Cadence(fingerprint_every=20, audit_every=40, snapshot_every=20)
+    assert c.due(19) == ()
+    assert c.due(20) == ("fingerprint", "snapshot")
+    assert c.due(40) == ("fingerprint", "audit", "snapshot")
+    # A snapshot is taken only where a fingerprint check ran.
+    assert Cadence(fingerprint_every=0, snapshot_every=20).due(20) == ()
+    assert Cadence(fingerprint_every=10, snapshot_every=20).due(10) == ("fingerprint",)
+
+
+def test_cadence_of_a_config() -> None:
+    cfg = resolve("tiny")
+    assert Cadence.of(cfg, 2) == Cadence(20, 40, 20)
+    assert Cadence.of(cfg, 1).audit_every == 0  # the audit needs a neighbour
+    assert Cadence.of(replace(cfg, parallel="fsdp"), 2).audit_every == 0  # no whole local gradient
+
+
+def test_step_time_stats_pool_runs_and_classes() -> None:
+    cadence = Cadence(fingerprint_every=4)
+    runs = [
+        Run("a", 0, ["x"], {1: 1.0, 2: 1.0, 3: 1.0, 4: 2.0}, wall_s=10.0),
+        Run("a", 1, ["x"], {1: 1.2, 2: 1.2, 3: 1.2, 4: 2.4}, wall_s=11.0),
+    ]
+    stats = bench.step_time_stats(runs, cadence)
+    assert stats["steps_measured"] == 8
+    assert stats["step_time_s"]["median"] == pytest.approx(1.2)
+    assert stats["step_time_s"]["amortized"] == pytest.approx((6 * 1.1 + 2 * 2.2) / 8)
+    assert stats["due"] == {"fingerprint": {"steps": 2, "median_s": pytest.approx(2.2)}}
+    assert stats["overhead_within_run"] == pytest.approx(0.25)  # each run: 1 of 4 steps twice as long
+    assert [r["round"] for r in stats["runs"]] == [0, 1]
+
+
+def test_read_step_times_drops_warmup_and_keeps_the_newest_record(tmp_path: Path) -> None:
+    progress = tmp_path / "ranks" / "rank-00000" / "progress.jsonl"
+    progress.parent.mkdir(parents=True)
+    records = [{"step": s, "step_time_s": 0.1 * s} for s in (1, 2, 3, 4)] + [{"step": 4, "step_time_s": 9.0}]
+    progress.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert bench.read_step_times(tmp_path, warmup=2) == {3: pytest.approx(0.3), 4: 9.0}
+    assert bench.read_step_times(tmp_path / "missing", warmup=0) == {}
+
+
+# ---- FLOP accounting ------------------------------------------------------------------------
+
+
+def test_flop_utilization() -> None:
+    assert bench.model_flops_per_s(7e6, 1000.0) == 7e9
+    assert bench.flop_utilization(7e6, 1000.0, 14e9) == pytest.approx(0.5)
+    assert bench.flop_utilization(7e6, 1000.0, 0.0) is None
+
+
+def test_flops_per_token_is_the_models_own() -> None:
+    from trainer.model import GPT
+
+    cfg = resolve("tiny")
+    fpt, params = bench.flops_per_token(cfg, vocab_size=512)  # vocab 0 in the preset: from the data
+    model = GPT(replace(cfg.model, vocab_size=512))
+    assert fpt == model.flops_per_token(cfg.data.seq_len)
+    assert params == model.num_params(non_embedding=False)
+
+
+def test_matmul_flops_counts_two_n_cubed() -> None:
+    mm = bench.matmul_flops(32, threads=1, repeats=2)
+    assert mm["flops_per_s"] == pytest.approx(2 * 32**3 / mm["seconds"])
+    assert (mm["n"], mm["threads"], mm["dtype"]) == (32, 1, "float32")
+
+
+# ---- run plans ------------------------------------------------------------------------------
+
+
+def test_gpt2_is_reduced_on_a_cpu_and_says_so(tmp_path: Path) -> None:
+    plan = bench.trainer_plan("gpt2-124m", data=tmp_path, steps=None, nproc=2, cuda=False)
+    assert plan.sets["data.micro_batch_size"] == 1
+    assert plan.sets["data.global_batch_size"] == 2
+    assert plan.sets["data.seq_len"] == 256
+    assert plan.sets["optim.warmup_steps"] == plan.steps == 8
+    assert any("reduced for CPU" in n for n in plan.notes)
+    cfg = bench.resolve_flags(plan.flags)  # the trainer's own parser accepts the flags
+    assert cfg.check_world(2) == 1
+    assert cfg.checkpoint_every == 0
+
+
+def test_tiny_keeps_its_batch_unless_it_cannot_divide(tmp_path: Path) -> None:
+    plan = bench.trainer_plan("tiny", data=tmp_path, steps=None, nproc=2, cuda=False)
+    assert "data.global_batch_size" not in plan.sets and plan.steps == 60 and plan.warmup == 5
+    plan3 = bench.trainer_plan("tiny", data=tmp_path, steps=30, nproc=3, cuda=False)
+    assert plan3.sets["data.global_batch_size"] == 24
+    assert bench.resolve_flags(plan3.flags).check_world(3) == 1
+
+
+def test_a_gpu_runs_the_preset_in_bf16(tmp_path: Path) -> None:
+    plan = bench.trainer_plan("gpt2-124m", data=tmp_path, steps=None, nproc=8, cuda=True)
+    assert plan.sets["precision"] == "bf16"
+    assert "data.micro_batch_size" not in plan.sets and "data.seq_len" not in plan.sets
+    assert bench.resolve_flags(plan.flags).precision == "bf16"
+
+
+def test_protection_settings_use_the_integrity_defaults() -> None:
+    d = IntegrityConfig()
+    s = bench.protection_settings()
+    assert s["all_defaults"] == {
+        "integrity.fingerprint_every": d.fingerprint_every,
+        "integrity.audit_every": d.audit_every,
+        "integrity.snapshot_every": d.snapshot_every,
+        "integrity.startup_check": d.startup_check,
+    }
+    assert s["baseline"]["integrity.startup_check"] is False
+    assert not any(v for k, v in s["baseline"].items() if k != "integrity.startup_check")
+    assert s["fingerprint_k1"]["integrity.fingerprint_every"] == 1
+    # Snapshots are only taken after a fingerprint check, so they are measured with one.
+    assert s["snapshots_default"]["integrity.fingerprint_every"] == d.fingerprint_every
+
+
+def test_cadence_advice_names_the_dominant_protection() -> None:
+    assert bench.cadence_advice({"audit": 0.02}, 0.03) is None
+    advice = bench.cadence_advice({"fingerprint": 0.005, "audit": 0.07, "snapshot": 0.005}, 0.08)
+    assert advice is not None and advice["dominant"] == "audit"
+    # 0.07 at M=40 must fit in 0.05 - 0.01: M = ceil(40 * 0.07 / 0.04) = 70.
+    assert advice["suggested"] == {"integrity.audit_every": 70}
+    snap = bench.cadence_advice({"fingerprint": 0.0, "audit": 0.0, "snapshot": 0.08}, 0.08)
+    assert snap["suggested"]["integrity.snapshot_every"] % IntegrityConfig().fingerprint_every == 0
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+
+def test_command_line_renders_what_was_given() -> None:
+    assert command_line(
+        "bench trainer",
+        [
+            ("--preset", ["tiny", "gpt2-124m"]),
+            ("--steps", None),
+            ("--json", True),
+            ("--quick", False),
+            ("--out", Path("a b.json")),
+        ],
+    ) == ("stanchion bench trainer --preset tiny --preset gpt2-124m --json --out 'a b.json'")
+
+
+def test_envelope_shape() -> None:
+    env = bench.envelope(
+        "x",
+        "stanchion bench x",
+        {"k": 1},
+        {"v": 1.23456789},
+        goals=[bench.goal("g", 0.5, "<= 1", True, "how")],
+        notes=["n"],
+    )
+    assert set(env) == {
+        "benchmark",
+        "command",
+        "machine",
+        "source",
+        "finished_at",
+        "settings",
+        "results",
+        "goals",
+        "notes",
+    }
+    assert env["results"] == {"v": 1.235}
+    assert {"cpu_model", "logical_cores", "torch", "load_average_1_5_15"} <= set(env["machine"])
+    assert env["goals"][0] == {"goal": "g", "value": 0.5, "target": "<= 1", "met": True, "how": "how"}
+    json.dumps(env)
+
+
+def test_unknown_protection_is_a_usage_error(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "integrity",
+            "--quick",
+            "--protection",
+            "nope",
+            "--data",
+            str(tmp_path),
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--tensor-mb",
+            "1",
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "unknown protection configuration(s): nope" in result.stderr
+
+
+@pytest.mark.slow
+def test_integrity_quick_writes_the_documented_json(small_data: Path, tmp_path: Path) -> None:
+    """Two real 2-rank trainer runs of a small model and an 8 MiB checksum pass (~20 s)."""
+    out = tmp_path / "integrity.json"
+    result = runner.invoke(
+        app,
+        [
+            "integrity",
+            "--quick",
+            "--json",
+            "--data",
+            str(small_data),
+            "--out",
+            str(out),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert json.loads(out.read_text()) == data
+    assert data["benchmark"] == "integrity"
+    assert data["command"].startswith("stanchion bench integrity --quick")
+    rates = data["results"]["throughput"]["gb_per_s"]
+    assert set(rates) == {
+        "fingerprint_1_thread",
+        "fingerprint_2_threads",
+        "memcpy_1_thread",
+        "memcpy_2_threads",
+        "zlib_crc32_1_thread",
+        "sha256_1_thread",
+    }
+    assert all(v["gb_per_s"] > 0 for v in rates.values())
+    configs = data["results"]["protections"]["configs"]
+    assert set(configs) == {"baseline", "all_defaults"}
+    for c in configs.values():
+        assert {"median", "amortized", "min", "max", "n"} <= set(c["step_time_s"])
+        assert {"overhead_median", "overhead_amortized", "overhead_within_run", "runs", "sets"} <= set(c)
+        assert c["steps_measured"] == 5  # 6 steps, the first dropped as warm-up
+    assert [g["met"] for g in data["goals"]] == [None, None]  # --quick measures nothing
+    assert "running baseline round 0" in result.stderr

@@ -1,0 +1,268 @@
+"""The job state machine is a pure function: every policy is tested without sleeping."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from coordinator import machine as m
+from coordinator.jobspec import JobSpec
+from coordinator.membership import NodeView
+
+SPEC = JobSpec(
+    name="t",
+    nodes=2,
+    min_nodes=1,
+    workers_per_node=1,
+    trainer={"preset": "tiny", "data": {"path": "d", "global_batch_size": 16, "micro_batch_size": 8}},
+)
+
+
+def nodes(*ids: str, spares: tuple[str, ...] = (), **flags) -> dict[str, NodeView]:
+    out = {i: NodeView(i, store_port=1000 + n) for n, i in enumerate(ids)}
+    out.update({i: NodeView(i, spare=True) for i in spares})
+    for i, f in flags.items():
+        out[i] = dataclasses.replace(out[i], **f)
+    return out
+
+
+def running(cluster, spec=SPEC, now=0.0) -> m.Job:
+    d = m.step(m.new_job("j1", spec, now), m.Submitted(), cluster, now)
+    assert d.job.state is m.JobState.RUNNING, d.reason
+    return d.job
+
+
+def test_pending_until_enough_nodes_then_first_generation_without_spares() -> None:
+    job = m.new_job("j1", SPEC, 0.0)
+    d = m.step(job, m.Submitted(), nodes("a", spares=("s",)), 1.0)
+    assert d.job.state is m.JobState.PENDING and not d.actions
+    d = m.step(d.job, m.NodeChanged("b"), nodes("a", "b", spares=("s",)), 2.0)
+    assert d.job.state is m.JobState.RUNNING
+    (start,) = d.actions
+    assert isinstance(start, m.StartGeneration) and start.members == ("a", "b") and start.generation == 1
+    assert "rendezvous complete" in d.reason
+
+
+def test_rendezvous_timeout_fails_with_too_few_nodes() -> None:
+    spec = dataclasses.replace(SPEC, nodes=3, min_nodes=3, rendezvous_timeout_s=10)
+    job = m.new_job("j1", spec, 0.0)
+    d = m.step(job, m.Tick(), nodes("a", "b"), 11.0)
+    assert d.job.state is m.JobState.FAILED and "at least 3" in d.reason
+
+
+def test_crash_restarts_with_peer_healing_and_keeps_ranks() -> None:
+    cluster = nodes("a", "b")
+    job = running(cluster)
+    d = m.step(job, m.WorkerFailed("b", 1, rank=1, kind="crash", detail="signal SIGKILL"), cluster, 5.0)
+    assert d.job.state is m.JobState.RECOVERING and d.job.generation == 2
+    (start,) = d.actions
+    assert start.members == ("a", "b") and start.resume == "peer"
+    assert "rank 1 on b crashed" in d.reason and d.job.restarts == 1
+    # The first step of generation 2 ends the recovery and records its duration.
+    d2 = m.step(d.job, m.Progress("a", 2, 1), cluster, 5.75)
+    assert d2.job.state is m.JobState.RUNNING
+    assert d2.actions == (m.RecordRecovery(0.75),)
+
+
+def test_stale_events_of_an_old_generation_are_ignored() -> None:
+    cluster = nodes("a", "b")
+    job = running(cluster)
+    job = m.step(job, m.WorkerFailed("b", 1, 1, "crash"), cluster, 1.0).job
+    d = m.step(job, m.WorkerFailed("a", 1, 0, "crash"), cluster, 1.1)
+    assert d.job == job and d.actions == () and d.reason == ""
+
+
+def test_node_loss_uses_a_spare_in_the_lost_slot() -> None:
+    cluster = nodes("a", "b", spares=("s",))
+    job = running(cluster)
+    lost = nodes("a", "b", spares=("s",), b={"ready": False})
+    d = m.step(job, m.NodeLost("b", "heartbeat 5.0s old"), lost, 3.0)
+    (start,) = d.actions
+    assert start.members == ("a", "s") and start.resume == "peer" and "b replaced by s" in d.reason
+
+
+def test_node_loss_without_spare_shrinks_when_the_batch_divides_else_waits() -> None:
+    cluster = nodes("a", "b")
+    job = running(cluster)
+    d = m.step(job, m.NodeLost("b"), nodes("a", "b", b={"ready": False}), 3.0)
+    (start,) = d.actions
+    assert start.members == ("a",) and "shrinks from 2 to 1" in d.reason and d.job.world_size == 1
+
+    # 3 nodes, global batch 24 with micro batch 8: 2 nodes cannot divide it, so the job waits.
+    spec = dataclasses.replace(
+        SPEC,
+        nodes=3,
+        trainer={"preset": "tiny", "data": {"path": "d", "global_batch_size": 24, "micro_batch_size": 8}},
+    )
+    c3 = nodes("a", "b", "c")
+    job3 = running(c3, spec)
+    d = m.step(job3, m.NodeLost("c"), nodes("a", "b", "c", c={"ready": False}), 3.0)
+    assert d.job.state is m.JobState.RECOVERING and d.job.awaiting_capacity
+    assert isinstance(d.actions[0], m.StopWorkers) and "waiting for nodes" in d.reason
+    # A node registering later lets it start without counting another restart.
+    d2 = m.step(d.job, m.NodeChanged("d"), {**nodes("a", "b", "d"), "c": NodeView("c", ready=False)}, 9.0)
+    assert isinstance(d2.actions[0], m.StartGeneration) and d2.actions[0].members == ("a", "b", "d")
+    assert d2.job.restarts == d.job.restarts
+
+
+def test_replay_first_then_skip_same_data_then_suspect_hardware() -> None:
+    cluster = nodes("a", "b")
+    job = running(cluster)
+    ev = m.Detector("spike", "a", 1, step=50, data_index=49)
+    d = m.step(job, ev, cluster, 1.0)
+    (rb,) = d.actions
+    assert isinstance(rb, m.SendRollback) and rb.skip == () and rb.to_step == 49 and "replaying" in d.reason
+    job = m.step(d.job, m.RollbackDone(1, rb.request_id, 40), cluster, 1.5).job
+    # It recurs at the same data: skip the window.
+    d = m.step(job, m.Detector("spike", "a", 1, step=50, data_index=49), cluster, 2.0)
+    (rb2,) = d.actions
+    assert rb2.skip == ((49, SPEC.skip_batches),) and "the data is the cause" in d.reason
+    assert d.job.skip_windows == ((49, SPEC.skip_batches),)
+    job = m.step(d.job, m.RollbackDone(1, rb2.request_id, 40), cluster, 2.5).job
+    # A new anomaly at other data: after another replay at different data -> hardware suspect.
+    d = m.step(job, m.Detector("nonfinite", "a", 1, step=80, data_index=87), cluster, 3.0)
+    assert d.actions[0].skip == ()  # first occurrence at this data: replay
+    job = m.step(d.job, m.RollbackDone(1, d.actions[0].request_id, 70), cluster, 3.2).job
+    d = m.step(job, m.Detector("nonfinite", "a", 1, step=90, data_index=97), cluster, 3.5)
+    assert d.job.state is m.JobState.BISECTING
+    assert any(isinstance(a, m.StartBisection) for a in d.actions)
+
+
+def test_detectors_during_a_pending_rollback_are_ignored() -> None:
+    cluster = nodes("a", "b")
+    job = m.step(running(cluster), m.Detector("spike", "a", 1, step=50, data_index=49), cluster, 1.0).job
+    d = m.step(job, m.Detector("spike", "b", 1, step=52, data_index=51), cluster, 1.1)
+    assert d.actions == () and d.job == job
+
+
+def test_fingerprint_mismatch_named_cordons_and_replaces_unnamed_rolls_back() -> None:
+    cluster = nodes("a", "b", "c", spares=("s",))
+    spec = dataclasses.replace(
+        SPEC,
+        nodes=3,
+        trainer={"preset": "tiny", "data": {"path": "d", "global_batch_size": 24, "micro_batch_size": 8}},
+    )
+    job = running(cluster, spec)
+    d = m.step(
+        job,
+        m.Detector("fingerprint_mismatch", "a", 1, step=40, suspect_ranks=(2,), onset_step=30),
+        cluster,
+        1.0,
+    )
+    kinds = [type(a).__name__ for a in d.actions]
+    assert kinds == ["Cordon", "StartGeneration"] and d.actions[0].node_id == "c"
+    assert d.actions[1].members == ("a", "b", "s") and d.actions[1].resume == "peer"
+
+    job2 = running(nodes("a", "b"))
+    d = m.step(
+        job2,
+        m.Detector("fingerprint_mismatch", "a", 1, step=40, suspect_ranks=(), onset_step=30),
+        nodes("a", "b"),
+        1.0,
+    )
+    (rb,) = d.actions
+    assert isinstance(rb, m.SendRollback) and rb.to_step == 30
+
+
+def test_audit_mismatch_rolls_survivors_back_past_the_onset_and_marks_checkpoints_bad() -> None:
+    cluster = nodes("a", "b", "c", spares=("s",))
+    spec = dataclasses.replace(
+        SPEC,
+        nodes=3,
+        trainer={"preset": "tiny", "data": {"path": "d", "global_batch_size": 24, "micro_batch_size": 8}},
+    )
+    job = running(cluster, spec)
+    for step in (20, 40):
+        job = m.step(job, m.CheckpointCommitted(1, step, f"/ck/{step}"), cluster, 1.0).job
+    d = m.step(
+        job, m.Detector("audit_mismatch", "a", 1, step=45, suspect_ranks=(1,), onset_step=25), cluster, 2.0
+    )
+    marks = [a for a in d.actions if isinstance(a, m.MarkCheckpoint)]
+    assert [(x.step, x.good) for x in marks] == [(40, False)]
+    start = next(a for a in d.actions if isinstance(a, m.StartGeneration))
+    assert start.rollback_to == 25 and start.members == ("a", "s", "c") and start.checkpoint == "/ck/20"
+    assert d.job.last_good.step == 20
+
+
+def test_checkpoint_after_an_alarm_onset_is_not_good() -> None:
+    cluster = nodes("a", "b")
+    job = m.step(running(cluster), m.Detector("spike", "a", 1, step=50, data_index=49), cluster, 1.0).job
+    d = m.step(job, m.CheckpointCommitted(1, 60, "/ck/60"), cluster, 2.0)
+    assert not d.job.checkpoints[-1].good and "onset window" in d.reason
+
+
+def test_restart_loop_guards() -> None:
+    cluster = nodes("a", "b")
+    spec = dataclasses.replace(SPEC, max_restarts_without_progress=2)
+    job = running(cluster, spec)
+    for i in range(2):
+        job = m.step(job, m.WorkerFailed("b", job.generation, 1, "crash"), cluster, float(i)).job
+        assert job.state is m.JobState.RECOVERING
+    d = m.step(job, m.WorkerFailed("b", job.generation, 1, "crash"), cluster, 5.0)
+    assert d.job.state is m.JobState.FAILED and "without progress" in d.reason
+
+    spec = dataclasses.replace(SPEC, max_restarts=1)
+    job = running(cluster, spec)
+    job = m.step(job, m.WorkerFailed("b", 1, 1, "crash"), cluster, 1.0).job
+    job = m.step(job, m.Progress("a", 2, 10), cluster, 2.0).job
+    d = m.step(job, m.WorkerFailed("b", 2, 1, "crash"), cluster, 3.0)
+    assert d.job.state is m.JobState.FAILED and "max_restarts=1" in d.reason
+
+
+def test_config_error_fails_without_restarting() -> None:
+    cluster = nodes("a", "b")
+    d = m.step(
+        running(cluster), m.WorkerFailed("a", 1, 0, "config", "model.n_layerz: unknown key"), cluster, 1.0
+    )
+    assert d.job.state is m.JobState.FAILED and "n_layerz" in d.reason
+
+
+def test_all_ranks_finished_succeeds_and_cancel_stops() -> None:
+    cluster = nodes("a", "b")
+    job = running(cluster)
+    job = m.step(job, m.RankFinished(1, 0, "abc", 3.2), cluster, 1.0).job
+    assert job.state is m.JobState.RUNNING
+    d = m.step(job, m.RankFinished(1, 1, "abc", 3.2), cluster, 1.0)
+    assert d.job.state is m.JobState.SUCCEEDED and d.job.final_fingerprint == "abc"
+    d = m.step(running(cluster), m.Cancel(), cluster, 1.0)
+    assert d.job.state is m.JobState.CANCELLED and d.actions[0].checkpoint is True
+    assert m.step(d.job, m.WorkerFailed("a", 1, 0, "crash"), cluster, 2.0).job.state is m.JobState.CANCELLED
+
+
+def test_coordinator_restart_reconciles_without_restarting() -> None:
+    cluster = nodes("a", "b")
+    job = running(cluster)
+    d = m.step(job, m.CoordinatorRestarted(), cluster, 10.0)
+    job = d.job
+    job = m.step(job, m.Reported("a", 1, True), cluster, 11.0).job
+    d = m.step(job, m.Reported("b", 1, True), cluster, 11.5)
+    assert d.job.reconcile_until is None and d.actions == () and "nothing restarted" in d.reason
+    # A member that never reports in gets the job restarted after the grace period.
+    job = m.step(running(cluster), m.CoordinatorRestarted(), cluster, 10.0).job
+    job = m.step(job, m.Reported("a", 1, True), cluster, 11.0).job
+    d = m.step(job, m.Tick(), cluster, 10.0 + m.RECONCILE_GRACE_S)
+    assert isinstance(d.actions[0], m.StartGeneration) and "did not report" in d.reason
+
+
+def test_peer_waiting_without_a_failure_report_restarts_after_grace() -> None:
+    cluster = nodes("a", "b")
+    job = m.step(running(cluster), m.PeerWaiting("a", 1), cluster, 1.0).job
+    assert m.step(job, m.Tick(), cluster, 2.0).actions == ()
+    d = m.step(job, m.Tick(), cluster, 1.0 + m.PEER_WAIT_GRACE_S)
+    assert isinstance(d.actions[0], m.StartGeneration)
+
+
+def test_illegal_transitions_are_refused() -> None:
+    assert m.JobState.RUNNING not in m.ALLOWED[m.JobState.SUCCEEDED]
+    with pytest.raises(TypeError):
+        m.step(running(nodes("a", "b")), object(), {}, 0.0)
+
+
+def test_job_round_trips_through_json() -> None:
+    cluster = nodes("a", "b")
+    job = m.step(running(cluster), m.Detector("spike", "a", 1, step=50, data_index=49), cluster, 1.0).job
+    job = m.step(job, m.CheckpointCommitted(1, 60, "/ck/60"), cluster, 2.0).job
+    import json
+
+    assert m.from_json(json.loads(json.dumps(m.to_json(job))), SPEC) == job
