@@ -32,7 +32,7 @@ from trainer import manifest
 
 log = logging.getLogger(__name__)
 
-MONITOR_S = 0.02
+MONITOR_S = 0.05
 MAX_EVENTS_PER_BEAT = 500
 
 
@@ -50,6 +50,7 @@ class Agent:
         self.connected = False
         self.health: tuple[int, str] = (types_pb2.HEALTH_VERDICT_UNSPECIFIED, "")
         self.stopping = asyncio.Event()
+        self.failed = False
         self.metrics_port = 0
         self.trial_runner: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -95,6 +96,19 @@ class Agent:
             asyncio.create_task(self._heartbeats(), name="heartbeats"),
             asyncio.create_task(self._health_loop(), name="health"),
         ]
+        for t in self._tasks:
+            t.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A core loop that dies takes the agent down (systemd or `stanchion up` restarts it) instead
+        of leaving a node that looks alive but no longer heartbeats or watches its ranks."""
+        if task.cancelled() or self.stopping.is_set():
+            return
+        log.critical(
+            "[node %s] %s loop died: %r; stopping", self.cfg.node_id, task.get_name(), task.exception()
+        )
+        self.failed = True
+        self.stopping.set()
 
     async def stop(self) -> None:
         sdnotify.stopping()
@@ -319,7 +333,11 @@ class Agent:
         steps = [
             w.step
             for w in self.group.workers
-            if w.alive and w.generation == self.group.generation and w.slot is not None
+            if w.alive
+            and w.slot is not None
+            and w.job_id == self.group.job_id
+            and w.generation == self.group.generation
+            and not w.stopping
         ]
         return max(steps, default=0)
 
@@ -377,6 +395,14 @@ class Agent:
                 job_id=d.job_id,
                 generation=d.generation,
                 detail={"kind": kind, "error": str(e)},
+            )
+        except Exception as e:  # noqa: BLE001 - report it and keep heartbeating; never wedge the node
+            log.exception("[node %s] %s directive failed", self.cfg.node_id, kind)
+            self.emit(
+                "directive_failed",
+                job_id=d.job_id,
+                generation=d.generation,
+                detail={"kind": kind, "error": f"{type(e).__name__}: {e}"},
             )
 
     # -- health, metrics --------------------------------------------------------------------------
@@ -438,6 +464,7 @@ async def serve(cfg: AgentConfig, *, port_file: str = "") -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await agent.start()
+    forward = asyncio.create_task(_forward(agent.stopping, stop))
     if port_file:
         from trainer.contract import write_json_atomic
 
@@ -453,3 +480,11 @@ async def serve(cfg: AgentConfig, *, port_file: str = "") -> None:
         cfg.stop_grace_s,
     )
     await agent.stop()
+    forward.cancel()
+    if agent.failed:
+        raise SystemExit(1)
+
+
+async def _forward(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()

@@ -53,6 +53,7 @@ FORWARDED = frozenset(
         "checkpoint_failed",
         "collective_failed",
         "generation_change",
+        "abandoned",
         "finished",
         "stopped",
         "eval",
@@ -369,7 +370,7 @@ class WorkerGroup:
         elif kind == "started":  # the group formed; TRAINING begins with the first progress record
             w.generation, w.rank = int(rec.get("generation", w.generation)), int(rec.get("rank", w.rank))
             w.last_progress_at = time.time()
-        elif kind in ("collective_failed", "generation_change"):
+        elif kind in ("collective_failed", "generation_change", "abandoned"):
             w.state = types_pb2.WORKER_STATE_WAITING
             w.last_progress_at = time.time()
         elif kind == "finished":

@@ -462,8 +462,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _wrap_handler(
-    handler: grpc.RpcMethodHandler,
-    authorize: Callable[[grpc.aio.ServicerContext], Awaitable[Identity]],
+    handler: grpc.RpcMethodHandler, authorize: Callable[[grpc.aio.ServicerContext], Awaitable[Identity]]
 ) -> grpc.RpcMethodHandler:
     """The same handler with ``authorize`` run first in each of its behaviours (all four kinds)."""
 

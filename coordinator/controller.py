@@ -71,7 +71,7 @@ class NodeRecord:
             return types_pb2.NODE_STATE_CORDONED
         return types_pb2.NODE_STATE_READY
 
-    def view(self, busy_with: str) -> NodeView:
+    def view(self, busy_with: str, now: float = 0.0) -> NodeView:
         inv = self.inventory
         host = (inv.get("addresses") or [inv.get("host") or "127.0.0.1"])[0]
         return NodeView(
@@ -84,6 +84,7 @@ class NodeRecord:
             healthy=self.health != types_pb2.HEALTH_VERDICT_UNHEALTHY,
             spare=bool(inv.get("spare", False)),
             busy_with=busy_with,
+            heartbeat_age_s=max(0.0, now - self.last_seen) if now else 0.0,
         )
 
 
@@ -105,10 +106,11 @@ class Controller:
         self.queue: asyncio.Queue[Work] = asyncio.Queue()
         # Directive sequence numbers keep increasing across coordinator restarts.
         self._seq = itertools.count(int(self.clock() * 1000) * 1000)
-        self._seen_detectors: set[tuple[str, int, str, int]] = set()
+        self._seen_detectors: set[tuple[str, int, str, int, int]] = set()
         self.events_changed = asyncio.Condition()
         self.heartbeats = 0
         self.bisector: Any = None  # set by the bisection orchestrator
+        self.started_at = self.clock()
         self._task: asyncio.Task[None] | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self.ready = False
@@ -185,7 +187,8 @@ class Controller:
     # Applying the state machine
     def cluster(self, job_id: str) -> dict[str, NodeView]:
         busy = {n: j for j, job in self.jobs.items() if job.state in m.ACTIVE for n in job.members}
-        return {nid: rec.view(busy.get(nid, "")) for nid, rec in self.nodes.items()}
+        now = self.clock()
+        return {nid: rec.view(busy.get(nid, ""), now) for nid, rec in self.nodes.items()}
 
     def _apply(self, job_id: str, event: Any, label: str) -> m.Decision:
         job = self.jobs[job_id]
@@ -356,8 +359,13 @@ class Controller:
     # Work items (run on the controller task only)
     def _do_tick(self, _: Any) -> None:
         now = self.clock()
+        # After a restart, agents need time to find the coordinator again (they back off while it is
+        # down): nodes loaded from the store are not declared lost during the reconcile grace.
+        grace_until = self.started_at + m.RECONCILE_GRACE_S
         for rec in self.nodes.values():
-            if not rec.lost and now - rec.last_seen > self.cfg.heartbeat_timeout_s:
+            if rec.lost or now < grace_until:
+                continue
+            if now - rec.last_seen > self.cfg.heartbeat_timeout_s:
                 rec.lost = True
                 age = now - rec.last_seen
                 log.warning("node %s lost: last heartbeat %.1fs ago", rec.node_id, age)
@@ -543,8 +551,26 @@ class Controller:
             if job_id not in self.jobs:
                 continue
             ev = self._machine_event(rec.node_id, e, row[7])
-            if ev is not None:
+            if ev is None:
+                continue
+            try:
                 self._apply(job_id, ev, e.kind)
+            except Exception:  # noqa: BLE001 - one bad event must not fail every later heartbeat
+                log.exception("[job %s] could not apply %s from %s", job_id, e.kind, rec.node_id)
+                self.store.add_events(
+                    [
+                        (
+                            job_id,
+                            rec.node_id,
+                            "controller_error",
+                            e.generation,
+                            e.step,
+                            e.rank,
+                            self.clock(),
+                            {"event": e.kind, "error": "see the coordinator log"},
+                        )
+                    ]
+                )
 
     def _machine_event(self, node_id: str, e: types_pb2.Event, d: dict[str, Any]) -> Any:
         kind = e.kind
@@ -556,7 +582,7 @@ class Controller:
         if kind == "collective_failed":
             return m.PeerWaiting(node_id, e.generation)
         if kind in DETECTORS:
-            key = (e.job_id, e.generation, kind, e.step)
+            key = (e.job_id, e.generation, kind, e.step, int(d.get("request_epoch", 0)))
             if key in self._seen_detectors:  # every rank reports the same detection
                 return None
             self._seen_detectors.add(key)

@@ -70,14 +70,16 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
         }
     ),
     JobState.BISECTING: frozenset(
-        {JobState.BISECTING, JobState.RECOVERING, JobState.FAILED, JobState.CANCELLED}
+        # A job whose ranks all finished before the bisection stopped them has succeeded.
+        {JobState.BISECTING, JobState.RECOVERING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
     ),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.CANCELLED: frozenset(),
 }
 
-PEER_WAIT_GRACE_S = 5.0  # a rank waiting on a vanished peer, with no failure reported, for this long
+PEER_WAIT_GRACE_S = 2.0  # a rank waiting on a vanished peer, with no failure reported, for this long
+QUIET_S = 1.5  # ... and a member whose agent has been silent this long is taken for the vanished one
 RECONCILE_GRACE_S = 10.0  # after a coordinator restart: time for agents to report in
 
 
@@ -480,13 +482,12 @@ def on_tick(job: Job, event: Tick, nodes: Mapping[str, NodeView], now: float) ->
     if job.awaiting_capacity:
         return _restart(job, "capacity", nodes, now, exclude=(), count=False, detail="retrying")
     if job.waiting_since is not None and now - job.waiting_since >= PEER_WAIT_GRACE_S:
+        quiet = tuple(m for m in job.members if m in nodes and nodes[m].heartbeat_age_s >= QUIET_S)
+        why = f"a rank lost its peers {now - job.waiting_since:.1f}s ago and no failure was reported"
+        if quiet:
+            why += f"; {', '.join(quiet)} went silent too (last heartbeat over {QUIET_S:.1f}s ago): taken for lost"
         return _restart(
-            job,
-            "collective_failed",
-            nodes,
-            now,
-            exclude=(),
-            detail=f"a rank lost its peers {now - job.waiting_since:.1f}s ago and no failure was reported",
+            job, "node_lost" if quiet else "collective_failed", nodes, now, exclude=quiet, detail=why
         )
     return _noop(job)
 

@@ -24,6 +24,7 @@ class NodeView:
     healthy: bool = True  # health verdict is not "unhealthy"
     spare: bool = False
     busy_with: str = ""  # the job it serves, if any
+    heartbeat_age_s: float = 0.0
 
     @property
     def eligible(self) -> bool:

@@ -177,7 +177,6 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -209,12 +208,18 @@ def envelope(
     results: Mapping[str, Any],
     goals: Sequence[Mapping[str, Any]] = (),
     notes: Sequence[str] = (),
+    load_at_start: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """The JSON shape shared by every benchmark."""
+    """The JSON shape shared by every benchmark. The load averages (1, 5, 15 min) say how busy the
+    shared machine was: at the start, before any of the benchmark's own work, and at the end."""
+    load = {
+        "at_start": None if load_at_start is None else [round(x, 2) for x in load_at_start],
+        "at_end": [round(x, 2) for x in os.getloadavg()],
+    }
     return {
         "benchmark": benchmark,
         "command": command,
-        "machine": machine(),
+        "machine": {**machine(), "load_average_1_5_15": load},
         "source": source_state(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": dict(settings),
@@ -231,6 +236,13 @@ def goal(name: str, value: float | None, target: str, met: bool | None, how: str
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def paired_ratios(runs: Sequence[Run], baselines: Sequence[Run]) -> list[float | None]:
+    """Per round, the median step time of a run over that of the baseline run of the same round:
+    the two ran next to each other, so a change in the machine's load affects both alike."""
+    base = {b.round: median(b.step_times.values()) for b in baselines}
+    return [ratio(median(r.step_times.values()), base.get(r.round)) for r in runs]
 
 
 def interleaved(items: Sequence[Any], rounds: int) -> list[tuple[int, Any]]:
@@ -618,7 +630,8 @@ def trainer_plan(preset: str, *, data: Path, steps: int | None, nproc: int, cuda
     """What `bench trainer` runs for ``preset``: the preset, made to fit this machine and ``nproc``.
 
     On a CPU anything bigger than ``tiny`` gets 1 sequence per rank per step at seq_len <= 256 and
-    8 steps; on a GPU the preset's own batch shape runs in bf16. Every change is listed in ``notes``.
+    20 steps (the last checks fingerprints and takes a snapshot); on a GPU the preset's own batch
+    shape runs in bf16. Every change is listed in ``notes``.
     """
     from trainer.config import resolve
 
@@ -654,7 +667,7 @@ def trainer_plan(preset: str, *, data: Path, steps: int | None, nproc: int, cuda
         notes.append(f"parallel=ddp (the preset uses {base.parallel}): the baseline is DDP")
     if cuda and base.precision != "bf16":
         sets["precision"] = "bf16"
-    n_steps = steps or (60 if preset == "tiny" else 8 if not cuda else 50)
+    n_steps = steps or (60 if preset == "tiny" else 20 if not cuda else 50)
     if within := warmup_within(preset, n_steps):
         sets.update(within)
         notes.append(f"optim.warmup_steps={n_steps}: the preset's {base.optim.warmup_steps} exceeds the run")
@@ -683,6 +696,7 @@ def bench_trainer(
     """
     import torch
 
+    load_at_start = os.getloadavg()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     plans = [trainer_plan(p, data=data, steps=steps, nproc=nproc, cuda=cuda) for p in presets]
@@ -749,7 +763,7 @@ def bench_trainer(
                     "snapshot_every": cfg.integrity.snapshot_every,
                 },
                 "notes": list(plan.notes),
-            },
+            }
         }
         for system in ("stanchion", "ddp"):
             system_runs = runs[(plan.preset, system)]
@@ -765,14 +779,12 @@ def bench_trainer(
             )
             entry[system] = stats
         s, d = entry["stanchion"]["step_time_s"], entry["ddp"]["step_time_s"]
-        per_round = [
-            ratio(median(a.step_times.values()), median(b.step_times.values()))
-            for a, b in zip(runs[(plan.preset, "stanchion")], runs[(plan.preset, "ddp")], strict=True)
-        ]
+        per_round = paired_ratios(runs[(plan.preset, "stanchion")], runs[(plan.preset, "ddp")])
         entry["stanchion_vs_ddp"] = {
             "step_time_ratio_median": ratio(s["median"], d["median"]),
             "step_time_ratio_amortized": ratio(s["amortized"], d["amortized"]),
             "step_time_ratio_per_round": per_round,
+            "step_time_ratio_median_of_rounds": median(r for r in per_round if r is not None),
         }
         results["presets"][plan.preset] = entry
     settings = {
@@ -792,7 +804,7 @@ def bench_trainer(
         "flops_per_token = 6N + 12 L d T (trainer/model.py), N including the lm_head",
         "step_time_ratio > 1: Stanchion is slower than plain DDP by that factor",
     ]
-    return envelope("trainer", command, settings, results, notes=notes)
+    return envelope("trainer", command, settings, results, notes=notes, load_at_start=load_at_start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -927,6 +939,7 @@ def bench_integrity(
 ) -> dict[str, Any]:
     """(a) fingerprint throughput beside memcpy, crc32 and sha256; (b) the step-time cost of each
     protection from real ``nproc``-rank runs of the tiny preset, interleaved in ABBA rounds."""
+    load_at_start = os.getloadavg()
     settings_by_name = protection_settings()
     names = list(protections or (("baseline", "all_defaults") if quick else settings_by_name))
     unknown = [n for n in names if n not in settings_by_name]
@@ -940,7 +953,7 @@ def bench_integrity(
     tensor_mb = tensor_mb or (8 if quick else 256)
     repeats = repeats or (3 if quick else 7)
     steps = steps or (6 if quick else 120)
-    rounds = rounds or (1 if quick else 2)
+    rounds = rounds or (1 if quick else 3)
     warmup = warmup_steps(steps)
 
     throughput = checksum_throughput(tensor_mb * 2**20, repeats=repeats)
@@ -976,6 +989,9 @@ def bench_integrity(
     for name, c in configs.items():
         c["overhead_median"] = relative_change(c["step_time_s"]["median"], base["median"])
         c["overhead_amortized"] = relative_change(c["step_time_s"]["amortized"], base["amortized"])
+        per_round = [None if r is None else r - 1 for r in paired_ratios(runs[name], runs["baseline"])]
+        c["overhead_per_round"] = per_round
+        c["overhead_median_of_rounds"] = median(r for r in per_round if r is not None)
         if name == "baseline":
             c["overhead_within_run"] = 0.0
 
@@ -1046,7 +1062,9 @@ def bench_integrity(
         "startup_check is a one-time cost before step 1 and is in no step time (see runs[].wall_s)",
         "checkpoints are off in every run (--checkpoint-every 0)",
     ]
-    return envelope("integrity", command, settings, results, goals=goals, notes=notes)
+    return envelope(
+        "integrity", command, settings, results, goals=goals, notes=notes, load_at_start=load_at_start
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -185,18 +185,22 @@ class LocalCluster:
         except OSError:
             return ""
 
-    def signal(self, proc: Proc, sig: int) -> None:
+    def send_signal(self, proc: Proc, sig: int) -> None:
+        self.signal_pid(proc.pid, sig)
+
+    @staticmethod
+    def signal_pid(pid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, sig)
+            os.kill(pid, sig)
 
     def kill_coordinator(self) -> None:
         assert self.coordinator is not None
-        self.signal(self.coordinator, signal.SIGKILL)
+        self.send_signal(self.coordinator, signal.SIGKILL)
         self.coordinator.popen.wait()
 
     def kill_agent(self, node_id: str, sig: int = signal.SIGKILL) -> None:
         proc = self.agents[node_id]
-        self.signal(proc, sig)
+        self.send_signal(proc, sig)
         if sig == signal.SIGKILL:
             proc.popen.wait()
 
@@ -205,22 +209,22 @@ class LocalCluster:
         timeout_s = self.stop_grace_s + 10 if timeout_s is None else timeout_s
         procs = [p for p in self.agents.values() if p.alive()]
         for p in procs:
-            self.signal(p, signal.SIGCONT)
-            self.signal(p, signal.SIGTERM)
+            self.send_signal(p, signal.SIGCONT)
+            self.send_signal(p, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for p in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.popen.wait(max(0.1, deadline - time.monotonic()))
             if p.alive():
-                self.signal(p, signal.SIGKILL)
+                self.send_signal(p, signal.SIGKILL)
                 p.popen.wait()
         if self.coordinator is not None and self.coordinator.alive():
-            self.signal(self.coordinator, signal.SIGCONT)
-            self.signal(self.coordinator, signal.SIGTERM)
+            self.send_signal(self.coordinator, signal.SIGCONT)
+            self.send_signal(self.coordinator, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.coordinator.popen.wait(10)
             if self.coordinator.alive():
-                self.signal(self.coordinator, signal.SIGKILL)
+                self.send_signal(self.coordinator, signal.SIGKILL)
                 self.coordinator.popen.wait()
         self._kill_stray_ranks()
 

@@ -149,3 +149,68 @@ def committed_steps(run_dir: Path) -> list[int]:
     if not root.exists():
         return []
     return sorted(int(p.name[5:]) for p in root.glob("step-*") if (p / "manifest.json").exists())
+
+
+# Trainer settings of the small model as a job spec's [trainer] table (the same model as SMALL).
+SMALL_TRAINER: dict[str, Any] = {
+    "preset": "tiny",
+    "model": {"n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_head": 2, "max_seq_len": 32},
+    "data": {"seq_len": 32, "micro_batch_size": 2, "global_batch_size": 12},
+    "optim": {"warmup_steps": 5},
+    # Spikes are real in this toy model; chaos tests about other faults keep the detector quiet.
+    "integrity": {"spike_loss_z": 1e9, "spike_grad_z": 1e9},
+}
+
+
+def job_spec(
+    name: str,
+    data: str,
+    *,
+    nodes: int = 2,
+    steps: int = 40,
+    checkpoint_every: int = 10,
+    trainer: dict[str, Any] | None = None,
+    faults: list[dict[str, Any]] | None = None,
+    **job: Any,
+) -> str:
+    """A TOML job spec for the small model (data is a directory name under the cluster's data root)."""
+    from coordinator.jobspec import JobSpec, to_toml
+    from trainer.settings import merge
+
+    t = merge(
+        SMALL_TRAINER,
+        {"steps": steps, "checkpoint_every": checkpoint_every, "data": {"path": data}},
+        trainer or {},
+    )
+    spec = JobSpec(
+        name=name,
+        nodes=nodes,
+        min_nodes=job.pop("min_nodes", 1),
+        faults=tuple(faults or ()),
+        trainer=t,
+        **job,
+    )
+    return to_toml(spec)
+
+
+def small_flags(trainer: dict[str, Any] | None = None) -> list[str]:
+    """The SMALL_TRAINER settings (plus overrides) as trainer --set flags, for golden runs."""
+    from trainer.settings import merge
+
+    flat: list[str] = []
+
+    def walk(prefix: str, d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(key + ".", v)
+            else:
+                flat.extend(
+                    [
+                        "--set",
+                        f"{key}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}",
+                    ]
+                )
+
+    walk("", merge(SMALL_TRAINER, trainer or {}))
+    return flat

@@ -261,10 +261,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def resolve(
-    preset: str = "tiny",
-    *,
-    toml_path: str | Path | None = None,
-    overrides: Mapping[str, Any] | None = None,
+    preset: str = "tiny", *, toml_path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> TrainConfig:
     """preset < TOML file < overrides. A TOML file may name its own preset with ``preset = "..."``."""
     file_layer = settings.read_toml(toml_path) if toml_path is not None else {}

@@ -59,6 +59,7 @@ class Fault:
     delay_s: float = 0.0
     repeat: bool = False
     node: str = ""  # only ranks on this node (a hardware fault follows the machine, not the rank)
+    data_index: int = -1  # instead of a step: fire at whichever step trains on this data (a poisoned batch)
     id: int = 0
 
     def applies_to(self, rank: int, node: str = "") -> bool:
@@ -80,8 +81,14 @@ def parse(entries: Any) -> list[Fault]:
         unknown = sorted(set(e) - known)
         if unknown:
             raise ValueError(f"faults[{i}]: unknown field {unknown[0]!r}")
-        if kind in _ONE_SHOT and int(e.get("step", -1)) < 0:
-            raise ValueError(f"faults[{i}].step: a {kind} fault needs a step >= 0")
+        if (
+            kind in _ONE_SHOT
+            and int(e.get("step", -1)) < 0
+            and not (kind == "nan" and int(e.get("data_index", -1)) >= 0)
+        ):
+            raise ValueError(
+                f"faults[{i}].step: a {kind} fault needs a step >= 0 (or, for nan, a data_index)"
+            )
         if kind in ("compute", "slow") and int(e.get("from_step", -1)) < 0:
             raise ValueError(f"faults[{i}].from_step: a {kind} fault needs from_step >= 0")
         if kind == "bitflip":
@@ -156,8 +163,11 @@ class FaultInjector:
         os.close(fd)
         return True
 
-    def _due(self, kind: str, step: int) -> list[Fault]:
-        return [f for f in self.faults if f.kind == kind and f.step == step and self._claim(f, step)]
+    def _due(self, kind: str, step: int, data_index: int = -1) -> list[Fault]:
+        def hits(f: Fault) -> bool:
+            return f.step == step if f.data_index < 0 else f.data_index == data_index
+
+        return [f for f in self.faults if f.kind == kind and hits(f) and self._claim(f, step)]
 
     def _record(self, f: Fault, step: int, **detail: Any) -> None:
         rec = {"fault": f.kind, "id": f.id, "step": step, **detail}
@@ -195,8 +205,8 @@ class FaultInjector:
             while True:
                 time.sleep(3600)
 
-    def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
-        for f in self._due("nan", step):
+    def corrupt_loss(self, step: int, loss: torch.Tensor, data_index: int = -1) -> torch.Tensor:
+        for f in self._due("nan", step, data_index):
             self._record(f, step)
             return loss * float("nan")
         return loss

@@ -43,6 +43,7 @@ from trainer.model import GPT
 from trainer.monitors import SpikeDetector, group_norms
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.parallel import (
+    Abandoned,
     CollectiveFailed,
     GradSync,
     Topology,
@@ -143,6 +144,7 @@ class Trainer:
             )
         self.cfg = cfg
         self.topo: Topology | None = None
+        self.job_id = ""  # set by an agent's assignment
         self.cursor = Cursor()
         self.has_state = False  # trained or restored in this process: may serve as a healing source
         self.stop_requested = False
@@ -174,11 +176,15 @@ class Trainer:
     def event(self, name: str, **fields: Any) -> None:
         rank = self.topo.rank if self.topo else -1
         gen = self.topo.generation if self.topo else -1
+        # request_epoch counts the in-job requests (rollbacks) handled so far: a detection repeated
+        # after a replay is a new occurrence, not a duplicate of the first.
         rec = {
             "event": name,
             "rank": rank,
             "generation": gen,
             "step": fields.pop("step", self.cursor.step),
+            "request_epoch": self.cursor.request_id,
+            "job_id": self.job_id,
             **fields,
         }
         if name in contract.DETECTOR_EVENTS:
@@ -208,15 +214,13 @@ class Trainer:
                 self.join(assignment)
                 outcome = self.train()
                 break
-            except (CollectiveFailed, GenerationChange) as e:
-                if (
-                    self.topo is None
-                    or not self.topo.managed
-                    or (self.cfg.parallel == "fsdp" and isinstance(e, CollectiveFailed))
-                ):
+            except (CollectiveFailed, GenerationChange, Abandoned) as e:
+                if assignment is None or (self.cfg.parallel == "fsdp" and isinstance(e, CollectiveFailed)):
                     raise
-                failed_gen = self.topo.generation
-                if isinstance(e, CollectiveFailed):
+                failed_gen = assignment.generation
+                if isinstance(e, Abandoned):
+                    self.event("abandoned", reason=str(e), has_state=self.has_state)
+                elif isinstance(e, CollectiveFailed):
                     self.event("collective_failed", error=str(e)[:500], has_state=self.has_state)
                 else:
                     self.event("generation_change", step=self.cursor.step, has_state=self.has_state)
@@ -242,8 +246,20 @@ class Trainer:
         cfg = self.cfg
         # Validate the layout before any process group starts.
         self.accum = cfg.check_world(assignment.world_size if assignment else env_topology()[1])
-        topo = form_group(assignment, device_kind=cfg.device, timeout_s=self.opts.collective_timeout_s)
+        topo = form_group(
+            assignment,
+            device_kind=cfg.device,
+            timeout_s=self.opts.collective_timeout_s,
+            abandon=lambda: (
+                self.stop_requested
+                or (
+                    assignment is not None and self.paths.latest_assignment(assignment.generation) is not None
+                )
+            ),
+        )
         self.topo = topo
+        if assignment is not None:
+            self.job_id = assignment.job_id
         first = self.optimizer is None
         if first:
             self.model.to(topo.device)
@@ -453,6 +469,7 @@ class Trainer:
         cfg, topo, model, opt = self.cfg, self.topo, self.model, self.optimizer
         t0 = time.perf_counter()
         index = self.cursor.step  # 0-based index of the step being computed
+        opt.zero_grad(set_to_none=True)  # a step cut short by a failed collective may have left gradients
         lr = lr_at(index, cfg.optim, cfg.steps)
         set_lr(opt, lr)
         if self.injector:
@@ -476,7 +493,9 @@ class Trainer:
             if micro == 0:
                 act_norms = list(model.activation_norms)
                 if self.injector:
-                    loss = self.injector.corrupt_loss(index + 1, loss)
+                    loss = self.injector.corrupt_loss(
+                        index + 1, loss, data_index(index, self.cursor.skip_windows)
+                    )
             (loss / self.accum).backward()
             loss_sum += loss.detach().double()
             if micro == 0 and audit_due:
@@ -737,10 +756,12 @@ class Trainer:
         )
 
     def _restore_snapshot(self, snap: Any) -> None:
-        request_id = self.cursor.request_id
+        request_id, windows = self.cursor.request_id, self.cursor.skip_windows
         extra = self.snapshots.restore(snap, self.model, self.optimizer)
         self.cursor = Cursor.from_json(extra["cursor"])
-        self.cursor.request_id = request_id  # requests already handled stay handled
+        # Handled requests stay handled and skipped windows stay skipped: both are decisions about
+        # the future, not state of the past.
+        self.cursor.request_id, self.cursor.skip_windows = request_id, windows
         self.spikes.load_state(extra["spikes"])
 
     # ------------------------------------------------------------------------------------------

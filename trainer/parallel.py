@@ -20,7 +20,7 @@ import datetime
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +70,23 @@ def env_topology() -> tuple[int, int, int, int]:
     return rank, world, local_rank, local_world
 
 
-def form_group(assign: Assignment | None, *, device_kind: str, timeout_s: float) -> Topology:
-    """Initialise the default process group for this generation."""
+class Abandoned(RuntimeError):
+    """A newer generation was assigned while this rank waited for its peers to arrive."""
+
+
+def form_group(
+    assign: Assignment | None,
+    *,
+    device_kind: str,
+    timeout_s: float,
+    abandon: Callable[[], bool] = lambda: False,
+) -> Topology:
+    """Initialise the default process group for this generation.
+
+    Agent-managed ranks first meet at a counter in the store, polling ``abandon`` while they wait:
+    a rank whose generation is superseded before every peer arrived (a member died on the way)
+    leaves at once instead of blocking in ``init_process_group`` until its timeout.
+    """
     timeout = datetime.timedelta(seconds=timeout_s)
     if assign is None:
         rank, world, local_rank, local_world = env_topology()
@@ -90,6 +105,20 @@ def form_group(assign: Assignment | None, *, device_kind: str, timeout_s: float)
     store = dist.TCPStore(assign.master_addr, assign.master_port, is_master=False, timeout=timeout)
     # One key space per (job, generation): a restarted rank can never read an older generation's keys.
     prefixed = dist.PrefixStore(f"stanchion/{assign.job_id}/gen{assign.generation}/", store)
+    with collective("waiting for the generation's ranks"):
+        arrived = prefixed.add("arrived", 1)
+        deadline = time.monotonic() + timeout_s
+        while arrived < assign.world_size:
+            if abandon():
+                raise Abandoned(
+                    f"generation {assign.generation} superseded while {arrived}/{assign.world_size} ranks had arrived"
+                )
+            if time.monotonic() > deadline:
+                raise CollectiveFailed(
+                    f"only {arrived}/{assign.world_size} ranks arrived within {timeout_s:.0f}s"
+                )
+            time.sleep(0.005)
+            arrived = prefixed.add("arrived", 0)
     with collective("forming the process group"):
         dist.init_process_group(
             backend,

@@ -62,7 +62,10 @@ NprocOpt = Annotated[
     int, typer.Option("--nproc", min=1, help="Ranks per run (one torch thread each on a CPU).")
 ]
 RoundsOpt = Annotated[
-    int | None, typer.Option("--rounds", min=1, help="Interleaved rounds of every run (ABBA order).")
+    int | None,
+    typer.Option(
+        "--rounds", min=1, help="Interleaved rounds of every run, ABBA order (default 3; 1 with --quick)."
+    ),
 ]
 TimeoutOpt = Annotated[
     float, typer.Option("--timeout-s", min=1.0, help="Give up on one run after this many seconds.")
@@ -180,7 +183,9 @@ def trainer(
     steps: Annotated[
         int | None,
         typer.Option(
-            "--steps", min=2, help="Steps per run (default: 60 for tiny, 8 for larger presets on a CPU)."
+            "--steps",
+            min=2,
+            help="Steps per run (default: 60 for tiny, 20 for larger presets on a CPU, 50 on a GPU).",
         ),
     ] = None,
     nproc: NprocOpt = 2,
@@ -201,7 +206,7 @@ def trainer(
     from diagnostics.bench import bench_trainer, work_directory
 
     presets = presets or ["tiny", "gpt2-124m"]
-    rounds = rounds or 2
+    rounds = rounds or 3
     command = command_line(
         "bench trainer",
         [

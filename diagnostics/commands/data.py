@@ -67,8 +67,7 @@ def prepare(
         int, typer.Option("--vocab-size", min=257, help="Tokens in the byte-level BPE vocabulary.")
     ] = 2048,
     val_fraction: Annotated[
-        float,
-        typer.Option("--val-fraction", help="Share of documents held out for validation, in (0, 1)."),
+        float, typer.Option("--val-fraction", help="Share of documents held out for validation, in (0, 1).")
     ] = 0.05,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the train/validation split.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,

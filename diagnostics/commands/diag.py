@@ -69,12 +69,7 @@ def open_nvml() -> Any:
 
 
 def matmul_self_test(
-    device: str,
-    a: Any,
-    b: Any,
-    reference: Any,
-    *,
-    rtol: float = SELF_TEST_RTOL,
+    device: str, a: Any, b: Any, reference: Any, *, rtol: float = SELF_TEST_RTOL
 ) -> SelfTest:
     """``a @ b`` in fp32 on ``device`` against ``reference`` (float64, on the CPU), TF32 off."""
     import torch

@@ -50,10 +50,7 @@ def flag(args: list[str], name: str) -> str:
 
 @pytest.mark.parametrize("tree", TREES)
 def test_renders_and_validates_strictly(tree: str) -> None:
-    result = run(
-        [*kubernetes_validate_cmd(), "--strict", "-k", OLDEST_KUBERNETES, "-"],
-        input=rendered(tree),
-    )
+    result = run([*kubernetes_validate_cmd(), "--strict", "-k", OLDEST_KUBERNETES, "-"], input=rendered(tree))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "ERROR" not in output, output

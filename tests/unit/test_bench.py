@@ -112,6 +112,12 @@ def test_step_time_stats_pool_runs_and_classes() -> None:
     assert [r["round"] for r in stats["runs"]] == [0, 1]
 
 
+def test_paired_ratios_compare_runs_of_the_same_round() -> None:
+    base = [Run("b", 0, [], {1: 1.0}, 1.0), Run("b", 1, [], {1: 2.0}, 1.0)]
+    runs = [Run("a", 1, [], {1: 3.0}, 1.0), Run("a", 0, [], {1: 1.1}, 1.0), Run("a", 2, [], {1: 1.0}, 1.0)]
+    assert bench.paired_ratios(runs, base) == [1.5, pytest.approx(1.1), None]
+
+
 def test_read_step_times_drops_warmup_and_keeps_the_newest_record(tmp_path: Path) -> None:
     progress = tmp_path / "ranks" / "rank-00000" / "progress.jsonl"
     progress.parent.mkdir(parents=True)
@@ -154,7 +160,7 @@ def test_gpt2_is_reduced_on_a_cpu_and_says_so(tmp_path: Path) -> None:
     assert plan.sets["data.micro_batch_size"] == 1
     assert plan.sets["data.global_batch_size"] == 2
     assert plan.sets["data.seq_len"] == 256
-    assert plan.sets["optim.warmup_steps"] == plan.steps == 8
+    assert plan.sets["optim.warmup_steps"] == plan.steps == 20
     assert any("reduced for CPU" in n for n in plan.notes)
     cfg = bench.resolve_flags(plan.flags)  # the trainer's own parser accepts the flags
     assert cfg.check_world(2) == 1
@@ -240,6 +246,7 @@ def test_envelope_shape() -> None:
     }
     assert env["results"] == {"v": 1.235}
     assert {"cpu_model", "logical_cores", "torch", "load_average_1_5_15"} <= set(env["machine"])
+    assert set(env["machine"]["load_average_1_5_15"]) == {"at_start", "at_end"}
     assert env["goals"][0] == {"goal": "g", "value": 0.5, "target": "<= 1", "met": True, "how": "how"}
     json.dumps(env)
 

@@ -248,9 +248,17 @@ def test_coordinator_restart_reconciles_without_restarting() -> None:
 def test_peer_waiting_without_a_failure_report_restarts_after_grace() -> None:
     cluster = nodes("a", "b")
     job = m.step(running(cluster), m.PeerWaiting("a", 1), cluster, 1.0).job
-    assert m.step(job, m.Tick(), cluster, 2.0).actions == ()
+    assert m.step(job, m.Tick(), cluster, 1.0 + m.PEER_WAIT_GRACE_S / 2).actions == ()
     d = m.step(job, m.Tick(), cluster, 1.0 + m.PEER_WAIT_GRACE_S)
-    assert isinstance(d.actions[0], m.StartGeneration)
+    assert isinstance(d.actions[0], m.StartGeneration) and d.actions[0].members == ("a", "b")
+
+
+def test_a_silent_member_is_taken_for_the_vanished_peer() -> None:
+    cluster = nodes("a", "b", spares=("s",))
+    job = m.step(running(cluster), m.PeerWaiting("a", 1), cluster, 1.0).job
+    quiet = {**cluster, "b": dataclasses.replace(cluster["b"], heartbeat_age_s=m.QUIET_S + 0.5)}
+    d = m.step(job, m.Tick(), quiet, 1.0 + m.PEER_WAIT_GRACE_S)
+    assert d.actions[0].members == ("a", "s") and "b went silent" in d.reason
 
 
 def test_illegal_transitions_are_refused() -> None:

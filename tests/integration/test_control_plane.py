@@ -1,0 +1,260 @@
+"""The control plane end to end: a coordinator and agents as real processes on 127.0.0.1, real
+faults (SIGKILL, SIGSTOP, killed agents and coordinators, injected NaNs, bit flips and mercurial
+cores), and the invariant that the final state equals a fault-free run's, bit for bit."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import REPO, env, job_spec, read_jsonl, small_flags
+
+from diagnostics.localcluster import LocalCluster
+
+STEPS = 40
+DATA = "fixture-512"
+
+
+def golden(tmp: Path, data: Path, world: int, steps: int = STEPS, trainer: dict | None = None) -> dict:
+    """The fault-free run of the same config and world size, under plain `python -m trainer`."""
+    run = tmp / f"golden-{world}-{steps}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "--nproc",
+        str(world),
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run),
+        "--steps",
+        str(steps),
+        "--checkpoint-every",
+        "0",
+        *small_flags(trainer),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = [e for e in read_jsonl(run / "ranks/rank-00000/events.jsonl") if e["event"] == "finished"][-1]
+    return {"fingerprint": done["fingerprint"], "val_loss": done["val_loss"]}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, small_data_module: Path):
+    root = tmp_path_factory.mktemp("cluster")
+    c = LocalCluster(root, tls=False, hang_floor_s=3.0, stop_grace_s=10.0, heartbeat_timeout_s=8.0)
+    shutil.copytree(small_data_module, c.data_root / DATA)
+    try:
+        c.start_coordinator()
+        for n in ("node-0", "node-1", "node-2"):
+            c.start_agent(n)
+        c.start_agent("spare-0", spare=True)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def small_data_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from support import prepare_data
+
+    return prepare_data(tmp_path_factory.mktemp("cpdata") / DATA)
+
+
+@pytest.fixture(scope="module")
+def golden3(tmp_path_factory: pytest.TempPathFactory, small_data_module: Path) -> dict:
+    return golden(tmp_path_factory.mktemp("golden"), small_data_module, 3)
+
+
+def reset(c: LocalCluster) -> None:
+    """Every node eligible again, every agent up, before the next scenario."""
+    from protos.stanchion.v1 import operator_pb2
+
+    for n in list(c.agents):
+        if not c.agents[n].alive():
+            c.restart_agent(n)
+    c.wait(
+        lambda: all(x.state == 1 or x.state == 2 for x in c.nodes()) and len(c.nodes()) >= 4,
+        60,
+        "nodes ready",
+    )
+    for n in c.nodes():
+        if n.state != 1:
+            c.rpc("UncordonNode", operator_pb2.UncordonNodeRequest(node_id=n.node_id))
+
+
+def run_job(c: LocalCluster, name: str, **kw) -> str:
+    reset(c)
+    return c.submit(job_spec(name, DATA, nodes=3, steps=kw.pop("steps", STEPS), **kw))
+
+
+def progressed(c: LocalCluster, job_id: str, step: int) -> bool:
+    return c.job(job_id).step >= step
+
+
+def finish(c: LocalCluster, job_id: str, timeout: float = 240) -> object:
+    job = c.wait_job({"succeeded", "failed", "cancelled"}, timeout, job_id)
+    reasons = [d.reason for d in c.explain(job_id).decisions]
+    assert job.state == 5, f"job ended in state {job.state}: {reasons}"
+    return job
+
+
+def reasons(c: LocalCluster, job_id: str) -> list[str]:
+    return [d.reason for d in c.explain(job_id).decisions]
+
+
+def rank_pid(c: LocalCluster, job_id: str, rank: int) -> int:
+    job = c.job(job_id)
+    node = job.nodes[rank]
+    live = [r for r in c.ranks(node) if r["generation"] == job.generation]
+    assert live, f"no live rank on {node}"
+    return live[-1]["pid"]
+
+
+def test_rank_crash_heals_from_a_live_peer_without_losing_steps(cluster: LocalCluster, golden3: dict) -> None:
+    job_id = run_job(cluster, "crash")
+    cluster.wait(lambda: progressed(cluster, job_id, 12), 120, "step 12")
+    cluster.signal_pid(rank_pid(cluster, job_id, 1), signal.SIGKILL)
+    job = finish(cluster, job_id)
+    assert job.final_fingerprint == golden3["fingerprint"]
+    assert job.restarts == 1
+    assert any(
+        "crashed: signal SIGKILL" in r and "heal the replacement from a live peer" in r
+        for r in reasons(cluster, job_id)
+    )
+    healed = [e for e in cluster.events("healed") if e.get("job_id") == job_id and e["generation"] == 2]
+    assert healed, "the replacement did not heal from a peer"
+
+
+def test_hung_rank_is_killed_by_its_agent_and_replaced(cluster: LocalCluster, golden3: dict) -> None:
+    job_id = run_job(cluster, "hang")
+    cluster.wait(lambda: progressed(cluster, job_id, 12), 120, "step 12")
+    pid = rank_pid(cluster, job_id, 2)
+    cluster.signal_pid(pid, signal.SIGSTOP)
+    job = finish(cluster, job_id)
+    assert job.final_fingerprint == golden3["fingerprint"]
+    assert any("hung" in r for r in reasons(cluster, job_id))
+
+
+def test_nan_is_replayed_in_place_and_leaves_no_trace(cluster: LocalCluster, golden3: dict) -> None:
+    job_id = run_job(
+        cluster,
+        "nan",
+        faults=[{"kind": "nan", "step": 15, "rank": 1}],
+        trainer={"integrity": {"snapshot_every": 5, "fingerprint_every": 5}},
+    )
+    job = finish(cluster, job_id)
+    assert job.final_fingerprint == golden3["fingerprint"]
+    rs = reasons(cluster, job_id)
+    assert any("nonfinite at step 15: rolling back in place and replaying" in r for r in rs), rs
+    assert job.restarts == 0
+
+
+def test_a_nan_that_recurs_at_the_same_data_skips_that_window(cluster: LocalCluster, golden3: dict) -> None:
+    # A poisoned batch: the NaN follows the data (index 14, trained at step 15), on every pass over it.
+    job_id = run_job(
+        cluster,
+        "nan-data",
+        faults=[{"kind": "nan", "data_index": 14, "rank": 1, "repeat": True}],
+        trainer={"integrity": {"snapshot_every": 5, "fingerprint_every": 5}},
+    )
+    job = finish(cluster, job_id)
+    rs = reasons(cluster, job_id)
+    assert any("recurred at the same data" in r for r in rs), rs
+    assert [(w.start, w.length) for w in job.skip_windows] == [(14, 8)]
+    # Data skipped on purpose: the state differs, but the run is healthy and close to the clean one.
+    assert job.final_fingerprint != golden3["fingerprint"]
+    recs = [r for r in cluster.progress() if r.get("generation") == job.generation and r["rank"] == 0]
+    by_step = {r["step"]: r["data_index"] for r in recs}
+    assert by_step[15] == 14 + 8 and by_step[14] == 13
+    val = [e for e in cluster.events("finished") if e.get("fingerprint") == job.final_fingerprint][0][
+        "val_loss"
+    ]
+    assert abs(val - golden3["val_loss"]) / golden3["val_loss"] < 0.05
+
+
+def test_a_named_fingerprint_mismatch_cordons_the_node_and_the_majority_heals_a_spare(
+    cluster: LocalCluster, golden3: dict
+) -> None:
+    job_id = run_job(
+        cluster,
+        "flip",
+        faults=[{"kind": "bitflip", "step": 14, "node": "node-2", "target": "param", "bit": 20}],
+        trainer={"integrity": {"fingerprint_every": 2}},
+    )
+    job = finish(cluster, job_id)
+    assert job.final_fingerprint == golden3["fingerprint"]
+    assert "node-2" not in job.nodes and "spare-0" in job.nodes
+    cordoned = {n.node_id: n.reason for n in cluster.nodes() if n.state == 2}
+    assert "node-2" in cordoned and "diverged" in cordoned["node-2"]
+
+
+def test_a_mercurial_core_named_by_the_audit_is_replaced_and_the_survivors_roll_back(
+    cluster: LocalCluster, golden3: dict
+) -> None:
+    job_id = run_job(
+        cluster,
+        "audit",
+        faults=[{"kind": "compute", "node": "node-1", "from_step": 12, "prob": 1.0}],
+        trainer={"integrity": {"audit_every": 5, "fingerprint_every": 5, "snapshot_every": 5}},
+    )
+    job = finish(cluster, job_id)
+    assert job.final_fingerprint == golden3["fingerprint"], reasons(cluster, job_id)
+    assert "node-1" not in job.nodes
+    assert any("audit at step 15" in r and "roll back to step 10" in r for r in reasons(cluster, job_id))
+
+
+def test_node_loss_is_replaced_by_a_spare(cluster: LocalCluster, golden3: dict) -> None:
+    job_id = run_job(cluster, "nodeloss")
+    cluster.wait(lambda: progressed(cluster, job_id, 12), 120, "step 12")
+    cluster.kill_agent("node-1")  # its ranks die with it
+    job = finish(cluster, job_id)
+    assert job.final_fingerprint == golden3["fingerprint"]
+    assert "spare-0" in job.nodes and "node-1" not in job.nodes
+    assert any("node node-1 lost" in r for r in reasons(cluster, job_id))
+
+
+def test_without_a_spare_data_parallelism_shrinks_keeping_the_global_batch(
+    cluster: LocalCluster, golden3: dict
+) -> None:
+    from protos.stanchion.v1 import operator_pb2
+
+    reset(cluster)
+    cluster.rpc("CordonNode", operator_pb2.CordonNodeRequest(node_id="spare-0", reason="test: no spare"))
+    job_id = cluster.submit(job_spec("shrink", DATA, nodes=3, steps=STEPS))
+    cluster.wait(lambda: progressed(cluster, job_id, 12), 120, "step 12")
+    cluster.kill_agent("node-2")
+    job = finish(cluster, job_id)
+    assert list(job.nodes) == ["node-0", "node-1"]
+    assert any("shrinks from 3 to 2 nodes" in r for r in reasons(cluster, job_id))
+    started = [
+        e
+        for e in cluster.events("started")
+        if e.get("job_id") == job_id and e["generation"] == job.generation
+    ]
+    assert {e["world_size"] for e in started} == {2} and {e["grad_accum"] for e in started} == {3}
+    val = [e for e in cluster.events("finished") if e.get("fingerprint") == job.final_fingerprint][0][
+        "val_loss"
+    ]
+    assert abs(val - golden3["val_loss"]) / golden3["val_loss"] < 0.05
+
+
+def test_coordinator_sigkill_mid_run_training_continues_and_nothing_restarts(
+    cluster: LocalCluster, golden3: dict
+) -> None:
+    job_id = run_job(cluster, "coordkill", steps=60)
+    cluster.wait(lambda: progressed(cluster, job_id, 10), 120, "step 10")
+    before = cluster.job(job_id)
+    cluster.kill_coordinator()
+    steps_before = max(r["step"] for r in cluster.progress())
+    cluster.start_coordinator()
+    job = finish(cluster, job_id)
+    assert job.generation == before.generation and job.restarts == 0
+    assert max(r["step"] for r in cluster.progress()) > steps_before  # ranks trained while it was down
+    assert any("reconciled" in r and "nothing restarted" in r for r in reasons(cluster, job_id))
+    assert job.final_fingerprint == golden(Path(cluster.root), cluster.data_root / DATA, 3, 60)["fingerprint"]
