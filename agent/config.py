@@ -31,7 +31,7 @@ class AgentConfig:
     startup_timeout_s: float = 300.0  # first step of a generation must come within this
     stop_grace_s: float = 60.0  # SIGTERM, then SIGKILL after this (room for an emergency checkpoint)
     rpc_timeout_s: float = 5.0
-    max_backoff_s: float = 5.0
+    max_backoff_s: float = 2.0  # retries while the coordinator is unreachable (it reconciles for 10 s)
     simulate_defect: str = (
         ""  # "persistent" or "intermittent:P": this node's ranks corrupt matmuls (bisection tests)
     )

@@ -580,7 +580,11 @@ def on_detector(job: Job, ev: Detector, nodes: Mapping[str, NodeView], now: floa
                 nodes,
                 now,
                 exclude=suspects,
-                detail=f"replica fingerprints at step {ev.step}: {ev.detail}; the majority's state is kept",
+                # The odd replica kept training with its peers until the new generation formed, and
+                # its gradients reached everyone's average: the majority rolls back to the check.
+                rollback_to=ev.step,
+                detail=f"replica fingerprints at step {ev.step}: {ev.detail}; the majority rolls back to its "
+                f"state at or before step {ev.step} and heals the replacement",
             )
             return dataclasses.replace(d, actions=marks + cordons + d.actions)
         return _rollback(

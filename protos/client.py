@@ -58,6 +58,11 @@ SERVICE_CONFIG = json.dumps(
 def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str, Any]]:
     return [
         *KEEPALIVE,
+        # gRPC's reconnect backoff grows to 120 s by default: an agent would then find a restarted
+        # coordinator long after the coordinator's reconcile grace. Cap it at 2 s.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
         ("grpc.enable_retries", 1),
         ("grpc.service_config", SERVICE_CONFIG),
         ("grpc.max_receive_message_length", max_message_bytes),

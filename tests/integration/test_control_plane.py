@@ -216,7 +216,7 @@ def test_node_loss_is_replaced_by_a_spare(cluster: LocalCluster, golden3: dict) 
     job = finish(cluster, job_id)
     assert job.final_fingerprint == golden3["fingerprint"]
     assert "spare-0" in job.nodes and "node-1" not in job.nodes
-    assert any("node node-1 lost" in r for r in reasons(cluster, job_id))
+    assert any("node-1 went silent" in r or "node node-1 lost" in r for r in reasons(cluster, job_id))
 
 
 def test_without_a_spare_data_parallelism_shrinks_keeping_the_global_batch(
@@ -247,7 +247,7 @@ def test_without_a_spare_data_parallelism_shrinks_keeping_the_global_batch(
 def test_coordinator_sigkill_mid_run_training_continues_and_nothing_restarts(
     cluster: LocalCluster, golden3: dict
 ) -> None:
-    job_id = run_job(cluster, "coordkill", steps=60)
+    job_id = run_job(cluster, "coordkill", steps=120)
     cluster.wait(lambda: progressed(cluster, job_id, 10), 120, "step 10")
     before = cluster.job(job_id)
     cluster.kill_coordinator()
@@ -257,4 +257,6 @@ def test_coordinator_sigkill_mid_run_training_continues_and_nothing_restarts(
     assert job.generation == before.generation and job.restarts == 0
     assert max(r["step"] for r in cluster.progress()) > steps_before  # ranks trained while it was down
     assert any("reconciled" in r and "nothing restarted" in r for r in reasons(cluster, job_id))
-    assert job.final_fingerprint == golden(Path(cluster.root), cluster.data_root / DATA, 3, 60)["fingerprint"]
+    assert (
+        job.final_fingerprint == golden(Path(cluster.root), cluster.data_root / DATA, 3, 120)["fingerprint"]
+    )

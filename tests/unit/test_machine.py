@@ -153,6 +153,7 @@ def test_fingerprint_mismatch_named_cordons_and_replaces_unnamed_rolls_back() ->
     kinds = [type(a).__name__ for a in d.actions]
     assert kinds == ["Cordon", "StartGeneration"] and d.actions[0].node_id == "c"
     assert d.actions[1].members == ("a", "b", "s") and d.actions[1].resume == "peer"
+    assert d.actions[1].rollback_to == 40  # the odd replica's gradients reached the average until it left
 
     job2 = running(nodes("a", "b"))
     d = m.step(
