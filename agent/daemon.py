@@ -91,6 +91,9 @@ class Agent:
         self._start_metrics()
         await self._start_health()
         await self.group.ensure_standbys()
+        from agent.trials import TrialRunner
+
+        self.trial_runner = TrialRunner(self)
         self._tasks = [
             asyncio.create_task(self._monitor(), name="monitor"),
             asyncio.create_task(self._heartbeats(), name="heartbeats"),

@@ -284,11 +284,11 @@ class WorkerGroup:
     ) -> None:
         """Stop every assigned rank: a stop assignment (so peers leave together), SIGTERM (a rank in
         training checkpoints and exits 0), then SIGKILL after the grace period."""
-        gen = generation if generation is not None else self.generation + 1
         for w in self.workers:
             if w.alive and w.slot is not None and not w.stopping:
                 log.info("stopping w%05d (rank %d): %s", w.wid, w.rank, reason)
-                await self._supersede(w, gen)
+                # A stop is an assignment newer than any the rank has: it leaves with its peers.
+                await self._supersede(w, max(generation or 0, w.generation, self.generation) + 1)
                 if checkpoint:
                     with contextlib.suppress(ProcessLookupError):
                         w.proc.send_signal(signal.SIGTERM)

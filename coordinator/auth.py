@@ -63,7 +63,7 @@ ROLES = frozenset({ROLE_COORDINATOR, ROLE_AGENT, ROLE_OPERATOR, ROLE_READER})
 ROLE_ANONYMOUS = "anonymous"
 
 TRUST_DOMAIN = "stanchion"
-NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")  # \Z: "$" would allow a trailing newline
 _NAME_RE = NODE_ID_RE  # operator and reader names follow the node-id rules too
 
 CA_CERT_FILE = "ca.pem"
@@ -464,7 +464,25 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 def _wrap_handler(
     handler: grpc.RpcMethodHandler, authorize: Callable[[grpc.aio.ServicerContext], Awaitable[Identity]]
 ) -> grpc.RpcMethodHandler:
-    """The same handler with ``authorize`` run first in each of its behaviours (all four kinds)."""
+    """The same handler with ``authorize`` run first in each of its behaviours (all four kinds).
+
+    A single request message is parsed only after ``authorize`` passed: grpc would otherwise run
+    the protobuf parser on a refused caller's bytes first, and answer bytes that do not parse with
+    UNKNOWN ("Unexpected <class 'DecodeError'>"). Here they get INVALID_ARGUMENT, and a caller
+    without credentials gets UNAUTHENTICATED whatever it sends. (Request streams, which no
+    Stanchion RPC has, keep grpc's own parsing.)
+    """
+    parse = None if handler.request_streaming else handler.request_deserializer
+
+    async def request(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+        if parse is None:
+            return raw
+        try:
+            return parse(raw)
+        except Exception as e:  # noqa: BLE001 - whatever the parser raises, the bytes are the problem
+            log.info("undecodable request from %s: %s", context.peer(), e)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid message")
+            raise AssertionError("unreachable: abort raises") from None
 
     def wrap(behavior: Callable[..., Any] | None) -> Callable[..., Any] | None:
         if behavior is None:
@@ -473,7 +491,7 @@ def _wrap_handler(
 
             async def wrapped_stream(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
                 _CURRENT.set((context, await authorize(context)))
-                async for response in behavior(request_or_iterator, context):
+                async for response in behavior(await request(request_or_iterator, context), context):
                     yield response
 
             return wrapped_stream
@@ -481,7 +499,7 @@ def _wrap_handler(
         async def wrapped(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
             reset = _CURRENT.set((context, await authorize(context)))
             try:
-                result = behavior(request_or_iterator, context)
+                result = behavior(await request(request_or_iterator, context), context)
                 return await result if inspect.isawaitable(result) else result
             finally:
                 _CURRENT.reset(reset)
@@ -489,6 +507,7 @@ def _wrap_handler(
         return wrapped
 
     return handler._replace(  # type: ignore[attr-defined]  # grpc's handlers are namedtuples
+        request_deserializer=handler.request_deserializer if handler.request_streaming else None,
         unary_unary=wrap(handler.unary_unary),
         unary_stream=wrap(handler.unary_stream),
         stream_unary=wrap(handler.stream_unary),

@@ -615,6 +615,30 @@ class Controller:
             return m.RankFinished(e.generation, e.rank, d.get("fingerprint", ""), d.get("val_loss"))
         return None
 
+    def _do_bisect(self, req: Any) -> dict[str, Any]:
+        from coordinator.bisection import BisectionError
+
+        job_id = req.job_id
+        if job_id and job_id not in self.jobs:
+            raise NotFound(f"job {job_id!r} not found (see `stanchion job list`)")
+        try:
+            run = self.bisector.start(
+                list(req.nodes),
+                job_id=job_id,
+                steps=req.trial_steps,
+                group_size=req.group_size,
+                p_show=req.p_show,
+                delta=req.delta,
+            )
+        except BisectionError as e:
+            raise Invalid(str(e)) from None
+        return {
+            "bisection_id": run.bisection_id,
+            "job_id": run.job_id,
+            "state": run.state,
+            "data": run.to_json(),
+        }
+
     def _do_noop(self, _: Any) -> None:
         return None
 

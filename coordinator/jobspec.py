@@ -30,7 +30,7 @@ from trainer import config as trainer_config
 from trainer import settings
 from trainer.settings import ConfigError, require
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")  # \Z: "$" would allow a trailing newline
 MAX_SPEC_BYTES = 64 * 1024
 
 
@@ -77,10 +77,12 @@ class JobSpec:
         """The resolved trainer config (validated; unknown keys name themselves)."""
         t = dict(self.trainer)
         preset = t.pop("preset", "tiny")
+        if not isinstance(preset, str):  # resolve() looks it up in a dict: a table would raise TypeError
+            raise ConfigError(f"trainer.preset: expected a preset name, got {preset!r}")
         try:
             return trainer_config.resolve(preset, overrides={**t, "preset": preset})
         except ConfigError as e:
-            raise ConfigError(f"trainer.{e}") from None
+            raise ConfigError(_under_trainer(str(e))) from None
 
     def config_json(self) -> str:
         return json.dumps(trainer_config.to_dict(self.train_config()), sort_keys=True)
@@ -114,6 +116,15 @@ def parse(text: str) -> JobSpec:
             if n == spec.nodes:
                 raise ConfigError(f"trainer.{e}") from None
     return spec
+
+
+def _under_trainer(message: str) -> str:
+    """A trainer-config error as a job-spec error: its key moves under ``trainer.``."""
+    if message.startswith("unknown key '"):  # settings.build: "unknown key 'data.x' in [data]; ..."
+        return message.replace("unknown key '", "unknown key 'trainer.", 1).replace(
+            " in [", " in [trainer.", 1
+        )
+    return f"trainer.{message}"
 
 
 def check_data_path(path: str) -> None:

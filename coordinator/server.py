@@ -102,7 +102,10 @@ async def build(cfg: CoordinatorConfig) -> Running:
         health_server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         health_server.add_insecure_port(f"{cfg.listen.rpartition(':')[0]}:{cfg.health_port}")
-    bisector = None
+    from coordinator.bisection import Bisector
+
+    bisector = Bisector(controller)
+    controller.bisector = bisector
     metrics_server, metrics_port = None, 0
     if cfg.metrics_port >= 0:
         from coordinator.metrics import start_metrics

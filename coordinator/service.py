@@ -20,9 +20,13 @@ from coordinator.controller import Controller, Invalid, NodeRecord, NotFound
 from protos.stanchion.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc, types_pb2
 from trainer.settings import ConfigError
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "node-a\n" through.
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
+# Enum fields are open in proto3 (any int32 arrives); only the values the API defines are accepted.
+HEALTH_VERDICTS = frozenset(types_pb2.HealthVerdict.values())
+WORKER_STATES = frozenset(types_pb2.WorkerState.values())
 MAX_EVENTS = 1000
 MAX_DETAIL = 64 * 1024
 MAX_TEXT = 512
@@ -165,6 +169,7 @@ def validate_heartbeat(req: agent_pb2.HeartbeatRequest) -> None:
         check(
             -1 <= w.local_rank < 64 and w.rank >= -1 and w.step >= 0, "workers[]: rank or step out of range"
         )
+        check(w.state in WORKER_STATES, f"workers[].state: {w.state} is not a WorkerState")
         check_finite(w.step_time_s, "workers[].step_time_s")
         check_text(w.exit_reason, "workers[].exit_reason", 2048)
     check(len(req.events) <= MAX_EVENTS, f"events: at most {MAX_EVENTS} per heartbeat")
@@ -185,6 +190,9 @@ def validate_heartbeat(req: agent_pb2.HeartbeatRequest) -> None:
                 )
             except json.JSONDecodeError:
                 raise BadRequest("events[].detail_json: not valid JSON") from None
+            except RecursionError:  # 64 KiB of '[' is within the size limit and beyond the parser's depth
+                raise BadRequest("events[].detail_json: nested too deeply") from None
+    check(req.health in HEALTH_VERDICTS, f"health: {req.health} is not a HealthVerdict")
     check_text(req.health_reason, "health_reason", 2048)
     check(len(req.traces) <= 64, "traces: at most 64")
     for t in req.traces:
@@ -404,6 +412,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 check_id(n, "nodes[]")
             check(0 <= request.trial_steps <= 10_000, "trial_steps: must be between 0 and 10000")
             check(0 <= request.group_size <= 64, "group_size: must be between 0 and 64")
+            check(0.0 <= request.p_show <= 1.0, "p_show: must be a probability in [0, 1] (0: deterministic)")
+            check(0.0 <= request.delta < 1.0, "delta: must be in [0, 1) (0: the default 1e-3)")
             if self.c.bisector is None:
                 raise Invalid("bisection is not enabled on this coordinator")
             b = await self.c.submit("bisect", request)

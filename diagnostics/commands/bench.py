@@ -185,7 +185,7 @@ def trainer(
         typer.Option(
             "--steps",
             min=2,
-            help="Steps per run (default: 60 for tiny, 20 for larger presets on a CPU, 50 on a GPU).",
+            help="Steps per run (default: 100 for tiny, 20 for larger presets on a CPU, 50 on a GPU).",
         ),
     ] = None,
     nproc: NprocOpt = 2,

@@ -272,3 +272,156 @@ def gpu(
         message(f"node is not fit to train: {'; '.join(problems)}")
     if code != EXIT_OK:
         raise typer.Exit(code=code)
+
+
+BISECT_EPILOG = (
+    "Exit codes: 0 done (faulty nodes, if any, are listed and cordoned), 1 failed, 2 invalid request, "
+    "3 not found, 4 coordinator unreachable, 5 not authorized."
+)
+
+
+@app.command("bisect", epilog=BISECT_EPILOG)
+@handle_errors
+def bisect(
+    nodes: Annotated[
+        str, typer.Option("--nodes", help="Comma-separated node ids (default: every eligible node).")
+    ] = "",
+    trial_steps: Annotated[int, typer.Option(help="Steps of the deterministic trial.")] = 8,
+    group_size: Annotated[
+        int, typer.Option(help="Nodes per trial group (multi-node groups test links and NICs).")
+    ] = 1,
+    p_show: Annotated[
+        float, typer.Option(help="Lower bound on how often an intermittent fault shows per trial.")
+    ] = 1.0,
+    delta: Annotated[float, typer.Option(help="Acceptable probability of a wrong verdict.")] = 1e-3,
+    job_id: Annotated[
+        str, typer.Option("--job", help="Attach the bisection to a job (shown by `job explain`).")
+    ] = "",
+    local_nodes: Annotated[int, typer.Option(help="Run everything on 127.0.0.1 with this many agents.")] = 0,
+    defect: Annotated[
+        str,
+        typer.Option(
+            help="With --local-nodes: INDEX or INDEX:P, the agent whose matmuls are wrong (P: intermittent)."
+        ),
+    ] = "",
+    json_out: Annotated[
+        str,
+        typer.Option(
+            "--json", help="Print JSON; with --local-nodes, the file to write it to ('-' for stdout)."
+        ),
+    ] = "",
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900.0,
+    coordinator: Annotated[
+        str, typer.Option(envvar="STANCHION_COORDINATOR", help="Coordinator HOST:PORT.")
+    ] = "127.0.0.1:50051",
+    tls_dir: Annotated[str, typer.Option(envvar="STANCHION_TLS_DIR", help="mTLS directory.")] = "",
+    insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext gRPC.")] = False,
+    token_file: Annotated[str, typer.Option(envvar="STANCHION_TOKEN_FILE", help="Bearer token file.")] = "",
+) -> None:
+    """Find the node that computes wrong numbers: deterministic trials on node groups, compared.
+
+    With --local-nodes N it starts a coordinator and N agents on 127.0.0.1 (one defective with --defect)
+    and runs the whole path; otherwise it asks the coordinator at --coordinator.
+    """
+    import time
+
+    from diagnostics.remote import call, remote
+    from protos.stanchion.v1 import operator_pb2
+
+    node_list = [n for n in nodes.split(",") if n]
+    req = operator_pb2.StartBisectionRequest(
+        job_id=job_id,
+        nodes=node_list,
+        trial_steps=trial_steps,
+        group_size=group_size,
+        p_show=p_show,
+        delta=delta,
+    )
+    t0 = time.time()
+    if local_nodes:
+        result = _local_bisect(local_nodes, defect, req, timeout)
+    else:
+        r = remote(coordinator, tls_dir, insecure, token_file)
+        b = call(r, lambda s, kw: s.StartBisection(req, **kw)).bisection
+        message(f"bisection {b.bisection_id} started on {', '.join(b.suspects)}")
+        get = operator_pb2.GetBisectionRequest(bisection_id=b.bisection_id)
+        while b.state == "running" and time.time() - t0 < timeout:
+            time.sleep(0.5)
+            b = call(r, lambda s, kw: s.GetBisection(get, **kw)).bisection
+        result = _bisection_dict(b)
+    result["wall_s"] = round(time.time() - t0, 2)
+    if json_out and json_out != "-" and local_nodes:
+        from trainer.contract import write_json_atomic
+
+        write_json_atomic(json_out, result)
+    if json_out:
+        emit_json(result)
+    else:
+        message(f"{result['state']}: {result['reason']}")
+        emit_table(
+            ["faulty", "rounds", "confidence", "reference"],
+            [
+                (
+                    ",".join(result["faulty"]) or "none",
+                    result["rounds"],
+                    f"{result['confidence']:.6f}",
+                    result["reference"],
+                )
+            ],
+        )
+    if result["state"] != "done":
+        raise typer.Exit(code=EXIT_FAILURE)
+
+
+def _bisection_dict(b: Any) -> dict[str, Any]:
+    import json
+
+    return {
+        "bisection_id": b.bisection_id,
+        "state": b.state,
+        "suspects": list(b.suspects),
+        "faulty": list(b.faulty),
+        "rounds": b.rounds,
+        "confidence": b.confidence,
+        "reference": b.reference,
+        "reason": b.reason,
+        "history": json.loads(b.rounds_json or "[]"),
+    }
+
+
+def _local_bisect(n: int, defect: str, req: Any, timeout: float) -> dict[str, Any]:
+    import tempfile
+    import time
+
+    from diagnostics.errors import UsageError
+    from diagnostics.localcluster import LocalCluster
+    from protos.stanchion.v1 import operator_pb2
+
+    index_text, _, p = defect.partition(":")
+    if defect and (not index_text.isdigit() or not 0 <= int(index_text) < n):
+        raise UsageError(f"--defect {defect!r}: expected INDEX or INDEX:P with 0 <= INDEX < {n}")
+    bad = int(index_text) if defect else -1
+    simulate = ("intermittent:" + p) if p else "persistent"
+    with tempfile.TemporaryDirectory(prefix="stanchion-bisect-") as tmp:
+        cluster = LocalCluster(tmp, tls=True)
+        ids = [f"node-{i}" for i in range(n)]
+        try:
+            cluster.init_tls(ids)
+            cluster.start_coordinator()
+            message(f"coordinator on {cluster.address}; starting {n} agents")
+            for i, node_id in enumerate(ids):
+                extra = ["--standby", "0"] + (["--simulate-defect", simulate] if i == bad else [])
+                cluster.start_agent(node_id, extra=extra)
+            b = cluster.rpc("StartBisection", req).bisection
+            deadline = time.time() + timeout
+            while b.state == "running" and time.time() < deadline:
+                time.sleep(0.5)
+                b = cluster.rpc(
+                    "GetBisection", operator_pb2.GetBisectionRequest(bisection_id=b.bisection_id)
+                ).bisection
+            result = _bisection_dict(b)
+            result["defective"] = [ids[bad]] if bad >= 0 else []
+            result["cordoned"] = sorted(x.node_id for x in cluster.nodes() if x.state == 2)
+            return result
+        finally:
+            cluster.stop()

@@ -36,8 +36,16 @@ def test_median_ratio_and_relative_change() -> None:
     assert bench.relative_change(1.0, None) is None
 
 
-def test_summary() -> None:
-    assert bench.summary([2.0, 9.0, 1.0]) == {"median": 2.0, "min": 1.0, "max": 9.0, "n": 3}
+def test_summary_and_p10() -> None:
+    assert bench.summary([2.0, 9.0, 1.0]) == {
+        "median": 2.0,
+        "p10": pytest.approx(1.2),
+        "min": 1.0,
+        "max": 9.0,
+        "n": 3,
+    }
+    assert bench.p10([float(x) for x in range(1, 12)]) == pytest.approx(2.0)
+    assert bench.p10([5.0]) == 5.0
 
 
 def test_stratified_mean_charges_rare_steps_their_share() -> None:
@@ -169,7 +177,7 @@ def test_gpt2_is_reduced_on_a_cpu_and_says_so(tmp_path: Path) -> None:
 
 def test_tiny_keeps_its_batch_unless_it_cannot_divide(tmp_path: Path) -> None:
     plan = bench.trainer_plan("tiny", data=tmp_path, steps=None, nproc=2, cuda=False)
-    assert "data.global_batch_size" not in plan.sets and plan.steps == 60 and plan.warmup == 5
+    assert "data.global_batch_size" not in plan.sets and plan.steps == 100 and plan.warmup == 5
     plan3 = bench.trainer_plan("tiny", data=tmp_path, steps=30, nproc=3, cuda=False)
     assert plan3.sets["data.global_batch_size"] == 24
     assert bench.resolve_flags(plan3.flags).check_world(3) == 1
@@ -307,8 +315,17 @@ def test_integrity_quick_writes_the_documented_json(small_data: Path, tmp_path: 
     configs = data["results"]["protections"]["configs"]
     assert set(configs) == {"baseline", "all_defaults"}
     for c in configs.values():
-        assert {"median", "amortized", "min", "max", "n"} <= set(c["step_time_s"])
-        assert {"overhead_median", "overhead_amortized", "overhead_within_run", "runs", "sets"} <= set(c)
+        assert {"median", "p10", "amortized", "min", "max", "n"} <= set(c["step_time_s"])
+        assert {
+            "overhead_median",
+            "overhead_amortized",
+            "overhead_p10",
+            "overhead_within_run",
+            "overhead_per_round",
+            "overhead_median_of_rounds",
+            "runs",
+            "sets",
+        } <= set(c)
         assert c["steps_measured"] == 5  # 6 steps, the first dropped as warm-up
     assert [g["met"] for g in data["goals"]] == [None, None]  # --quick measures nothing
     assert "running baseline round 0" in result.stderr

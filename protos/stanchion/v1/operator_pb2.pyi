@@ -152,16 +152,20 @@ class StreamEventsResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[_types_pb2.Event, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class StartBisectionRequest(_message.Message):
-    __slots__ = ("job_id", "nodes", "trial_steps", "group_size")
+    __slots__ = ("job_id", "nodes", "trial_steps", "group_size", "p_show", "delta")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     TRIAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    P_SHOW_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     nodes: _containers.RepeatedScalarFieldContainer[str]
     trial_steps: int
     group_size: int
-    def __init__(self, job_id: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., trial_steps: _Optional[int] = ..., group_size: _Optional[int] = ...) -> None: ...
+    p_show: float
+    delta: float
+    def __init__(self, job_id: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., trial_steps: _Optional[int] = ..., group_size: _Optional[int] = ..., p_show: _Optional[float] = ..., delta: _Optional[float] = ...) -> None: ...
 
 class StartBisectionResponse(_message.Message):
     __slots__ = ("bisection",)
