@@ -25,7 +25,7 @@ class CoordinatorConfig:
     token_listen: str = ""
     heartbeat_interval_s: float = 1.0
     heartbeat_fast_s: float = 0.05  # nodes in a recovery poll this often
-    heartbeat_timeout_s: float = 5.0  # a node whose last heartbeat is older is lost
+    heartbeat_timeout_s: float = 10.0  # a node whose last heartbeat is older is lost
     tick_s: float = 0.2
     register_rate_per_s: float = 200.0
     register_burst: int = 2000

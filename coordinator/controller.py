@@ -458,6 +458,18 @@ class Controller:
         log.info(
             "node %s registered (%s)%s", req.node_id, inv.get("host"), " after being lost" if was_lost else ""
         )
+        job_id = self.active_job_for(req.node_id)
+        if job_id and not was_lost:
+            # A member registering while still counted alive restarted its agent, and its ranks died
+            # with it (systemd kills the unit's processes; `stanchion up` ranks die with their agent).
+            job = self.jobs[job_id]
+            self._apply(
+                job_id,
+                m.WorkerFailed(
+                    req.node_id, job.generation, -1, "crash", "its agent restarted, and its ranks with it"
+                ),
+                "agent restarted",
+            )
         self._node_changed(req.node_id)
         return agent_pb2.RegisterResponse(
             heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
@@ -580,7 +592,7 @@ class Controller:
                 return m.WorkerFailed(node_id, e.generation, e.rank, reason, d.get("summary", ""))
             return None
         if kind == "collective_failed":
-            return m.PeerWaiting(node_id, e.generation)
+            return m.PeerWaiting(node_id, e.generation, e.step)
         if kind in DETECTORS:
             key = (e.job_id, e.generation, kind, e.step, int(d.get("request_epoch", 0)))
             if key in self._seen_detectors:  # every rank reports the same detection

@@ -143,6 +143,7 @@ class Job:
     fault_time: float | None = None  # detection time of the fault the job is recovering from
     awaiting_capacity: bool = False
     waiting_since: float | None = None  # a rank reported its collective failed, nothing else yet
+    waiting_step: int = 0  # ... at this step
     recoveries: tuple[float, ...] = ()
     finished_ranks: tuple[int, ...] = ()
     final_fingerprint: str = ""
@@ -196,6 +197,7 @@ class WorkerFailed:
 class PeerWaiting:
     node_id: str
     generation: int
+    step: int = 0  # the waiting rank's last completed step
 
 
 @dataclass(frozen=True)
@@ -498,15 +500,14 @@ def on_worker_failed(job: Job, ev: WorkerFailed, nodes: Mapping[str, NodeView], 
     if ev.kind == "config":
         return _fail(job, f"the trainer rejected its configuration on {ev.node_id}: {ev.detail}")
     what = "hung" if ev.kind == "hang" else "crashed"
-    return _restart(
-        job, ev.kind, nodes, now, exclude=(), detail=f"rank {ev.rank} on {ev.node_id} {what}: {ev.detail}"
-    )
+    who = f"rank {ev.rank} on {ev.node_id}" if ev.rank >= 0 else f"the ranks on {ev.node_id}"
+    return _restart(job, ev.kind, nodes, now, exclude=(), detail=f"{who} {what}: {ev.detail}")
 
 
 def on_peer_waiting(job: Job, ev: PeerWaiting, nodes: Mapping[str, NodeView], now: float) -> Decision:
     if job.state not in ACTIVE or ev.generation != job.generation or job.waiting_since is not None:
         return _noop(job)
-    return Decision(dataclasses.replace(job, waiting_since=now))
+    return Decision(dataclasses.replace(job, waiting_since=now, waiting_step=ev.step))
 
 
 def on_node_lost(job: Job, ev: NodeLost, nodes: Mapping[str, NodeView], now: float) -> Decision:
@@ -541,7 +542,7 @@ def on_progress(job: Job, ev: Progress, nodes: Mapping[str, NodeView], now: floa
     new = job
     if ev.step > job.step:
         new = dataclasses.replace(new, step=ev.step)
-    if job.waiting_since is not None and ev.step > job.step:
+    if job.waiting_since is not None and ev.step > job.waiting_step:  # training moved on: the peer came back
         new = dataclasses.replace(new, waiting_since=None)
     if job.state is JobState.RECOVERING and ev.step > job.step_at_last_restart:
         seconds = now - job.fault_time if job.fault_time is not None else 0.0

@@ -410,6 +410,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             check(len(request.nodes) <= 4096, "nodes: at most 4096")
             for n in request.nodes:
                 check_id(n, "nodes[]")
+            check(len(set(request.nodes)) == len(request.nodes), "nodes: each node at most once")
             check(0 <= request.trial_steps <= 10_000, "trial_steps: must be between 0 and 10000")
             check(0 <= request.group_size <= 64, "group_size: must be between 0 and 64")
             check(0.0 <= request.p_show <= 1.0, "p_show: must be a probability in [0, 1] (0: deterministic)")

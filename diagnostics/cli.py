@@ -45,7 +45,7 @@ GROUPS: list[tuple[str, str]] = [
     ("certs", "certs"),
 ]
 # Single commands registered at the top level: (module, attribute, name).
-COMMANDS: list[tuple[str, str, str]] = [("train", "train", "train")]
+COMMANDS: list[tuple[str, str, str]] = [("up", "up", "up"), ("train", "train", "train")]
 
 
 def _version(value: bool) -> None:

@@ -331,6 +331,21 @@ class LocalCluster:
                 )
         return out
 
+    def wait_warm(self, timeout_s: float = 120.0) -> None:
+        """Until every agent has a standby rank that finished importing (a quiet first generation)."""
+
+        def warm() -> bool:
+            return all(
+                any(
+                    e.get("event") == "standby"
+                    for p in (self.run_root / "workers" / n).glob("w*/events.jsonl")
+                    for e in _read_jsonl(p)
+                )
+                for n in self.agents
+            )
+
+        self.wait(warm, timeout_s, "standby ranks to warm up")
+
     def progress(self, node_id: str | None = None) -> list[dict[str, Any]]:
         """Every progress record written on a node (or all nodes), oldest first."""
         pattern = f"workers/{node_id or '*'}/w*/progress.jsonl"

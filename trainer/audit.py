@@ -19,17 +19,20 @@ from trainer.fingerprint import tensor_fingerprint
 _MASK = (1 << 64) - 1
 
 
-def grad_digest(params: Sequence[torch.nn.Parameter]) -> int:
-    """One signed int64 summarising every gradient: sum of (2i+1) * fingerprint_i, wrapping.
+def digest_of(tensors: Sequence[torch.Tensor | None]) -> int:
+    """One signed int64 summarising tensors: sum of (2i+1) * fingerprint_i, wrapping.
 
     Odd multipliers keep any single tensor's change visible (an odd number is invertible mod 2^64).
     """
     total = 0
-    for i, p in enumerate(params):
-        if p.grad is None:
-            continue
-        total = (total + (2 * i + 1) * int(tensor_fingerprint(p.grad))) & _MASK
+    for i, t in enumerate(tensors):
+        if t is not None:
+            total = (total + (2 * i + 1) * int(tensor_fingerprint(t))) & _MASK
     return total - (1 << 64) if total >= 1 << 63 else total
+
+
+def grad_digest(params: Sequence[torch.nn.Parameter]) -> int:
+    return digest_of([p.grad for p in params])
 
 
 @dataclass(frozen=True)

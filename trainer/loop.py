@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from trainer import contract, fingerprint
-from trainer.audit import audit_verdict, grad_digest
+from trainer.audit import audit_verdict, digest_of, grad_digest
 from trainer.checkpoint import CheckpointManager
 from trainer.config import TrainConfig, replace, to_dict
 from trainer.contract import Assignment, JsonlWriter, WorkerPaths
@@ -59,7 +59,7 @@ from trainer.snapshot import SnapshotRing
 log = logging.getLogger(__name__)
 
 # Columns of the per-step control all-gather (int64).
-C_STEP, C_LOSS, C_NONFINITE, C_STOP, C_REQUEST, C_AUDIT_OWN, C_AUDIT_NEXT, C_NEXT_GEN = range(8)
+C_STEP, C_LOSS, C_NONFINITE, C_STOP, C_REQUEST, C_AUDIT_OWN, C_AUDIT_NEXT, C_NEXT_GEN, C_PARAMS = range(9)
 
 
 class GenerationChange(Exception):
@@ -244,6 +244,8 @@ class Trainer:
 
     def join(self, assignment: Assignment | None) -> None:
         cfg = self.cfg
+        if assignment is not None:
+            self.job_id = assignment.job_id
         # Validate the layout before any process group starts.
         self.accum = cfg.check_world(assignment.world_size if assignment else env_topology()[1])
         topo = form_group(
@@ -511,6 +513,9 @@ class Trainer:
         local_loss = float(loss_sum) / self.accum
         request = self.newest_request_id()
         next_gen = self.newest_assignment_generation() if topo.managed else -1
+        # On audit steps, the parameters the gradients came from: an audit between replicas whose
+        # parameters already differ says nothing about compute (the fingerprint check names them).
+        param_digest = digest_of(params) if audit_due else 0
         ctrl = torch.tensor(
             [
                 index,
@@ -521,6 +526,7 @@ class Trainer:
                 audit_own,
                 audit_next,
                 next_gen,
+                param_digest,
             ],
             dtype=torch.int64,
             device=topo.device,
@@ -553,8 +559,10 @@ class Trainer:
             "rank": topo.rank,
             "world_size": topo.world_size,
             "data_index": data_index(index, self.cursor.skip_windows),
+            "job_id": self.job_id,
         }
 
+        force_check = False  # replicas diverged under the audit: check fingerprints this step
         # Non-finite guard: every rank saw the same rows, so every rank skips the same step.
         if nonfinite_ranks or not math.isfinite(grad_norm):
             opt.zero_grad(set_to_none=True)
@@ -579,8 +587,8 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             if self.injector:
                 self.injector.corrupt_state(step_no, model, opt)
-            if audit_due:
-                self.judge_audit(step_no, rows)
+            if audit_due and not self.judge_audit(step_no, rows):
+                force_check = True
             for spike in self.spikes.observe(step_no, {"loss": loss_value, "grad_norm": grad_norm}):
                 self.counters["spikes"] += 1
                 self.event(
@@ -603,7 +611,7 @@ class Trainer:
         # Periodic checks at the step boundary.
         k = cfg.integrity.fingerprint_every
         checkpoint_due = bool(cfg.checkpoint_every) and step_no % cfg.checkpoint_every == 0
-        if (k and step_no % k == 0) or checkpoint_due:
+        if (k and step_no % k == 0) or checkpoint_due or force_check:
             if self.check_fingerprints(reason="periodic"):
                 if cfg.integrity.snapshot_every and step_no % cfg.integrity.snapshot_every == 0:
                     self.take_snapshot()
@@ -651,7 +659,10 @@ class Trainer:
             p.grad = g
         return digest
 
-    def judge_audit(self, step_no: int, rows: torch.Tensor) -> None:
+    def judge_audit(self, step_no: int, rows: torch.Tensor) -> bool:
+        """Returns False when the audit could not judge compute because replicas diverged."""
+        if len(set(rows[:, C_PARAMS].tolist())) > 1:
+            return False
         verdict = audit_verdict(rows[:, C_AUDIT_OWN].tolist(), rows[:, C_AUDIT_NEXT].tolist())
         if not verdict.agree:
             self.counters["audit_mismatches"] += 1
@@ -664,6 +675,7 @@ class Trainer:
                 reason=verdict.reason,
                 onset_window=[max(last_clean, 0), step_no],
             )
+        return True
 
     def check_fingerprints(self, *, reason: str) -> bool:
         """All-gather fingerprints of parameters and optimizer state; compare replicas exactly."""

@@ -98,8 +98,9 @@ class Verification:
     manifest: dict[str, Any] | None = None
 
 
-def verify(ckpt_dir: str | os.PathLike[str]) -> Verification:
-    """Check the commit marker and every file's size and CRC-32."""
+def verify(ckpt_dir: str | os.PathLike[str], *, allow_marked_bad: bool = False) -> Verification:
+    """Check the commit marker and every file's size and CRC-32 (and, unless ``allow_marked_bad``,
+    that nobody marked it bad)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return Verification(False, f"{ckpt_dir} is not a directory")
@@ -126,7 +127,7 @@ def verify(ckpt_dir: str | os.PathLike[str]) -> Verification:
         if crc != expect.get("crc32"):
             return Verification(False, f"{rel} fails its CRC-32 check (bit rot or a partial write)", manifest)
     bad = ckpt_dir / BAD_MARKER
-    if bad.exists():
+    if bad.exists() and not allow_marked_bad:
         reason = "marked bad"
         with contextlib.suppress(OSError, json.JSONDecodeError):
             reason = "marked bad: " + json.loads(bad.read_text()).get("reason", "")

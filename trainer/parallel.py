@@ -70,7 +70,7 @@ def env_topology() -> tuple[int, int, int, int]:
     return rank, world, local_rank, local_world
 
 
-class Abandoned(RuntimeError):
+class Abandoned(Exception):
     """A newer generation was assigned while this rank waited for its peers to arrive."""
 
 
@@ -161,7 +161,7 @@ def collective(what: str) -> Iterator[None]:
     current_collective.append((what, time.time()))
     try:
         yield
-    except CollectiveFailed:
+    except (CollectiveFailed, Abandoned):
         raise
     except (RuntimeError, dist.DistError) as e:  # gloo raises RuntimeError("... Connection closed by peer")
         raise CollectiveFailed(f"{what}: {e}") from e

@@ -142,6 +142,7 @@ def trainer_table(result: dict[str, Any]) -> None:
                     preset,
                     system,
                     num(s["step_time_s"]["median"]),
+                    num(s["step_time_s"]["p10"]),
                     num(s["step_time_s"]["amortized"]),
                     s["steps_measured"],
                     num(s["tokens_per_s"], ".0f"),
@@ -155,6 +156,7 @@ def trainer_table(result: dict[str, Any]) -> None:
                 preset,
                 "ratio",
                 num(vs["step_time_ratio_median"], ".3f"),
+                num(vs["step_time_ratio_p10"], ".3f"),
                 num(vs["step_time_ratio_amortized"], ".3f"),
                 "",
                 "",
@@ -164,7 +166,7 @@ def trainer_table(result: dict[str, Any]) -> None:
         )
     mm = r["matmul"]
     emit_table(
-        ["preset", "system", "step s", "amortized s", "steps", "tok/s", "GFLOP/s", "of peak"],
+        ["preset", "system", "step s", "p10 s", "amortized s", "steps", "tok/s", "GFLOP/s", "of peak"],
         rows,
         title=f"Trainer, {result['settings']['nproc']} ranks; matmul peak {mm['peak_flops_per_s'] / 1e9:.1f} "
         f"GFLOP/s ({mm['n']}x{mm['n']} {mm['dtype']}, {mm['threads']} thread(s) x {mm['ranks']} ranks)",
@@ -250,28 +252,22 @@ def integrity_table(result: dict[str, Any]) -> None:
         title=f"Checksum throughput over {t['tensor_bytes'] / 2**20:.0f} MiB of fp32, {t['repeats']} repeats",
     )
     emit_table(
-        [
-            "configuration",
-            "step s (median)",
-            "step s (amortized)",
-            "steps",
-            "overhead median",
-            "overhead amortized",
-            "overhead within run",
-        ],
+        ["configuration", "step s", "steps", "median", "p10", "per round", "amortized", "within run"],
         [
             [
                 name,
                 num(c["step_time_s"]["median"]),
-                num(c["step_time_s"]["amortized"]),
                 c["steps_measured"],
                 pct(c["overhead_median"]),
+                pct(c["overhead_p10"]),
+                pct(c["overhead_median_of_rounds"]),
                 pct(c["overhead_amortized"]),
                 pct(c["overhead_within_run"]),
             ]
             for name, c in r["protections"]["configs"].items()
         ],
-        title=f"Protections, {result['settings']['nproc']} ranks, {result['settings']['rounds']} rounds",
+        title=f"Protections: overhead vs the baseline, {result['settings']['nproc']} ranks, "
+        f"{result['settings']['rounds']} rounds",
     )
     print_goals(result)
     advice = r["protections"]["advice"]

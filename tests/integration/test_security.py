@@ -35,7 +35,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -55,6 +55,7 @@ from test_rpc_validation import (
     config,
     coordinator,
     good_heartbeat,
+    inventory,
     memory,
     register,
     spec_toml,
@@ -62,11 +63,13 @@ from test_rpc_validation import (
 )
 
 from agent.config import AgentConfig
-from agent.workers import WorkerGroup
 from coordinator import auth, server
 from coordinator.auth import channel_credentials, hash_token, token_channel_credentials, token_line
 from diagnostics.certs import init_pki
 from protos.stanchion.v1 import agent_pb2, operator_pb2, types_pb2
+
+if TYPE_CHECKING:
+    from agent.workers import WorkerGroup
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -464,27 +467,12 @@ _INT_BOUNDS = {
     FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
     FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
 }
-_EDGES = [
-    0,
-    1,
-    -1,
-    2,
-    7,
-    63,
-    64,
-    65,
-    1000,
-    1001,
-    4096,
-    4097,
-    10_000,
-    10_001,
-    65_535,
-    65_536,
-    100_000,
-    100_001,
-]
+_EDGES = [*range(-1, 3), 7, 63, 64, 65, 1000, 1001, 4096, 4097, 10_000, 10_001, 65_535, 65_536]
+_EDGES += [100_000, 100_001]
 _FLOATS = [math.nan, math.inf, -math.inf, 0.0, -0.0, 0.5, 1.0, 1.5, -1.0, 1e308, 5e-324]
+# Job ids here are never those of the fixture's jobs (they end in a random suffix), so relayed events
+# do not reach the state machine: test_rpc_validation.py's xfail test covers that path, where the
+# controller fails on a malformed event detail. Once fixed, add the fixture's job ids here.
 _IDS = [
     "node-a",
     "node-b",
@@ -524,20 +512,24 @@ _JSON = [
     '{"onset_window": ["x"], "data_index": "y"}',
 ]
 _KINDS = [
-    "health",
-    "started",
-    "worker_exited",
-    "collective_failed",
-    "nonfinite",
-    "spike",
-    "fingerprint_mismatch",
-    "audit_mismatch",
-    "checkpoint_committed",
-    "rollback",
-    "rollback_unavailable",
-    "finished",
-    "Hang",
-    "x-y",
+    *[
+        "health",
+        "started",
+        "worker_exited",
+        "collective_failed",
+        "nonfinite",
+        "spike",
+        "fingerprint_mismatch",
+    ],
+    *[
+        "audit_mismatch",
+        "checkpoint_committed",
+        "rollback",
+        "rollback_unavailable",
+        "finished",
+        "Hang",
+        "x-y",
+    ],
     "k" * 64,
     "k" * 65,
 ]
@@ -591,13 +583,9 @@ def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
 
 
 def _size(value: Any) -> int:
-    return (
-        value.ByteSize()
-        if isinstance(value, Message)
-        else len(value)
-        if isinstance(value, (str, bytes))
-        else 8
-    )
+    if isinstance(value, Message):
+        return value.ByteSize()
+    return len(value) if isinstance(value, (str, bytes)) else 8
 
 
 def _replicate(pair: tuple[Any, int]) -> list[Any]:
@@ -606,23 +594,77 @@ def _replicate(pair: tuple[Any, int]) -> list[Any]:
     return [value] * (n if _size(value) * n <= 1_000_000 else 2)
 
 
+def _field(field: FieldDescriptor, message: Any) -> st.SearchStrategy[Any]:
+    """Values for one field; ``message`` makes the strategy for a message-typed field."""
+    value = message(field.message_type) if field.type == FieldDescriptor.TYPE_MESSAGE else _scalar(field)
+    if field.is_repeated:
+        value = st.one_of(
+            st.lists(value, max_size=3),
+            st.tuples(value, st.sampled_from([17, 65, 1001, 4097])).map(_replicate),
+        )
+    return value
+
+
+def _fields(desc: Descriptor) -> list[FieldDescriptor]:
+    # No request has a oneof today; setting two members of one would be ambiguous.
+    return [f for f in desc.fields if f.containing_oneof is None]
+
+
 @functools.cache
 def messages(desc: Descriptor) -> st.SearchStrategy[Message]:
     """Any message of type ``desc``: each field absent or drawn from edge values, random values,
     hostile strings and over-long lists. Built from the descriptors, so new fields are fuzzed too."""
     cls = message_factory.GetMessageClass(desc)
-    optional: dict[str, st.SearchStrategy[Any]] = {}
-    for field in desc.fields:
-        if field.containing_oneof is not None:
-            continue  # no request has a oneof today; setting two members of one would be ambiguous
-        value = _scalar(field)
-        if field.is_repeated:
-            value = st.one_of(
-                st.lists(value, max_size=3),
-                st.tuples(value, st.sampled_from([17, 65, 1001, 4097])).map(_replicate),
-            )
-        optional[field.name] = value
+    optional = {f.name: _field(f, messages) for f in _fields(desc)}
     return st.fixed_dictionaries({}, optional=optional).map(lambda kw: cls(**kw))
+
+
+def _good_messages() -> dict[str, Message]:
+    """A valid message of each request type and of the types inside them, by full name."""
+    good = [
+        *valid_requests("").values(),
+        inventory(),
+        types_pb2.GpuInfo(index=0, uuid="GPU-0", name="H100"),
+        types_pb2.WorkerStatus(local_rank=0, rank=0, state=types_pb2.WORKER_STATE_TRAINING, step=3),
+        types_pb2.Event(kind="health", seq=1, time=1.0, detail_json='{"a": 1}'),
+        agent_pb2.Trace(trial_id="t-1", node_id="node-a", loss_bits=["3f800000"], fingerprints=["ab"]),
+    ]
+    return {m.DESCRIPTOR.full_name: m for m in good}
+
+
+def _override(base: Message, values: dict[str, Any]) -> Message:
+    out = type(base)()
+    out.CopyFrom(base)
+    for name, value in values.items():
+        out.ClearField(name)
+        field = out.DESCRIPTOR.fields_by_name[name]
+        if field.is_repeated:
+            getattr(out, name).extend(value)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            getattr(out, name).CopyFrom(value)
+        else:
+            setattr(out, name, value)
+    return out
+
+
+@functools.cache
+def near_valid(desc: Descriptor) -> st.SearchStrategy[Message]:
+    """A valid message with up to two fields replaced (recursively, so a bad value can sit deep in
+    an otherwise good heartbeat): reaches the checks a fully random message rarely gets past."""
+    base = _good_messages().get(desc.full_name)
+    fields = {f.name: _field(f, near_valid) for f in _fields(desc)}
+    if base is None or not fields:
+        return messages(desc)
+    return (
+        st.lists(st.sampled_from(sorted(fields)), max_size=2, unique=True)
+        .flatmap(lambda names: st.fixed_dictionaries({n: fields[n] for n in names}))
+        .map(lambda values: _override(base, values))
+    )
+
+
+def requests(rpc: str) -> st.SearchStrategy[Message]:
+    desc = METHODS[rpc].input_type
+    return st.one_of(messages(desc), near_valid(desc))
 
 
 def _mutate(data: bytes, how: int, at: int, junk: bytes) -> bytes:
@@ -652,7 +694,7 @@ _RAW_CLASSICS = [
 
 
 def raw_requests(rpc: str) -> st.SearchStrategy[bytes]:
-    valid = messages(METHODS[rpc].input_type).map(lambda m: m.SerializeToString())
+    valid = requests(rpc).map(lambda m: m.SerializeToString())
     return st.one_of(
         st.sampled_from(_RAW_CLASSICS),
         st.binary(max_size=48),
@@ -673,7 +715,7 @@ def must_refuse(rpc: str, r: Any) -> str:
         r.node_id
     ):
         return "node_id"
-    if rpc in (
+    with_job_id = (
         "Heartbeat",
         "GetJob",
         "CancelJob",
@@ -681,9 +723,9 @@ def must_refuse(rpc: str, r: Any) -> str:
         "ListCheckpoints",
         "StreamEvents",
         "StartBisection",
-    ):
-        if r.job_id and not _JOB_ID.fullmatch(r.job_id):
-            return "job_id"
+    )
+    if rpc in with_job_id and r.job_id and not _JOB_ID.fullmatch(r.job_id):
+        return "job_id"
     if rpc == "Register":
         inv = r.inventory
         if not 1 <= inv.workers <= 64 or not 1 <= inv.store_port <= 65535 or len(inv.host) > 253:
@@ -728,7 +770,7 @@ FUZZ_ANSWERS = {
     INVALID,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.FAILED_PRECONDITION,
-    RESOURCE_EXHAUSTED,  # only for a message over max_message_bytes or a registration burst
+    RESOURCE_EXHAUSTED,  # only for a message over max_message_bytes
 }
 
 
@@ -819,24 +861,29 @@ def _check_answer(c: ThreadedCoordinator, rpc: str, data: bytes) -> None:
         decoded = None
     before = c.snapshot()
     code, details = c.call(rpc, data)
-    where = f"{rpc}({data[:300]!r}{'...' if len(data) > 300 else ''})"
+    where = f"{rpc}({data[:300]!r}{'...' if len(data) > 300 else ''}, {len(data)} bytes)"
     assert code in FUZZ_ANSWERS, f"{where}: {code.name} {details!r}"
-    if decoded is None:
+    if len(data) > c.running.controller.cfg.max_message_bytes:  # refused by the transport, unread
+        assert code == RESOURCE_EXHAUSTED, f"{where}: {code.name} {details!r}"
+    elif decoded is None:
         assert (code, details) == (INVALID, "the request is not a valid message"), (
             f"{where}: {code.name} {details!r}"
         )
-    elif why := must_refuse(rpc, decoded):
-        assert code == INVALID, f"{where}: {why} is out of range, yet the answer was {code.name} {details!r}"
+    else:
+        assert code != RESOURCE_EXHAUSTED, f"{where}: {details!r}"  # the registration burst is 100000 here
+        if why := must_refuse(rpc, decoded):
+            assert code == INVALID, (
+                f"{where}: {why} is out of range, yet the answer was {code.name} {details!r}"
+            )
     if code == INVALID:
         assert _NAMES_A_FIELD.match(details), f"{where}: the message {details!r} names no field"
-    if code == RESOURCE_EXHAUSTED:
-        assert len(data) > c.running.controller.cfg.max_message_bytes, f"{where}: {details!r}"
     if code != OK:
         assert c.snapshot() == before, f"{where} was refused with {code.name}, yet the state changed"
 
 
+FUZZ_EXAMPLES = 1500  # per test: 3000 requests in all
 _FUZZ_SETTINGS = settings(
-    max_examples=1500,
+    max_examples=int(__import__("os").environ.get("FUZZ_N", 1500)),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
@@ -872,9 +919,7 @@ def test_fuzzed_messages_to_every_rpc(
 
     @hypothesis_seed(seed)
     @_FUZZ_SETTINGS
-    @given(
-        st.sampled_from(rpcs).flatmap(lambda rpc: st.tuples(st.just(rpc), messages(METHODS[rpc].input_type)))
-    )
+    @given(st.sampled_from(rpcs).flatmap(lambda rpc: st.tuples(st.just(rpc), requests(rpc))))
     def fuzz(case: tuple[str, Message]) -> None:
         rpc, req = case
         if rpc == "StreamEvents":
@@ -1011,6 +1056,8 @@ def test_job_specs_that_traverse_paths_or_inject_arguments_are_refused(
 
 @pytest.fixture
 def workers(tmp_path: Path) -> WorkerGroup:
+    from agent.workers import WorkerGroup  # imports torch (through trainer.liveness): only here
+
     cfg = AgentConfig(
         node_id="node-a", insecure=True, run_root=str(tmp_path / "runs"), data_root=str(tmp_path / "data")
     )

@@ -1,23 +1,31 @@
 #!/bin/bash
-# The end-to-end test's probe, run inside the booted container by stanchion-e2e-probe.service once
-# the agent's start job is over (READY=1 under Type=notify). It writes to /out:
-#   ready.env      the agent's state at that moment (systemctl show: KEY=VALUE lines)
-#   steady.env     the same two watchdog periods later: still the same process, no restart
-#   hung.env       the main PID that got SIGSTOP and its /proc state (T: stopped)
-#   timeline.log   one line of state every 0.2 s from the hang until the restarted agent runs again
-#   restarted.env  the state after that
-#   journal.txt    journalctl -u stanchion-agent for this boot
+# The end-to-end test's probe (tests/deploy/test_systemd_e2e.py). stanchion-e2e-probe.service runs it
+# inside the booted container once the agent's start job is over, which under Type=notify means
+# READY=1. It makes the agent hang with SIGSTOP: a stopped process cannot send WATCHDOG=1, so systemd
+# sees a hang. Then it waits for systemd's watchdog to kill the agent and restart it. It writes to /out:
+#   ready.env      the agent's state when its start job ended (`systemctl show`, KEY=VALUE lines),
+#                  plus AgentEnvWatchdogUsec: the WATCHDOG_USEC that systemd gave the agent
+#   steady.env     the same, two watchdog periods later (same process, no restart), plus UnitProcs:
+#                  the PIDs in the unit's control group (the agent and its standby rank)
+#   hung.env       the main PID that got SIGSTOP, and its /proc state (T: stopped)
+#   timeline.log   one line of state every 0.2 s, from the hang until the restarted agent runs
+#   restarted.env  the state after that, with UnitProcs
+#   journal.txt    `journalctl -u stanchion-agent` for this boot
 #   probe.log      what the probe did, and why it gave up if it did
-# A SIGSTOPped process cannot send WATCHDOG=1, so this is a hang as systemd sees one.
+# It exits 0 only if it saw the restarted agent running; the unit then powers the container off.
 set -u
 OUT=/out
 UNIT=stanchion-agent.service
-PROPS=(-p ActiveState -p SubState -p Result -p NRestarts -p MainPID -p ExecMainCode -p ExecMainStatus -p WatchdogUSec -p StatusText)
+PROPS=(-p ActiveState -p SubState -p Result -p NRestarts -p MainPID -p ExecMainCode -p ExecMainStatus)
 
 log() { echo "$(date +%T.%N | cut -c1-12) $*" >>"$OUT/probe.log"; }
 state() { systemctl show "$UNIT" "${PROPS[@]}"; }
 prop() { systemctl show "$UNIT" -P "$1"; }
-get() { echo "$now" | sed -n "s/^$1=//p"; }  # a property of the last $(state) in $now
+get() { echo "$now" | sed -n "s/^$1=//p"; }  # a property from the last `now=$(state)`
+unit_procs() {
+    # Works with cgroup v1 (name=systemd hierarchy) and v2 alike.
+    grep -l "/$UNIT\$" /proc/[0-9]*/cgroup 2>/dev/null | cut -d/ -f3 | sort -n | tr '\n' ' '
+}
 finish() {
     journalctl -b -u "$UNIT" -o short-monotonic --no-pager >"$OUT/journal.txt" 2>&1
     log "probe finished"
@@ -27,22 +35,22 @@ trap finish EXIT
 log "agent start job over"
 state >"$OUT/ready.env"
 if [ "$(prop ActiveState)" != active ]; then
-    log "the agent is not active after its start job: $(prop ActiveState)/$(prop SubState) result=$(prop Result)"
+    log "the agent is not active after its start job: $(prop ActiveState)/$(prop SubState), result $(prop Result)"
     exit 1
 fi
-# The watchdog period as the agent was given it (systemctl show formats WatchdogUSec as "5s").
+# The watchdog period as the agent got it (systemctl show prints WatchdogUSec as "5s").
 pid=$(prop MainPID)
 watchdog_usec=$(tr '\0' '\n' <"/proc/$pid/environ" | sed -n 's/^WATCHDOG_USEC=//p')
 echo "AgentEnvWatchdogUsec=$watchdog_usec" >>"$OUT/ready.env"
 if [ -z "$watchdog_usec" ]; then
-    log "the agent (PID $pid) got no WATCHDOG_USEC from systemd"
+    log "systemd gave the agent (PID $pid) no WATCHDOG_USEC"
     exit 1
 fi
 watchdog_s=$(( (watchdog_usec + 999999) / 1000000 ))
 
-# Without its pings the agent would be killed one watchdog period after READY=1.
+# An agent that did not ping would be killed one watchdog period after READY=1.
 sleep $(( 2 * watchdog_s ))
-state >"$OUT/steady.env"
+{ state; echo "UnitProcs=$(unit_procs)"; } >"$OUT/steady.env"
 
 pid=$(prop MainPID)
 log "hanging main PID $pid with SIGSTOP"
@@ -53,20 +61,21 @@ sleep 0.2
     echo "ProcState=$(sed -n 's/^State:[[:space:]]*//p' "/proc/$pid/status")"
 } >"$OUT/hung.env"
 
-# The watchdog fires within watchdog_s; SIGABRT, the abort, RestartSec and the next start (torch
-# import, READY=1) follow. Wait for a running agent with another PID.
-deadline=$(( $(date +%s) + watchdog_s + 90 ))
+# Within watchdog_s the watchdog fires. The SIGABRT, RestartSec and the next start (torch import,
+# then READY=1) follow. Wait for a running agent with another PID.
+wait_s=$(( watchdog_s + 90 ))
+deadline=$(( $(date +%s) + wait_s ))
 while [ "$(date +%s)" -lt "$deadline" ]; do
     now=$(state)
     echo "$(date +%T.%N | cut -c1-12) $(echo "$now" | tr '\n' ' ')" >>"$OUT/timeline.log"
     if [ "$(get ActiveState)" = active ] && [ "$(get SubState)" = running ] \
         && [ "$(get NRestarts)" -ge 1 ] && [ "$(get MainPID)" != "$pid" ] && [ "$(get MainPID)" != 0 ]; then
-        echo "$now" >"$OUT/restarted.env"
+        { echo "$now"; echo "UnitProcs=$(unit_procs)"; } >"$OUT/restarted.env"
         log "restarted as PID $(get MainPID)"
         exit 0
     fi
     sleep 0.2
 done
-state >"$OUT/restarted.env"
-log "no restarted agent within $(( watchdog_s + 90 )) s"
+{ state; echo "UnitProcs=$(unit_procs)"; } >"$OUT/restarted.env"
+log "no restarted agent running within $wait_s s of the hang"
 exit 1
