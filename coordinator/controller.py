@@ -562,10 +562,10 @@ class Controller:
             job_id = e.job_id
             if job_id not in self.jobs:
                 continue
-            ev = self._machine_event(rec.node_id, e, row[7])
-            if ev is None:
-                continue
-            try:
+            try:  # the detail is free-form JSON from a rank: a field of the wrong type lands here too
+                ev = self._machine_event(rec.node_id, e, row[7])
+                if ev is None:
+                    continue
                 self._apply(job_id, ev, e.kind)
             except Exception:  # noqa: BLE001 - one bad event must not fail every later heartbeat
                 log.exception("[job %s] could not apply %s from %s", job_id, e.kind, rec.node_id)

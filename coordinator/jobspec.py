@@ -21,16 +21,16 @@ fault schedule is a test and chaos facility: a list validated entry by entry.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from coordinator.auth import NODE_ID_RE
 from trainer import config as trainer_config
 from trainer import settings
 from trainer.settings import ConfigError, require
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")  # \Z: "$" would allow a trailing newline
+NAME_RE = NODE_ID_RE  # job names follow the node-id rules
 MAX_SPEC_BYTES = 64 * 1024
 
 

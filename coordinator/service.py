@@ -16,12 +16,13 @@ from typing import Any
 import grpc
 
 from coordinator import machine as m
+from coordinator.auth import NODE_ID_RE
 from coordinator.controller import Controller, Invalid, NodeRecord, NotFound
 from protos.stanchion.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc, types_pb2
 from trainer.settings import ConfigError
 
 # \Z, not $: "$" also matches before a trailing newline, which would let "node-a\n" through.
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+ID_RE = NODE_ID_RE
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 # Enum fields are open in proto3 (any int32 arrives); only the values the API defines are accepted.

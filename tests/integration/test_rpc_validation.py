@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 from support import REPO, env
 
 from coordinator import server
@@ -359,13 +358,6 @@ def test_every_bad_agent_field_is_invalid_argument_and_changes_nothing(tmp_path:
     asyncio.run(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="coordinator/controller.py _relay calls _machine_event outside its try: a detector, rollback or "
-    "checkpoint event whose detail has a field of the wrong type (data_index 'x', onset_window 5, "
-    "request_id 'x') raises in the controller, the heartbeat gets UNKNOWN, and the events it carried are "
-    "stored and marked seen, so the agent's retry drops them",
-)
 def test_an_event_with_malformed_detail_for_a_running_job_is_not_an_internal_error(tmp_path: Path) -> None:
     """The detail of a relayed event is free-form JSON from a trainer rank; the fields the controller
     reads from it (data_index, onset_window, request_id, ...) may have any type. A heartbeat carrying
