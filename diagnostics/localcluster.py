@@ -50,6 +50,8 @@ class LocalCluster:
     metrics_port: int = 0
     agents: dict[str, Proc] = field(default_factory=dict)
     agent_args: dict[str, list[str]] = field(default_factory=dict)
+    agent_launch: dict[str, tuple[dict[str, str] | None, list[str] | None]] = field(default_factory=dict)
+    host: str = "127.0.0.1"  # the coordinator's listen address
     node_ids: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -72,7 +74,7 @@ class LocalCluster:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def init_tls(self, node_ids: list[str]) -> None:
         """A fresh development PKI for this cluster (TLS is the default, even on one machine)."""
@@ -81,12 +83,13 @@ class LocalCluster:
         init_pki(self.tls_dir, node_ids=node_ids, overwrite=True)
 
     # -- processes ------------------------------------------------------------------------------
-    def _spawn(self, name: str, args: list[str]) -> Proc:
+    def _spawn(self, name: str, args: list[str], *, env: dict[str, str] | None = None,
+               wrap: list[str] | None = None) -> Proc:
         log = self.root / "logs" / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **self.env}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **self.env, **(env or {})}
         with log.open("ab") as f:
             p = subprocess.Popen(
-                [self.python, "-m", "diagnostics.cli", *args],
+                [*(wrap or []), self.python, "-m", "diagnostics.cli", *args],
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -101,7 +104,7 @@ class LocalCluster:
     def start_coordinator(self, *, wait_s: float = 60.0) -> None:
         port_file = self.root / "coordinator.json"
         port_file.unlink(missing_ok=True)
-        listen = f"127.0.0.1:{self.port}"  # a restart reuses the port the agents know
+        listen = f"{self.host}:{self.port}"  # a restart reuses the port the agents know
         args = [
             "coordinator",
             "serve",
@@ -129,7 +132,11 @@ class LocalCluster:
         workers: int = 1,
         extra: list[str] | None = None,
         wait_s: float = 60.0,
+        env: dict[str, str] | None = None,
+        wrap: list[str] | None = None,
     ) -> Proc:
+        """Start (or restart, with the same arguments) an agent. ``wrap`` prefixes the command (for
+        example ``ip netns exec NS`` to run it in a network namespace); ``env`` adds variables."""
         port_file = self.root / f"agent-{node_id}.json"
         port_file.unlink(missing_ok=True)
         args = self.agent_args.get(node_id) or [
@@ -158,7 +165,9 @@ class LocalCluster:
             *(extra or []),
         ]
         self.agent_args[node_id] = args
-        proc = self._spawn(f"agent-{node_id}", args)
+        self.agent_launch.setdefault(node_id, (env, wrap))
+        env, wrap = self.agent_launch[node_id]
+        proc = self._spawn(f"agent-{node_id}", args, env=env, wrap=wrap)
         self.agents[node_id] = proc
         if node_id not in self.node_ids:
             self.node_ids.append(node_id)

@@ -127,6 +127,14 @@ class Up:
 
     def start(self) -> None:
         c = self.cluster
+        import shutil
+
+        # A fresh cluster every time: the prepared data is kept, state, runs and logs are not.
+        for stale in ("coordinator.db", "coordinator.db-wal", "coordinator.db-shm"):
+            (c.root / stale).unlink(missing_ok=True)
+        for d in ("runs", "logs"):
+            shutil.rmtree(c.root / d, ignore_errors=True)
+            (c.root / d).mkdir(parents=True)
         if self.o.tls:
             c.init_tls(self.nodes + self.spares)
         c.start_coordinator()

@@ -214,3 +214,28 @@ def small_flags(trainer: dict[str, Any] | None = None) -> list[str]:
 
     walk("", merge(SMALL_TRAINER, trainer or {}))
     return flat
+
+
+def golden(tmp: Path, data: Path, world: int, steps: int = 40, trainer: dict | None = None) -> dict:
+    """The fault-free run of the same config and world size, under plain `python -m trainer`."""
+    run = tmp / f"golden-{world}-{steps}-{abs(hash(json.dumps(trainer, sort_keys=True))) % 10**6}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "--nproc",
+        str(world),
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run),
+        "--steps",
+        str(steps),
+        "--checkpoint-every",
+        "0",
+        *small_flags(trainer),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = [e for e in read_jsonl(run / "ranks/rank-00000/events.jsonl") if e["event"] == "finished"][-1]
+    return {"fingerprint": done["fingerprint"], "val_loss": done["val_loss"]}

@@ -151,16 +151,28 @@ class CheckpointManager:
             self._executor.shutdown(wait=True)
 
     # -- loading --------------------------------------------------------------------------------
-    def find_resume(self, explicit: str = "", *, max_step: int | None = None) -> Path | None:
-        """The named checkpoint (verified), or the newest that verifies; skipped ones become events."""
+    def find_resume(self, explicit: str = "", *, max_step: int | None = None, fallback: bool = False) -> Path | None:
+        """The named checkpoint (verified), or the newest that verifies; skipped ones become events.
+
+        A named checkpoint that no longer verifies is an error for a person who named it; for a
+        coordinator that named it from an earlier verification (``fallback``), storage rotted since:
+        the newest good one before it is used instead, and the skip is reported.
+        """
         if explicit:
             path = Path(explicit)
             if not path.is_absolute() and not path.exists():
                 path = self.root / explicit
             v = mf.verify(path)
-            if not v.ok:
+            if v.ok:
+                return path
+            if not fallback:
                 raise ValueError(f"checkpoint {path} cannot be used: {v.reason}")
-            return path
+            if self.rank == 0:
+                self.events("checkpoint_skipped", {"path": str(path), "reason": v.reason, "step": mf.parse_step(path) or 0})
+            step = mf.parse_step(path)
+            max_step = min(max_step, step - 1) if max_step is not None and step is not None else (
+                step - 1 if step is not None else max_step
+            )
         path, skipped = mf.newest_good(self.root, max_step=max_step)
         if self.rank == 0:
             for p, reason in skipped:

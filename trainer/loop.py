@@ -351,7 +351,7 @@ class Trainer:
             max_step = (
                 assignment.rollback_to if assignment is not None and assignment.rollback_to >= 0 else None
             )
-            path = self.ckpt.find_resume(explicit, max_step=max_step)
+            path = self.ckpt.find_resume(explicit, max_step=max_step, fallback=assignment is not None)
             if path is not None:
                 self._load_checkpoint(path)
                 restored = True

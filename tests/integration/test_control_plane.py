@@ -6,42 +6,15 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from support import REPO, env, job_spec, read_jsonl, small_flags
+from support import golden, job_spec
 
 from diagnostics.localcluster import LocalCluster
 
 STEPS = 40
 DATA = "fixture-512"
-
-
-def golden(tmp: Path, data: Path, world: int, steps: int = STEPS, trainer: dict | None = None) -> dict:
-    """The fault-free run of the same config and world size, under plain `python -m trainer`."""
-    run = tmp / f"golden-{world}-{steps}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "trainer",
-        "--nproc",
-        str(world),
-        "--data",
-        str(data),
-        "--run-dir",
-        str(run),
-        "--steps",
-        str(steps),
-        "--checkpoint-every",
-        "0",
-        *small_flags(trainer),
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
-    done = [e for e in read_jsonl(run / "ranks/rank-00000/events.jsonl") if e["event"] == "finished"][-1]
-    return {"fingerprint": done["fingerprint"], "val_loss": done["val_loss"]}
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +220,8 @@ def test_without_a_spare_data_parallelism_shrinks_keeping_the_global_batch(
 def test_coordinator_sigkill_mid_run_training_continues_and_nothing_restarts(
     cluster: LocalCluster, golden3: dict
 ) -> None:
-    job_id = run_job(cluster, "coordkill", steps=120)
+    # Paced steps (a `slow` fault changes timing only) so the restart lands mid-run, not at the end.
+    job_id = run_job(cluster, "coordkill", steps=80, faults=[{"kind": "slow", "from_step": 0, "delay_s": 0.15}])
     cluster.wait(lambda: progressed(cluster, job_id, 10), 120, "step 10")
     before = cluster.job(job_id)
     cluster.kill_coordinator()
@@ -258,5 +232,5 @@ def test_coordinator_sigkill_mid_run_training_continues_and_nothing_restarts(
     assert max(r["step"] for r in cluster.progress()) > steps_before  # ranks trained while it was down
     assert any("reconciled" in r and "nothing restarted" in r for r in reasons(cluster, job_id))
     assert (
-        job.final_fingerprint == golden(Path(cluster.root), cluster.data_root / DATA, 3, 120)["fingerprint"]
+        job.final_fingerprint == golden(Path(cluster.root), cluster.data_root / DATA, 3, 80)["fingerprint"]
     )

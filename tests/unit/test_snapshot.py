@@ -1,0 +1,151 @@
+"""In-memory snapshots: restore is bit-exact for parameters and optimizer state, and the ring keeps
+the newest snapshots in order."""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.snapshot import SnapshotRing
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def setup(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Generator]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.GELU(), torch.nn.Linear(4, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return model, opt, torch.Generator().manual_seed(seed)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    model(x).pow(2).mean().backward()
+    opt.step()
+
+
+def live_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[list, list]:
+    params = [p.detach().clone() for p in model.parameters()]
+    optim = [
+        {k: v.clone() for k, v in opt.state[p].items()} if p in opt.state else {}
+        for g in opt.param_groups
+        for p in g["params"]
+    ]
+    return params, optim
+
+
+def assert_same_state(a: tuple[list, list], b: tuple[list, list]) -> None:
+    (pa, oa), (pb, ob) = a, b
+    assert len(pa) == len(pb) and all(same_bits(x, y) for x, y in zip(pa, pb, strict=True))
+    assert [sorted(s) for s in oa] == [sorted(s) for s in ob]
+    for sa, sb in zip(oa, ob, strict=True):
+        for k in sa:
+            assert same_bits(sa[k], sb[k]), k
+
+
+def test_restore_is_bit_exact_for_parameters_and_optimizer_state(seed):
+    model, opt, gen = setup(seed)
+    xs = [torch.randn(8, 5, generator=gen) for _ in range(4)]
+    train_step(model, opt, xs[0])
+    ring = SnapshotRing(keep=2)
+    ring.take(1, model, opt, {"cursor": {"step": 1}})
+    saved = live_state(model, opt)
+
+    train_step(model, opt, xs[1])
+    train_step(model, opt, xs[2])
+    assert not same_bits(saved[0][0], next(model.parameters()))
+
+    extra = ring.restore(ring.newest_at_or_before(1), model, opt)
+    assert extra == {"cursor": {"step": 1}}
+    assert_same_state(live_state(model, opt), saved)
+
+    # The restored run continues exactly as the original did from step 1.
+    train_step(model, opt, xs[1])
+    after_one_more = live_state(model, opt)
+    model2, opt2, _ = setup(seed)
+    train_step(model2, opt2, xs[0])
+    train_step(model2, opt2, xs[1])
+    assert_same_state(after_one_more, live_state(model2, opt2))
+
+
+def test_a_snapshot_is_a_copy(seed):
+    model, opt, gen = setup(seed)
+    train_step(model, opt, torch.randn(8, 5, generator=gen))
+    ring = SnapshotRing(keep=1)
+    extra = {"spikes": {"loss": [[1, 2.0]]}}
+    ring.take(1, model, opt, extra)
+    saved = live_state(model, opt)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        for state in opt.state.values():
+            state["exp_avg"].mul_(3.0)
+    extra["spikes"]["loss"].append([2, 3.0])
+    snap = ring.ring[0]
+    assert all(same_bits(a, b) for a, b in zip(snap.params, saved[0], strict=True))
+    assert snap.extra == {"spikes": {"loss": [[1, 2.0]]}}
+    restored_extra = ring.restore(snap, model, opt)
+    restored_extra["spikes"]["loss"].clear()  # the caller's copy, not the snapshot's
+    assert snap.extra == {"spikes": {"loss": [[1, 2.0]]}}
+    assert_same_state(live_state(model, opt), saved)
+
+
+def test_restoring_a_snapshot_from_before_the_first_step_clears_optimizer_state(seed):
+    model, opt, gen = setup(seed)
+    initial = live_state(model, opt)
+    ring = SnapshotRing(keep=2)
+    ring.take(0, model, opt, {})
+    xs = [torch.randn(8, 5, generator=gen) for _ in range(2)]
+    train_step(model, opt, xs[0])
+    train_step(model, opt, xs[1])
+    assert len(opt.state) == len(list(model.parameters())) == 4
+
+    ring.restore(ring.newest_at_or_before(0), model, opt)
+    assert len(opt.state) == 0
+    assert_same_state(live_state(model, opt), initial)
+
+    # And the next step is the very first step again (fresh moments, step counter 1).
+    train_step(model, opt, xs[0])
+    model2, opt2, _ = setup(seed)
+    train_step(model2, opt2, xs[0])
+    assert_same_state(live_state(model, opt), live_state(model2, opt2))
+
+
+def test_newest_at_or_before(seed):
+    model, opt, _ = setup(seed)
+    ring = SnapshotRing(keep=3)
+    for step in (10, 20, 30):
+        ring.take(step, model, opt, {"step": step})
+    assert ring.newest_at_or_before(30).step == 30
+    assert ring.newest_at_or_before(29).step == 20
+    assert ring.newest_at_or_before(10).step == 10
+    assert ring.newest_at_or_before(9) is None
+    assert ring.newest_at_or_before(-1).step == 30  # -1: the newest
+    assert SnapshotRing(keep=2).newest_at_or_before(-1) is None
+
+
+def test_the_ring_keeps_the_newest(seed):
+    model, opt, _ = setup(seed)
+    ring = SnapshotRing(keep=2)
+    for step in (5, 10, 15, 20):
+        ring.take(step, model, opt, {})
+    assert ring.steps() == [15, 20] and len(ring) == 2
+    ring.clear()
+    assert ring.steps() == [] and len(ring) == 0
+
+
+def test_restore_drops_newer_snapshots(seed):
+    model, opt, gen = setup(seed)
+    ring = SnapshotRing(keep=4)
+    for step in (10, 20, 30, 40):
+        train_step(model, opt, torch.randn(8, 5, generator=gen))
+        ring.take(step, model, opt, {"step": step})
+    assert ring.restore(ring.newest_at_or_before(25), model, opt) == {"step": 20}
+    assert ring.steps() == [10, 20]
+    ring.restore(ring.ring[0], model, opt)
+    assert ring.steps() == [10]
