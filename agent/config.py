@@ -27,7 +27,9 @@ class AgentConfig:
     hang_factor: float = 5.0  # no step within factor x median step time ...
     hang_floor_s: float = 30.0  # ... and at least this long: the rank is hung
     startup_timeout_s: float = 300.0  # first step of a generation must come within this
-    rejoin_grace_s: float = 15.0  # a survivor still in the old generation this long after reassignment is killed
+    rejoin_grace_s: float = (
+        15.0  # a survivor still in the old generation this long after reassignment is killed
+    )
     stop_grace_s: float = 60.0  # SIGTERM, then SIGKILL after this (room for an emergency checkpoint)
     rpc_timeout_s: float = 5.0
     max_backoff_s: float = 2.0  # retries while the coordinator is unreachable (it reconciles for 10 s)

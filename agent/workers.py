@@ -384,11 +384,17 @@ class WorkerGroup:
     def _hang_reason(self, w: Worker, now: float) -> str:
         if w.stopping or w.hung or w.slot is None:
             return ""
-        if w.reassigned_at and w.generation < self.generation and now - w.reassigned_at > self.cfg.rejoin_grace_s:
+        if (
+            w.reassigned_at
+            and w.generation < self.generation
+            and now - w.reassigned_at > self.cfg.rejoin_grace_s
+        ):
             # A survivor stuck in a collective of the old generation (a partitioned peer sends no
             # reset): it cannot see its new assignment until gloo's timeout. Free the slot.
-            return (f"still in generation {w.generation} {now - w.reassigned_at:.0f}s after being assigned "
-                    f"generation {self.generation}")
+            return (
+                f"still in generation {w.generation} {now - w.reassigned_at:.0f}s after being assigned "
+                f"generation {self.generation}"
+            )
         if w.state == types_pb2.WORKER_STATE_STARTING:
             if now - w.assigned_at > self.cfg.startup_timeout_s:
                 return f"no process group within {self.cfg.startup_timeout_s:.0f}s of its assignment"

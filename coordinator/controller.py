@@ -363,7 +363,9 @@ class Controller:
         if now - self._last_tick > max(10 * self.cfg.tick_s, 2.0):
             # The coordinator itself was frozen (SIGSTOP, a stalled VM): every heartbeat looks old.
             # Give agents the reconnect grace again instead of declaring every node lost.
-            log.warning("the controller did not run for %.1fs: re-arming the reconnect grace", now - self._last_tick)
+            log.warning(
+                "the controller did not run for %.1fs: re-arming the reconnect grace", now - self._last_tick
+            )
             self.started_at = now
         self._last_tick = now
         # After a restart, agents need time to find the coordinator again (they back off while it is
@@ -480,7 +482,11 @@ class Controller:
         elif was_lost and rec.job_id in self.jobs:
             # Back after being declared lost (a frozen agent, a partition): whatever ranks it still
             # runs belong to a generation that moved on without it. They leave; it is a free node.
-            self._send(req.node_id, self.jobs[rec.job_id], stop=agent_pb2.StopWorkers(reason="the node was lost; the job moved on"))
+            self._send(
+                req.node_id,
+                self.jobs[rec.job_id],
+                stop=agent_pb2.StopWorkers(reason="the node was lost; the job moved on"),
+            )
             rec.job_id = ""
         self._node_changed(req.node_id)
         return agent_pb2.RegisterResponse(

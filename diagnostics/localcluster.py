@@ -83,8 +83,9 @@ class LocalCluster:
         init_pki(self.tls_dir, node_ids=node_ids, overwrite=True)
 
     # -- processes ------------------------------------------------------------------------------
-    def _spawn(self, name: str, args: list[str], *, env: dict[str, str] | None = None,
-               wrap: list[str] | None = None) -> Proc:
+    def _spawn(
+        self, name: str, args: list[str], *, env: dict[str, str] | None = None, wrap: list[str] | None = None
+    ) -> Proc:
         log = self.root / "logs" / f"{name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **self.env, **(env or {})}
         with log.open("ab") as f:

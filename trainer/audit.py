@@ -54,14 +54,41 @@ def audit_verdict(own: Sequence[int], recomputed_next: Sequence[int]) -> AuditVe
         return AuditVerdict(
             False, bad, (), "2 ranks disagree on recomputed gradients: with two, it cannot tell which"
         )
-    bad_set = set(bad)
-    suspects = tuple(
-        r for r in range(world) if ((r - 1) % world, r) in bad_set and (r, (r + 1) % world) in bad_set
-    )
+    suspects = certain_culprits(world, {a for a, _ in bad})
     if suspects:
         reason = f"rank(s) {list(suspects)} disagree with both ring neighbours on recomputed gradients"
     else:
         reason = (
-            f"recomputed gradients disagree on edges {list(bad)}, but no rank disagrees with both neighbours"
+            f"recomputed gradients disagree on edges {list(bad)}, but no rank can be named with certainty"
         )
     return AuditVerdict(False, bad, suspects, reason)
+
+
+def certain_culprits(world: int, bad_edges: set[int]) -> tuple[int, ...]:
+    """The ranks every minimal explanation of the bad edges names.
+
+    Edge r joins ranks r and r+1. A rank that computes wrong spoils both of its edges (its own digest
+    and its recomputation of the next rank's batch). Bad edges come in arcs of consecutive edges;
+    the arc's end ranks touch a good edge, so they are innocent, and the two ranks next to them must
+    be culprits. Between those, the remaining path of bad edges may be explained in several ways:
+    only ranks in every minimum explanation are named (a path of n ranks, n odd, has exactly one).
+    A fully bad ring has many explanations and names nobody.
+    """
+    if not bad_edges or len(bad_edges) == world:
+        return ()
+    named: set[int] = set()
+    start = next(r for r in range(world) if r in bad_edges and (r - 1) % world not in bad_edges)
+    r = start
+    for _ in range(world):  # walk the ring once, arc by arc
+        if r in bad_edges and (r - 1) % world not in bad_edges:
+            k = 0
+            while (r + k) % world in bad_edges:
+                k += 1
+            interior = [(r + i) % world for i in range(1, k)]  # ranks strictly inside the arc
+            if interior:  # one bad edge alone fits no single culprit: name nobody for it
+                named.update({interior[0], interior[-1]})
+                middle = interior[1:-1]  # a path whose edges the two forced culprits leave open
+                if len(middle) % 2 == 1:
+                    named.update(middle[1::2])
+        r = (r + 1) % world
+    return tuple(sorted(named))

@@ -16,6 +16,7 @@ import base64
 import concurrent.futures
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,12 +97,13 @@ class CheckpointManager:
             self.last_stall_s = time.perf_counter() - t0
             self._pending = self._executor.submit(self._finish, fut, step, tmp, final, fields)
         else:
+            error: BaseException | None = None
             try:
-                with collective("saving a checkpoint"):
-                    dcp.save(state, checkpoint_id=str(tmp), process_group=self.pg)
-                self._finish(None, step, tmp, final, fields)
-            finally:
-                self.last_stall_s = time.perf_counter() - t0
+                dcp.save(state, checkpoint_id=str(tmp), process_group=self.pg)
+            except Exception as e:  # noqa: BLE001 - storage errors are reported; training goes on
+                error = e
+            self._finish(None, step, tmp, final, fields, error)
+            self.last_stall_s = time.perf_counter() - t0
         return self.last_stall_s
 
     def _finish(
@@ -111,11 +113,23 @@ class CheckpointManager:
         tmp: Path,
         final: Path,
         fields: dict[str, Any],
+        error: BaseException | None = None,
     ) -> None:
+        agreed = False
         try:
-            if fut is not None:
-                fut.result()
-            dist.barrier(group=self.pg)  # every rank's files are written and fsynced
+            if fut is not None and error is None:
+                try:
+                    fut.result()
+                except Exception as e:  # noqa: BLE001 - a full disk, a storage error
+                    error = e
+            # Every rank reaches this vote, failed or not: commit only if every part was written.
+            ok = torch.tensor([0 if error is not None else 1], dtype=torch.int64)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.pg)
+            agreed = True
+            if error is not None:
+                raise error
+            if not int(ok):
+                raise RuntimeError("another rank failed to write its part")
             if self.rank == 0:
                 os.replace(tmp, final)
                 mf.fsync_dir(self.root)
@@ -138,6 +152,8 @@ class CheckpointManager:
         except Exception as e:  # noqa: BLE001 - a failed save must never stop training
             log.error("checkpoint at step %d failed: %s", step, e)
             self.events("checkpoint_failed", {"step": step, "error": f"{type(e).__name__}: {e}"})
+            if agreed and self.rank == 0:  # every rank is done with it: free the space now
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def wait(self) -> None:
         if self._pending is not None:
@@ -151,7 +167,9 @@ class CheckpointManager:
             self._executor.shutdown(wait=True)
 
     # -- loading --------------------------------------------------------------------------------
-    def find_resume(self, explicit: str = "", *, max_step: int | None = None, fallback: bool = False) -> Path | None:
+    def find_resume(
+        self, explicit: str = "", *, max_step: int | None = None, fallback: bool = False
+    ) -> Path | None:
         """The named checkpoint (verified), or the newest that verifies; skipped ones become events.
 
         A named checkpoint that no longer verifies is an error for a person who named it; for a
@@ -168,10 +186,15 @@ class CheckpointManager:
             if not fallback:
                 raise ValueError(f"checkpoint {path} cannot be used: {v.reason}")
             if self.rank == 0:
-                self.events("checkpoint_skipped", {"path": str(path), "reason": v.reason, "step": mf.parse_step(path) or 0})
+                self.events(
+                    "checkpoint_skipped",
+                    {"path": str(path), "reason": v.reason, "step": mf.parse_step(path) or 0},
+                )
             step = mf.parse_step(path)
-            max_step = min(max_step, step - 1) if max_step is not None and step is not None else (
-                step - 1 if step is not None else max_step
+            max_step = (
+                min(max_step, step - 1)
+                if max_step is not None and step is not None
+                else (step - 1 if step is not None else max_step)
             )
         path, skipped = mf.newest_good(self.root, max_step=max_step)
         if self.rank == 0:

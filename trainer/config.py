@@ -8,6 +8,7 @@ specs with it without importing torch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,9 @@ class OptimConfig:
         require(self.lr > 0, "optim.lr", "must be > 0")
         require(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be between 0 and optim.lr")
         require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
+        require(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+        require(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+        require(math.isfinite(self.lr), "optim.lr", "must be finite")
         require(self.eps > 0, "optim.eps", "must be > 0")
         require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
         require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -150,11 +153,8 @@ class IntegrityConfig:
             "integrity.spike_min_history",
             "must be between 3 and integrity.spike_window",
         )
-        require(
-            self.spike_loss_z > 0 and self.spike_grad_z > 0,
-            "integrity.spike_loss_z",
-            "thresholds must be > 0",
-        )
+        require(self.spike_loss_z > 0, "integrity.spike_loss_z", "must be > 0")
+        require(self.spike_grad_z > 0, "integrity.spike_grad_z", "must be > 0")
         require(self.flight_records >= 1, "integrity.flight_records", "must be >= 1")
 
 

@@ -33,9 +33,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the coordinator validates schedules without importing torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -67,38 +68,37 @@ class Fault:
 
 
 def parse(entries: Any) -> list[Fault]:
-    """Validate a schedule; errors name the entry and the field."""
+    """Validate a schedule; errors name the entry and the field (types included)."""
+    from trainer.settings import ConfigError, build
+
     if not isinstance(entries, list):
         raise ValueError("faults: expected a JSON list of fault entries")
     out = []
     for i, e in enumerate(entries):
+        where = f"faults[{i}]"
         if not isinstance(e, dict):
-            raise ValueError(f"faults[{i}]: expected an object")
-        kind = e.get("kind")
-        if kind not in KINDS:
-            raise ValueError(f"faults[{i}].kind: {kind!r} is not one of {', '.join(KINDS)}")
-        known = set(Fault.__dataclass_fields__) - {"id"}
-        unknown = sorted(set(e) - known)
-        if unknown:
-            raise ValueError(f"faults[{i}]: unknown field {unknown[0]!r}")
-        if (
-            kind in _ONE_SHOT
-            and int(e.get("step", -1)) < 0
-            and not (kind == "nan" and int(e.get("data_index", -1)) >= 0)
-        ):
-            raise ValueError(
-                f"faults[{i}].step: a {kind} fault needs a step >= 0 (or, for nan, a data_index)"
-            )
-        if kind in ("compute", "slow") and int(e.get("from_step", -1)) < 0:
-            raise ValueError(f"faults[{i}].from_step: a {kind} fault needs from_step >= 0")
-        if kind == "bitflip":
-            if e.get("target", "param") not in TARGETS:
-                raise ValueError(f"faults[{i}].target: expected one of {', '.join(TARGETS)}")
-            if not 0 <= int(e.get("bit", 30)) <= 63:
-                raise ValueError(f"faults[{i}].bit: expected 0..63")
-        if not 0.0 <= float(e.get("prob", 1.0)) <= 1.0:
-            raise ValueError(f"faults[{i}].prob: expected a probability in [0, 1]")
-        out.append(Fault(**{**e, "id": i}))
+            raise ValueError(f"{where}: expected an object")
+        if e.get("kind") not in KINDS:
+            raise ValueError(f"{where}.kind: {e.get('kind')!r} is not one of {', '.join(KINDS)}")
+        if "id" in e:
+            raise ValueError(f"{where}: unknown field 'id'")
+        try:
+            f = build(Fault, {**e, "id": i}, path=where)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        if f.kind in _ONE_SHOT and f.step < 0 and not (f.kind == "nan" and f.data_index >= 0):
+            raise ValueError(f"{where}.step: a {f.kind} fault needs a step >= 0 (or, for nan, a data_index)")
+        if f.kind in ("compute", "slow") and f.from_step < 0:
+            raise ValueError(f"{where}.from_step: a {f.kind} fault needs from_step >= 0")
+        if f.target not in TARGETS:
+            raise ValueError(f"{where}.target: expected one of {', '.join(TARGETS)}")
+        if not 0 <= f.bit <= 63:
+            raise ValueError(f"{where}.bit: expected 0..63")
+        if not 0.0 <= f.prob <= 1.0:
+            raise ValueError(f"{where}.prob: expected a probability in [0, 1]")
+        if f.delay_s < 0:
+            raise ValueError(f"{where}.delay_s: must be >= 0")
+        out.append(f)
     return out
 
 
@@ -108,20 +108,17 @@ def load(path: str | os.PathLike[str]) -> list[Fault]:
 
 
 def flip_bit(t: torch.Tensor, index: int, bit: int) -> None:
-    """Flip one bit of element ``index`` of ``t`` in place (through an integer view of its storage)."""
-    flat = t.detach().reshape(-1)
-    if flat.element_size() == 8:
-        view = flat.view(torch.int64)
-    elif flat.element_size() == 4:
-        view = flat.view(torch.int32)
-    else:
-        view = flat.view(torch.int16)
-    width = flat.element_size() * 8
+    """Flip one bit of element ``index`` (in row-major order) of ``t``, in place, whatever its strides."""
+    import numpy as np
+    import torch
+
+    element = t.detach()[np.unravel_index(index, tuple(t.shape))] if t.dim() else t.detach()  # a 0-d view
+    size = element.element_size()
+    view = element.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[size])
+    width = size * 8
     bit %= width
-    mask = 1 << bit
-    if bit == width - 1:  # the sign bit: express it as the most negative value of the type
-        mask = -(1 << (width - 1))
-    view[index] ^= mask
+    mask = -(1 << (width - 1)) if bit == width - 1 else 1 << bit  # the sign bit as the type's minimum
+    view ^= mask
 
 
 class FaultInjector:
@@ -251,11 +248,15 @@ class FaultInjector:
             name, t = named[rng.randrange(len(named))]
         local = t.to_local() if hasattr(t, "to_local") else t
         index = f.index if f.index is not None else rng.randrange(local.numel())
+        import torch
+
         with torch.no_grad():
             flip_bit(local, index, f.bit)
         self._record(f, step, tensor=name, index=index, bit=f.bit)
 
     def _install_hooks(self, model: torch.nn.Module, step: int) -> None:
+        import torch
+
         for h in self._hooks:
             h.remove()
         self._hooks = []

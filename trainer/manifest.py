@@ -110,6 +110,8 @@ def verify(ckpt_dir: str | os.PathLike[str], *, allow_marked_bad: bool = False) 
         return Verification(False, f"not committed: {MANIFEST} is missing (the save did not finish)")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return Verification(False, f"{MANIFEST} is corrupt: {e}")
+    if not isinstance(manifest, dict):
+        return Verification(False, f"{MANIFEST} is corrupt: not a JSON object")
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         return Verification(False, f"{MANIFEST} lists no files", manifest)

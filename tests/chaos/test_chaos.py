@@ -63,10 +63,17 @@ def check_invariant(c: LocalCluster, job_id: str, golden_fp: str) -> None:
         assert job.state == 6 and any(d in job.reason for d in DOCUMENTED_FAILURES), (job.state, rs)
 
 
-def test_random_kills_and_stops_of_ranks_agents_and_the_coordinator(tmp_path: Path, data: Path, golden2: dict, seed: int) -> None:
+def test_random_kills_and_stops_of_ranks_agents_and_the_coordinator(
+    tmp_path: Path, data: Path, golden2: dict, seed: int
+) -> None:
     rng = random.Random(seed)
-    schedule = sorted(((rng.randrange(8, STEPS - 15), rng.choice(KINDS), rng.choice(["node-0", "node-1"]))
-                       for _ in range(FAULTS)), key=lambda x: x[0])
+    schedule = sorted(
+        (
+            (rng.randrange(8, STEPS - 15), rng.choice(KINDS), rng.choice(["node-0", "node-1"]))
+            for _ in range(FAULTS)
+        ),
+        key=lambda x: x[0],
+    )
     print(f"[chaos] seed {seed}: {schedule}")
     c = new_cluster(tmp_path / "cluster", data)
     try:
@@ -78,7 +85,11 @@ def test_random_kills_and_stops_of_ranks_agents_and_the_coordinator(tmp_path: Pa
         c.wait_warm()
         job_id = c.submit(job_spec("chaos", DATA, nodes=2, steps=STEPS, checkpoint_every=10))
         for step, kind, node in schedule:
-            c.wait(lambda step=step: c.job(job_id).step >= step or c.job(job_id).state in (5, 6), 300, f"step {step}")
+            c.wait(
+                lambda step=step: c.job(job_id).step >= step or c.job(job_id).state in (5, 6),
+                300,
+                f"step {step}",
+            )
             job = c.job(job_id)
             if job.state != 2:
                 break
@@ -109,7 +120,9 @@ def test_random_kills_and_stops_of_ranks_agents_and_the_coordinator(tmp_path: Pa
         c.stop()
 
 
-def test_rotten_checkpoints_fall_back_to_the_previous_good_one(tmp_path: Path, data: Path, golden2: dict, seed: int) -> None:
+def test_rotten_checkpoints_fall_back_to_the_previous_good_one(
+    tmp_path: Path, data: Path, golden2: dict, seed: int
+) -> None:
     """The newest checkpoint is truncated and the one before has a flipped bit; then every rank dies,
     so nobody can heal from a peer. The coordinator names the newest good checkpoint it knows; the
     ranks find it rotten, fall back, report why, and the run still ends bit-identical."""
@@ -144,7 +157,9 @@ def test_rotten_checkpoints_fall_back_to_the_previous_good_one(tmp_path: Path, d
         c.stop()
 
 
-def test_a_full_disk_during_a_checkpoint_fails_atomically_and_training_continues(tmp_path: Path, data: Path, golden2: dict) -> None:
+def test_a_full_disk_during_a_checkpoint_fails_atomically_and_training_continues(
+    tmp_path: Path, data: Path, golden2: dict
+) -> None:
     if os.geteuid() != 0:
         pytest.fail("this test mounts a tmpfs and must run as root (make test runs as root in CI)")
     run = tmp_path / "run"
@@ -159,7 +174,10 @@ def test_a_full_disk_during_a_checkpoint_fails_atomically_and_training_continues
         failed = [e for e in events if e["event"] == "checkpoint_failed"]
         committed = [e for e in events if e["event"] == "checkpoint_committed"]
         assert failed, "the disk never filled up"
-        assert any("No space left" in e["error"] or "ENOSPC" in e["error"] or "space" in e["error"].lower() for e in failed)
+        assert any(
+            "No space left" in e["error"] or "ENOSPC" in e["error"] or "space" in e["error"].lower()
+            for e in failed
+        )
         assert committed and committed[0]["step"] == 10
         done = [e for e in events if e["event"] == "finished"][-1]
         assert done["fingerprint"] == golden2["fingerprint"]  # training was never disturbed
@@ -202,9 +220,15 @@ def test_a_network_partition_of_one_agent(tmp_path: Path, data: Path, golden2: d
         try:
             c.start_coordinator()
             c.start_agent("node-0", extra=["--host", "10.231.0.1"], env={"GLOO_SOCKET_IFNAME": host_if})
-            c.start_agent("node-1", extra=["--host", "10.231.0.2"], env={"GLOO_SOCKET_IFNAME": ns_if},
-                          wrap=["ip", "netns", "exec", ns])
-            c.start_agent("spare-0", spare=True, extra=["--host", "10.231.0.1"], env={"GLOO_SOCKET_IFNAME": host_if})
+            c.start_agent(
+                "node-1",
+                extra=["--host", "10.231.0.2"],
+                env={"GLOO_SOCKET_IFNAME": ns_if},
+                wrap=["ip", "netns", "exec", ns],
+            )
+            c.start_agent(
+                "spare-0", spare=True, extra=["--host", "10.231.0.1"], env={"GLOO_SOCKET_IFNAME": host_if}
+            )
             c.wait_warm()
             job_id = c.submit(job_spec("partition", DATA, nodes=2, steps=STEPS, checkpoint_every=5))
             c.wait(lambda: c.job(job_id).step >= 20, 300, "step 20")
@@ -212,7 +236,9 @@ def test_a_network_partition_of_one_agent(tmp_path: Path, data: Path, golden2: d
             job = finished(c, job_id, timeout=500)
             rs = reasons(c, job_id)
             assert job.state == 5, rs
-            assert "node-1" not in job.nodes and any("node-1" in r and ("lost" in r or "silent" in r) for r in rs), rs
+            assert "node-1" not in job.nodes and any(
+                "node-1" in r and ("lost" in r or "silent" in r) for r in rs
+            ), rs
             assert job.final_fingerprint == golden2["fingerprint"]
         finally:
             c.stop()

@@ -221,7 +221,9 @@ def test_coordinator_sigkill_mid_run_training_continues_and_nothing_restarts(
     cluster: LocalCluster, golden3: dict
 ) -> None:
     # Paced steps (a `slow` fault changes timing only) so the restart lands mid-run, not at the end.
-    job_id = run_job(cluster, "coordkill", steps=80, faults=[{"kind": "slow", "from_step": 0, "delay_s": 0.15}])
+    job_id = run_job(
+        cluster, "coordkill", steps=80, faults=[{"kind": "slow", "from_step": 0, "delay_s": 0.15}]
+    )
     cluster.wait(lambda: progressed(cluster, job_id, 10), 120, "step 10")
     before = cluster.job(job_id)
     cluster.kill_coordinator()
@@ -231,6 +233,4 @@ def test_coordinator_sigkill_mid_run_training_continues_and_nothing_restarts(
     assert job.generation == before.generation and job.restarts == 0
     assert max(r["step"] for r in cluster.progress()) > steps_before  # ranks trained while it was down
     assert any("reconciled" in r and "nothing restarted" in r for r in reasons(cluster, job_id))
-    assert (
-        job.final_fingerprint == golden(Path(cluster.root), cluster.data_root / DATA, 3, 80)["fingerprint"]
-    )
+    assert job.final_fingerprint == golden(Path(cluster.root), cluster.data_root / DATA, 3, 80)["fingerprint"]

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
         ([{"kind": "crash", "step": 1}, "crash"], r"^faults\[1\]: expected an object$"),
         ([{"kind": "explode", "step": 1}], r"^faults\[0\]\.kind: 'explode' is not one of bitflip, compute"),
         ([{"step": 1}], r"^faults\[0\]\.kind: None is not one of"),
-        ([{"kind": "crash", "step": 1, "when": 2}], r"^faults\[0\]: unknown field 'when'$"),
+        ([{"kind": "crash", "step": 1, "when": 2}], r"^unknown key 'faults\[0\]\.when'"),
         ([{"kind": "crash", "step": 1, "id": 4}], r"^faults\[0\]: unknown field 'id'$"),
         (
             [{"kind": "nan", "step": 1}, {"kind": "hang"}],
@@ -87,13 +87,6 @@ def test_load_reads_a_schedule_file(tmp_path):
     assert faults.load(path) == [Fault(kind="nan", step=4, rank=0, id=0)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse() only range-checks fields with int()/float() and keeps the raw value: a quoted "
-    'step ("3") or rank ("1") passes and is stored as a string, so the fault silently never fires '
-    "(f.step == step and rank in (-1, rank) compare str to int); a null step raises a bare "
-    "TypeError that names neither the entry nor the field",
-)
 @pytest.mark.parametrize(
     "entry",
     [
@@ -141,11 +134,6 @@ def test_flip_bit_of_the_sign_bit_negates():
     assert t.tolist() == [-1.5, 2.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flip_bit works on t.detach().reshape(-1), which is a copy when t is not contiguous (a "
-    "transposed view here): the flip lands in the copy and t is silently unchanged",
-)
 def test_flip_bit_flips_a_non_contiguous_tensor_in_place():
     t = torch.arange(6, dtype=torch.float32).reshape(2, 3).t()
     before = t.clone()
