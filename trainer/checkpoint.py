@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from trainer import manifest as mf
@@ -33,6 +34,19 @@ from trainer.parallel import collective
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[str, dict[str, Any]], None]
+# DCP gathers every rank's write errors into a CheckpointException, which derives from BaseException.
+CHECKPOINT_ERRORS = (Exception, CheckpointException)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line per failing rank for DCP's combined exception, else the exception itself."""
+    failures = getattr(e, "failures", None)
+    if isinstance(e, CheckpointException) and failures:
+        return "; ".join(
+            f"rank {r}: {type(x).__name__}: {str(x).splitlines()[0] if str(x) else ''}"
+            for r, x in sorted(failures.items())
+        )
+    return f"{type(e).__name__}: {e}"
 
 
 def rng_state() -> str:
@@ -100,7 +114,7 @@ class CheckpointManager:
             error: BaseException | None = None
             try:
                 dcp.save(state, checkpoint_id=str(tmp), process_group=self.pg)
-            except Exception as e:  # noqa: BLE001 - storage errors are reported; training goes on
+            except CHECKPOINT_ERRORS as e:  # storage errors are reported; training goes on
                 error = e
             self._finish(None, step, tmp, final, fields, error)
             self.last_stall_s = time.perf_counter() - t0
@@ -120,7 +134,7 @@ class CheckpointManager:
             if fut is not None and error is None:
                 try:
                     fut.result()
-                except Exception as e:  # noqa: BLE001 - a full disk, a storage error
+                except CHECKPOINT_ERRORS as e:  # a full disk, a storage error
                     error = e
             # Every rank reaches this vote, failed or not: commit only if every part was written.
             ok = torch.tensor([0 if error is not None else 1], dtype=torch.int64)
@@ -149,9 +163,9 @@ class CheckpointManager:
                 removed = mf.apply_retention(self.root, self.keep)
                 if removed:
                     log.info("retention removed %s", ", ".join(p.name for p in removed))
-        except Exception as e:  # noqa: BLE001 - a failed save must never stop training
+        except CHECKPOINT_ERRORS as e:  # a failed save must never stop training
             log.error("checkpoint at step %d failed: %s", step, e)
-            self.events("checkpoint_failed", {"step": step, "error": f"{type(e).__name__}: {e}"})
+            self.events("checkpoint_failed", {"step": step, "error": describe_error(e)})
             if agreed and self.rank == 0:  # every rank is done with it: free the space now
                 shutil.rmtree(tmp, ignore_errors=True)
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from diagnostics.errors import UsageError
 from diagnostics.output import JSON_HELP, emit_json, emit_table, handle_errors, message
 
 app = typer.Typer(
@@ -87,6 +88,11 @@ def command_line(words: str, options: Sequence[tuple[str, Any]]) -> str:
 
 def prepared_data(data: Path | None, work_dir: Path) -> Path:
     if data is not None:
+        if not (data / "meta.json").is_file():
+            raise UsageError(
+                f"--data {data}: not a prepared data directory (no meta.json)",
+                hint="create one with `stanchion data prepare --out DIR`",
+            )
         return data
     from trainer.data import prepare
 
@@ -318,6 +324,8 @@ def integrity(
     multi-rank trainer runs of the tiny preset, interleaved against a run with every protection off."""
     from diagnostics.bench import bench_integrity, work_directory
 
+    if nproc < 2:
+        raise UsageError("--nproc must be at least 2: fingerprints and the audit compare ranks")
     command = command_line(
         "bench integrity",
         [

@@ -260,6 +260,7 @@ def test_envelope_shape() -> None:
 
 
 def test_unknown_protection_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "meta.json").write_text("{}")  # checked for before anything runs
     result = runner.invoke(
         app,
         [
@@ -277,6 +278,15 @@ def test_unknown_protection_is_a_usage_error(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2, result.output
     assert "unknown protection configuration(s): nope" in result.stderr
+
+
+def test_bad_data_and_a_single_rank_are_usage_errors(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["integrity", "--quick", "--data", str(tmp_path), "--work-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "not a prepared data directory" in result.stderr
+    result = runner.invoke(app, ["integrity", "--quick", "--nproc", "1", "--data", str(tmp_path)])
+    assert result.exit_code == 2 and "--nproc must be at least 2" in result.stderr
 
 
 @pytest.mark.slow
