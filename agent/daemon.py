@@ -168,6 +168,7 @@ class Agent:
         while not self.stopping.is_set():
             for kind, w, rec in self.group.poll():
                 await self._relay(kind, w, rec)
+            await self.group.reslot()
             if self.trial_runner is not None:
                 self.trial_runner.poll()
             await asyncio.sleep(MONITOR_S)

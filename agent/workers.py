@@ -112,6 +112,7 @@ class WorkerGroup:
         self.config_path: Path | None = None
         self.faults_path: Path | None = None
         self.metrics = TrainingMetrics()  # the Prometheus relay of the ranks' progress
+        self._reslot: list[Worker] = []
 
     def _first_wid(self) -> int:
         existing = (
@@ -367,7 +368,24 @@ class WorkerGroup:
                 w.state = types_pb2.WORKER_STATE_HUNG
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.kill()
+                if w.reassigned_at:  # its slot already belongs to a newer generation: give it to a standby
+                    self._reslot.append(w)
         return out
+
+    async def reslot(self) -> None:
+        """Hand the current assignment of killed stragglers' slots to standby ranks."""
+        while self._reslot:
+            dead = self._reslot.pop()
+            a = dead.paths.latest_assignment()
+            if a is None or a.stop or a.generation != self.generation:
+                continue
+            w = self._take_standby() or await self.spawn()
+            w.slot, w.job_id, w.rank, w.generation = dead.slot, dead.job_id, a.rank, a.generation
+            w.state, w.assigned_at = types_pb2.WORKER_STATE_STARTING, time.time()
+            w.last_progress_at = w.assigned_at
+            contract.write_json_atomic(w.paths.assignment_path(a.generation), a.to_json())
+            log.info("slot %s of generation %d handed to w%05d", dead.slot, a.generation, w.wid)
+        await self.ensure_standbys()
 
     def _track(self, w: Worker, kind: str, rec: dict[str, Any]) -> None:
         if kind == "standby":

@@ -43,6 +43,7 @@ GROUPS: list[tuple[str, str]] = [
     ("node", "node"),
     ("diag", "diag"),
     ("certs", "certs"),
+    ("bench", "bench"),
 ]
 # Single commands registered at the top level: (module, attribute, name).
 COMMANDS: list[tuple[str, str, str]] = [("up", "up", "up"), ("train", "train", "train")]
