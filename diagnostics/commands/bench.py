@@ -10,6 +10,7 @@ message names its log), 2 usage error.
 
 from __future__ import annotations
 
+import importlib
 import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -357,3 +358,9 @@ def integrity(
             progress=message,
         )
     report(result, json_=json_, out=out, table=integrity_table)
+
+
+# Benchmarks that live in their own modules register themselves: each module has `register(app)`.
+BENCH_MODULES: list[str] = []
+for _module in BENCH_MODULES:
+    importlib.import_module(f"diagnostics.{_module}").register(app)
