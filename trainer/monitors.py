@@ -95,13 +95,13 @@ def group_norms(
     device = next(iter(params.values())).device
     labels, sq = [], []
     for label, names in groups.items():
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        for n in names:
-            g = params[n].grad
-            if g is None:
-                continue
-            local = g.to_local() if hasattr(g, "to_local") else g
-            total = total + local.detach().float().pow(2).sum()
+        local = [
+            g.to_local() if hasattr(g, "to_local") else g for n in names if (g := params[n].grad) is not None
+        ]
+        # A dot product per tensor: the sum of squares without a squared copy of the gradients.
+        flat = [g.detach().reshape(-1).float() for g in local]  # .float() is free for float32 gradients
+        dots = [torch.dot(x, x) for x in flat]
+        total = torch.stack(dots).sum() if dots else torch.zeros((), dtype=torch.float32, device=device)
         labels.append(label)
         sq.append(total)
     return torch.stack(sq), labels

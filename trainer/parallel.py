@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors  # for the state broadcast
 
 from trainer.contract import Assignment
 
@@ -191,6 +191,7 @@ class GradSync:
 
     def __init__(self, params: list[torch.nn.Parameter]):
         self.params = [p for p in params if p.requires_grad]
+        self.flat: torch.Tensor | None = None  # allocated once, reused every step
 
     def all_reduce_mean(self, world_size: int) -> None:
         for p in self.params:
@@ -198,13 +199,21 @@ class GradSync:
                 p.grad = torch.zeros_like(p)
         if world_size == 1:
             return
-        grads = [p.grad for p in self.params]
-        flat = _flatten_dense_tensors(grads)
+        grads = [p.grad.reshape(-1) for p in self.params]
+        if self.flat is None:
+            self.flat = torch.empty(
+                sum(g.numel() for g in grads), dtype=grads[0].dtype, device=grads[0].device
+            )
+        torch.cat(grads, out=self.flat)
         with collective("gradient all-reduce"):
-            dist.all_reduce(flat)
-        flat.div_(world_size)
-        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
-            g.copy_(synced)
+            dist.all_reduce(self.flat)
+        self.flat.div_(world_size)
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                n = p.grad.numel()
+                p.grad.copy_(self.flat[offset : offset + n].view_as(p.grad))
+                offset += n
 
 
 def broadcast_training_state(

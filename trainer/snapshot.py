@@ -46,13 +46,20 @@ class SnapshotRing:
     def take(
         self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]
     ) -> None:
-        params = [_local(p).detach().to("cpu", copy=True) for p in model.parameters()]
+        # The snapshot about to be evicted lends its host buffers: no allocation in steady state.
+        evicted = self.ring[0] if len(self.ring) == self.ring.maxlen else None
+        old_params = evicted.params if evicted else []
+        params = [
+            _to_host(p, old_params[i] if i < len(old_params) else None)
+            for i, p in enumerate(model.parameters())
+        ]
         optim = []
-        for p in _optim_params(optimizer):
+        for i, p in enumerate(_optim_params(optimizer)):
             state = optimizer.state.get(p, {})
+            old = evicted.optim[i] if evicted and i < len(evicted.optim) else {}
             optim.append(
                 {
-                    k: _local(v).detach().to("cpu", copy=True) if torch.is_tensor(v) else copy.deepcopy(v)
+                    k: _to_host(v, old.get(k)) if torch.is_tensor(v) else copy.deepcopy(v)
                     for k, v in state.items()
                 }
             )
@@ -92,6 +99,15 @@ class SnapshotRing:
         while self.ring and self.ring[-1].step > snap.step:
             self.ring.pop()
         return copy.deepcopy(snap.extra)
+
+
+def _to_host(t: torch.Tensor, reuse: torch.Tensor | None) -> torch.Tensor:
+    src = _local(t).detach()
+    if reuse is not None and reuse.shape == src.shape and reuse.dtype == src.dtype:
+        return reuse.copy_(src)
+    if src.is_cuda:  # pinned host memory: the copy runs at full PCIe speed
+        return torch.empty(src.shape, dtype=src.dtype, pin_memory=True).copy_(src)
+    return src.to("cpu", copy=True)
 
 
 def _optim_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -1,0 +1,936 @@
+"""`stanchion bench coordinator`: how many agents one coordinator process carries.
+
+The goal (docs/benchmarks.md): one coordinator process carries at least 1,000 agents heartbeating
+every second, with the heartbeat's p99 latency well under the interval, no failed heartbeats and no
+node declared lost.
+
+What runs, all real processes on this machine:
+
+- **The coordinator**: ``python -m diagnostics.cli coordinator serve --listen 127.0.0.1:0`` with its
+  defaults (grpc.aio server, one controller queue, SQLite state, 10 s heartbeat timeout), mTLS from
+  a fresh development PKI (``--tls``, the default) or ``--insecure``, and its /metrics endpoint.
+- **Simulated agents** in ``--client-procs`` processes (``python -m diagnostics.bench_coordinator
+  client``), asyncio + grpc.aio. The shape is the agent's own: unary ``Register`` once, then unary
+  ``Heartbeat`` every interval with directives piggybacked on the responses. Each simulated agent
+  has **its own channel and its own TCP (and TLS) connection** (a local subchannel pool per channel,
+  which grpc would otherwise share between channels of one process), and in TLS mode its own client
+  certificate (``agent-sim-NNNNN.pem``), because that is what the coordinator sees from real agents:
+  one connection, one handshake and one identity check per node. Payload per heartbeat: one
+  ``WorkerStatus`` per local rank (``--workers-per-node``, default 8: an 8-GPU node) in state
+  TRAINING with an advancing step, the node's health verdict, the acked directive sequence, and with
+  probability ``--event-rate`` one relayed event (a ~200-byte JSON detail; the coordinator stores
+  each in SQLite).
+- **Schedule**: each agent heartbeats at a fixed rate from a random phase in the first interval
+  (the offered load is agents / interval, spread evenly). A reply slower than the interval delays
+  the next send instead of queueing a burst (as the agent does); such a run shows fewer heartbeats
+  achieved than offered. The first ``--warmup-s`` seconds are not measured.
+
+Measured: heartbeat latency at the client (send to reply, ms), heartbeats per second achieved vs
+offered, failures by status code, how late the client processes sent (their own event-loop lag:
+large values mean the load generator, not the coordinator, was the bottleneck), the coordinator's
+CPU time and RSS (psutil on its pid), its TCP connections, and what the coordinator itself sees:
+``stanchion_node_heartbeat_age_seconds`` of every node and ``stanchion_heartbeats_total`` scraped
+from its /metrics during the measured window, and ``stanchion_nodes{state="lost"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from diagnostics.output import JSON_HELP
+
+HEARTBEAT_TIMEOUT_S = 10.0  # the coordinator's default (coordinator/config.py); the benchmark keeps it
+RPC_TIMEOUT_S = 5.0  # the agent's default deadline per call (agent/config.py rpc_timeout_s)
+P99_FRACTION = 0.1  # "p99 well under the interval": at most a tenth of it
+ACHIEVED_FRACTION = 0.99  # heartbeats achieved / offered
+NODE_PREFIX = "sim-"
+# A local subchannel pool per channel: without it, grpc shares one connection between all channels
+# of a process that have the same target and options, and the coordinator would see one client.
+OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def node_ids(n: int, start: int = 0) -> list[str]:
+    return [f"{NODE_PREFIX}{i:05d}" for i in range(start, start + n)]
+
+
+def split(n: int, parts: int) -> list[range]:
+    """``n`` agent indexes in ``parts`` contiguous slices whose sizes differ by at most one."""
+    if n < 0 or parts < 1:
+        raise ValueError("need n >= 0 and parts >= 1")
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for p in range(parts):
+        size = base + (1 if p < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between the closest ranks (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError("q must be in [0, 100]")
+    vals = sorted(values)
+    k = (len(vals) - 1) * q / 100
+    lo = math.floor(k)
+    hi = min(lo + 1, len(vals) - 1)
+    return vals[lo] + (vals[hi] - vals[lo]) * (k - lo)
+
+
+def distribution(values: Sequence[float]) -> dict[str, Any]:
+    """p50/p90/p99/p99.9/max/mean of ``values`` (None for each when there are none)."""
+    if not values:
+        return {"n": 0, "p50": None, "p90": None, "p99": None, "p999": None, "max": None, "mean": None}
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "p999": percentile(values, 99.9),
+        "max": max(values),
+        "mean": sum(values) / len(values),
+    }
+
+
+def parse_metrics(text: str) -> dict[str, Any]:
+    """From a /metrics scrape: every node's heartbeat age, the heartbeat counter and node states."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ages: dict[str, float] = {}
+    nodes: dict[str, float] = {}
+    total = None
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "stanchion_node_heartbeat_age_seconds":
+                ages[s.labels.get("node", "")] = s.value
+            elif s.name == "stanchion_heartbeats_total":
+                total = s.value
+            elif s.name == "stanchion_nodes":
+                nodes[s.labels.get("state", "")] = s.value
+    return {"heartbeat_age_s": ages, "heartbeats_total": total, "nodes": nodes}
+
+
+def merge_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items()))
+
+
+def rate(count: float, seconds: float) -> float | None:
+    return count / seconds if seconds > 0 else None
+
+
+def coordinator_goals(
+    *,
+    agents: int,
+    interval_s: float,
+    p99_ms: float | None,
+    failures: int,
+    achieved: float | None,
+    offered: float,
+    lost: int | None,
+    max_age_s: float | None,
+) -> list[dict[str, Any]]:
+    from diagnostics.bench import goal
+
+    at_scale = agents >= 1000
+    p99_target = P99_FRACTION * interval_s * 1000
+    ratio = None if achieved is None or offered <= 0 else achieved / offered
+    return [
+        goal(
+            "agents carried",
+            agents,
+            ">= 1000 agents heartbeating at the interval",
+            at_scale,
+            "simulated agents, each with its own connection; the other goals are met at this count or not",
+        ),
+        goal(
+            "heartbeat p99 latency (ms)",
+            p99_ms,
+            f"< {p99_target:g} ms ({P99_FRACTION:g} of the {interval_s:g} s interval)",
+            None if p99_ms is None else p99_ms < p99_target,
+            "client-side send-to-reply time of every heartbeat in the measured window",
+        ),
+        goal(
+            "failed heartbeats",
+            failures,
+            "0",
+            failures == 0,
+            "heartbeats that ended in a status other than OK (any code, deadline 5 s)",
+        ),
+        goal(
+            "heartbeats achieved / offered",
+            ratio,
+            f">= {ACHIEVED_FRACTION:g}",
+            None if ratio is None else ratio >= ACHIEVED_FRACTION,
+            "successful heartbeats per second in the window over agents / interval",
+        ),
+        goal(
+            "nodes declared lost",
+            lost,
+            f"0 (the coordinator's heartbeat timeout is {HEARTBEAT_TIMEOUT_S:g} s)",
+            None if lost is None else lost == 0,
+            'stanchion_nodes{state="lost"} at the last scrape of the window',
+        ),
+        goal(
+            "oldest heartbeat age the coordinator saw (s)",
+            max_age_s,
+            f"< {HEARTBEAT_TIMEOUT_S:g} s",
+            None if max_age_s is None else max_age_s < HEARTBEAT_TIMEOUT_S,
+            "max of stanchion_node_heartbeat_age_seconds over every scrape in the window",
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulated agents (one client process runs a slice of them)
+
+
+def inventory(index: int, workers: int) -> Any:
+    from protos.stanchion.v1 import types_pb2
+
+    return types_pb2.NodeInventory(
+        host=f"{NODE_PREFIX}{index:05d}.bench.invalid",
+        addresses=[f"10.{index // 65536 % 256}.{index // 256 % 256}.{index % 256}"],
+        gpus=[
+            types_pb2.GpuInfo(
+                uuid=f"GPU-{index:08x}-{g:04x}-0000-0000-000000000000", name="NVIDIA H100 80GB HBM3"
+            )
+            for g in range(workers)
+        ],
+        cpu_count=224,
+        memory_total_bytes=2 * 1024**4,
+        agent_version="bench",
+        workers=workers,
+        store_port=29400,
+    )
+
+
+class SimAgent:
+    """What one agent reports: worker statuses that advance, events with sequence numbers, acks."""
+
+    def __init__(self, index: int, workers: int, event_rate: float, rng: random.Random):
+        self.index = index
+        self.node_id = f"{NODE_PREFIX}{index:05d}"
+        self.workers = workers
+        self.event_rate = event_rate
+        self.rng = rng
+        self.step = rng.randrange(1000, 100_000)
+        self.event_seq = 0
+        self.acked = 0
+        self.pending_events: list[Any] = []
+
+    def request(self, now: float) -> Any:
+        from protos.stanchion.v1 import agent_pb2, types_pb2
+
+        self.step += 1
+        if self.rng.random() < self.event_rate:
+            self.event_seq += 1
+            detail = {
+                "gpu": self.rng.randrange(self.workers),
+                "temperature_c": self.rng.randrange(55, 80),
+                "power_w": self.rng.randrange(300, 700),
+                "sm_clock_mhz": 1980,
+                "ecc_sbe_volatile": 0,
+                "xid": None,
+                "reason": "periodic sample",
+            }
+            self.pending_events.append(
+                types_pb2.Event(
+                    kind="health",
+                    generation=0,
+                    step=self.step,
+                    rank=-1,
+                    time=now,
+                    detail_json=json.dumps(detail),
+                    seq=self.event_seq,
+                    node_id=self.node_id,
+                )
+            )
+        base = self.index * self.workers
+        return agent_pb2.HeartbeatRequest(
+            node_id=self.node_id,
+            generation=0,
+            workers=[
+                types_pb2.WorkerStatus(
+                    local_rank=r,
+                    rank=base + r,
+                    state=types_pb2.WORKER_STATE_TRAINING,
+                    pid=100_000 + base + r,
+                    step=self.step,
+                    step_time_s=0.9 + 0.01 * r,
+                    generation=0,
+                )
+                for r in range(self.workers)
+            ],
+            last_step=self.step,
+            step_time_s=0.9,
+            events=self.pending_events,
+            health=types_pb2.HEALTH_VERDICT_HEALTHY,
+            acked_directive_seq=self.acked,
+        )
+
+    def replied(self, resp: Any) -> int:
+        """Events delivered; directives acknowledged (applied at once). Returns the directives seen."""
+        self.pending_events = []
+        for d in resp.directives:
+            self.acked = max(self.acked, d.seq)
+        return len(resp.directives)
+
+
+class ClientStats:
+    def __init__(self) -> None:
+        self.latencies_ms: list[float] = []
+        self.lateness_ms: list[float] = []
+        self.sent = 0
+        self.ok = 0
+        self.over_interval = 0
+        self.failures: dict[str, int] = {}
+        self.failures_total: dict[str, int] = {}  # warm-up included
+        self.directives = 0
+        self.events = 0
+        self.reregistered = 0
+
+
+async def _call_with_retry(fn: Any, what: str, deadline_s: float) -> Any:
+    """Register with the agent's retry rules: back off on RESOURCE_EXHAUSTED and UNAVAILABLE."""
+    import grpc
+
+    backoff, t_end = 0.1, time.monotonic() + deadline_s
+    while True:
+        try:
+            return await fn()
+        except grpc.aio.AioRpcError as e:
+            retry = e.code() in (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+            if not retry or time.monotonic() + backoff > t_end:
+                raise RuntimeError(f"{what}: {e.code().name}: {e.details()}") from None
+        await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+        backoff = min(backoff * 2, 2.0)
+
+
+async def run_client(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """One client process: register its slice of agents, report ready, wait for the start time,
+    heartbeat until the end, and return the measurements."""
+    import grpc
+
+    from protos import client
+    from protos.stanchion.v1 import agent_pb2, agent_pb2_grpc
+
+    target, tls_dir, insecure = spec["target"], spec.get("tls_dir", ""), bool(spec.get("insecure"))
+    workers, interval = int(spec["workers_per_node"]), float(spec["interval_s"])
+    indexes = range(spec["first"], spec["first"] + spec["count"])
+    rng = random.Random(spec.get("seed", 0))
+    options = [*client.channel_options(), OWN_CONNECTION]
+    creds_for = None
+    if not insecure:
+        from coordinator.auth import channel_credentials
+
+        def creds_for(node_id: str) -> Any:
+            return channel_credentials(tls_dir, "agent", node_id)
+
+    agents = [SimAgent(i, workers, float(spec["event_rate"]), random.Random(rng.random())) for i in indexes]
+    channels, stubs = [], []
+    for a in agents:
+        ch = (
+            grpc.aio.insecure_channel(target, options=options)
+            if insecure
+            else grpc.aio.secure_channel(target, creds_for(a.node_id), options=options)
+        )
+        channels.append(ch)
+        stubs.append(agent_pb2_grpc.AgentServiceStub(ch))
+
+    async def register(a: SimAgent, stub: Any) -> None:
+        req = agent_pb2.RegisterRequest(node_id=a.node_id, inventory=inventory(a.index, workers))
+        await _call_with_retry(lambda: stub.Register(req, timeout=10.0), f"register {a.node_id}", 120.0)
+
+    t0 = time.perf_counter()
+    sem = asyncio.Semaphore(int(spec.get("register_concurrency", 64)))
+
+    async def register_one(a: SimAgent, stub: Any) -> None:
+        async with sem:
+            await register(a, stub)
+
+    await asyncio.gather(*(register_one(a, s) for a, s in zip(agents, stubs, strict=True)))
+    register_s = time.perf_counter() - t0
+    Path(spec["ready_file"]).write_text(json.dumps({"agents": len(agents), "register_s": register_s}))
+    line = await asyncio.to_thread(sys.stdin.readline)
+    if not line.strip():
+        raise RuntimeError("no start time on stdin (the benchmark stopped?)")
+    go = json.loads(line)
+    start, measure_from, end = float(go["start"]), float(go["measure_from"]), float(go["end"])
+    stats = ClientStats()
+
+    async def agent_loop(a: SimAgent, stub: Any) -> None:
+        next_t = start + rng.random() * interval
+        while next_t < end:
+            delay = next_t - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent_at = time.time()
+            measured = next_t >= measure_from
+            req = a.request(sent_at)
+            t = time.perf_counter()
+            try:
+                resp = await stub.Heartbeat(req, timeout=RPC_TIMEOUT_S)
+            except grpc.aio.AioRpcError as e:
+                code = e.code().name
+                stats.failures_total[code] = stats.failures_total.get(code, 0) + 1
+                if measured:
+                    stats.sent += 1
+                    stats.failures[code] = stats.failures.get(code, 0) + 1
+                if e.code() == grpc.StatusCode.NOT_FOUND:  # declared lost: register again, as agents do
+                    stats.reregistered += 1
+                    with contextlib.suppress(RuntimeError):
+                        await register(a, stub)
+                next_t = max(next_t + interval, time.time())
+                continue
+            latency_ms = (time.perf_counter() - t) * 1000
+            if measured:
+                stats.sent += 1
+                stats.ok += 1
+                stats.latencies_ms.append(latency_ms)
+                stats.lateness_ms.append(max(0.0, (sent_at - next_t) * 1000))
+                stats.over_interval += latency_ms > interval * 1000
+                stats.events += len(req.events)
+                stats.directives += len(resp.directives)
+            a.replied(resp)
+            step_s = max(resp.heartbeat_interval_ms / 1000, 0.01) if resp.heartbeat_interval_ms else interval
+            next_t = max(next_t + step_s, time.time())
+
+    cpu_start = None
+
+    async def cpu_mark() -> None:
+        nonlocal cpu_start
+        await asyncio.sleep(max(0.0, measure_from - time.time()))
+        cpu_start = time.process_time()
+
+    marker = asyncio.create_task(cpu_mark())
+    await asyncio.gather(*(agent_loop(a, s) for a, s in zip(agents, stubs, strict=True)))
+    cpu_window = time.process_time() - cpu_start if cpu_start is not None else None
+    marker.cancel()
+    await asyncio.gather(*(ch.close() for ch in channels))
+    return {
+        "agents": len(agents),
+        "register_s": register_s,
+        "latencies_ms": stats.latencies_ms,
+        "lateness_ms": stats.lateness_ms,
+        "sent": stats.sent,
+        "ok": stats.ok,
+        "over_interval": stats.over_interval,
+        "failures": stats.failures,
+        "failures_total": stats.failures_total,
+        "directives": stats.directives,
+        "events": stats.events,
+        "reregistered": stats.reregistered,
+        "cpu_s_window": cpu_window,
+        "cpu_s_total": time.process_time(),
+    }
+
+
+def client_main(argv: Sequence[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m diagnostics.bench_coordinator client SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    result = asyncio.run(run_client(spec))
+    out = Path(spec["result_file"])
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, out)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark (parent process)
+
+
+def _scrape(port: int, timeout: float = 5.0) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:  # noqa: S310
+        return r.read().decode()
+
+
+def _stop(proc: subprocess.Popen[Any], grace_s: float = 10.0) -> int | None:
+    """SIGTERM the process this module started (by pid), SIGKILL after ``grace_s``."""
+    if proc.poll() is not None:
+        return proc.returncode
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        return proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        return proc.wait()
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    with contextlib.suppress(OSError):
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])[:600]
+    return ""
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[Any], log: Path, what: str, timeout_s: float) -> None:
+    from diagnostics.bench import BenchError
+
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with code {proc.returncode}: {_tail(log)}", hint=f"see {log}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what}: not ready after {timeout_s:.0f} s", hint=f"see {log}")
+        time.sleep(0.05)
+
+
+def _established(pid: int, port: int) -> int | None:
+    import psutil
+
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return None
+    return sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port)
+
+
+def _busy_cores(before: Any, after: Any, seconds: float) -> float | None:
+    """Cores busy (all processes) between two psutil.cpu_times() samples."""
+    if seconds <= 0:
+        return None
+    idle = (after.idle - before.idle) + (getattr(after, "iowait", 0) - getattr(before, "iowait", 0))
+    total = sum(after) - sum(before)
+    return (total - idle) / seconds
+
+
+def bench_coordinator(
+    *,
+    agents: int,
+    seconds: float,
+    warmup_s: float,
+    client_procs: int,
+    tls: bool,
+    interval_s: float,
+    workers_per_node: int,
+    event_rate: float,
+    scrape_every_s: float,
+    work_dir: Path,
+    command: str,
+    timeout_s: float,
+    progress: Any,
+    seed: int = 0,
+) -> dict[str, Any]:
+    import psutil
+
+    from diagnostics.bench import REPO, BenchError, bench_env, envelope, median
+
+    if agents < 1 or client_procs < 1 or seconds <= 0 or interval_s <= 0:
+        raise ValueError("agents, client_procs, seconds and interval_s must be positive")
+    client_procs = min(client_procs, agents)
+    load_at_start = list(os.getloadavg())
+    env = bench_env(1)
+    ids = node_ids(agents)
+    tls_dir = work_dir / "tls"
+    security = ["--insecure"]
+    if tls:
+        from diagnostics.certs import init_pki
+
+        progress(f"creating a development PKI with {agents} agent certificates in {tls_dir}")
+        init_pki(tls_dir, node_ids=ids, overwrite=True)
+        security = ["--tls-dir", str(tls_dir)]
+    port_file = work_dir / "coordinator.json"
+    coord_log = work_dir / "coordinator.log"
+    coord_cmd = [
+        sys.executable, "-m", "diagnostics.cli", "coordinator", "serve",
+        "--listen", "127.0.0.1:0",
+        "--state-db", str(work_dir / "coordinator.db"),
+        "--metrics-port", "0",
+        "--port-file", str(port_file),
+        *security,
+    ]  # fmt: skip
+    progress(f"starting the coordinator ({'mTLS' if tls else 'plaintext'}); log {coord_log}")
+    clients: list[tuple[subprocess.Popen[Any], Path]] = []
+    with coord_log.open("wb") as f:
+        coord = subprocess.Popen(
+            coord_cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        _wait_for(port_file, coord, coord_log, "the coordinator", 60.0)
+        ports = json.loads(port_file.read_text())
+        port, metrics_port = int(ports["port"]), int(ports["metrics_port"])
+        cp = psutil.Process(coord.pid)
+        cpu0 = cp.cpu_times()
+        rss_idle = cp.memory_info().rss
+
+        # Client processes: each registers its slice, then waits for the start time on stdin.
+        slices = split(agents, client_procs)
+        t_reg = time.perf_counter()
+        for i, sl in enumerate(slices):
+            spec = {
+                "target": f"127.0.0.1:{port}",
+                "tls_dir": str(tls_dir) if tls else "",
+                "insecure": not tls,
+                "first": sl.start,
+                "count": len(sl),
+                "interval_s": interval_s,
+                "workers_per_node": workers_per_node,
+                "event_rate": event_rate,
+                "seed": seed * 1000 + i,
+                "ready_file": str(work_dir / f"client-{i}.ready"),
+                "result_file": str(work_dir / f"client-{i}.json"),
+            }
+            spec_path = work_dir / f"client-{i}.spec.json"
+            spec_path.write_text(json.dumps(spec))
+            log = work_dir / f"client-{i}.log"
+            with log.open("wb") as f:
+                p = subprocess.Popen(
+                    [sys.executable, "-m", "diagnostics.bench_coordinator", "client", str(spec_path)],
+                    stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.PIPE, env=env, cwd=REPO,
+                    start_new_session=True,
+                )  # fmt: skip
+            clients.append((p, log))
+        progress(f"registering {agents} agents from {len(clients)} client process(es)")
+        for i, (p, log) in enumerate(clients):
+            _wait_for(work_dir / f"client-{i}.ready", p, log, f"client {i}", timeout_s)
+        register_wall_s = time.perf_counter() - t_reg
+        connections = _established(coord.pid, port)
+        progress(
+            f"  registered in {register_wall_s:.1f} s; the coordinator has {connections} established connections"
+        )
+
+        start = time.time() + 0.5
+        measure_from = start + warmup_s
+        end = measure_from + seconds
+        go = json.dumps({"start": start, "measure_from": measure_from, "end": end}) + "\n"
+        for p, _ in clients:
+            assert p.stdin is not None
+            p.stdin.write(go.encode())
+            p.stdin.close()
+        progress(f"heartbeating: {warmup_s:g} s warm-up, then {seconds:g} s measured")
+
+        # Sample the coordinator while the agents run.
+        rss_peak, scrapes, cpu_w0, sys_w0 = 0, [], None, None
+        next_scrape = measure_from + min(scrape_every_s, seconds / 2)
+        while time.time() < end - 0.5:
+            now = time.time()
+            if cpu_w0 is None and now >= measure_from:
+                cpu_w0, sys_w0, t_w0 = cp.cpu_times(), psutil.cpu_times(), now
+                scrapes.append((now, parse_metrics(_scrape(metrics_port))))
+            if cpu_w0 is not None:
+                rss_peak = max(rss_peak, cp.memory_info().rss)
+            if cpu_w0 is not None and now >= next_scrape:
+                scrapes.append((now, parse_metrics(_scrape(metrics_port))))
+                next_scrape += scrape_every_s
+            if coord.poll() is not None:
+                raise BenchError(
+                    f"the coordinator exited with code {coord.returncode}", hint=f"see {coord_log}"
+                )
+            time.sleep(min(0.25, max(0.01, end - 0.5 - time.time())))
+        scrapes.append((time.time(), parse_metrics(_scrape(metrics_port))))
+        cpu_w1, sys_w1, t_w1 = cp.cpu_times(), psutil.cpu_times(), time.time()
+        rss_end = cp.memory_info().rss
+        threads = cp.num_threads()
+        if cpu_w0 is None:
+            raise BenchError("the measured window was too short to sample the coordinator")
+
+        results = []
+        for i, (p, log) in enumerate(clients):
+            try:
+                code = p.wait(timeout=max(30.0, RPC_TIMEOUT_S * 3))
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"client {i} did not finish", hint=f"see {log}") from None
+            if code != 0:
+                raise BenchError(f"client {i} exited with code {code}: {_tail(log)}", hint=f"see {log}")
+            results.append(json.loads((work_dir / f"client-{i}.json").read_text()))
+        cpu_total = cp.cpu_times()
+    finally:
+        for p, _ in clients:
+            _stop(p, 5.0)
+        _stop(coord)
+
+    # ---- aggregate ----
+    lat = [x for r in results for x in r["latencies_ms"]]
+    late = [x for r in results for x in r["lateness_ms"]]
+    failures = merge_counts(r["failures"] for r in results)
+    n_fail = sum(failures.values())
+    ok = sum(r["ok"] for r in results)
+    sent = sum(r["sent"] for r in results)
+    offered_per_s = agents / interval_s
+    achieved_per_s = ok / seconds
+    window_s = t_w1 - t_w0
+    coord_cpu_s = (cpu_w1.user - cpu_w0.user) + (cpu_w1.system - cpu_w0.system)
+    client_cpu_s = sum(r["cpu_s_window"] or 0.0 for r in results)
+    ages_all = [a for _, s in scrapes for a in s["heartbeat_age_s"].values()]
+    last = scrapes[-1][1]
+    first_total = next((s["heartbeats_total"] for _, s in scrapes if s["heartbeats_total"] is not None), None)
+    server_rate = None
+    if first_total is not None and last["heartbeats_total"] is not None and scrapes[-1][0] > scrapes[0][0]:
+        server_rate = (last["heartbeats_total"] - first_total) / (scrapes[-1][0] - scrapes[0][0])
+    lost = int(last["nodes"].get("lost", 0)) if last["nodes"] else None
+    lat_d = distribution(lat)
+    age_last = distribution(list(last["heartbeat_age_s"].values()))
+    age_all = distribution(ages_all)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = _busy_cores(sys_w0, sys_w1, window_s)
+    coord_cores = coord_cpu_s / window_s if window_s > 0 else None
+    client_cores = client_cpu_s / seconds
+    results_out = {
+        "agents": agents,
+        "tls": tls,
+        "p50_ms": lat_d["p50"],
+        "p99_ms": lat_d["p99"],
+        "max_ms": lat_d["max"],
+        "failures": n_fail,
+        "failures_by_code": failures,
+        "latency_ms": lat_d,
+        "heartbeats": {
+            "offered_per_s": offered_per_s,
+            "achieved_per_s": achieved_per_s,
+            "achieved_over_offered": achieved_per_s / offered_per_s,
+            "sent": sent,
+            "ok": ok,
+            "slower_than_interval": sum(r["over_interval"] for r in results),
+            "coordinator_counted_per_s": server_rate,
+            "events_relayed": sum(r["events"] for r in results),
+            "directives_received": sum(r["directives"] for r in results),
+            "failures_including_warmup": merge_counts(r["failures_total"] for r in results),
+            "reregistered": sum(r["reregistered"] for r in results),
+        },
+        "client_send_lateness_ms": distribution(late),
+        "registration": {
+            "wall_s": register_wall_s,
+            "per_client_s": [r["register_s"] for r in results],
+            "per_s": agents / register_wall_s if register_wall_s > 0 else None,
+        },
+        "coordinator": {
+            "pid_threads": threads,
+            "established_connections": connections,
+            "cpu_s_window": coord_cpu_s,
+            "cpu_cores_window": coord_cores,
+            "cpu_ms_per_heartbeat": 1000 * coord_cpu_s / ok if ok else None,
+            "cpu_s_total": cpu_total.user + cpu_total.system - cpu0.user - cpu0.system,
+            "rss_mb_idle": rss_idle / 2**20,
+            "rss_mb_peak": rss_peak / 2**20,
+            "rss_mb_end": rss_end / 2**20,
+            "heartbeat_age_s_last_scrape": age_last,
+            "heartbeat_age_s_all_scrapes": age_all,
+            "heartbeat_age_s_median_per_scrape": [
+                median(s["heartbeat_age_s"].values()) if s["heartbeat_age_s"] else None for _, s in scrapes
+            ],
+            "scrapes": len(scrapes),
+            "nodes_by_state": last["nodes"],
+        },
+        "cpu_competition": {
+            "usable_cores": cores,
+            "machine_busy_cores": busy,
+            "coordinator_cores": coord_cores,
+            "client_cores": client_cores,
+            "other_cores": None if busy is None or coord_cores is None else busy - coord_cores - client_cores,
+        },
+    }
+    settings = {
+        "agents": agents,
+        "seconds": seconds,
+        "warmup_s": warmup_s,
+        "client_procs": client_procs,
+        "agents_per_client": [len(s) for s in split(agents, client_procs)],
+        "tls": tls,
+        "interval_s": interval_s,
+        "workers_per_node": workers_per_node,
+        "event_rate": event_rate,
+        "scrape_every_s": scrape_every_s,
+        "rpc_timeout_s": RPC_TIMEOUT_S,
+        "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S,
+        "shape": "unary Register, then unary Heartbeat at a fixed rate; directives piggybacked on replies",
+        "connections": "one grpc.aio channel and one TCP connection per simulated agent (local subchannel pool)",
+    }
+    goals = coordinator_goals(
+        agents=agents,
+        interval_s=interval_s,
+        p99_ms=lat_d["p99"],
+        failures=n_fail,
+        achieved=achieved_per_s,
+        offered=offered_per_s,
+        lost=lost,
+        max_age_s=age_all["max"],
+    )
+    notes = [
+        f"The coordinator and the {client_procs} client process(es) share this machine's {cores} usable "
+        "core(s): client-side latency includes the clients' own event-loop delays and the time the "
+        "coordinator waited for a core (see cpu_competition and client_send_lateness_ms)."
+    ]
+    return envelope("coordinator", command, settings, results_out, goals, notes, load_at_start)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def coordinator_table(result: dict[str, Any]) -> None:
+    from diagnostics.commands.bench import num, print_goals
+    from diagnostics.output import emit_table
+
+    r = result["results"]
+    hb, c, cc = r["heartbeats"], r["coordinator"], r["cpu_competition"]
+    lat, age = r["latency_ms"], c["heartbeat_age_s_all_scrapes"]
+    emit_table(
+        ["figure", "value"],
+        [
+            ["agents", r["agents"]],
+            ["latency p50 / p99 / max (ms)", f"{num(lat['p50'])} / {num(lat['p99'])} / {num(lat['max'])}"],
+            ["heartbeats/s achieved / offered", f"{num(hb['achieved_per_s'])} / {num(hb['offered_per_s'])}"],
+            ["failures", f"{r['failures']} {r['failures_by_code'] or ''}".strip()],
+            ["client send lateness p99 (ms)", num(r["client_send_lateness_ms"]["p99"])],
+            ["coordinator CPU (cores) / ms per heartbeat", f"{num(c['cpu_cores_window'])} / {num(c['cpu_ms_per_heartbeat'])}"],
+            ["coordinator RSS peak (MB)", num(c["rss_mb_peak"])],
+            ["heartbeat age at coordinator p50 / max (s)", f"{num(age['p50'])} / {num(age['max'])}"],
+            ["machine busy cores (coordinator / clients)", f"{num(cc['machine_busy_cores'])} ({num(cc['coordinator_cores'])} / {num(cc['client_cores'])})"],
+        ],
+        title=f"Coordinator, {r['agents']} agents, {'mTLS' if r['tls'] else 'plaintext'}",
+    )  # fmt: skip
+    print_goals(result)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `coordinator` to the `stanchion bench` app."""
+    app.command("coordinator", epilog=_epilog())(coordinator)
+
+
+def _epilog() -> str:
+    return (
+        "Exit codes: 0 ok (goals met or not: see the JSON's goals), 1 a benchmark run failed "
+        "(the message names its log), 2 usage error."
+    )
+
+
+def coordinator(
+    agents: Annotated[int, typer.Option("--agents", min=1, help="Simulated agents (nodes).")] = 1000,
+    seconds: Annotated[float, typer.Option("--seconds", min=1.0, help="Measured seconds.")] = 30.0,
+    warmup_s: Annotated[
+        float, typer.Option("--warmup-s", min=0.0, help="Heartbeating before the measured window.")
+    ] = 5.0,
+    client_procs: Annotated[
+        int, typer.Option("--client-procs", min=1, help="Processes that run the simulated agents.")
+    ] = 2,
+    tls: Annotated[
+        bool,
+        typer.Option("--tls/--insecure", help="mTLS with a fresh development PKI (default), or plaintext."),
+    ] = True,
+    interval_s: Annotated[
+        float, typer.Option("--interval-s", min=0.01, help="Heartbeat interval of every agent.")
+    ] = 1.0,
+    workers_per_node: Annotated[
+        int, typer.Option("--workers-per-node", min=1, max=64, help="Worker statuses per heartbeat.")
+    ] = 8,
+    event_rate: Annotated[
+        float,
+        typer.Option("--event-rate", min=0.0, max=1.0, help="Chance that a heartbeat carries one event."),
+    ] = 0.02,
+    scrape_every_s: Annotated[
+        float, typer.Option("--scrape-every-s", min=0.5, help="Scrape the coordinator's /metrics this often.")
+    ] = 10.0,
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--work-dir", metavar="DIR", help="Keep the logs and state under DIR (default: a temporary dir)."
+        ),
+    ] = None,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout-s", min=1.0, help="Give up on registration after this many seconds.")
+    ] = 300.0,
+    json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", metavar="FILE", help="Also write the JSON to FILE (e.g. docs/bench/coordinator.json)."
+        ),
+    ] = None,
+) -> None:
+    """How many agents one coordinator process carries: a real coordinator process and simulated
+    agents (one connection each, in --client-procs processes) registering, then heartbeating at a
+    fixed rate with realistic payloads. Reports client-side heartbeat latency, achieved vs offered
+    heartbeats, failures by status code, the coordinator's CPU and RSS, and the heartbeat ages the
+    coordinator itself reports on /metrics."""
+    from diagnostics.bench import work_directory
+    from diagnostics.commands.bench import command_line, report
+    from diagnostics.output import handle_errors, message
+
+    @handle_errors
+    def go() -> None:
+        command = command_line(
+            "bench coordinator",
+            [
+                ("--agents", agents),
+                ("--seconds", _g(seconds)),
+                ("--warmup-s", _g(warmup_s)),
+                ("--client-procs", client_procs),
+                ("--tls" if tls else "--insecure", True),
+                ("--interval-s", _g(interval_s)),
+                ("--workers-per-node", workers_per_node),
+                ("--event-rate", _g(event_rate)),
+                ("--scrape-every-s", _g(scrape_every_s)),
+                ("--json", json_),
+                ("--out", out),
+            ],
+        )
+        with work_directory(work_dir, "coordinator") as wd:
+            result = bench_coordinator(
+                agents=agents,
+                seconds=seconds,
+                warmup_s=warmup_s,
+                client_procs=client_procs,
+                tls=tls,
+                interval_s=interval_s,
+                workers_per_node=workers_per_node,
+                event_rate=event_rate,
+                scrape_every_s=scrape_every_s,
+                work_dir=wd,
+                command=command,
+                timeout_s=timeout_s,
+                progress=message,
+            )
+        report(result, json_=json_, out=out, table=coordinator_table)
+
+    go()
+
+
+def _g(x: float) -> str:
+    return format(x, "g")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["client"]:
+        return client_main(argv[1:])
+    print("usage: python -m diagnostics.bench_coordinator client SPEC.json", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
