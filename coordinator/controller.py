@@ -636,6 +636,7 @@ class Controller:
                 bool(d.get("verified", True)),
                 bool(d.get("replicas_agree", True)),
                 d.get("verify_reason", ""),
+                int(d.get("request_epoch", 0)),
             )
         if kind == "rollback":
             return m.RollbackDone(e.generation, int(d.get("request_id", 0)), e.step)

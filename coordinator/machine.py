@@ -110,6 +110,24 @@ class Alarm:
     kind: str
     onset_step: int  # the alarm may have started right after this step
     step: int
+    generation: int = 0
+    # How the timeline was cleaned: by rollback request `resolved_epoch` within `generation`, or by
+    # generation `resolved_generation` starting from state at or before the onset. -1: not yet.
+    resolved_epoch: int = -1
+    resolved_generation: int = -1
+
+    def taints(self, step: int, generation: int, request_epoch: int) -> bool:
+        """Whether a checkpoint of this step, written in this generation and request epoch, may hold
+        state from the alarm's onset window."""
+        if step <= self.onset_step:
+            return False
+        if self.resolved_generation >= 0:
+            return generation < self.resolved_generation
+        if self.resolved_epoch >= 0:
+            return generation < self.generation or (
+                generation == self.generation and request_epoch < self.resolved_epoch
+            )
+        return True
 
 
 @dataclass(frozen=True)
@@ -239,6 +257,7 @@ class CheckpointCommitted:
     verified: bool = True
     replicas_agree: bool = True
     reason: str = ""
+    request_epoch: int = 0  # rollback requests the writing ranks had handled
 
 
 @dataclass(frozen=True)
@@ -638,9 +657,18 @@ def _raise_alarm(job: Job, ev: Detector) -> tuple[Job, tuple[Action, ...]]:
             c = dataclasses.replace(c, good=False, reason=reason)
             marks.append(MarkCheckpoint(c.step, c.path, False, reason))
         records.append(c)
-    return dataclasses.replace(
-        job, alarms=(*job.alarms, Alarm(ev.kind, onset, ev.step)), checkpoints=tuple(records)
-    ), tuple(marks)
+    alarm = Alarm(ev.kind, onset, ev.step, job.generation)
+    return dataclasses.replace(job, alarms=(*job.alarms, alarm), checkpoints=tuple(records)), tuple(marks)
+
+
+def _resolve_alarms(job: Job, *, epoch: int = -1, generation: int = -1) -> tuple[Alarm, ...]:
+    """Open alarms are closed by the response that restores state from before their onset."""
+    return tuple(
+        dataclasses.replace(a, resolved_epoch=epoch, resolved_generation=generation)
+        if a.resolved_epoch < 0 and a.resolved_generation < 0
+        else a
+        for a in job.alarms
+    )
 
 
 def _replay_first(
@@ -733,6 +761,7 @@ def _rollback(
         next_request_id=rid + 1,
         skip_windows=(*job.skip_windows, *skip),
         pending_rollback=PendingRollback(rid, to_step, now, kind),
+        alarms=_resolve_alarms(job, epoch=rid),
     )
     return Decision(
         new, (*marks, SendRollback(job.generation, job.members, rid, to_step, skip, reason)), reason
@@ -776,7 +805,7 @@ def on_checkpoint(job: Job, ev: CheckpointCommitted, nodes: Mapping[str, NodeVie
     if not ev.replicas_agree:
         why = "replica fingerprints disagreed when it was saved"
     for a in job.alarms:
-        if a.onset_step < ev.step:
+        if a.taints(ev.step, ev.generation, ev.request_epoch):
             good, why = (
                 False,
                 f"alarm {a.kind} at step {a.step} has an onset window reaching back to step {a.onset_step}",
@@ -933,6 +962,8 @@ def _restart(
                 f"{detail}; no capacity for a new generation: waiting for nodes",
             )
         return Decision(new)
+    if job.pending_rollback is not None and rollback_to < 0:
+        rollback_to = job.pending_rollback.to_step  # the survivors never applied it: they do it now
     survivors = [m for m in choice.members if m in current]
     cfg_parallel = _parallel(spec)
     resume = "peer" if survivors and cfg_parallel == "ddp" and not force_checkpoint else "checkpoint"
@@ -956,6 +987,7 @@ def _restart(
         finished_ranks=(),
         pending_rollback=None,
         reconcile_until=None,
+        alarms=_resolve_alarms(job, generation=gen) if rollback_to >= 0 or resume != "peer" else job.alarms,
     )
     action = StartGeneration(
         gen, choice.members, job.members, resume, checkpoint, job.skip_windows, rollback_to

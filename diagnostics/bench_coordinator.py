@@ -58,6 +58,7 @@ RPC_TIMEOUT_S = 5.0  # the agent's default deadline per call (agent/config.py rp
 P99_FRACTION = 0.1  # "p99 well under the interval": at most a tenth of it
 ACHIEVED_FRACTION = 0.99  # heartbeats achieved / offered
 NODE_PREFIX = "sim-"
+SLOW_MS = 50.0  # heartbeats slower than this are kept with their send time, to find stalls
 # A local subchannel pool per channel: without it, grpc shares one connection between all channels
 # of a process that have the same target and options, and the coordinator would see one client.
 OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
@@ -138,8 +139,25 @@ def merge_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def rate(count: float, seconds: float) -> float | None:
-    return count / seconds if seconds > 0 else None
+def stall_episodes(
+    slow: Iterable[Sequence[float]], origin: float, gap_s: float = 0.25
+) -> list[dict[str, Any]]:
+    """Slow heartbeats ``(sent at, ms)`` grouped into episodes: a new one starts when the next slow
+    heartbeat was sent more than ``gap_s`` after the previous one. Times are seconds after ``origin``.
+    Many heartbeats slow at once point at a stall of the coordinator (or of the machine); isolated
+    ones at a single request."""
+    out: list[dict[str, Any]] = []
+    for t, ms in sorted((float(t), float(ms)) for t, ms in slow):
+        if out and t - out[-1]["_last"] <= gap_s:
+            e = out[-1]
+            e["heartbeats"] += 1
+            e["max_ms"] = max(e["max_ms"], ms)
+            e["_last"] = t
+        else:
+            out.append({"at_s": t - origin, "heartbeats": 1, "max_ms": ms, "_last": t})
+    for e in out:
+        e["span_s"] = e.pop("_last") - origin - e["at_s"]
+    return out
 
 
 def coordinator_goals(
@@ -312,6 +330,9 @@ class ClientStats:
         self.directives = 0
         self.events = 0
         self.reregistered = 0
+        self.failure_details: dict[str, dict[str, int]] = {}  # code -> details (a few) -> count
+        self.failure_ms: list[float] = []  # how long failed calls took
+        self.slow: list[tuple[float, float]] = []  # (sent at, ms) of heartbeats slower than SLOW_MS
 
 
 async def _call_with_retry(fn: Any, what: str, deadline_s: float) -> Any:
@@ -401,6 +422,11 @@ async def run_client(spec: Mapping[str, Any]) -> dict[str, Any]:
             except grpc.aio.AioRpcError as e:
                 code = e.code().name
                 stats.failures_total[code] = stats.failures_total.get(code, 0) + 1
+                seen = stats.failure_details.setdefault(code, {})
+                detail = (e.details() or "")[:200]
+                if detail in seen or len(seen) < 3:
+                    seen[detail] = seen.get(detail, 0) + 1
+                stats.failure_ms.append((time.perf_counter() - t) * 1000)
                 if measured:
                     stats.sent += 1
                     stats.failures[code] = stats.failures.get(code, 0) + 1
@@ -415,6 +441,8 @@ async def run_client(spec: Mapping[str, Any]) -> dict[str, Any]:
                 stats.sent += 1
                 stats.ok += 1
                 stats.latencies_ms.append(latency_ms)
+                if latency_ms > SLOW_MS:
+                    stats.slow.append((sent_at, latency_ms))
                 stats.lateness_ms.append(max(0.0, (sent_at - next_t) * 1000))
                 stats.over_interval += latency_ms > interval * 1000
                 stats.events += len(req.events)
@@ -448,6 +476,9 @@ async def run_client(spec: Mapping[str, Any]) -> dict[str, Any]:
         "directives": stats.directives,
         "events": stats.events,
         "reregistered": stats.reregistered,
+        "slow": stats.slow,
+        "failure_details": stats.failure_details,
+        "failure_ms": stats.failure_ms,
         "cpu_s_window": cpu_window,
         "cpu_s_total": time.process_time(),
     }
@@ -458,6 +489,8 @@ def client_main(argv: Sequence[str]) -> int:
         print("usage: python -m diagnostics.bench_coordinator client SPEC.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
+    if spec.get("nice"):
+        os.nice(int(spec["nice"]))
     result = asyncio.run(run_client(spec))
     out = Path(spec["result_file"])
     tmp = out.with_suffix(".tmp")
@@ -543,6 +576,7 @@ def bench_coordinator(
     command: str,
     timeout_s: float,
     progress: Any,
+    client_nice: int = 0,
     seed: int = 0,
 ) -> dict[str, Any]:
     import psutil
@@ -584,6 +618,7 @@ def bench_coordinator(
         _wait_for(port_file, coord, coord_log, "the coordinator", 60.0)
         ports = json.loads(port_file.read_text())
         port, metrics_port = int(ports["port"]), int(ports["metrics_port"])
+        progress(f"  coordinator pid {coord.pid}, port {port}, metrics port {metrics_port}")
         cp = psutil.Process(coord.pid)
         cpu0 = cp.cpu_times()
         rss_idle = cp.memory_info().rss
@@ -602,6 +637,7 @@ def bench_coordinator(
                 "workers_per_node": workers_per_node,
                 "event_rate": event_rate,
                 "seed": seed * 1000 + i,
+                "nice": client_nice,
                 "ready_file": str(work_dir / f"client-{i}.ready"),
                 "result_file": str(work_dir / f"client-{i}.json"),
             }
@@ -694,6 +730,7 @@ def bench_coordinator(
         server_rate = (last["heartbeats_total"] - first_total) / (scrapes[-1][0] - scrapes[0][0])
     lost = int(last["nodes"].get("lost", 0)) if last["nodes"] else None
     lat_d = distribution(lat)
+    episodes = stall_episodes([x for r in results for x in r["slow"]], measure_from)
     age_last = distribution(list(last["heartbeat_age_s"].values()))
     age_all = distribution(ages_all)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -721,8 +758,20 @@ def bench_coordinator(
             "directives_received": sum(r["directives"] for r in results),
             "failures_including_warmup": merge_counts(r["failures_total"] for r in results),
             "reregistered": sum(r["reregistered"] for r in results),
+            "failure_details": {
+                code: merge_counts(r["failure_details"].get(code, {}) for r in results)
+                for code in sorted({c for r in results for c in r["failure_details"]})
+            },
+            "failed_call_ms": distribution([x for r in results for x in r["failure_ms"]]),
         },
         "client_send_lateness_ms": distribution(late),
+        "stalls": {
+            "slow_ms": SLOW_MS,
+            "slow_heartbeats": sum(e["heartbeats"] for e in episodes),
+            "episodes": len(episodes),
+            "worst": sorted(episodes, key=lambda e: -e["max_ms"])[:10],
+            "scrapes_at_s": [t - measure_from for t, _ in scrapes],
+        },
         "registration": {
             "wall_s": register_wall_s,
             "per_client_s": [r["register_s"] for r in results],
@@ -759,6 +808,7 @@ def bench_coordinator(
         "seconds": seconds,
         "warmup_s": warmup_s,
         "client_procs": client_procs,
+        "client_nice": client_nice,
         "agents_per_client": [len(s) for s in split(agents, client_procs)],
         "tls": tls,
         "interval_s": interval_s,
@@ -852,6 +902,16 @@ def coordinator(
         float,
         typer.Option("--event-rate", min=0.0, max=1.0, help="Chance that a heartbeat carries one event."),
     ] = 0.02,
+    client_nice: Annotated[
+        int,
+        typer.Option(
+            "--client-nice",
+            min=0,
+            max=19,
+            help="Niceness of the client processes: >0 lets the coordinator take a core first, as if the "
+            "agents ran elsewhere.",
+        ),
+    ] = 0,
     scrape_every_s: Annotated[
         float, typer.Option("--scrape-every-s", min=0.5, help="Scrape the coordinator's /metrics this often.")
     ] = 10.0,
@@ -890,6 +950,7 @@ def coordinator(
                 ("--seconds", _g(seconds)),
                 ("--warmup-s", _g(warmup_s)),
                 ("--client-procs", client_procs),
+                ("--client-nice", client_nice or None),
                 ("--tls" if tls else "--insecure", True),
                 ("--interval-s", _g(interval_s)),
                 ("--workers-per-node", workers_per_node),
@@ -905,6 +966,7 @@ def coordinator(
                 seconds=seconds,
                 warmup_s=warmup_s,
                 client_procs=client_procs,
+                client_nice=client_nice,
                 tls=tls,
                 interval_s=interval_s,
                 workers_per_node=workers_per_node,

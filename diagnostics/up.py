@@ -229,6 +229,8 @@ class Up:
             if job.state not in (2,):  # only while RUNNING, so each fault meets a healthy job
                 return
             f.injected_at, f.generation_before = time.time(), job.generation
+            if f.target not in job.nodes:  # the scheduled node left the job (replaced earlier): hit a member
+                f.target = job.nodes[len(f.kind) % len(job.nodes)]
             c = self.cluster
             if f.kind in ("crash", "hang"):
                 ranks = [r for r in c.ranks(f.target) if r["generation"] == job.generation]
@@ -262,13 +264,15 @@ class Up:
         decisions = list(explain.decisions)
         restarts = _restarts_by_reason(self.cluster, self.job_id)
         recovery = []
-        for f in self.faults:
-            if f.injected_at is None:
-                continue
+        injected = sorted((f for f in self.faults if f.injected_at is not None), key=lambda f: f.injected_at)
+        for i, f in enumerate(injected):
+            if f.kind == "coordinator":
+                continue  # training does not stop while the coordinator restarts: nothing to recover
+            until = injected[i + 1].injected_at if i + 1 < len(injected) else float("inf")
             after = [
                 r["t"]
                 for r in recs
-                if r["t"] > f.injected_at and r.get("generation", 0) > f.generation_before
+                if f.injected_at < r["t"] < until and r.get("generation", 0) > f.generation_before
             ]
             if after:
                 recovery.append(round(min(after) - f.injected_at, 3))

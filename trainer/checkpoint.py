@@ -99,8 +99,14 @@ class CheckpointManager:
         tmp = self.root / (mf.step_dir_name(step) + ".tmp")
         final = self.root / mf.step_dir_name(step)
         if final.exists() and (final / mf.MANIFEST).exists():
-            log.info("checkpoint %s already committed", final.name)
-            return 0.0
+            try:
+                same = mf.read_manifest(final).get("fingerprint") == fields.get("fingerprint")
+            except (OSError, ValueError):
+                same = False
+            if same:
+                log.info("checkpoint %s already committed with this state", final.name)
+                return 0.0
+            # A replay after a rollback reached this step with other state: the new one replaces it.
         tmp.mkdir(parents=True, exist_ok=True)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
@@ -145,6 +151,10 @@ class CheckpointManager:
             if not int(ok):
                 raise RuntimeError("another rank failed to write its part")
             if self.rank == 0:
+                replaced = final.with_name(f"{final.name}.replaced")
+                if final.exists():  # step reached again with other state (after a rollback)
+                    shutil.rmtree(replaced, ignore_errors=True)
+                    os.replace(final, replaced)
                 os.replace(tmp, final)
                 mf.fsync_dir(self.root)
                 manifest = mf.write_manifest(final, fields)
@@ -160,6 +170,7 @@ class CheckpointManager:
                         "bytes": nbytes,
                     },
                 )
+                shutil.rmtree(replaced, ignore_errors=True)
                 removed = mf.apply_retention(self.root, self.keep)
                 if removed:
                     log.info("retention removed %s", ", ".join(p.name for p in removed))

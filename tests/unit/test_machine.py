@@ -275,3 +275,31 @@ def test_job_round_trips_through_json() -> None:
     import json
 
     assert m.from_json(json.loads(json.dumps(m.to_json(job))), SPEC) == job
+
+
+def test_an_unhealthy_node_is_left_out_of_the_next_generation() -> None:
+    cluster = nodes("a", "b", spares=("s",))
+    job = running(cluster)
+    sick = {**cluster, "b": dataclasses.replace(cluster["b"], healthy=False)}
+    d = m.step(job, m.WorkerFailed("a", 1, 0, "crash"), sick, 2.0)
+    (start,) = d.actions
+    assert start.members == ("a", "s") and "b replaced by s" in d.reason
+
+
+def test_checkpoints_are_tainted_only_until_the_response_restores_clean_state() -> None:
+    cluster = nodes("a", "b")
+    job = m.step(running(cluster), m.Detector("spike", "a", 1, step=50, data_index=49), cluster, 1.0).job
+    rid = job.pending_rollback.request_id
+    # Written before the rollback took effect (old request epoch): tainted.
+    before = m.step(job, m.CheckpointCommitted(1, 55, "/ck/55", request_epoch=rid - 1), cluster, 2.0)
+    assert not before.job.checkpoints[-1].good
+    # Written after the ranks handled the rollback (request epoch rid): clean again.
+    job = m.step(before.job, m.RollbackDone(1, rid, 40), cluster, 3.0).job
+    after = m.step(job, m.CheckpointCommitted(1, 60, "/ck/60", request_epoch=rid), cluster, 4.0)
+    assert after.job.checkpoints[-1].good
+    # And an unresolved alarm keeps tainting until something restores state from before its onset.
+    job = m.step(
+        after.job, m.Detector("fingerprint_mismatch", "a", 1, step=70, onset_step=60), cluster, 5.0
+    ).job
+    d = m.step(job, m.CheckpointCommitted(1, 72, "/ck/72", request_epoch=rid), cluster, 6.0)
+    assert not d.job.checkpoints[-1].good

@@ -1,0 +1,774 @@
+"""`stanchion bench goodput`: a job through a seeded fault schedule; ETTR, lost steps, recovery times.
+
+One invocation runs, on one local cluster (a coordinator, 2 nodes x 1 worker, spare nodes;
+plaintext gRPC; agents with a small ``--hang-floor-s``):
+
+1. the **fault-free** job of the configuration: its median step time is ETTR's yardstick and its
+   final fingerprint the golden one;
+2. the **faulted** job: the schedule's crashes (SIGKILL of the rank's process) and hangs (SIGSTOP:
+   the agent kills the rank once no step came within max(5 x median step, hang floor) and its
+   liveness file is stale) are injected from outside when the job reaches their step; slow ranks
+   (the trainer's ``slow`` fault) and silent corruption (a parameter or optimizer-state ``bitflip``,
+   caught by the replica fingerprints) go into the job spec's fault schedule;
+3. **torchrun** (``--max-restarts``, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``) on the same trainer
+   flags, with the same schedule's **crashes only** (torchrun has no hang detector, and a bit
+   flip in one replica goes unnoticed without Stanchion's coordinator).
+
+Schedules (trainer/faults.py ``generate_schedule``: Poisson arrivals, seeded; mix 70% crash, 12%
+hang, 8% slow rank, 10% silent corruption): S1 one fault per 2,000 steps on average, S2 one per 200.
+
+ETTR follows DESIGN.md: steps that survive x the fault-free run's median step time / wall time,
+the wall time running from the start of the first step to the end of the last one (detection,
+restart, restore and redone steps included; job start-up and the final evaluation are not, and
+are the same with or without faults). The same formula applied to the fault-free run itself is
+``ettr_fault_free``: the ceiling this machine allows (checkpoint stalls, periodic checks, slow
+steps from other load).
+"""
+
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from diagnostics.bench import BenchError, Progress, envelope, goal, median, ratio, shown, warmup_steps
+from diagnostics.bench_recovery import (
+    NODES,
+    Tail,
+    TorchrunJob,
+    first_decision_after,
+    job_records,
+    job_spec,
+    live_rank_pid,
+    measure_recovery,
+    model_sets,
+    start_cluster,
+    torchrun_command,
+    trainer_args,
+    wait_standbys,
+)
+from diagnostics.localcluster import LocalCluster
+
+SCHEDULES = {"S1": 2000.0, "S2": 200.0}  # mean steps between faults
+MIX = {"crash": 0.70, "hang": 0.12, "slow": 0.08, "bitflip": 0.10}
+EXTERNAL = ("crash", "hang")  # injected from outside, by signal
+INTERNAL = ("slow", "bitflip")  # the trainer's injector, from the job spec
+ETTR_GOALS = {"S1": 0.97, "S2": 0.80}
+DEFAULT_STEPS = {"S1": 6000, "S2": 2000}
+DETECTED_BY = {"crash": ("crashed",), "hang": ("hung",), "bitflip": ("replica fingerprints", "nonfinite")}
+TERMINAL = {5, 6, 7}  # JobState: succeeded, failed, cancelled
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def goodput_schedule(
+    name: str, seed: int, steps: int, *, world_size: int = len(NODES), mean_interval: float | None = None
+) -> list[dict[str, Any]]:
+    """The seeded fault schedule of ``name`` (S1, S2, or any name with ``mean_interval``)."""
+    from trainer.faults import generate_schedule
+
+    interval = mean_interval if mean_interval is not None else SCHEDULES[name]
+    return generate_schedule(seed, steps=steps, world_size=world_size, mean_interval=interval, mix=MIX)
+
+
+def fault_step(f: Mapping[str, Any]) -> int:
+    return int(f["step"] if "step" in f else f["from_step"])
+
+
+def split_schedule(faults: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(faults injected from outside by signal, faults the trainer injects from its schedule)."""
+    ext = sorted((dict(f) for f in faults if f["kind"] in EXTERNAL), key=fault_step)
+    internal = [dict(f) for f in faults if f["kind"] in INTERNAL]
+    return ext, internal
+
+
+def final_trajectory(records: Sequence[Mapping[str, Any]], rank: int = 0) -> dict[int, dict[str, Any]]:
+    """Step -> the newest record of ``rank`` for that step (a redone step's last computation wins)."""
+    out: dict[int, dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: r["t"]):
+        if r.get("rank") == rank:
+            out[int(r["step"])] = dict(r)
+    return out
+
+
+def training_window(records: Sequence[Mapping[str, Any]], steps: int, rank: int = 0) -> tuple[float, float]:
+    """(start of the first step, end of the last step ``steps``) from ``rank``'s records."""
+    mine = [r for r in records if r.get("rank") == rank]
+    firsts = [r for r in mine if int(r["step"]) == 1]
+    lasts = [r for r in mine if int(r["step"]) == steps]
+    if not firsts or not lasts:
+        raise ValueError(f"no record of step 1 or step {steps} for rank {rank}")
+    start = min(r["t"] - float(r.get("step_time_s", 0.0)) for r in firsts)
+    return start, max(r["t"] for r in lasts)
+
+
+def ettr(steps_survived: int, median_step_s: float, wall_s: float) -> float | None:
+    """DESIGN.md: steps that survive x fault-free median step time / wall time."""
+    return ratio(steps_survived * median_step_s, wall_s)
+
+
+def step_median(records: Sequence[Mapping[str, Any]], steps: int, rank: int = 0) -> float:
+    """Median ``step_time_s`` of ``rank``'s final trajectory, warm-up steps dropped."""
+    traj = final_trajectory(records, rank)
+    warm = warmup_steps(steps)
+    return median(r["step_time_s"] for s, r in traj.items() if s > warm and "step_time_s" in r)
+
+
+def lost_steps(records: Sequence[Mapping[str, Any]], steps_survived: int, rank: int = 0) -> int:
+    """Steps computed and thrown away: ``rank``'s records beyond the steps that survived."""
+    return max(0, sum(1 for r in records if r.get("rank") == rank) - steps_survived)
+
+
+def loss_series(records: Sequence[Mapping[str, Any]], t0: float, rank: int = 0) -> dict[str, Any]:
+    """The surviving trajectory as parallel lists: loss per step from step 1, and when each step
+    ended (seconds after ``t0``)."""
+    traj = final_trajectory(records, rank)
+    steps = sorted(traj)
+    return {
+        "first_step": steps[0] if steps else 1,
+        "loss": [traj[s]["loss"] for s in steps],
+        "t_s": [traj[s]["t"] - t0 for s in steps],
+    }
+
+
+def slow_cost(
+    records: Sequence[Mapping[str, Any]], fault: Mapping[str, Any], median_step_s: float, rank: int = 0
+) -> dict[str, Any]:
+    """What a slow-rank window cost: its steps' time beyond the fault-free median."""
+    lo, hi = int(fault["from_step"]), int(fault.get("until_step", -1))
+    traj = final_trajectory(records, rank)
+    window = [r["step_time_s"] for s, r in traj.items() if s > lo and (hi < 0 or s <= hi)]
+    return {
+        "steps": len(window),
+        "delay_s_per_step": fault.get("delay_s"),
+        "extra_s": sum(window) - len(window) * median_step_s if window else 0.0,
+    }
+
+
+def confidence_note(schedule: str, occurred: int, expected: float) -> str:
+    """How much a count of ``occurred`` faults can say about a fault rate (Poisson)."""
+    spread = f"a Poisson count of {occurred} has a relative standard error of about " + (
+        f"{100 / occurred**0.5:.0f}%" if occurred else "100% (none occurred)"
+    )
+    level = "low" if occurred < 10 else "moderate" if occurred < 30 else "good"
+    return (
+        f"{schedule}: {occurred} faults occurred where {expected:.1f} were expected on average; {spread}; "
+        f"confidence in the ETTR as a figure for this fault rate is {level}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a job and injecting faults
+
+
+@dataclass
+class Injection:
+    fault: dict[str, Any]
+    step: int = 0  # the newest step completed when it was injected
+    t: float = 0.0
+    generation: int = 0
+    pid: int = 0
+    detail: str = ""
+    recovery: dict[str, Any] = field(default_factory=dict)
+
+
+def job_state(cluster: LocalCluster, job_id: str) -> Any | None:
+    try:
+        return cluster.job(job_id)
+    except Exception:  # noqa: BLE001 - a busy coordinator: try again next poll
+        return None
+
+
+def run_stanchion_job(
+    cluster: LocalCluster,
+    spec: str,
+    external: Sequence[Mapping[str, Any]],
+    *,
+    timeout_s: float,
+    progress: Progress,
+    label: str,
+) -> tuple[str, Any, list[Injection]]:
+    """Submit ``spec``; inject ``external`` faults (SIGKILL / SIGSTOP of the rank's process) when
+    the job reaches their step, one at a time, each only after the previous one recovered (a
+    record of a newer generation) and with every rank training. Returns (job id, job, injections)."""
+    wait_standbys(cluster, 120.0)
+    job_id = cluster.submit(spec)
+    tail = Tail(cluster.run_root, "workers/*/w*/progress.jsonl")
+    pending = [dict(f) for f in external]
+    done: list[Injection] = []
+    deadline = time.monotonic() + timeout_s
+    last_state_check = 0.0
+    newest: dict[int, dict[str, Any]] = {}  # rank -> newest record of this job
+    world = len(NODES)
+    last_report = 0
+    while True:
+        for r in tail.poll():
+            if r.get("job_id") == job_id:
+                newest[int(r["rank"])] = r
+        now = time.monotonic()
+        if now > deadline:
+            raise BenchError(f"{label}: job {job_id} not finished after {timeout_s:.0f} s")
+        if now - last_state_check > 0.5:
+            last_state_check = now
+            job = job_state(cluster, job_id)
+            if job is not None and job.state in TERMINAL:
+                return job_id, job, done
+        if not newest:
+            time.sleep(0.01)
+            continue
+        gen = max(int(r["generation"]) for r in newest.values())
+        current = [r for r in newest.values() if int(r["generation"]) == gen]
+        step = max(int(r["step"]) for r in current)
+        if step >= last_report + 500:
+            last_report = step - step % 500
+            progress(f"  {label}: step {step}, generation {gen}")
+        healthy = len(current) == world and all(int(r.get("world_size", 0)) == world for r in current)
+        recovered = not done or gen > done[-1].generation
+        if pending and healthy and recovered and step >= fault_step(pending[0]):
+            f = pending.pop(0)
+            pid = live_rank_pid(cluster, int(f["rank"]), gen)
+            if pid is None:
+                pending.insert(0, f)
+                time.sleep(0.01)
+                continue
+            sig = signal.SIGKILL if f["kind"] == "crash" else signal.SIGSTOP
+            t = time.time()
+            os.kill(pid, sig)
+            inj = Injection(f, step, t, gen, pid, f"{sig.name} rank {f['rank']} (pid {pid})")
+            done.append(inj)
+            progress(f"  {label}: {f['kind']} at step {step} (scheduled {fault_step(f)}): {inj.detail}")
+        time.sleep(0.01)
+
+
+def stanchion_recoveries(
+    injections: Sequence[Injection],
+    recs: Sequence[Mapping[str, Any]],
+    evs: Sequence[Mapping[str, Any]],
+    decisions: Sequence[Any],
+) -> list[dict[str, Any]]:
+    """Per external fault: recovery figures and the coordinator's detecting decision."""
+    out = []
+    for inj in injections:
+        r = measure_recovery(recs, evs, inj.t, old_generation=inj.generation)
+        d = first_decision_after(decisions, inj.t, DETECTED_BY[inj.fault["kind"]])
+        out.append(
+            r.as_dict(
+                kind=inj.fault["kind"],
+                scheduled_step=fault_step(inj.fault),
+                injected_step=inj.step,
+                rank=inj.fault["rank"],
+                detail=inj.detail,
+                detected_s=None if d is None else d.time - inj.t,
+                decision=None if d is None else d.reason[:300],
+            )
+        )
+    return out
+
+
+def internal_recoveries(
+    internal: Sequence[Mapping[str, Any]],
+    recs: Sequence[Mapping[str, Any]],
+    evs: Sequence[Mapping[str, Any]],
+    decisions: Sequence[Any],
+    median_step_s: float,
+) -> list[dict[str, Any]]:
+    """Per trainer-injected fault: bit flips (fired -> detected -> rolled back -> first step after
+    the rollback, and the steps the rollback threw away) and slow windows (their extra time)."""
+    out = []
+    fired = [e for e in evs if e.get("event") == "fault_injected"]
+    for f in internal:
+        if f["kind"] == "slow":
+            out.append(
+                {
+                    "kind": "slow",
+                    "scheduled_step": fault_step(f),
+                    "rank": f["rank"],
+                    **slow_cost(recs, f, median_step_s),
+                }
+            )
+            continue
+        mine = [e for e in fired if e.get("fault") == "bitflip" and int(e["step"]) == int(f["step"])]
+        row: dict[str, Any] = {
+            "kind": "bitflip",
+            "scheduled_step": int(f["step"]),
+            "rank": f["rank"],
+            "target": f["target"],
+            "bit": f["bit"],
+        }
+        if not mine:
+            row["detail"] = "did not fire (the run ended or was past this step when it would have)"
+            out.append(row)
+            continue
+        t0 = min(e["t"] for e in mine)
+        row["tensor"] = mine[0].get("tensor")
+        detect = sorted(
+            (e for e in evs if e["t"] >= t0 and e.get("event") in ("fingerprint_mismatch", "nonfinite")),
+            key=lambda e: e["t"],
+        )
+        rollback = sorted(
+            (e for e in evs if e["t"] >= t0 and e.get("event") == "rollback"), key=lambda e: e["t"]
+        )
+        d = first_decision_after(decisions, t0, DETECTED_BY["bitflip"])
+        row.update(
+            injected_step=int(f["step"]),
+            detected_by=detect[0]["event"] if detect else None,
+            detected_step=detect[0]["step"] if detect else None,
+            detected_s=detect[0]["t"] - t0 if detect else None,
+            decision=None if d is None else d.reason[:300],
+        )
+        if rollback:
+            rb = rollback[0]
+            firsts = [r["t"] for r in recs if r["t"] > rb["t"]]
+            row.update(
+                restarted_s=rb["t"] - t0,
+                first_step_s=min(firsts) - t0 if firsts else None,
+                recovery_s=min(firsts) - t0 if firsts else None,
+                steps_before=int(rb.get("from_step", 0)),
+                resume_step=int(rb["step"]),
+                lost_steps=int(rb.get("from_step", 0)) - int(rb["step"]),
+                resume_source="snapshot (in place)",
+            )
+        else:
+            # A restart instead of an in-place rollback: the generation that followed it.
+            gens = [int(e["generation"]) for e in mine]
+            r = measure_recovery(recs, evs, t0, old_generation=max(gens))
+            row.update(r.as_dict())
+        out.append(row)
+    return out
+
+
+def run_torchrun_job(
+    run_dir: Path,
+    flags: Sequence[str],
+    crashes: Sequence[Mapping[str, Any]],
+    *,
+    timeout_s: float,
+    progress: Progress,
+) -> tuple[TorchrunJob, list[Injection], float]:
+    """torchrun with the schedule's crashes: SIGKILL the rank's process at its step, each after the
+    previous one recovered. Returns (the job, the injections, wall seconds of the launch)."""
+    job = TorchrunJob(run_dir, torchrun_command(flags, run_dir, max_restarts=len(crashes) + 3))
+    t_start = time.time()
+    job.start()
+    done: list[Injection] = []
+    pending = [dict(f) for f in crashes]
+    deadline = time.monotonic() + timeout_s
+    try:
+        while job.proc is not None and job.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise BenchError(f"torchrun: not finished after {timeout_s:.0f} s", hint=f"see {job.log}")
+            job.poll()
+            assert job.progress is not None and job.events is not None
+            recs = job.progress.records
+            after_last = [r for r in recs if not done or r["t"] > done[-1].t]
+            recovered = (
+                not done or measure_recovery(recs, job.events.records, done[-1].t).first_step_t is not None
+            )
+            step = max((int(r["step"]) for r in after_last), default=0)
+            if pending and recovered and step >= fault_step(pending[0]):
+                f = pending.pop(0)
+                pid, t = job.kill_rank(int(f["rank"]))
+                done.append(Injection(f, step, t, 0, pid, f"SIGKILL rank {f['rank']} (pid {pid})"))
+                progress(f"  torchrun: crash at step {step} (scheduled {fault_step(f)}): SIGKILL pid {pid}")
+            time.sleep(0.01)
+        code = job.wait(timeout_s)
+    except BaseException:
+        job.stop()
+        raise
+    if code != 0:
+        raise job.failed(code)
+    return job, done, time.time() - t_start
+
+
+def finished_fingerprint(events: Sequence[Mapping[str, Any]]) -> str | None:
+    done = [e for e in events if e.get("event") == "finished" and e.get("rank") == 0]
+    return done[-1].get("fingerprint") if done else None
+
+
+def run_summary(
+    recs: Sequence[Mapping[str, Any]], steps: int, median_clean: float, t_origin: float | None = None
+) -> dict[str, Any]:
+    """ETTR, lost steps and the loss series of one finished run from its progress records."""
+    start, end = training_window(recs, steps)
+    wall = end - start
+    own = step_median(recs, steps)
+    return {
+        "wall_s": wall,
+        "ettr": ettr(steps, median_clean, wall),
+        "ettr_own_median": ettr(steps, own, wall),
+        "median_step_s": own,
+        "steps_computed_rank0": sum(1 for r in recs if r.get("rank") == 0),
+        "lost_steps": lost_steps(recs, steps),
+        "series": loss_series(recs, start if t_origin is None else t_origin),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def bench_goodput(
+    *,
+    schedule: str,
+    steps: int,
+    seed: int,
+    data: Path,
+    work_dir: Path,
+    command: str,
+    model: str = "small",
+    checkpoint_every: int = 100,
+    hang_floor_s: float = 2.0,
+    spares: int = 1,
+    mean_interval: float | None = None,
+    torchrun: bool = True,
+    timeout_s: float = 3600.0,
+    progress: Progress = lambda _: None,
+) -> dict[str, Any]:
+    load_at_start = os.getloadavg()
+    interval = mean_interval if mean_interval is not None else SCHEDULES[schedule]
+    faults = goodput_schedule(schedule, seed, steps, mean_interval=interval)
+    external, internal = split_schedule(faults)
+    crashes = [f for f in external if f["kind"] == "crash"]
+    sets = model_sets(model)
+    data_name = "bench-data"
+    progress(
+        f"{schedule}: {len(faults)} faults in {steps} steps (mean interval {interval:g}): "
+        + ", ".join(f"{f['kind']}@{fault_step(f)}/r{f['rank']}" for f in faults)
+    )
+    cluster = start_cluster(
+        work_dir / "cluster", data, data_name, spares=spares, hang_floor_s=hang_floor_s, progress=progress
+    )
+    # max_restarts_without_progress: S2's arrivals can put two faults a few steps apart.
+    common = dict(steps=steps, checkpoint_every=checkpoint_every, sets=sets, max_restarts_without_progress=10)
+    try:
+        progress(f"fault-free job, {steps} steps")
+        t0 = time.time()
+        clean_id, clean_job, _ = run_stanchion_job(
+            cluster,
+            job_spec("clean", data_name, **common),
+            [],
+            timeout_s=timeout_s,
+            progress=progress,
+            label="clean",
+        )
+        clean_total = time.time() - t0
+        if clean_job.state != 5:
+            raise BenchError(f"the fault-free job ended in state {clean_job.state}: {clean_job.reason}")
+        clean_recs = job_records(cluster.progress(), clean_id)
+        median_clean = step_median(clean_recs, steps)
+        clean = run_summary(clean_recs, steps, median_clean)
+        golden = clean_job.final_fingerprint
+        progress(
+            f"  clean: median step {median_clean:.4f} s, training {clean['wall_s']:.1f} s, "
+            f"ETTR ceiling {clean['ettr']:.3f}, fingerprint {golden}"
+        )
+
+        progress(f"faulted job: {len(external)} external faults, {len(internal)} in the trainer's schedule")
+        t0 = time.time()
+        spec = job_spec("faulted", data_name, faults=internal, **common)
+        fid, fjob, injections = run_stanchion_job(
+            cluster, spec, external, timeout_s=timeout_s, progress=progress, label="faulted"
+        )
+        faulted_total = time.time() - t0
+        recs = job_records(cluster.progress(), fid)
+        evs = job_records(cluster.events(), fid)
+        decisions = list(cluster.explain(fid).decisions)
+        state_name = {5: "succeeded"}.get(fjob.state, f"state {fjob.state}")
+        faulted: dict[str, Any] = {"job_id": fid, "state": state_name, "restarts": fjob.restarts}
+        if fjob.state == 5:
+            faulted.update(run_summary(recs, steps, median_clean))
+        recoveries = stanchion_recoveries(injections, recs, evs, decisions)
+        inner = internal_recoveries(internal, recs, evs, decisions, median_clean)
+        final = fjob.final_fingerprint
+        faulted.update(
+            final_fingerprint=final,
+            final_matches_golden=bool(final) and final == golden,
+            faults=recoveries + inner,
+            decisions=[
+                {"t_s": d.time - injections[0].t if injections else None, "reason": d.reason[:300]}
+                for d in decisions
+                if "checkpoint at step" not in d.reason
+            ][:80],
+        )
+    finally:
+        cluster.stop()
+    progress(
+        f"  faulted: {faulted.get('state')}, ETTR {faulted.get('ettr')}, lost {faulted.get('lost_steps')} steps, "
+        f"final matches golden: {faulted['final_matches_golden']}"
+    )
+
+    tr: dict[str, Any] | None = None
+    if torchrun:
+        progress(f"torchrun: the schedule's {len(crashes)} crashes")
+        flags = trainer_args(data, steps=steps, checkpoint_every=checkpoint_every, sets=sets)
+        tjob, tinj, twall = run_torchrun_job(
+            work_dir / "torchrun", flags, crashes, timeout_s=timeout_s, progress=progress
+        )
+        assert tjob.progress is not None and tjob.events is not None
+        trecs, tevs = tjob.progress.records, tjob.events.records
+        tr = run_summary(trecs, steps, median_clean)
+        trec = [
+            measure_recovery(trecs, tevs, i.t).as_dict(
+                kind="crash",
+                scheduled_step=fault_step(i.fault),
+                injected_step=i.step,
+                rank=i.fault["rank"],
+                detail=i.detail,
+            )
+            for i in tinj
+        ]
+        tfinal = finished_fingerprint(tevs)
+        tr.update(
+            command=shown(tjob.cmd),
+            faults=trec,
+            recovery_s=[x["recovery_s"] for x in trec],
+            launch_wall_s=twall,
+            final_fingerprint=tfinal,
+            final_matches_golden=tfinal == golden,
+        )
+        progress(f"  torchrun: ETTR {tr['ettr']:.3f}, lost {tr['lost_steps']} steps")
+
+    ext_rec = [x for x in faulted["faults"] if x.get("recovery_s") is not None]
+    crash_rec = [x["recovery_s"] for x in ext_rec if x["kind"] == "crash"]
+    kinds = {k: sum(1 for f in faults if f["kind"] == k) for k in MIX}
+    expected = steps / interval
+    target = ETTR_GOALS.get(schedule)
+    results: dict[str, Any] = {
+        "schedule": schedule,
+        "steps": steps,
+        "ettr": faulted.get("ettr"),
+        "ettr_fault_free": clean["ettr"],
+        "ettr_relative": ratio(clean["wall_s"], faulted.get("wall_s")),
+        "lost_steps": faulted.get("lost_steps"),
+        "recovery_s": [x["recovery_s"] for x in ext_rec],
+        "recovery_s_median": median(x["recovery_s"] for x in ext_rec) if ext_rec else None,
+        "crash_recovery_s_median": median(crash_rec) if crash_rec else None,
+        "final_matches_golden": faulted["final_matches_golden"],
+        "golden_fingerprint": golden,
+        "median_step_s_fault_free": median_clean,
+        "faults_scheduled": len(faults),
+        "faults_injected": len(injections) + sum(1 for x in inner if x["kind"] == "slow" or "tensor" in x),
+        "faults_by_kind": kinds,
+        "faults_expected": expected,
+        "confidence": confidence_note(schedule, len(faults), expected),
+        "schedule_faults": faults,
+        "fault_free": {**clean, "job_id": clean_id, "total_s": clean_total},
+        "faulted": {**faulted, "total_s": faulted_total},
+        "torchrun": tr,
+        "torchrun_ettr": None if tr is None else tr["ettr"],
+        "torchrun_lost_steps": None if tr is None else tr["lost_steps"],
+        "torchrun_recovery_s": None if tr is None else tr["recovery_s"],
+        "plain_ddp": "step-time cost of Stanchion's protections against plain DDP: `stanchion bench trainer` "
+        "(docs/bench/trainer.json)",
+    }
+    goals = []
+    if target is not None:
+        goals.append(
+            goal(
+                f"ETTR >= {target} on {schedule}",
+                faulted.get("ettr"),
+                f">= {target}",
+                None if faulted.get("ettr") is None else faulted["ettr"] >= target,
+                "steps x fault-free median step time / wall time from the first step's start to the last "
+                "step's end; see ettr_fault_free for this machine's ceiling",
+            )
+        )
+    goals.append(
+        goal(
+            "final state bit-identical to the fault-free run",
+            1.0 if faulted["final_matches_golden"] else 0.0,
+            "== 1 (identical)",
+            faulted["final_matches_golden"],
+            "the faulted job's final fingerprint (parameters and optimizer state) == the fault-free job's",
+        )
+    )
+    settings = {
+        "schedule": schedule,
+        "mean_interval_steps": interval,
+        "mix": MIX,
+        "seed": seed,
+        "steps": steps,
+        "model": model,
+        "model_sets": sets,
+        "preset": "tiny",
+        "data": str(data),
+        "checkpoint_every": checkpoint_every,
+        "cluster": f"coordinator + {len(NODES)} nodes x 1 worker + {spares} spare node(s), 127.0.0.1, plaintext gRPC",
+        "hang_floor_s": hang_floor_s,
+        "hang_detection": "the agent kills a rank with no step within max(5 x median step, hang floor) whose "
+        "liveness file is older than 3 s (agent/workers.py LIVENESS_STALE_S): about 3 s here",
+        "torchrun": None
+        if not torchrun
+        else {
+            "crashes_only": True,
+            "max_restarts": len(crashes) + 3,
+            "env": {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+        },
+        "order": ["fault-free (Stanchion)", "faulted (Stanchion)"]
+        + (["faulted, crashes only (torchrun)"] if torchrun else []),
+    }
+    notes = [
+        "ettr = steps x median step time of the fault-free run / wall time from the start of step 1 to the end "
+        "of the last step (rank 0's records); ettr_fault_free applies the same formula to the fault-free run; "
+        "ettr_relative = fault-free wall / faulted wall; ettr_own_median uses the run's own median step time",
+        "lost_steps = rank 0's progress records - steps that survived (steps computed then thrown away)",
+        "recovery_s: per crash or hang, injection -> first step of the recovered generation; per bit flip, "
+        "the fault firing -> first step after the rollback",
+        "crashes and hangs are injected one at a time: a fault whose step comes while the previous one is "
+        "still recovering waits until every rank trains again (injected_step >= scheduled_step)",
+        "torchrun runs the same schedule's crashes only (no hang detection of its own; a replica bit flip "
+        "goes unnoticed there); its ETTR uses the same fault-free median (same trainer and model)",
+        "the model's spike detector is off (integrity.spike_*_z=1e9), as in the integration tests: spikes "
+        "are real in a model this small and are not among the faults under test",
+    ]
+    return envelope(
+        "goodput", command, settings, results, goals=goals, notes=notes, load_at_start=load_at_start
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def goodput_table(result: dict[str, Any]) -> None:
+    from diagnostics.commands.bench import num, print_goals
+    from diagnostics.output import emit_table
+
+    r = result["results"]
+    rows = [
+        [
+            "Stanchion",
+            num(r["ettr"], ".3f"),
+            num(r["ettr_fault_free"], ".3f"),
+            r["lost_steps"],
+            num(r["recovery_s_median"], ".3f"),
+            r["final_matches_golden"],
+        ]
+    ]
+    if r["torchrun"]:
+        t = r["torchrun"]
+        rec = [x for x in t["recovery_s"] if x is not None]
+        rows.append(
+            [
+                "torchrun (crashes only)",
+                num(t["ettr"], ".3f"),
+                "",
+                t["lost_steps"],
+                num(median(rec), ".3f") if rec else None,
+                t["final_matches_golden"],
+            ]
+        )
+    emit_table(
+        ["system", "ETTR", "fault-free ceiling", "lost steps", "recovery s (median)", "final == golden"],
+        rows,
+        title=f"Goodput {r['schedule']}: {r['steps']} steps, {r['faults_scheduled']} faults {r['faults_by_kind']}",
+    )
+    print_goals(result)
+
+
+def register(app: typer.Typer) -> None:
+    from diagnostics.commands.bench import (
+        EPILOG,
+        DataOpt,
+        JsonOpt,
+        OutOpt,
+        TimeoutOpt,
+        WorkDirOpt,
+        command_line,
+        prepared_data,
+        report,
+    )
+    from diagnostics.output import handle_errors, message
+
+    @app.command("goodput", epilog=EPILOG)
+    @handle_errors
+    def goodput(
+        schedule: Annotated[
+            str, typer.Option("--schedule", help="S1: one fault per 2,000 steps on average; S2: one per 200.")
+        ] = "S2",
+        steps: Annotated[
+            int | None, typer.Option("--steps", min=20, help="Steps of the job (default: S1 6000, S2 2000).")
+        ] = None,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the fault schedule.")] = 1,
+        mean_interval: Annotated[
+            float | None,
+            typer.Option(
+                "--mean-interval", min=1.0, help="Override the schedule's mean steps between faults."
+            ),
+        ] = None,
+        model: Annotated[
+            str,
+            typer.Option("--model", help="small (default: 2 layers, fast steps) or tiny (the tiny preset)."),
+        ] = "small",
+        checkpoint_every: Annotated[
+            int, typer.Option("--checkpoint-every", min=1, help="Checkpoint cadence.")
+        ] = 100,
+        hang_floor_s: Annotated[
+            float,
+            typer.Option(
+                "--hang-floor-s", min=0.1, help="The agents' hang floor (small, so hangs resolve fast)."
+            ),
+        ] = 2.0,
+        spares: Annotated[int, typer.Option("--spares", min=0, help="Spare nodes.")] = 1,
+        torchrun: Annotated[
+            bool,
+            typer.Option("--torchrun/--no-torchrun", help="Also run torchrun on the schedule's crashes."),
+        ] = True,
+        data: DataOpt = None,
+        work_dir: WorkDirOpt = None,
+        timeout_s: TimeoutOpt = 3600.0,
+        json_: JsonOpt = False,
+        out: OutOpt = None,
+    ) -> None:
+        """ETTR, lost steps and recovery times of a job through a seeded fault schedule (70% crash,
+        12% hang, 8% slow rank, 10% silent corruption), against a fault-free run of the same job in
+        the same invocation, and torchrun on the same schedule's crashes."""
+        from diagnostics.bench import work_directory
+        from diagnostics.errors import UsageError
+
+        if schedule not in SCHEDULES and mean_interval is None:
+            raise UsageError(f"--schedule {schedule!r}: expected S1 or S2 (or pass --mean-interval)")
+        if model not in ("tiny", "small"):
+            raise UsageError(f"--model {model!r}: expected small or tiny")
+        n_steps = steps or DEFAULT_STEPS.get(schedule, 2000)
+        command = command_line(
+            "bench goodput",
+            [
+                ("--schedule", schedule),
+                ("--steps", n_steps),
+                ("--seed", seed),
+                ("--mean-interval", mean_interval),
+                ("--model", None if model == "small" else model),
+                ("--checkpoint-every", None if checkpoint_every == 100 else checkpoint_every),
+                ("--hang-floor-s", hang_floor_s),
+                ("--spares", None if spares == 1 else spares),
+                ("--no-torchrun", not torchrun),
+                ("--data", data),
+                ("--json", json_),
+                ("--out", out),
+            ],
+        )
+        with work_directory(work_dir, f"goodput-{schedule}") as wd:
+            result = bench_goodput(
+                schedule=schedule,
+                steps=n_steps,
+                seed=seed,
+                data=prepared_data(data, wd),
+                work_dir=wd,
+                command=command,
+                model=model,
+                checkpoint_every=checkpoint_every,
+                hang_floor_s=hang_floor_s,
+                spares=spares,
+                mean_interval=mean_interval,
+                torchrun=torchrun,
+                timeout_s=timeout_s,
+                progress=message,
+            )
+        report(result, json_=json_, out=out, table=goodput_table)
