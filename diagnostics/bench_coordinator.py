@@ -58,6 +58,7 @@ RPC_TIMEOUT_S = 5.0  # the agent's default deadline per call (agent/config.py rp
 P99_FRACTION = 0.1  # "p99 well under the interval": at most a tenth of it
 ACHIEVED_FRACTION = 0.99  # heartbeats achieved / offered
 NODE_PREFIX = "sim-"
+SLICE_S = 5.0  # the measured window is also reported in slices this long (load on a shared machine moves)
 SLOW_MS = 50.0  # heartbeats slower than this are kept with their send time, to find stalls
 # A local subchannel pool per channel: without it, grpc shares one connection between all channels
 # of a process that have the same target and options, and the coordinator would see one client.
@@ -160,6 +161,66 @@ def stall_episodes(
     return out
 
 
+def slice_table(
+    samples: Sequence[Sequence[float]], cpu_samples: Sequence[Sequence[Any]], origin: float
+) -> list[dict[str, Any]]:
+    """The window in slices between consecutive CPU samples ``(time, coordinator CPU s, client CPU
+    s, psutil.cpu_times())``: latency p50/p99/max of the heartbeats sent in the slice (``samples``
+    are ``(sent at - origin, latency ms, lateness ms)``; each lands in exactly one slice), the
+    clients' p99 send lateness, and the cores the coordinator, the clients and everything else on
+    the machine used."""
+    out = []
+    pairs = list(zip(cpu_samples, cpu_samples[1:], strict=False))
+    for i, ((t0, c0, cl0, s0), (t1, c1, cl1, s1)) in enumerate(pairs):
+        lo, hi, dt = t0 - origin, t1 - origin, t1 - t0
+        # Every sample lands in a slice: the first and last are open-ended (a CPU sample is taken a
+        # moment after the window opens, and the last heartbeats return after it closed).
+        first, last = i == 0, i == len(pairs) - 1
+        inside = [x for x in samples if (first or lo <= x[0]) and (last or x[0] < hi)]
+        lat = distribution([x[1] for x in inside])
+        late = distribution([x[2] for x in inside])
+        busy = _busy_cores(s0, s1, dt)
+        coord, clients = ((c1 - c0) / dt, (cl1 - cl0) / dt) if dt > 0 else (None, None)
+        out.append(
+            {
+                "from_s": lo,
+                "to_s": hi,
+                "heartbeats": lat["n"],
+                "p50_ms": lat["p50"],
+                "p99_ms": lat["p99"],
+                "max_ms": lat["max"],
+                "client_lateness_p99_ms": late["p99"],
+                "coordinator_cores": coord,
+                "client_cores": clients,
+                "machine_busy_cores": busy,
+                "other_cores": None if None in (busy, coord, clients) else busy - coord - clients,
+            }
+        )
+    return out
+
+
+def job_spec(agents: int, workers_per_node: int, name: str = "bench") -> str:
+    """A job that spans every simulated agent: the coordinator starts it on all of them, and each
+    member's heartbeats then carry that generation's progress."""
+    world = agents * workers_per_node
+    return "\n".join(
+        [
+            f'name = "{name}"',
+            f"nodes = {agents}",
+            f"min_nodes = {agents}",
+            f"workers_per_node = {workers_per_node}",
+            "[trainer]",
+            'preset = "tiny"',
+            "steps = 1000000000",
+            "[trainer.data]",
+            'path = "bench"',
+            "micro_batch_size = 1",
+            f"global_batch_size = {world}",
+            "",
+        ]
+    )
+
+
 def coordinator_goals(
     *,
     agents: int,
@@ -247,7 +308,10 @@ def inventory(index: int, workers: int) -> Any:
 
 
 class SimAgent:
-    """What one agent reports: worker statuses that advance, events with sequence numbers, acks."""
+    """What one agent reports: worker statuses that advance, events with sequence numbers, acks.
+
+    Directives are applied at once: ``start`` makes the node a member of that job's generation (its
+    workers then report that generation and the node's ranks), ``stop`` makes it idle again."""
 
     def __init__(self, index: int, workers: int, event_rate: float, rng: random.Random):
         self.index = index
@@ -259,6 +323,9 @@ class SimAgent:
         self.event_seq = 0
         self.acked = 0
         self.pending_events: list[Any] = []
+        self.job_id = ""
+        self.generation = 0
+        self.node_rank = index
 
     def request(self, now: float) -> Any:
         from protos.stanchion.v1 import agent_pb2, types_pb2
@@ -287,10 +354,11 @@ class SimAgent:
                     node_id=self.node_id,
                 )
             )
-        base = self.index * self.workers
+        base = self.node_rank * self.workers
         return agent_pb2.HeartbeatRequest(
             node_id=self.node_id,
-            generation=0,
+            job_id=self.job_id,
+            generation=self.generation,
             workers=[
                 types_pb2.WorkerStatus(
                     local_rank=r,
@@ -299,7 +367,7 @@ class SimAgent:
                     pid=100_000 + base + r,
                     step=self.step,
                     step_time_s=0.9 + 0.01 * r,
-                    generation=0,
+                    generation=self.generation,
                 )
                 for r in range(self.workers)
             ],
@@ -314,25 +382,32 @@ class SimAgent:
         """Events delivered; directives acknowledged (applied at once). Returns the directives seen."""
         self.pending_events = []
         for d in resp.directives:
-            self.acked = max(self.acked, d.seq)
+            if d.seq <= self.acked:
+                continue
+            kind = d.WhichOneof("kind")
+            if kind == "start":
+                self.job_id, self.generation, self.node_rank = d.job_id, d.generation, d.start.node_rank
+            elif kind == "stop" and d.job_id == self.job_id:
+                self.job_id = ""
+            self.acked = d.seq
         return len(resp.directives)
 
 
 class ClientStats:
     def __init__(self) -> None:
-        self.latencies_ms: list[float] = []
-        self.lateness_ms: list[float] = []
+        # (sent at, seconds after the window opened; latency ms; how late the client sent it, ms)
+        self.samples: list[tuple[float, float, float]] = []
         self.sent = 0
         self.ok = 0
         self.over_interval = 0
         self.failures: dict[str, int] = {}
         self.failures_total: dict[str, int] = {}  # warm-up included
-        self.directives = 0
+        self.directives = 0  # over the whole run, warm-up included
+        self.fast_replies = 0  # replies that asked for a shorter interval (a directive not yet acked)
         self.events = 0
         self.reregistered = 0
         self.failure_details: dict[str, dict[str, int]] = {}  # code -> details (a few) -> count
         self.failure_ms: list[float] = []  # how long failed calls took
-        self.slow: list[tuple[float, float]] = []  # (sent at, ms) of heartbeats slower than SLOW_MS
 
 
 async def _call_with_retry(fn: Any, what: str, deadline_s: float) -> Any:
@@ -440,14 +515,14 @@ async def run_client(spec: Mapping[str, Any]) -> dict[str, Any]:
             if measured:
                 stats.sent += 1
                 stats.ok += 1
-                stats.latencies_ms.append(latency_ms)
-                if latency_ms > SLOW_MS:
-                    stats.slow.append((sent_at, latency_ms))
-                stats.lateness_ms.append(max(0.0, (sent_at - next_t) * 1000))
+                lateness_ms = max(0.0, (sent_at - next_t) * 1000)
+                stats.samples.append(
+                    (round(sent_at - measure_from, 4), round(latency_ms, 3), round(lateness_ms, 3))
+                )
                 stats.over_interval += latency_ms > interval * 1000
                 stats.events += len(req.events)
-                stats.directives += len(resp.directives)
-            a.replied(resp)
+                stats.fast_replies += 0 < resp.heartbeat_interval_ms < interval * 1000
+            stats.directives += a.replied(resp)
             step_s = max(resp.heartbeat_interval_ms / 1000, 0.01) if resp.heartbeat_interval_ms else interval
             next_t = max(next_t + step_s, time.time())
 
@@ -466,17 +541,16 @@ async def run_client(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "agents": len(agents),
         "register_s": register_s,
-        "latencies_ms": stats.latencies_ms,
-        "lateness_ms": stats.lateness_ms,
+        "samples": stats.samples,
         "sent": stats.sent,
         "ok": stats.ok,
         "over_interval": stats.over_interval,
         "failures": stats.failures,
         "failures_total": stats.failures_total,
         "directives": stats.directives,
+        "fast_replies": stats.fast_replies,
         "events": stats.events,
         "reregistered": stats.reregistered,
-        "slow": stats.slow,
         "failure_details": stats.failure_details,
         "failure_ms": stats.failure_ms,
         "cpu_s_window": cpu_window,
@@ -552,6 +626,19 @@ def _established(pid: int, port: int) -> int | None:
     return sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port)
 
 
+def _operator(port: int, tls_dir: Path | None) -> tuple[Any, Any]:
+    """A blocking channel and OperatorService stub: the PKI's operator certificate, or plaintext."""
+    from protos import client
+    from protos.stanchion.v1 import operator_pb2_grpc
+
+    target = f"127.0.0.1:{port}"
+    if tls_dir is None:
+        channel = client.channel(target, insecure=True)
+    else:
+        channel = client.channel(target, tls_dir=str(tls_dir), role="operator")
+    return channel, operator_pb2_grpc.OperatorServiceStub(channel)
+
+
 def _busy_cores(before: Any, after: Any, seconds: float) -> float | None:
     """Cores busy (all processes) between two psutil.cpu_times() samples."""
     if seconds <= 0:
@@ -577,6 +664,7 @@ def bench_coordinator(
     timeout_s: float,
     progress: Any,
     client_nice: int = 0,
+    job: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
     import psutil
@@ -609,6 +697,7 @@ def bench_coordinator(
     ]  # fmt: skip
     progress(f"starting the coordinator ({'mTLS' if tls else 'plaintext'}); log {coord_log}")
     clients: list[tuple[subprocess.Popen[Any], Path]] = []
+    op_channel = None
     with coord_log.open("wb") as f:
         coord = subprocess.Popen(
             coord_cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO,
@@ -659,6 +748,18 @@ def bench_coordinator(
         progress(
             f"  registered in {register_wall_s:.1f} s; the coordinator has {connections} established connections"
         )
+        op_channel, operator = _operator(port, tls_dir if tls else None)
+        job_info: dict[str, Any] | None = None
+        if job:
+            from protos.stanchion.v1 import operator_pb2
+
+            resp = operator.SubmitJob(
+                operator_pb2.SubmitJobRequest(spec_toml=job_spec(agents, workers_per_node)), timeout=30.0
+            )
+            job_info = {"job_id": resp.job.job_id, "nodes": agents, "workers_per_node": workers_per_node}
+            progress(
+                f"  submitted job {resp.job.job_id} on all {agents} agents ({len(resp.job.nodes)} members)"
+            )
 
         start = time.time() + 0.5
         measure_from = start + warmup_s
@@ -670,30 +771,58 @@ def bench_coordinator(
             p.stdin.close()
         progress(f"heartbeating: {warmup_s:g} s warm-up, then {seconds:g} s measured")
 
-        # Sample the coordinator while the agents run.
-        rss_peak, scrapes, cpu_w0, sys_w0 = 0, [], None, None
-        next_scrape = measure_from + min(scrape_every_s, seconds / 2)
-        while time.time() < end - 0.5:
+        # While the agents run: CPU of the coordinator, the clients and the machine at every slice
+        # boundary, the coordinator's RSS, and its /metrics (the last scrape just before the end).
+        client_ps = [psutil.Process(p.pid) for p, _ in clients]
+
+        def cpu_sample() -> tuple[float, float, float, Any]:
+            c = cp.cpu_times()
+            cl = 0.0
+            for q in client_ps:
+                with contextlib.suppress(psutil.Error):
+                    ct = q.cpu_times()
+                    cl += ct.user + ct.system
+            return time.time(), c.user + c.system, cl, psutil.cpu_times()
+
+        edges = [measure_from + k * SLICE_S for k in range(math.ceil(seconds / SLICE_S))] + [end]
+        last_scrape = end - 0.5
+        scrape_at = [measure_from + k * scrape_every_s for k in range(int(seconds // scrape_every_s) + 1)]
+        plan = sorted(
+            [(t, "cpu") for t in edges] + [(t, "scrape") for t in scrape_at if t < last_scrape - 0.5]
+            + [(last_scrape, "scrape")]
+        )  # fmt: skip
+        rss_peak, scrapes, cpu_samples = 0, [], []
+        while plan:
+            t, kind = plan[0]
             now = time.time()
-            if cpu_w0 is None and now >= measure_from:
-                cpu_w0, sys_w0, t_w0 = cp.cpu_times(), psutil.cpu_times(), now
+            if now < t:
+                if coord.poll() is not None:
+                    raise BenchError(
+                        f"the coordinator exited with code {coord.returncode}", hint=f"see {coord_log}"
+                    )
+                if now >= measure_from:
+                    rss_peak = max(rss_peak, cp.memory_info().rss)
+                time.sleep(min(0.25, t - now))
+                continue
+            plan.pop(0)
+            if kind == "cpu":
+                cpu_samples.append(cpu_sample())
+            else:
                 scrapes.append((now, parse_metrics(_scrape(metrics_port))))
-            if cpu_w0 is not None:
-                rss_peak = max(rss_peak, cp.memory_info().rss)
-            if cpu_w0 is not None and now >= next_scrape:
-                scrapes.append((now, parse_metrics(_scrape(metrics_port))))
-                next_scrape += scrape_every_s
-            if coord.poll() is not None:
-                raise BenchError(
-                    f"the coordinator exited with code {coord.returncode}", hint=f"see {coord_log}"
-                )
-            time.sleep(min(0.25, max(0.01, end - 0.5 - time.time())))
-        scrapes.append((time.time(), parse_metrics(_scrape(metrics_port))))
-        cpu_w1, sys_w1, t_w1 = cp.cpu_times(), psutil.cpu_times(), time.time()
         rss_end = cp.memory_info().rss
         threads = cp.num_threads()
-        if cpu_w0 is None:
-            raise BenchError("the measured window was too short to sample the coordinator")
+        if job_info is not None:
+            from protos.stanchion.v1 import operator_pb2, types_pb2
+
+            j = operator.GetJob(operator_pb2.GetJobRequest(job_id=job_info["job_id"]), timeout=30.0).job
+            job_info.update(
+                state=types_pb2.JobState.Name(j.state),
+                generation=j.generation,
+                restarts=j.restarts,
+                members=len(j.nodes),
+                step=j.step,
+                reason=j.reason[:200],
+            )
 
         results = []
         for i, (p, log) in enumerate(clients):
@@ -706,22 +835,26 @@ def bench_coordinator(
             results.append(json.loads((work_dir / f"client-{i}.json").read_text()))
         cpu_total = cp.cpu_times()
     finally:
+        if op_channel is not None:
+            op_channel.close()
         for p, _ in clients:
             _stop(p, 5.0)
         _stop(coord)
 
     # ---- aggregate ----
-    lat = [x for r in results for x in r["latencies_ms"]]
-    late = [x for r in results for x in r["lateness_ms"]]
+    samples = [x for r in results for x in r["samples"]]
+    lat = [x[1] for x in samples]
     failures = merge_counts(r["failures"] for r in results)
     n_fail = sum(failures.values())
     ok = sum(r["ok"] for r in results)
     sent = sum(r["sent"] for r in results)
     offered_per_s = agents / interval_s
     achieved_per_s = ok / seconds
+    (t_w0, c_w0, cl_w0, sys_w0), (t_w1, c_w1, cl_w1, sys_w1) = cpu_samples[0], cpu_samples[-1]
     window_s = t_w1 - t_w0
-    coord_cpu_s = (cpu_w1.user - cpu_w0.user) + (cpu_w1.system - cpu_w0.system)
-    client_cpu_s = sum(r["cpu_s_window"] or 0.0 for r in results)
+    coord_cpu_s = c_w1 - c_w0
+    client_cpu_s = cl_w1 - cl_w0
+    slices = slice_table(samples, cpu_samples, measure_from)
     ages_all = [a for _, s in scrapes for a in s["heartbeat_age_s"].values()]
     last = scrapes[-1][1]
     first_total = next((s["heartbeats_total"] for _, s in scrapes if s["heartbeats_total"] is not None), None)
@@ -730,16 +863,17 @@ def bench_coordinator(
         server_rate = (last["heartbeats_total"] - first_total) / (scrapes[-1][0] - scrapes[0][0])
     lost = int(last["nodes"].get("lost", 0)) if last["nodes"] else None
     lat_d = distribution(lat)
-    episodes = stall_episodes([x for r in results for x in r["slow"]], measure_from)
+    episodes = stall_episodes([(x[0], x[1]) for x in samples if x[1] > SLOW_MS], 0.0)
     age_last = distribution(list(last["heartbeat_age_s"].values()))
     age_all = distribution(ages_all)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     busy = _busy_cores(sys_w0, sys_w1, window_s)
     coord_cores = coord_cpu_s / window_s if window_s > 0 else None
-    client_cores = client_cpu_s / seconds
+    client_cores = client_cpu_s / window_s if window_s > 0 else None
     results_out = {
         "agents": agents,
         "tls": tls,
+        "job": job_info,
         "p50_ms": lat_d["p50"],
         "p99_ms": lat_d["p99"],
         "max_ms": lat_d["max"],
@@ -755,7 +889,8 @@ def bench_coordinator(
             "slower_than_interval": sum(r["over_interval"] for r in results),
             "coordinator_counted_per_s": server_rate,
             "events_relayed": sum(r["events"] for r in results),
-            "directives_received": sum(r["directives"] for r in results),
+            "directives_received_including_warmup": sum(r["directives"] for r in results),
+            "replies_asking_for_a_shorter_interval": sum(r["fast_replies"] for r in results),
             "failures_including_warmup": merge_counts(r["failures_total"] for r in results),
             "reregistered": sum(r["reregistered"] for r in results),
             "failure_details": {
@@ -764,13 +899,18 @@ def bench_coordinator(
             },
             "failed_call_ms": distribution([x for r in results for x in r["failure_ms"]]),
         },
-        "client_send_lateness_ms": distribution(late),
+        "client_send_lateness_ms": distribution([x[2] for x in samples]),
+        "slices": slices,
+        "p99_ms_median_of_slices": median([x["p99_ms"] for x in slices if x["p99_ms"] is not None])
+        if any(x["p99_ms"] is not None for x in slices)
+        else None,
         "stalls": {
             "slow_ms": SLOW_MS,
             "slow_heartbeats": sum(e["heartbeats"] for e in episodes),
             "episodes": len(episodes),
             "worst": sorted(episodes, key=lambda e: -e["max_ms"])[:10],
             "scrapes_at_s": [t - measure_from for t, _ in scrapes],
+            "sent_at_s": "seconds after the measured window opened",
         },
         "registration": {
             "wall_s": register_wall_s,
@@ -800,7 +940,9 @@ def bench_coordinator(
             "machine_busy_cores": busy,
             "coordinator_cores": coord_cores,
             "client_cores": client_cores,
-            "other_cores": None if busy is None or coord_cores is None else busy - coord_cores - client_cores,
+            "other_cores": None
+            if busy is None or coord_cores is None or client_cores is None
+            else busy - coord_cores - client_cores,
         },
     }
     settings = {
@@ -811,6 +953,7 @@ def bench_coordinator(
         "client_nice": client_nice,
         "agents_per_client": [len(s) for s in split(agents, client_procs)],
         "tls": tls,
+        "job": job,
         "interval_s": interval_s,
         "workers_per_node": workers_per_node,
         "event_rate": event_rate,
@@ -912,6 +1055,14 @@ def coordinator(
             "agents ran elsewhere.",
         ),
     ] = 0,
+    job: Annotated[
+        bool,
+        typer.Option(
+            "--job/--no-job",
+            help="Submit one job spanning every agent after they registered, so that every heartbeat "
+            "carries that job's progress (default: idle agents, no job).",
+        ),
+    ] = False,
     scrape_every_s: Annotated[
         float, typer.Option("--scrape-every-s", min=0.5, help="Scrape the coordinator's /metrics this often.")
     ] = 10.0,
@@ -951,6 +1102,7 @@ def coordinator(
                 ("--warmup-s", _g(warmup_s)),
                 ("--client-procs", client_procs),
                 ("--client-nice", client_nice or None),
+                ("--job", job),
                 ("--tls" if tls else "--insecure", True),
                 ("--interval-s", _g(interval_s)),
                 ("--workers-per-node", workers_per_node),
@@ -967,6 +1119,7 @@ def coordinator(
                 warmup_s=warmup_s,
                 client_procs=client_procs,
                 client_nice=client_nice,
+                job=job,
                 tls=tls,
                 interval_s=interval_s,
                 workers_per_node=workers_per_node,

@@ -359,13 +359,25 @@ def wait_standbys(cluster: LocalCluster, timeout_s: float) -> None:
     )
 
 
-def live_rank_pid(cluster: LocalCluster, rank: int, generation: int) -> int | None:
-    """The pid of the live process that is ``rank`` in ``generation`` (from the files ranks write)."""
-    for node in cluster.agents:
-        for r in cluster.ranks(node):
-            if r["rank"] == rank and r["generation"] == generation and _pid_alive(r["pid"]):
-                return int(r["pid"])
+def live_rank(cluster: LocalCluster, job_id: str, rank: int, generation: int) -> tuple[int, str] | None:
+    """(pid, node) of the live process that is ``rank`` of ``job_id`` in ``generation``: the newest
+    ``started`` event of each worker directory names its job, rank, generation and pid (a rank of
+    an earlier job may still be alive for a moment, with the same rank and generation numbers)."""
+    for w in cluster.run_root.glob("workers/*/w*"):
+        started = [e for e in _read_jsonl(w / "events.jsonl") if e.get("event") == "started"]
+        if not started:
+            continue
+        e = started[-1]
+        if (e.get("job_id"), e.get("rank"), e.get("generation")) == (job_id, rank, generation):
+            pid = int(e.get("pid", 0))
+            if pid and _pid_alive(pid):
+                return pid, w.parent.name
     return None
+
+
+def live_rank_pid(cluster: LocalCluster, job_id: str, rank: int, generation: int) -> int | None:
+    found = live_rank(cluster, job_id, rank, generation)
+    return None if found is None else found[0]
 
 
 def job_records(records: Iterable[Mapping[str, Any]], job_id: str) -> list[dict[str, Any]]:
@@ -397,10 +409,24 @@ def stanchion_trial(
 
     rec = wait_until(reached, timeout_s, f"{name}: step {kill_step}")
     generation = int(rec["generation"])
-    pid = wait_until(lambda: live_rank_pid(cluster, 1, generation), 30.0, f"{name}: rank 1's pid")
+    pid, node = wait_until(lambda: live_rank(cluster, job_id, 1, generation), 30.0, f"{name}: rank 1's pid")
+    # Steady state: the node's replacement standby (spawned when the job took the last one) is warm.
+    warm_wait_t = time.time()
+    wait_until(lambda: standby_ready(cluster, node), 120.0, f"{name}: a warm standby on {node}", 0.05)
+    warm_wait_s = time.time() - warm_wait_t
+    tail.poll()
+    step_at_kill = max(int(r["step"]) for r in tail.records if r.get("job_id") == job_id)
+    if step_at_kill >= steps - 1 or not _pid_alive(pid):
+        raise BenchError(
+            f"{name}: the job reached step {step_at_kill} of {steps} before {node} had a warm standby again",
+            hint="give the job more --steps (a standby takes several seconds to import torch)",
+        )
     killed_t = time.time()
     os.kill(pid, signal.SIGKILL)
-    progress(f"  {name}: SIGKILL rank 1 (pid {pid}) of generation {generation} after step {rec['step']}")
+    progress(
+        f"  {name}: SIGKILL rank 1 (pid {pid}) on {node}, generation {generation}, after step {step_at_kill}"
+        + (f" (waited {warm_wait_s:.1f} s for its standby to warm)" if warm_wait_s > 0.1 else "")
+    )
     job = cluster.wait_job({"succeeded", "failed", "cancelled"}, timeout_s, job_id)
     decisions = list(cluster.explain(job_id).decisions)
     if job.state != 5:  # SUCCEEDED
@@ -416,6 +442,7 @@ def stanchion_trial(
         job_id=job_id,
         killed_pid=pid,
         old_generation=generation,
+        standby_wait_s=warm_wait_s,
         detected_s=None if detected is None else detected.time - killed_t,
         decision=None if detected is None else detected.reason[:300],
         restarts=job.restarts,
@@ -552,7 +579,13 @@ def torchrun_trial(
         raise job.failed(code)
     assert job.progress is not None and job.events is not None
     r = measure_recovery(job.progress.records, job.events.records, killed_t)
-    return r.as_dict(killed_pid=pid, detected_s=None, command=shown(job.cmd))
+    done = [e for e in job.events.records if e.get("event") == "finished" and e.get("rank") == 0]
+    return r.as_dict(
+        killed_pid=pid,
+        detected_s=None,
+        command=shown(job.cmd),
+        final_fingerprint=done[-1].get("fingerprint") if done else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,7 +651,7 @@ def bench_recovery(
     finally:
         cluster.stop()
     st, tr = summarize_trials(trial_rows, "stanchion"), summarize_trials(trial_rows, "torchrun")
-    fingerprints = {t["final_fingerprint"] for t in trial_rows if t["system"] == "stanchion"}
+    fingerprints = {t["final_fingerprint"] for t in trial_rows}
     per_round = [
         ratio(s["recovery_s"], t["recovery_s"])
         for s, t in zip(
@@ -637,7 +670,9 @@ def bench_recovery(
         "torchrun_lost_steps": tr["lost_steps"],
         "stanchion": st,
         "torchrun": tr,
-        "stanchion_final_fingerprints_equal": len(fingerprints) == 1,
+        # Every trial of both systems trains the same job: one final state, whatever was killed.
+        "final_fingerprints_equal": len(fingerprints) == 1,
+        "final_fingerprints": sorted(str(f) for f in fingerprints),
         "trials": trial_rows,
     }
     goals = [
@@ -685,7 +720,9 @@ def bench_recovery(
         "resumed from (their `started` events' resumed_step); a step cut short by the kill is not counted",
         "restarted_s: the recovered ranks' first `started` event (process group formed, state restored); "
         "detected_s (Stanchion only): the coordinator's decision about the crash",
-        "the kill lands at a random point inside the step after kill_step was observed (polled every 10 ms)",
+        "the kill lands at a random point inside the step after kill_step was observed (polled every 10 ms); "
+        "on the Stanchion side it waits, if needed, until rank 1's node has a warm standby again (the job's "
+        "start took the previous one): standby_wait_s, so a trial measures the steady state",
         "the Stanchion cluster idles (heartbeats, warm standbys) while the torchrun trials run",
     ]
     return envelope(
