@@ -407,12 +407,14 @@ class WorkerGroup:
             and w.generation < self.generation
             and now - w.reassigned_at > self.cfg.rejoin_grace_s
         ):
-            # A survivor stuck in a collective of the old generation (a partitioned peer sends no
-            # reset): it cannot see its new assignment until gloo's timeout. Free the slot.
-            return (
-                f"still in generation {w.generation} {now - w.reassigned_at:.0f}s after being assigned "
-                f"generation {self.generation}"
-            )
+            # A survivor stuck in a collective it entered before its new assignment (a partitioned
+            # peer sends no reset) cannot see that assignment until gloo's timeout: free the slot.
+            _, alive = liveness.read(w.paths.root)
+            if "collective" in alive and float(alive.get("since", now)) < w.reassigned_at:
+                return (
+                    f"still blocked in {alive['collective']!r} of generation {w.generation} "
+                    f"{now - w.reassigned_at:.0f}s after being assigned generation {self.generation}"
+                )
         if w.state == types_pb2.WORKER_STATE_STARTING:
             if now - w.assigned_at > self.cfg.startup_timeout_s:
                 return f"no process group within {self.cfg.startup_timeout_s:.0f}s of its assignment"

@@ -599,7 +599,7 @@ def bench_recovery(
     command: str,
     trials: int = 5,
     model: str = "tiny",
-    steps: int = 45,
+    steps: int = 60,
     checkpoint_every: int = 20,
     kill_step: int = 25,
     max_restarts: int = 3,
@@ -784,7 +784,7 @@ def register(app: typer.Typer) -> None:
                 "(faster steps, spike detector off).",
             ),
         ] = "tiny",
-        steps: Annotated[int, typer.Option("--steps", min=3, help="Steps per job.")] = 45,
+        steps: Annotated[int, typer.Option("--steps", min=3, help="Steps per job.")] = 60,
         checkpoint_every: Annotated[
             int, typer.Option("--checkpoint-every", min=1, help="Checkpoint cadence of both sides.")
         ] = 20,
