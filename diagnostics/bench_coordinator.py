@@ -20,6 +20,11 @@ What runs, all real processes on this machine:
   TRAINING with an advancing step, the node's health verdict, the acked directive sequence, and with
   probability ``--event-rate`` one relayed event (a ~200-byte JSON detail; the coordinator stores
   each in SQLite).
+- **One job over every agent** (``--job``, the default): once all agents registered, an operator
+  submits a job with ``nodes`` = the agent count; the coordinator starts it on all of them
+  (``StartWorkers`` piggybacked on a heartbeat reply, acked on the next, which the reply asks for
+  at the fast interval), and from then on every heartbeat carries that generation's progress
+  through the job state machine, as in training. ``--no-job`` leaves the agents idle.
 - **Schedule**: each agent heartbeats at a fixed rate from a random phase in the first interval
   (the offered load is agents / interval, spread evenly). A reply slower than the interval delays
   the next send instead of queueing a burst (as the agent does); such a run shows fewer heartbeats
@@ -30,7 +35,12 @@ offered, failures by status code, how late the client processes sent (their own 
 large values mean the load generator, not the coordinator, was the bottleneck), the coordinator's
 CPU time and RSS (psutil on its pid), its TCP connections, and what the coordinator itself sees:
 ``stanchion_node_heartbeat_age_seconds`` of every node and ``stanchion_heartbeats_total`` scraped
-from its /metrics during the measured window, and ``stanchion_nodes{state="lost"}``.
+from its /metrics during the measured window, and ``stanchion_nodes{state="lost"}``. The window
+is also reported in 5 s slices (latency, client lateness, and the cores used by the coordinator,
+the clients and everything else on the machine), since a shared machine's load moves.
+
+Several points (``--agents`` repeated, ``--compare-insecure``) run one after the other, each with a
+fresh coordinator; the JSON's results are the first point's, and ``points`` summarises them all.
 """
 
 from __future__ import annotations
@@ -648,7 +658,7 @@ def _busy_cores(before: Any, after: Any, seconds: float) -> float | None:
     return (total - idle) / seconds
 
 
-def bench_coordinator(
+def run_point(
     *,
     agents: int,
     seconds: float,
@@ -660,20 +670,21 @@ def bench_coordinator(
     event_rate: float,
     scrape_every_s: float,
     work_dir: Path,
-    command: str,
     timeout_s: float,
     progress: Any,
     client_nice: int = 0,
     job: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
+    """One measurement: a fresh coordinator, ``agents`` simulated agents, one measured window."""
     import psutil
 
-    from diagnostics.bench import REPO, BenchError, bench_env, envelope, median
+    from diagnostics.bench import REPO, BenchError, bench_env, median
 
     if agents < 1 or client_procs < 1 or seconds <= 0 or interval_s <= 0:
         raise ValueError("agents, client_procs, seconds and interval_s must be positive")
     client_procs = min(client_procs, agents)
+    work_dir.mkdir(parents=True, exist_ok=True)
     load_at_start = list(os.getloadavg())
     env = bench_env(1)
     ids = node_ids(agents)
@@ -861,7 +872,6 @@ def bench_coordinator(
     server_rate = None
     if first_total is not None and last["heartbeats_total"] is not None and scrapes[-1][0] > scrapes[0][0]:
         server_rate = (last["heartbeats_total"] - first_total) / (scrapes[-1][0] - scrapes[0][0])
-    lost = int(last["nodes"].get("lost", 0)) if last["nodes"] else None
     lat_d = distribution(lat)
     episodes = stall_episodes([(x[0], x[1]) for x in samples if x[1] > SLOW_MS], 0.0)
     age_last = distribution(list(last["heartbeat_age_s"].values()))
@@ -870,9 +880,14 @@ def bench_coordinator(
     busy = _busy_cores(sys_w0, sys_w1, window_s)
     coord_cores = coord_cpu_s / window_s if window_s > 0 else None
     client_cores = client_cpu_s / window_s if window_s > 0 else None
-    results_out = {
+    return {
         "agents": agents,
         "tls": tls,
+        "client_procs": client_procs,
+        "load_average_1_5_15": {
+            "at_start": [round(x, 2) for x in load_at_start],
+            "at_end": [round(x, 2) for x in os.getloadavg()],
+        },
         "job": job_info,
         "p50_ms": lat_d["p50"],
         "p99_ms": lat_d["p99"],
@@ -945,40 +960,148 @@ def bench_coordinator(
             else busy - coord_cores - client_cores,
         },
     }
+
+
+POINT_SUMMARY_KEYS = ("agents", "tls", "p50_ms", "p99_ms", "max_ms", "failures", "failures_by_code")
+
+
+def point_summary(point: Mapping[str, Any], interval_s: float) -> dict[str, Any]:
+    """The figures of one point that a table of points needs, with its goals met or not."""
+    hb, c, cc = point["heartbeats"], point["coordinator"], point["cpu_competition"]
+    goals = point_goals(point, interval_s)
+    return {
+        **{k: point[k] for k in POINT_SUMMARY_KEYS},
+        "p99_ms_median_of_slices": point["p99_ms_median_of_slices"],
+        "achieved_per_s": hb["achieved_per_s"],
+        "offered_per_s": hb["offered_per_s"],
+        "coordinator_cores": c["cpu_cores_window"],
+        "coordinator_cpu_ms_per_heartbeat": c["cpu_ms_per_heartbeat"],
+        "coordinator_rss_mb_peak": c["rss_mb_peak"],
+        "heartbeat_age_s_max": c["heartbeat_age_s_all_scrapes"]["max"],
+        "nodes_lost": c["nodes_by_state"].get("lost"),
+        "client_cores": cc["client_cores"],
+        "other_cores": cc["other_cores"],
+        "client_lateness_p99_ms": point["client_send_lateness_ms"]["p99"],
+        "load_average_1_5_15": point["load_average_1_5_15"],
+        "job_state": point["job"]["state"] if point["job"] else None,
+        "goals_met": {g["goal"]: g["met"] for g in goals},
+    }
+
+
+def point_goals(point: Mapping[str, Any], interval_s: float) -> list[dict[str, Any]]:
+    hb, c = point["heartbeats"], point["coordinator"]
+    lost = c["nodes_by_state"].get("lost")
+    return coordinator_goals(
+        agents=point["agents"],
+        interval_s=interval_s,
+        p99_ms=point["p99_ms"],
+        failures=point["failures"],
+        achieved=hb["achieved_per_s"],
+        offered=hb["offered_per_s"],
+        lost=None if lost is None else int(lost),
+        max_age_s=c["heartbeat_age_s_all_scrapes"]["max"],
+    )
+
+
+def plan_points(agents: Sequence[int], tls: bool, compare_insecure: bool) -> list[tuple[int, bool]]:
+    """(agents, tls) of every point in order: each count over the chosen transport, then (with
+    ``compare_insecure`` and TLS) the same count in plaintext. The first point is the headline."""
+    out = []
+    for n in agents:
+        out.append((n, tls))
+        if tls and compare_insecure:
+            out.append((n, False))
+    return out
+
+
+def bench_coordinator(
+    *,
+    agents: Sequence[int],
+    seconds: float,
+    warmup_s: float,
+    client_procs: int,
+    tls: bool,
+    interval_s: float,
+    workers_per_node: int,
+    event_rate: float,
+    scrape_every_s: float,
+    work_dir: Path,
+    command: str,
+    timeout_s: float,
+    progress: Any,
+    client_nice: int = 0,
+    job: bool = True,
+    compare_insecure: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every point of :func:`plan_points`, one after the other; the JSON's results are the first
+    (headline) point's, with every point summarised under ``points``."""
+    from diagnostics.bench import envelope
+
+    if not agents:
+        raise ValueError("at least one agent count")
+    load_at_start = list(os.getloadavg())
+    points = []
+    for n, point_tls in plan_points(agents, tls, compare_insecure):
+        progress(f"--- {n} agents, {'mTLS' if point_tls else 'plaintext'}{', one job' if job else ''}")
+        points.append(
+            run_point(
+                agents=n,
+                seconds=seconds,
+                warmup_s=warmup_s,
+                client_procs=client_procs,
+                tls=point_tls,
+                interval_s=interval_s,
+                workers_per_node=workers_per_node,
+                event_rate=event_rate,
+                scrape_every_s=scrape_every_s,
+                work_dir=work_dir / f"{n}-{'tls' if point_tls else 'plaintext'}",
+                timeout_s=timeout_s,
+                progress=progress,
+                client_nice=client_nice,
+                job=job,
+                seed=seed,
+            )
+        )
+        p = points[-1]
+        progress(
+            f"  p50 {_ms(p['p50_ms'])}, p99 {_ms(p['p99_ms'])}, {p['failures']} failures, "
+            f"{p['heartbeats']['achieved_per_s']:.0f}/{p['heartbeats']['offered_per_s']:.0f} heartbeats/s"
+        )
+    head = points[0]
+    cores = head["cpu_competition"]["usable_cores"]
     settings = {
-        "agents": agents,
+        "agents": list(agents),
         "seconds": seconds,
         "warmup_s": warmup_s,
         "client_procs": client_procs,
         "client_nice": client_nice,
-        "agents_per_client": [len(s) for s in split(agents, client_procs)],
+        "agents_per_client": [len(s) for s in split(head["agents"], min(client_procs, head["agents"]))],
         "tls": tls,
+        "compare_insecure": compare_insecure,
         "job": job,
         "interval_s": interval_s,
         "workers_per_node": workers_per_node,
         "event_rate": event_rate,
         "scrape_every_s": scrape_every_s,
+        "slice_s": SLICE_S,
         "rpc_timeout_s": RPC_TIMEOUT_S,
         "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S,
         "shape": "unary Register, then unary Heartbeat at a fixed rate; directives piggybacked on replies",
         "connections": "one grpc.aio channel and one TCP connection per simulated agent (local subchannel pool)",
     }
-    goals = coordinator_goals(
-        agents=agents,
-        interval_s=interval_s,
-        p99_ms=lat_d["p99"],
-        failures=n_fail,
-        achieved=achieved_per_s,
-        offered=offered_per_s,
-        lost=lost,
-        max_age_s=age_all["max"],
-    )
+    results = {**head, "points": [point_summary(p, interval_s) for p in points]}
     notes = [
+        f"results are the first point ({head['agents']} agents, {'mTLS' if head['tls'] else 'plaintext'}); "
+        "points summarises every point, each with a fresh coordinator, in the order run.",
         f"The coordinator and the {client_procs} client process(es) share this machine's {cores} usable "
-        "core(s): client-side latency includes the clients' own event-loop delays and the time the "
-        "coordinator waited for a core (see cpu_competition and client_send_lateness_ms)."
+        "core(s), and other jobs may run on it too: client-side latency includes the clients' own "
+        "event-loop delays and the time the coordinator waited for a core (see cpu_competition, "
+        "slices and client_send_lateness_ms).",
     ]
-    return envelope("coordinator", command, settings, results_out, goals, notes, load_at_start)
+    return envelope(
+        "coordinator", command, settings, results, point_goals(head, interval_s), notes, load_at_start
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -990,41 +1113,67 @@ def coordinator_table(result: dict[str, Any]) -> None:
     from diagnostics.output import emit_table
 
     r = result["results"]
-    hb, c, cc = r["heartbeats"], r["coordinator"], r["cpu_competition"]
-    lat, age = r["latency_ms"], c["heartbeat_age_s_all_scrapes"]
     emit_table(
-        ["figure", "value"],
         [
-            ["agents", r["agents"]],
-            ["latency p50 / p99 / max (ms)", f"{num(lat['p50'])} / {num(lat['p99'])} / {num(lat['max'])}"],
-            ["heartbeats/s achieved / offered", f"{num(hb['achieved_per_s'])} / {num(hb['offered_per_s'])}"],
-            ["failures", f"{r['failures']} {r['failures_by_code'] or ''}".strip()],
-            ["client send lateness p99 (ms)", num(r["client_send_lateness_ms"]["p99"])],
-            ["coordinator CPU (cores) / ms per heartbeat", f"{num(c['cpu_cores_window'])} / {num(c['cpu_ms_per_heartbeat'])}"],
-            ["coordinator RSS peak (MB)", num(c["rss_mb_peak"])],
-            ["heartbeat age at coordinator p50 / max (s)", f"{num(age['p50'])} / {num(age['max'])}"],
-            ["machine busy cores (coordinator / clients)", f"{num(cc['machine_busy_cores'])} ({num(cc['coordinator_cores'])} / {num(cc['client_cores'])})"],
+            "agents",
+            "transport",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "failures",
+            "heartbeats/s (offered)",
+            "coordinator cores",
+            "RSS MB",
+            "oldest age s",
+            "client lateness p99 ms",
+            "other cores",
         ],
-        title=f"Coordinator, {r['agents']} agents, {'mTLS' if r['tls'] else 'plaintext'}",
-    )  # fmt: skip
+        [
+            [
+                p["agents"],
+                "mTLS" if p["tls"] else "plaintext",
+                num(p["p50_ms"], ".3g"),
+                num(p["p99_ms"], ".3g"),
+                num(p["max_ms"], ".3g"),
+                f"{p['failures']} {p['failures_by_code'] or ''}".strip(),
+                f"{num(p['achieved_per_s'], '.0f')} ({num(p['offered_per_s'], '.0f')})",
+                num(p["coordinator_cores"], ".2f"),
+                num(p["coordinator_rss_mb_peak"], ".0f"),
+                num(p["heartbeat_age_s_max"], ".3g"),
+                num(p["client_lateness_p99_ms"], ".3g"),
+                num(p["other_cores"], ".2f"),
+            ]
+            for p in r["points"]
+        ],
+        title=f"Coordinator: simulated agents heartbeating every {result['settings']['interval_s']:g} s"
+        + (" in one job" if result["settings"]["job"] else ""),
+    )
     print_goals(result)
 
 
 def register(app: typer.Typer) -> None:
     """Add `coordinator` to the `stanchion bench` app."""
-    app.command("coordinator", epilog=_epilog())(coordinator)
+    app.command("coordinator", epilog=EPILOG)(coordinator)
 
 
-def _epilog() -> str:
-    return (
-        "Exit codes: 0 ok (goals met or not: see the JSON's goals), 1 a benchmark run failed "
-        "(the message names its log), 2 usage error."
-    )
+EPILOG = (
+    "Exit codes: 0 ok (goals met or not: see the JSON's goals), 1 a benchmark run failed "
+    "(the message names its log), 2 usage error."
+)
 
 
 def coordinator(
-    agents: Annotated[int, typer.Option("--agents", min=1, help="Simulated agents (nodes).")] = 1000,
-    seconds: Annotated[float, typer.Option("--seconds", min=1.0, help="Measured seconds.")] = 30.0,
+    agents: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--agents",
+            metavar="N",
+            min=1,
+            help="Simulated agents (nodes); repeatable: one point per count, the first is the headline "
+            "(default 1000).",
+        ),
+    ] = None,
+    seconds: Annotated[float, typer.Option("--seconds", min=1.0, help="Measured seconds per point.")] = 30.0,
     warmup_s: Annotated[
         float, typer.Option("--warmup-s", min=0.0, help="Heartbeating before the measured window.")
     ] = 5.0,
@@ -1034,6 +1183,18 @@ def coordinator(
     tls: Annotated[
         bool,
         typer.Option("--tls/--insecure", help="mTLS with a fresh development PKI (default), or plaintext."),
+    ] = True,
+    compare_insecure: Annotated[
+        bool,
+        typer.Option("--compare-insecure", help="With --tls: also run every point in plaintext, after it."),
+    ] = False,
+    job: Annotated[
+        bool,
+        typer.Option(
+            "--job/--no-job",
+            help="Submit one job spanning every agent once they registered, so that every heartbeat "
+            "carries that job's progress through the state machine (default), or leave them idle.",
+        ),
     ] = True,
     interval_s: Annotated[
         float, typer.Option("--interval-s", min=0.01, help="Heartbeat interval of every agent.")
@@ -1055,14 +1216,6 @@ def coordinator(
             "agents ran elsewhere.",
         ),
     ] = 0,
-    job: Annotated[
-        bool,
-        typer.Option(
-            "--job/--no-job",
-            help="Submit one job spanning every agent after they registered, so that every heartbeat "
-            "carries that job's progress (default: idle agents, no job).",
-        ),
-    ] = False,
     scrape_every_s: Annotated[
         float, typer.Option("--scrape-every-s", min=0.5, help="Scrape the coordinator's /metrics this often.")
     ] = 10.0,
@@ -1083,30 +1236,34 @@ def coordinator(
         ),
     ] = None,
 ) -> None:
-    """How many agents one coordinator process carries: a real coordinator process and simulated
-    agents (one connection each, in --client-procs processes) registering, then heartbeating at a
-    fixed rate with realistic payloads. Reports client-side heartbeat latency, achieved vs offered
-    heartbeats, failures by status code, the coordinator's CPU and RSS, and the heartbeat ages the
+    """How many agents one coordinator process carries: a real coordinator process (grpc.aio,
+    mTLS by default) and simulated agents, each with its own connection, in --client-procs
+    processes. They register, then (by default) join one job spanning all of them and heartbeat at
+    a fixed rate with realistic payloads. Reports client-side heartbeat latency, heartbeats achieved
+    vs offered, failures by status code, the coordinator's CPU and RSS, and the heartbeat ages the
     coordinator itself reports on /metrics."""
     from diagnostics.bench import work_directory
     from diagnostics.commands.bench import command_line, report
     from diagnostics.output import handle_errors, message
+
+    counts = agents or [1000]
 
     @handle_errors
     def go() -> None:
         command = command_line(
             "bench coordinator",
             [
-                ("--agents", agents),
+                ("--agents", counts),
                 ("--seconds", _g(seconds)),
                 ("--warmup-s", _g(warmup_s)),
                 ("--client-procs", client_procs),
-                ("--client-nice", client_nice or None),
-                ("--job", job),
                 ("--tls" if tls else "--insecure", True),
+                ("--compare-insecure", compare_insecure),
+                ("--job" if job else "--no-job", True),
                 ("--interval-s", _g(interval_s)),
                 ("--workers-per-node", workers_per_node),
                 ("--event-rate", _g(event_rate)),
+                ("--client-nice", client_nice or None),
                 ("--scrape-every-s", _g(scrape_every_s)),
                 ("--json", json_),
                 ("--out", out),
@@ -1114,16 +1271,17 @@ def coordinator(
         )
         with work_directory(work_dir, "coordinator") as wd:
             result = bench_coordinator(
-                agents=agents,
+                agents=counts,
                 seconds=seconds,
                 warmup_s=warmup_s,
                 client_procs=client_procs,
-                client_nice=client_nice,
-                job=job,
                 tls=tls,
+                compare_insecure=compare_insecure,
+                job=job,
                 interval_s=interval_s,
                 workers_per_node=workers_per_node,
                 event_rate=event_rate,
+                client_nice=client_nice,
                 scrape_every_s=scrape_every_s,
                 work_dir=wd,
                 command=command,
@@ -1133,6 +1291,10 @@ def coordinator(
         report(result, json_=json_, out=out, table=coordinator_table)
 
     go()
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f} ms"
 
 
 def _g(x: float) -> str:

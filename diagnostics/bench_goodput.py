@@ -415,6 +415,22 @@ def effective_time(
     return total
 
 
+def progress_series(
+    records: Sequence[Mapping[str, Any]], t0: float, rank: int = 0, every: int = 10
+) -> dict[str, Any]:
+    """Every computed step of ``rank`` in time order (redone steps included) as (seconds after
+    ``t0``, step), thinned to every ``every``-th record plus each record next to a jump (a stall
+    is not a jump; a rollback or a restart from a checkpoint is), which keeps the curve's shape."""
+    mine = sorted((r for r in records if r.get("rank") == rank), key=lambda r: r["t"])
+    keep = []
+    for i, r in enumerate(mine):
+        prev_jump = i > 0 and int(mine[i - 1]["step"]) + 1 != int(r["step"])
+        next_jump = i + 1 < len(mine) and int(r["step"]) + 1 != int(mine[i + 1]["step"])
+        if i % every == 0 or i == len(mine) - 1 or prev_jump or next_jump:
+            keep.append(r)
+    return {"t_s": [r["t"] - t0 for r in keep], "step": [int(r["step"]) for r in keep]}
+
+
 def run_summary(
     recs: Sequence[Mapping[str, Any]], steps: int, median_clean: float, slow: Sequence[Mapping[str, Any]] = ()
 ) -> dict[str, Any]:
@@ -431,6 +447,7 @@ def run_summary(
         "steps_computed_rank0": sum(1 for r in recs if r.get("rank") == 0),
         "lost_steps": lost_steps(recs, steps),
         "series": loss_series(recs, start),
+        "progress": progress_series(recs, start),
     }
 
 
@@ -559,7 +576,7 @@ def bench_goodput(
             row["at_s"] = inj.t - torigin
         tfinal = finished_fingerprint(tevs)
         tr.update(
-            command=shown(tjob.cmd),
+            command=shown(torchrun_command(flags, Path("RUN_DIR"), max_restarts=len(crashes) + 3)),
             faults=trec,
             recovery_s=[x["recovery_s"] for x in trec],
             launch_wall_s=twall,

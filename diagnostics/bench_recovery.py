@@ -556,6 +556,24 @@ class TorchrunJob:
         return BenchError(f"torchrun exited with code {code}: {' '.join(tail)[:300]}", hint=f"see {self.log}")
 
 
+def torchrun_detected_t(log_text: str, after_t: float) -> float | None:
+    """When torchrun's agent logged the worker failure (its ``failed (exitcode: ...)`` line, glog
+    timestamp ``E1127 13:24:28.277000``, local time), first at or after ``after_t`` - 1 s."""
+    import datetime
+    import re
+
+    year = time.localtime(after_t).tm_year
+    for m in re.finditer(
+        r"^[EWI](\d{2})(\d{2}) (\d{2}):(\d{2}):(\d{2}(?:\.\d+)?) .*failed \(exitcode", log_text, re.M
+    ):
+        mon, day, hh, mm = (int(x) for x in m.groups()[:4])
+        sec = float(m.group(5))
+        t = datetime.datetime(year, mon, day, hh, mm).timestamp() + sec
+        if t >= after_t - 1.0:
+            return t
+    return None
+
+
 def torchrun_trial(
     run_dir: Path,
     flags: Sequence[str],
@@ -580,9 +598,10 @@ def torchrun_trial(
     assert job.progress is not None and job.events is not None
     r = measure_recovery(job.progress.records, job.events.records, killed_t)
     done = [e for e in job.events.records if e.get("event") == "finished" and e.get("rank") == 0]
+    detected = torchrun_detected_t(job.log.read_text(errors="replace"), killed_t) if job.log else None
     return r.as_dict(
         killed_pid=pid,
-        detected_s=None,
+        detected_s=None if detected is None else detected - killed_t,
         command=shown(job.cmd),
         final_fingerprint=done[-1].get("fingerprint") if done else None,
     )
@@ -719,7 +738,8 @@ def bench_recovery(
         "lost_steps: newest step any rank completed before the kill - the step the recovered ranks "
         "resumed from (their `started` events' resumed_step); a step cut short by the kill is not counted",
         "restarted_s: the recovered ranks' first `started` event (process group formed, state restored); "
-        "detected_s (Stanchion only): the coordinator's decision about the crash",
+        "detected_s: Stanchion, the coordinator's decision about the crash; torchrun, its agent's log line "
+        "`failed (exitcode: -9)` (glog timestamps have microseconds)",
         "the kill lands at a random point inside the step after kill_step was observed (polled every 10 ms); "
         "on the Stanchion side it waits, if needed, until rank 1's node has a warm standby again (the job's "
         "start took the previous one): standby_wait_s, so a trial measures the steady state",

@@ -166,7 +166,9 @@ class Trainer:
         self.model = GPT(cfg.model)
         self.model.init_weights(cfg.seed)
         self.layer_groups = self.model.layer_groups()
-        self.train_model: torch.nn.Module = self.model
+        self.train_model: torch.nn.Module = (
+            self.model
+        )  # what runs forward (compiled, FSDP-wrapped); self.model holds the names
         self.optimizer: torch.optim.Optimizer | None = None
         self.grad_sync: GradSync | None = None
         self.final_val_loss: float | None = None
@@ -267,6 +269,8 @@ class Trainer:
             self.model.to(topo.device)
             if cfg.parallel == "fsdp":
                 self.train_model = self._shard(topo)
+            if cfg.compile:  # the same module underneath: state dicts and fingerprints are unchanged
+                self.train_model = torch.compile(self.train_model)
             self.optimizer = build_optimizer(self.model, cfg.optim, device_type=topo.device.type)
             self.grad_sync = GradSync(list(self.model.parameters())) if cfg.parallel == "ddp" else None
             self.injector = (
@@ -394,7 +398,7 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         assert self.ckpt is not None and self.optimizer is not None
-        manifest = self.ckpt.load(path, self.train_model, self.optimizer)
+        manifest = self.ckpt.load(path, self.model, self.optimizer)
         self.cursor = Cursor.from_json(manifest.get("cursor", {"step": manifest["step"]}))
         self.cursor.step = int(manifest["step"])
         if "spikes" in manifest:
@@ -544,7 +548,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             raise GenerationChange()
 
-        sq, labels = group_norms(self.train_model, self.layer_groups)
+        sq, labels = group_norms(self.model, self.layer_groups)
         if cfg.parallel == "fsdp":
             with collective("layer norm all-reduce"):
                 dist.all_reduce(sq)
@@ -806,7 +810,7 @@ class Trainer:
             "parallel": self.cfg.parallel,
             "generation": self.topo.generation,
         }
-        stall = self.ckpt.save(step, self.train_model, self.optimizer, fields, blocking=blocking)
+        stall = self.ckpt.save(step, self.model, self.optimizer, fields, blocking=blocking)
         log.info("checkpoint at step %d: training blocked %.3f s", step, stall)
 
     def evaluate(self) -> float:

@@ -143,3 +143,29 @@ def test_json_summary_and_samples(small_data: Path, tmp_path: Path) -> None:
     assert sum(1 for line in lines if line.startswith("sample: ")) == 2
     summary = json.loads(lines[-1])
     assert summary["steps_completed"] == 6 and summary["final_val_loss"] > 0
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0(small_data: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    run = tmp_path / "run"
+    p = start_trainer(trainer_cmd(small_data, run, nproc=2, steps=400, extra=["--checkpoint-every", "0"]))
+    wait_for(lambda: max(losses_by_step(run), default=0) >= 5, 120, "step 5")
+    os.killpg(p.pid, signal.SIGTERM)  # as a scheduler or systemd would: every process gets it
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-3000:]
+    stopped = events(run, 0, "stopped")
+    assert stopped and stopped[-1]["step"] < 400
+    step = stopped[-1]["step"]
+    assert events(run, 1, "stopped")[-1]["step"] == step  # both ranks stopped at the same step
+    assert committed_steps(run) == [step]
+    assert mf.verify(run / "checkpoints" / f"step-{step:08d}").ok
+
+
+def test_torch_compile_trains_the_same_model(small_data: Path, tmp_path: Path) -> None:
+    r = run_trainer(
+        trainer_cmd(small_data, tmp_path / "run", steps=6, extra=["--set", "compile=true", "--json"])
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["steps_completed"] == 6

@@ -164,6 +164,53 @@ def test_goals() -> None:
     assert [g["met"] for g in unknown][1:] == [None, True, True, None, None]
 
 
+def test_plan_points_puts_the_headline_first() -> None:
+    assert bc.plan_points([1000, 2000], True, True) == [
+        (1000, True),
+        (1000, False),
+        (2000, True),
+        (2000, False),
+    ]
+    assert bc.plan_points([1000, 2000], True, False) == [(1000, True), (2000, True)]
+    assert bc.plan_points([1000], False, True) == [(1000, False)]  # plaintext already
+
+
+def test_job_spec_is_a_valid_job_over_every_agent() -> None:
+    from coordinator import jobspec
+
+    spec = jobspec.parse(bc.job_spec(1000, 8))
+    assert spec.nodes == spec.min_nodes == 1000 and spec.workers_per_node == 8
+    cfg = spec.train_config()
+    assert cfg.check_world(spec.world_size(1000)) == 1  # one micro-step: the global batch divides
+
+
+def test_the_controllers_lazy_cluster_view_equals_the_eager_one() -> None:
+    """coordinator/controller.py builds node views on demand (the benchmark's fix): the view must
+    read exactly what building every view up front did."""
+    from coordinator.config import CoordinatorConfig
+    from coordinator.controller import Controller
+    from coordinator.store import Store
+    from protos.stanchion.v1 import agent_pb2
+
+    clock = [1000.0]
+    c = Controller(CoordinatorConfig(insecure=True), Store(":memory:"), clock=lambda: clock[0])
+    for i in range(4):
+        c._do_register(agent_pb2.RegisterRequest(node_id=f"sim-{i:05d}", inventory=bc.inventory(i, 1)))
+    job = c._do_submit((bc.job_spec(3, 1), ""))
+    c._do_cordon(("sim-00003", "test"))
+    clock[0] += 2.5
+    view = c.cluster(job.job_id)
+    busy = {n: job.job_id for n in job.members}
+    eager = {nid: rec.view(busy.get(nid, ""), clock[0]) for nid, rec in c.nodes.items()}
+    assert len(view) == 4 and list(view) == list(eager)
+    assert "sim-00000" in view and "nope" not in view and view.get("nope") is None
+    with pytest.raises(KeyError):
+        view["nope"]
+    assert dict(view) == eager
+    assert view["sim-00000"].busy_with == job.job_id and view["sim-00003"].cordoned
+    assert view["sim-00001"].heartbeat_age_s == 2.5
+
+
 # ---- the simulated agent ----------------------------------------------------------------------
 
 
@@ -192,7 +239,7 @@ def test_sim_agent_messages_pass_the_coordinators_validation() -> None:
 # ---- one real run -----------------------------------------------------------------------------
 
 
-def test_a_short_real_run_over_mtls(tmp_path: Path) -> None:
+def test_a_short_real_run_over_mtls_and_plaintext(tmp_path: Path) -> None:
     app = typer.Typer()
 
     @app.callback()
@@ -206,9 +253,10 @@ def test_a_short_real_run_over_mtls(tmp_path: Path) -> None:
         [
             "coordinator",
             "--agents", "50",
-            "--seconds", "3",
+            "--seconds", "2",
             "--warmup-s", "1",
             "--client-procs", "2",
+            "--compare-insecure",
             "--work-dir", str(tmp_path / "work"),
             "--out", str(out),
         ],
@@ -216,20 +264,24 @@ def test_a_short_real_run_over_mtls(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["benchmark"] == "coordinator"
-    assert data["command"].startswith("stanchion bench coordinator --agents 50 --seconds 3")
+    assert data["command"].startswith("stanchion bench coordinator --agents 50 --seconds 2")
     assert data["settings"]["tls"] is True and data["settings"]["agents_per_client"] == [25, 25]
     r = data["results"]
     assert r["agents"] == 50 and r["tls"] is True
     for key in ("p50_ms", "p99_ms", "max_ms"):
         assert r[key] is not None and r[key] > 0
     assert r["failures"] == 0 and r["failures_by_code"] == {}
+    assert r["job"]["state"] == "JOB_STATE_RUNNING" and r["job"]["members"] == 50
     hb = r["heartbeats"]
     assert hb["offered_per_s"] == 50.0 and hb["sent"] == hb["ok"] > 0
+    assert hb["directives_received_including_warmup"] >= 50  # every member got its StartWorkers
     c = r["coordinator"]
     assert c["established_connections"] == 50  # one connection per simulated agent
     assert c["rss_mb_peak"] > 0 and c["cpu_s_window"] > 0 and c["scrapes"] >= 2
     assert c["nodes_by_state"]["ready"] == 50 and c["nodes_by_state"]["lost"] == 0
     assert c["heartbeat_age_s_last_scrape"]["n"] == 50
-    assert [s["heartbeats"] for s in r["slices"]] and sum(s["heartbeats"] for s in r["slices"]) == hb["ok"]
+    assert sum(s["heartbeats"] for s in r["slices"]) == hb["ok"]
+    assert [(p["agents"], p["tls"]) for p in r["points"]] == [(50, True), (50, False)]
+    assert all(p["failures"] == 0 and p["nodes_lost"] == 0 for p in r["points"])
     assert {g["goal"] for g in data["goals"]} >= {"failed heartbeats", "heartbeat p99 latency (ms)"}
-    assert (tmp_path / "work").is_dir()
+    assert set(r["points"][1]["goals_met"]) == {g["goal"] for g in data["goals"]}
