@@ -8,6 +8,7 @@ multiprocess mode and no per-pid series. The agent folds each new progress recor
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Iterator
@@ -80,7 +81,27 @@ class TrainingMetrics:
                 self.last_checkpoint[job_id] = float(rec.get("t") or 0.0)
 
 
+@functools.cache
+def revision() -> str:
+    """The git revision of a source checkout (empty for an installed wheel)."""
+    import subprocess
+    from pathlib import Path
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=2,
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def build_info(component: str) -> GaugeMetricFamily:
+    """`stanchion_build_info{version, revision, component} 1`, shared by both daemons."""
     from diagnostics import __version__
 
     g = GaugeMetricFamily(
@@ -88,7 +109,7 @@ def build_info(component: str) -> GaugeMetricFamily:
         "Build identity of this Stanchion process.",
         labels=["version", "revision", "component"],
     )
-    g.add_metric([__version__, "", component], 1)
+    g.add_metric([__version__, revision(), component], 1)
     return g
 
 

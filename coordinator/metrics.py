@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent.metrics import build_info
 from coordinator import machine as m
 from coordinator.controller import Controller
 
@@ -31,18 +32,6 @@ RESTART_REASONS = (
 )
 RECOVERY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 NODE_STATES = ("ready", "cordoned", "draining", "lost")
-
-
-def build_info(component: str) -> Metric:
-    from diagnostics import __version__
-
-    g = GaugeMetricFamily(
-        "stanchion_build_info",
-        "Build identity of this Stanchion process.",
-        labels=["version", "revision", "component"],
-    )
-    g.add_metric([__version__, "", component], 1)
-    return g
 
 
 class CoordinatorCollector(Collector):
