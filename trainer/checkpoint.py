@@ -42,9 +42,11 @@ def describe_error(e: BaseException) -> str:
     """One line per failing rank for DCP's combined exception, else the exception itself."""
     failures = getattr(e, "failures", None)
     if isinstance(e, CheckpointException) and failures:
+        # DCP stores each rank's failure as (exception, traceback summary)
+        causes = {r: x[0] if isinstance(x, tuple) and x else x for r, x in failures.items()}
         return "; ".join(
             f"rank {r}: {type(x).__name__}: {str(x).splitlines()[0] if str(x) else ''}"
-            for r, x in sorted(failures.items())
+            for r, x in sorted(causes.items())
         )
     return f"{type(e).__name__}: {e}"
 
@@ -143,13 +145,17 @@ class CheckpointManager:
                 except CHECKPOINT_ERRORS as e:  # a full disk, a storage error
                     error = e
             # Every rank reaches this vote, failed or not: commit only if every part was written.
-            ok = torch.tensor([0 if error is not None else 1], dtype=torch.int64)
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.pg)
+            # (an all-gather rather than a MIN all-reduce, so the message can name the failed ranks)
+            mine = torch.tensor([0 if error is not None else 1], dtype=torch.int64)
+            oks = [torch.zeros_like(mine) for _ in range(dist.get_world_size(self.pg))]
+            dist.all_gather(oks, mine, group=self.pg)
             agreed = True
             if error is not None:
                 raise error
-            if not int(ok):
-                raise RuntimeError("another rank failed to write its part")
+            failed = [r for r, ok in enumerate(oks) if not int(ok)]
+            if failed:
+                ranks = ", ".join(map(str, failed))
+                raise RuntimeError(f"rank {ranks} failed to write its part (its own event has the error)")
             if self.rank == 0:
                 replaced = final.with_name(f"{final.name}.replaced")
                 if final.exists():  # step reached again with other state (after a rollback)
@@ -175,8 +181,11 @@ class CheckpointManager:
                 if removed:
                     log.info("retention removed %s", ", ".join(p.name for p in removed))
         except CHECKPOINT_ERRORS as e:  # a failed save must never stop training
-            log.error("checkpoint at step %d failed: %s", step, e)
-            self.events("checkpoint_failed", {"step": step, "error": describe_error(e)})
+            # The free space says at once whether a full disk is the cause (a short write can
+            # surface as a serializer error rather than ENOSPC).
+            free = shutil.disk_usage(self.root).free
+            log.error("checkpoint at step %d failed (%d bytes free on %s): %s", step, free, self.root, e)
+            self.events("checkpoint_failed", {"step": step, "error": describe_error(e), "free_bytes": free})
             if agreed and self.rank == 0:  # every rank is done with it: free the space now
                 shutil.rmtree(tmp, ignore_errors=True)
 

@@ -171,13 +171,19 @@ def test_a_full_disk_during_a_checkpoint_fails_atomically_and_training_continues
         r = run_trainer(trainer_cmd(data, run, nproc=2, steps=STEPS, extra=["--checkpoint-every", "10"]))
         assert r.returncode == 0, r.stderr[-3000:]
         events = read_jsonl(run / "ranks/rank-00000/events.jsonl")
-        failed = [e for e in events if e["event"] == "checkpoint_failed"]
+        # Whichever rank's write hit the full disk reports why; the others name that rank.
+        failed = [
+            e
+            for rank in ("rank-00000", "rank-00001")
+            for e in read_jsonl(run / "ranks" / rank / "events.jsonl")
+            if e["event"] == "checkpoint_failed"
+        ]
         committed = [e for e in events if e["event"] == "checkpoint_committed"]
         assert failed, "the disk never filled up"
-        assert any(
-            "No space left" in e["error"] or "ENOSPC" in e["error"] or "space" in e["error"].lower()
-            for e in failed
-        )
+        # The short write surfaces as ENOSPC or as torch's serializer error, depending on where it
+        # fell; the free space reported with each failure shows the cause either way.
+        assert committed and all(e["free_bytes"] < committed[0]["bytes"] for e in failed), failed
+        assert all(e["error"].startswith("rank ") for e in failed), failed
         assert committed and committed[0]["step"] == 10
         done = [e for e in events if e["event"] == "finished"][-1]
         assert done["fingerprint"] == golden2["fingerprint"]  # training was never disturbed

@@ -593,7 +593,7 @@ def test_a_job_spec_with_unknown_keys_is_refused_naming_the_key(tmp_path: Path) 
         (spec_toml(data="shuffle = true"), "unknown key 'trainer.data.shuffle'"),
         (
             spec_toml(top='faults = [{kind = "crash", step = 3, when = "now"}]'),
-            "faults[0]: unknown field 'when'",
+            "unknown key 'faults[0].when'",
         ),
     ]
 

@@ -1027,7 +1027,7 @@ def test_job_specs_that_traverse_paths_or_inject_arguments_are_refused(
         (
             "a fault with a command",
             spec_toml("evil", top='faults = [{ kind = "crash", step = 1, command = "sh" }]'),
-            "faults[0]: unknown field 'command'",
+            "unknown key 'faults[0].command'",
         ),
     ]
 
