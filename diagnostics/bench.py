@@ -225,21 +225,28 @@ def envelope(
     goals: Sequence[Mapping[str, Any]] = (),
     notes: Sequence[str] = (),
     load_at_start: Sequence[float] | None = None,
+    headline: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The JSON shape shared by every benchmark. The load averages (1, 5, 15 min) say how busy the
-    shared machine was: at the start, before any of the benchmark's own work, and at the end."""
+    shared machine was: at the start, before any of the benchmark's own work, and at the end.
+    ``headline`` names the results a script reads first; they are also copied to the top level."""
+    results = sig(dict(results))
+    missing = [k for k in headline if k not in results]
+    if missing:
+        raise KeyError(f"headline keys missing from the {benchmark} results: {', '.join(missing)}")
     load = {
         "at_start": None if load_at_start is None else [round(x, 2) for x in load_at_start],
         "at_end": [round(x, 2) for x in os.getloadavg()],
     }
     return {
+        **{k: results[k] for k in headline},
         "benchmark": benchmark,
         "command": command,
         "machine": {**machine(), "load_average_1_5_15": load},
         "source": source_state(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": dict(settings),
-        "results": sig(dict(results)),
+        "results": results,
         "goals": [sig(dict(g)) for g in goals],
         "notes": list(notes),
     }

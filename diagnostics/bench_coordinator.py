@@ -983,7 +983,11 @@ def point_summary(point: Mapping[str, Any], interval_s: float) -> dict[str, Any]
         "other_cores": cc["other_cores"],
         "client_lateness_p99_ms": point["client_send_lateness_ms"]["p99"],
         "load_average_1_5_15": point["load_average_1_5_15"],
+        "failure_details": hb["failure_details"],
+        "failed_call_ms_p50": hb["failed_call_ms"]["p50"],
+        "reregistered": hb["reregistered"],
         "job_state": point["job"]["state"] if point["job"] else None,
+        "job_restarts": point["job"]["restarts"] if point["job"] else None,
         "goals_met": {g["goal"]: g["met"] for g in goals},
     }
 
@@ -1100,7 +1104,14 @@ def bench_coordinator(
         "slices and client_send_lateness_ms).",
     ]
     return envelope(
-        "coordinator", command, settings, results, point_goals(head, interval_s), notes, load_at_start
+        "coordinator",
+        command,
+        settings,
+        results,
+        point_goals(head, interval_s),
+        notes,
+        load_at_start,
+        headline=("agents", "p50_ms", "p99_ms", "failures"),
     )
 
 

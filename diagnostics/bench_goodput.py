@@ -309,12 +309,25 @@ def internal_recoveries(
             row["detail"] = "did not fire (the run ended or was past this step when it would have)"
             out.append(row)
             continue
-        t0 = min(e["t"] for e in mine)
+        # The flip happens inside step S, after its optimizer step; the trainer records it at the
+        # end of that step, after the step's own fingerprint check (which may already have caught
+        # it). So detections count from the start of the step computation in which it fired.
+        step = int(f["step"])
+        fired_t = min(e["t"] for e in mine)
+        firing = [r for r in recs if int(r["step"]) == step and r["t"] >= fired_t]
+        step_start = min(r["t"] - float(r.get("step_time_s", 0.0)) for r in firing) if firing else fired_t
         row["tensor"] = mine[0].get("tensor")
         detect = sorted(
-            (e for e in evs if e["t"] >= t0 and e.get("event") in ("fingerprint_mismatch", "nonfinite")),
+            (
+                e
+                for e in evs
+                if e["t"] >= step_start
+                and int(e.get("step", -1)) >= step
+                and e.get("event") in ("fingerprint_mismatch", "nonfinite")
+            ),
             key=lambda e: e["t"],
         )
+        t0 = min(fired_t, detect[0]["t"]) if detect else fired_t
         rollback = sorted(
             (e for e in evs if e["t"] >= t0 and e.get("event") == "rollback"), key=lambda e: e["t"]
         )
@@ -697,7 +710,14 @@ def bench_goodput(
         "are real in a model this small and are not among the faults under test",
     ]
     return envelope(
-        "goodput", command, settings, results, goals=goals, notes=notes, load_at_start=load_at_start
+        "goodput",
+        command,
+        settings,
+        results,
+        goals=goals,
+        notes=notes,
+        load_at_start=load_at_start,
+        headline=("schedule", "steps", "ettr", "lost_steps", "recovery_s", "final_matches_golden"),
     )
 
 

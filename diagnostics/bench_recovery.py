@@ -746,7 +746,21 @@ def bench_recovery(
         "the Stanchion cluster idles (heartbeats, warm standbys) while the torchrun trials run",
     ]
     return envelope(
-        "recovery", command, settings, results, goals=goals, notes=notes, load_at_start=load_at_start
+        "recovery",
+        command,
+        settings,
+        results,
+        goals=goals,
+        notes=notes,
+        load_at_start=load_at_start,
+        headline=(
+            "stanchion_recovery_s",
+            "torchrun_recovery_s",
+            "ratio",
+            "stanchion_lost_steps",
+            "torchrun_lost_steps",
+            "trials",
+        ),
     )
 
 

@@ -50,10 +50,20 @@ def fmt(x: Any, spec: str = ".3g") -> str:
     if isinstance(x, (int, float)):
         if isinstance(x, float) and not math.isfinite(x):
             return str(x)
-        if spec.endswith("g") and spec[1:-1].isdigit() and isinstance(x, float):
+        if spec.endswith("g") and isinstance(x, int):
+            return str(x)
+        if spec.endswith("g") and spec[1:-1].isdigit():
             return sig_text(x, int(spec[1:-1]))
         return format(x, spec).replace("-", "−")
     return str(x)
+
+
+def natural(x: Any) -> str:
+    """A figure as Python writes it at 4 significant digits (no trailing zeros); None is a dash."""
+    if isinstance(x, float):
+        text = format(x, ".4g")
+        return text if any(c in text for c in ".en") else text + ".0"
+    return fmt(x)
 
 
 def pct(x: float | None, signed: bool = True, digits: int = 1) -> str:
@@ -785,8 +795,12 @@ def ettr_figure(rep: Report, runs: Sequence[Mapping[str, Any]], name: str) -> Pa
         ("ettr_local", "Stanchion ETTR, time-local", "s--"),
         ("ettr_fault_free", "fault-free ceiling (same formula, no faults)", "x:"),
         ("torchrun_ettr", "torchrun ETTR, crashes only", "^-"),
+        ("torchrun_ettr_local", "torchrun ETTR, time-local, crashes only", "v--"),
     ):
-        ys = [p[1].get(key) for p in pts]
+        ys = [
+            p[1].get(key) if key != "torchrun_ettr_local" else (p[1].get("torchrun") or {}).get("ettr_local")
+            for p in pts
+        ]
         if any(y is not None for y in ys):
             ax.plot(
                 [x for x, y in zip(xs, ys, strict=True) if y is not None],
@@ -976,7 +990,7 @@ def coordinator_section(rep: Report) -> list[str]:
     extra = [k for k in ("heartbeats_per_s", "rpc", "duration_s") if any(k in x for x in rows_src)]
     out += table(
         ["agents", "p50 ms", "p99 ms", "failures", *extra],
-        [[fmt(x.get(c), ".4g") for c in (*cols, *extra)] for x in rows_src],
+        [[natural(x.get(c)) for c in (*cols, *extra)] for x in rows_src],
     ) + [""]
     out += goals_lines(d)
     return out
@@ -1071,48 +1085,71 @@ def goodput_section(rep: Report) -> list[str]:
     rows = []
     for d in docs:
         r, s = d["results"], d["settings"]
-        tr = r.get("torchrun") or {}
-        trec = [x for x in (tr.get("recovery_s") or []) if x is not None]
-        rows.append(
-            [
-                f"{r['schedule']} (1 per {s['mean_interval_steps']:g})",
-                f"{r['steps']:,}",
-                f"{r['faults_scheduled']}: "
-                + ", ".join(f"{v} {k}" for k, v in r["faults_by_kind"].items() if v),
-                fmt(r["median_step_s_fault_free"] * 1000, ".3g"),
-                f"**{fmt(r['ettr'], '.3f')}**",
-                fmt(r["ettr_fault_free"], ".3f"),
-                fmt(r.get("ettr_normalized"), ".3f"),
-                fmt(r.get("ettr_local"), ".3f"),
-                r["lost_steps"],
-                fmt(r.get("crash_recovery_s_median"), ".3f"),
-                f"**{fmt(r['final_matches_golden'])}**",
-                fmt(r.get("torchrun_ettr"), ".3f"),
-                fmt(r.get("torchrun_lost_steps")),
-                fmt(sorted(trec)[len(trec) // 2] if trec else None, ".3g"),
-                fmt(tr.get("final_matches_golden")),
+        kinds = ", ".join(f"{v} {k}" for k, v in r["faults_by_kind"].items() if v)
+        label = f"{r['schedule']} (1 per {s['mean_interval_steps']:g}), {r['steps']:,} steps"
+        runs: list[tuple[str, Mapping[str, Any], str, str]] = [
+            ("fault-free (Stanchion)", r["fault_free"], "0", "golden"),
+            (
+                "faulted (Stanchion)",
+                r["faulted"],
+                f"{r['faults_scheduled']}: {kinds}",
+                fmt(r["final_matches_golden"]),
+            ),
+        ]
+        tr = r.get("torchrun")
+        if tr:
+            crashes = r["faults_by_kind"].get("crash", 0)
+            runs.append(
+                ("torchrun, crashes only", tr, f"{crashes} crash", fmt(tr.get("final_matches_golden")))
+            )
+        for i, (name, run, faults, final) in enumerate(runs):
+            rec = [
+                x["recovery_s"]
+                for x in run.get("faults", [])
+                if x.get("kind") == "crash" and x.get("recovery_s") is not None
             ]
-        )
+            rows.append(
+                [
+                    label if i == 0 else "",
+                    name,
+                    faults,
+                    fmt(run.get("median_step_s", 0) * 1000, ".3g"),
+                    fmt(run.get("wall_s"), ".3g"),
+                    (
+                        f"{fmt(run.get('ettr'), '.3f')} (ceiling)"
+                        if i == 0
+                        else f"**{fmt(run.get('ettr'), '.3f')}**"
+                    ),
+                    fmt(run.get("ettr_local"), ".3f")
+                    if i == 0
+                    else f"**{fmt(run.get('ettr_local'), '.3f')}**",
+                    fmt(run.get("lost_steps")),
+                    fmt(sorted(rec)[len(rec) // 2] if rec else None, ".3g"),
+                    final,
+                ]
+            )
     out += table(
         [
             "schedule",
-            "steps",
+            "run",
             "faults",
-            "fault-free median step ms",
-            "ETTR",
-            "ceiling",
-            "normalized",
-            "local",
+            "median step ms",
+            "wall s",
+            "ETTR (DESIGN)",
+            "ETTR (local)",
             "lost steps",
             "crash recovery s (median)",
             "final == golden",
-            "torchrun ETTR",
-            "torchrun lost steps",
-            "torchrun recovery s (median)",
-            "torchrun final == golden",
         ],
         rows,
     ) + [""]
+    norm = [
+        f"{d['results']['schedule']}: normalized ETTR (fault-free wall / faulted wall) "
+        f"{fmt(d['results'].get('ettr_normalized'), '.3f')}, faulted median step / fault-free median step "
+        f"{fmt(d['results'].get('median_step_drift'), '.3f')}"
+        for d in docs
+    ]
+    out += ["Load drift between the runs of one invocation: " + "; ".join(norm) + ".", ""]
     for d in docs:
         out += [f"- {d['results']['confidence']}; {finished_line(d)} `{d['_file']}`."]
     out += [""]

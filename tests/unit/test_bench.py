@@ -259,6 +259,16 @@ def test_envelope_shape() -> None:
     json.dumps(env)
 
 
+def test_envelope_copies_the_headline_results_to_the_top_level() -> None:
+    env = bench.envelope(
+        "x", "c", {}, {"ettr": 0.912345, "steps": 200, "other": 1}, headline=("ettr", "steps")
+    )
+    assert (env["ettr"], env["steps"]) == (0.9123, 200) == (env["results"]["ettr"], env["results"]["steps"])
+    assert "other" not in env
+    with pytest.raises(KeyError, match="headline keys missing from the x results: lost_steps"):
+        bench.envelope("x", "c", {}, {"ettr": 1.0}, headline=("ettr", "lost_steps"))
+
+
 def test_unknown_protection_is_a_usage_error(tmp_path: Path) -> None:
     (tmp_path / "meta.json").write_text("{}")  # checked for before anything runs
     result = runner.invoke(
