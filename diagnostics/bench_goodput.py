@@ -37,6 +37,8 @@ import typer
 
 from diagnostics.bench import BenchError, Progress, envelope, goal, median, ratio, shown, warmup_steps
 from diagnostics.bench_recovery import (
+    MODEL_HELP,
+    MODELS,
     NODES,
     Tail,
     TorchrunJob,
@@ -791,10 +793,7 @@ def register(app: typer.Typer) -> None:
                 "--mean-interval", min=1.0, help="Override the schedule's mean steps between faults."
             ),
         ] = None,
-        model: Annotated[
-            str,
-            typer.Option("--model", help="small (default: 2 layers, fast steps) or tiny (the tiny preset)."),
-        ] = "small",
+        model: Annotated[str, typer.Option("--model", help=MODEL_HELP)] = "small",
         checkpoint_every: Annotated[
             int, typer.Option("--checkpoint-every", min=1, help="Checkpoint cadence.")
         ] = 100,
@@ -823,8 +822,8 @@ def register(app: typer.Typer) -> None:
 
         if schedule not in SCHEDULES and mean_interval is None:
             raise UsageError(f"--schedule {schedule!r}: expected S1 or S2 (or pass --mean-interval)")
-        if model not in ("tiny", "small"):
-            raise UsageError(f"--model {model!r}: expected small or tiny")
+        if model not in MODELS:
+            raise UsageError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
         n_steps = steps or DEFAULT_STEPS.get(schedule, 2000)
         command = command_line(
             "bench goodput",

@@ -186,13 +186,26 @@ def summarize_trials(trials: Sequence[Mapping[str, Any]], system: str) -> dict[s
 # Model and trainer settings shared by both sides
 
 
+# Trainer ``--set`` keys of each benchmarked model on top of the ``tiny`` preset.
+MODELS: dict[str, tuple[str, ...]] = {
+    "tiny": (),  # the preset as defined
+    "small": (*QUICK_MODEL, *SMALL_QUIET),  # the integration tests' 2-layer model: ~15 ms steps here
+    # The tiny preset's shape at a quarter of its batch: steps long enough (~70 ms here) that
+    # scheduler noise on a shared 2-core machine does not dominate a step's time.
+    "medium": ("data.micro_batch_size=2", "data.global_batch_size=4", *SMALL_QUIET),
+}
+MODEL_HELP = (
+    "tiny: the tiny preset as defined; small: the integration tests' 2-layer model (fastest steps); "
+    "medium: the tiny preset's shape at batch 4 (steps a few times longer than small's). "
+    "small and medium turn the spike detector off."
+)
+
+
 def model_sets(model: str) -> dict[str, Any]:
     """Trainer ``--set`` keys of the benchmarked model on top of the ``tiny`` preset."""
-    if model == "tiny":
-        return {}
-    if model == "small":
-        return dict(s.split("=", 1) for s in (*QUICK_MODEL, *SMALL_QUIET))
-    raise ValueError(f"unknown model {model!r}: tiny or small")
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}: {', '.join(MODELS)}")
+    return dict(s.split("=", 1) for s in MODELS[model])
 
 
 def nested(sets: Mapping[str, Any]) -> dict[str, Any]:
@@ -810,14 +823,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def recovery(
         trials: Annotated[int, typer.Option("--trials", min=1, help="Kills per system (ABBA order).")] = 5,
-        model: Annotated[
-            str,
-            typer.Option(
-                "--model",
-                help="tiny: the tiny preset as defined; small: the integration tests' 2-layer model "
-                "(faster steps, spike detector off).",
-            ),
-        ] = "tiny",
+        model: Annotated[str, typer.Option("--model", help=MODEL_HELP)] = "tiny",
         steps: Annotated[int, typer.Option("--steps", min=3, help="Steps per job.")] = 60,
         checkpoint_every: Annotated[
             int, typer.Option("--checkpoint-every", min=1, help="Checkpoint cadence of both sides.")
@@ -840,8 +846,8 @@ def register(app: typer.Typer) -> None:
         from diagnostics.bench import work_directory
         from diagnostics.errors import UsageError
 
-        if model not in ("tiny", "small"):
-            raise UsageError(f"--model {model!r}: expected tiny or small")
+        if model not in MODELS:
+            raise UsageError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
         command = command_line(
             "bench recovery",
             [

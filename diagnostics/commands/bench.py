@@ -361,6 +361,6 @@ def integrity(
 
 
 # Benchmarks that live in their own modules register themselves: each module has `register(app)`.
-BENCH_MODULES: list[str] = ["bench_recovery", "bench_goodput", "bench_report"]
+BENCH_MODULES: list[str] = ["bench_recovery", "bench_coordinator", "bench_goodput", "bench_report"]
 for _module in BENCH_MODULES:
     importlib.import_module(f"diagnostics.{_module}").register(app)

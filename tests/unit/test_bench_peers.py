@@ -1,0 +1,515 @@
+"""`stanchion bench recovery|goodput|report`: the pure helpers (what a kill cost, ETTR, lost steps,
+schedules, the markdown and figures), and one end-to-end run of `bench report` on synthetic JSON.
+
+No assertion here depends on how fast anything ran.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from diagnostics import bench_goodput as gp
+from diagnostics import bench_recovery as rc
+from diagnostics import bench_report as rp
+from diagnostics.commands.bench import app
+
+runner = CliRunner()
+
+
+# ---- recovery: what a kill cost ---------------------------------------------------------------
+
+
+def rec(t: float, step: int, rank: int = 0, gen: int = 1, **kw: object) -> dict:
+    return {"t": t, "step": step, "rank": rank, "generation": gen, "step_time_s": 0.1, **kw}
+
+
+def ev(name: str, t: float, rank: int = 0, gen: int = 1, **kw: object) -> dict:
+    return {"event": name, "t": t, "rank": rank, "generation": gen, **kw}
+
+
+def test_newest_step_before_counts_any_rank_up_to_the_time() -> None:
+    records = [rec(1.0, 1), rec(1.1, 1, rank=1), rec(2.0, 2), rec(3.0, 3, rank=1)]
+    assert rc.newest_step_before(records, 2.5) == 2
+    assert rc.newest_step_before(records, 3.0) == 3
+    assert rc.newest_step_before(records, 0.5) == 0
+
+
+def test_stanchion_recovery_is_the_first_record_of_a_newer_generation() -> None:
+    progress = [rec(1.0, 24), rec(1.01, 24, rank=1), rec(2.0, 25), rec(2.01, 25, rank=1)]
+    # Kill at 2.5; rank 0 of the old generation never finishes step 26; generation 2 heals at 25.
+    progress += [rec(3.2, 26, gen=2), rec(3.21, 26, rank=1, gen=2), rec(3.5, 27, gen=2)]
+    events = [
+        ev("collective_failed", 2.9),
+        ev("healed", 3.0, gen=2, step=25),
+        ev("healed", 3.0, rank=1, gen=2, step=25),
+        ev("started", 3.05, gen=2, resumed_step=25),
+        ev("started", 3.06, rank=1, gen=2, resumed_step=25),
+    ]
+    r = rc.measure_recovery(progress, events, 2.5, old_generation=1)
+    assert r.recovery_s == pytest.approx(0.7)
+    assert r.lost_steps == 0 and r.steps_before == 25 and r.resume_step == 25
+    assert r.resume_source == "peer" and r.generation == 2
+    d = r.as_dict(system="stanchion")
+    assert d["restarted_s"] == pytest.approx(0.55) and d["first_step_s"] == pytest.approx(0.7)
+    assert d["system"] == "stanchion"
+
+
+def test_stanchion_recovery_follows_the_generation_that_trained_after_an_abandoned_one() -> None:
+    progress = [rec(1.0, 10), rec(5.0, 11, gen=3)]
+    events = [ev("started", 2.0, gen=2, resumed_step=10), ev("started", 4.0, gen=3, resumed_step=10)]
+    r = rc.measure_recovery(progress, events, 1.5, old_generation=1)
+    assert r.generation == 3 and r.restarted_t == 4.0 and r.first_step_t == 5.0
+
+
+def test_torchrun_recovery_skips_a_straggler_and_later_restarts() -> None:
+    # Kill at 10.0 after step 25; the survivor still logs step 26 at 10.05 before torchrun stops it.
+    progress = [rec(9.9, 25), rec(9.91, 25, rank=1), rec(10.05, 26)]
+    events = [
+        ev("restored", 13.9, gen=0, step=20),
+        ev("started", 14.0, gen=0, resumed_step=20),
+        ev("started", 14.01, rank=1, gen=0, resumed_step=20),
+        # a second kill's restart, later: not part of this recovery
+        ev("started", 30.0, gen=0, resumed_step=40),
+        ev("started", 30.0, rank=1, gen=0, resumed_step=40),
+    ]
+    progress += [rec(14.5, 21, gen=0), rec(14.51, 21, rank=1, gen=0)]
+    r = rc.measure_recovery(progress, events, 10.0)
+    assert r.first_step_t == 14.5 and r.restarted_t == 14.0
+    assert r.resume_step == 20 and r.resume_source == "checkpoint"
+    # Steps completed before the kill minus the checkpoint step: the straggler step 26 came after it.
+    assert r.steps_before == 25 and r.lost_steps == 5
+
+
+def test_no_recovery_seen_is_reported_as_none() -> None:
+    r = rc.measure_recovery([rec(1.0, 5)], [], 2.0, old_generation=1)
+    assert r.recovery_s is None and r.lost_steps is None and r.resume_source == "none"
+
+
+def test_summarize_trials_takes_medians_of_the_measured_trials() -> None:
+    trials = [
+        {"system": "a", "recovery_s": 1.0, "lost_steps": 0, "detected_s": 0.1, "restarted_s": 0.5},
+        {"system": "a", "recovery_s": 3.0, "lost_steps": 2, "detected_s": 0.3, "restarted_s": 0.7},
+        {"system": "a", "recovery_s": 2.0, "lost_steps": 0, "detected_s": None, "restarted_s": 0.6},
+        {"system": "a", "recovery_s": None, "lost_steps": None},
+        {"system": "b", "recovery_s": 9.0, "lost_steps": 5},
+    ]
+    s = rc.summarize_trials(trials, "a")
+    assert (s["trials"], s["measured"]) == (4, 3)
+    assert s["recovery_s"] == 2.0 and s["recovery_s_min"] == 1.0 and s["recovery_s_max"] == 3.0
+    assert s["lost_steps"] == 0 and s["lost_steps_max"] == 2
+    assert s["first_step_s_phases"] == {"detected_s": pytest.approx(0.2), "restarted_s": 0.6}
+    assert rc.summarize_trials(trials, "c")["recovery_s"] is None
+
+
+def test_first_decision_after_matches_words_after_the_time() -> None:
+    ds = [
+        SimpleNamespace(time=1.0, reason="rank 1 crashed: signal SIGKILL"),
+        SimpleNamespace(time=3.0, reason="checkpoint at step 20 is good"),
+        SimpleNamespace(time=4.0, reason="rank 0 on node-0 hung: killed by the agent"),
+        SimpleNamespace(time=2.5, reason="rank 1 crashed: exit 1"),
+    ]
+    assert rc.first_decision_after(ds, 2.0, ("crashed",)).time == 2.5
+    assert rc.first_decision_after(ds, 2.0, ("hung",)).time == 4.0
+    assert rc.first_decision_after(ds, 5.0, ("crashed",)) is None
+
+
+def test_torchrun_detection_is_read_from_its_log() -> None:
+    import datetime
+
+    kill = datetime.datetime(2026, 11, 27, 13, 24, 28).timestamp()
+    log = (
+        "I1127 13:20:00.000000 1 api.py:1] starting\n"
+        "W1127 13:24:28.243000 20394 api.py:1028] Sending process 20411 closing signal SIGTERM\n"
+        "E1127 13:24:28.277000 20394 api.py:1002] failed (exitcode: -9) local_rank: 1 (pid: 20412) of binary\n"
+    )
+    assert rc.torchrun_detected_t(log, kill) - kill == pytest.approx(0.277, abs=1e-3)
+    assert rc.torchrun_detected_t(log, kill + 60) is None
+    assert rc.torchrun_detected_t("nothing here", kill) is None
+
+
+def test_both_sides_train_the_same_configuration() -> None:
+    """The Stanchion job spec and the torchrun flags resolve to the same trainer config."""
+    from coordinator.jobspec import parse as load_spec
+    from diagnostics.bench import resolve_flags
+    from trainer.config import replace
+
+    for model in ("tiny", "small"):
+        sets = rc.model_sets(model)
+        flags = rc.trainer_args(Path("/data/x"), steps=60, checkpoint_every=20, sets=sets)
+        spec = load_spec(rc.job_spec("j", "x", steps=60, checkpoint_every=20, sets=sets))
+        from_spec = spec.train_config()
+        from_flags = resolve_flags(flags)
+        assert replace(from_spec, data=replace(from_spec.data, path="")) == replace(
+            from_flags, data=replace(from_flags.data, path="")
+        ), model
+    assert rc.model_sets("tiny") == {}
+    small = rc.nested(rc.model_sets("small"))
+    assert small["model"]["n_layer"] == 2 and small["integrity"]["spike_loss_z"] == 1e9
+    with pytest.raises(ValueError):
+        rc.model_sets("huge")
+
+
+def test_torchrun_command_sets_restarts_and_keeps_the_trainer_flags() -> None:
+    cmd = rc.torchrun_command(["--steps", "5"], Path("R"), max_restarts=7)
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    assert cmd[cmd.index("--max-restarts") + 1] == "7"
+    assert cmd[-4:] == ["--run-dir", "R", "--steps", "5"]
+    assert rc.TORCHRUN_ENV == {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def test_tail_reads_new_records_of_files_that_appear(tmp_path: Path) -> None:
+    a = tmp_path / "workers" / "n0" / "w0" / "progress.jsonl"
+    a.parent.mkdir(parents=True)
+    a.write_text(json.dumps({"t": 2.0, "step": 1}) + "\n")
+    tail = rc.Tail(tmp_path, "workers/*/w*/progress.jsonl")
+    assert [r["step"] for r in tail.poll()] == [1]
+    b = tmp_path / "workers" / "n1" / "w0" / "progress.jsonl"
+    b.parent.mkdir(parents=True)
+    b.write_text(json.dumps({"t": 1.5, "step": 1}) + "\n")
+    with a.open("a") as f:
+        f.write(json.dumps({"t": 3.0, "step": 2}) + "\n")
+    assert [r["t"] for r in tail.poll()] == [1.5, 3.0]
+    assert tail.poll() == [] and len(tail.records) == 3
+
+
+# ---- goodput ----------------------------------------------------------------------------------
+
+
+def test_schedules_are_seeded_poisson_with_the_benchmark_mix() -> None:
+    s2 = gp.goodput_schedule("S2", 1, 2000)
+    assert s2 == gp.goodput_schedule("S2", 1, 2000)
+    assert s2 != gp.goodput_schedule("S2", 2, 2000)
+    assert {f["kind"] for f in s2} <= set(gp.MIX)
+    assert all(0 < gp.fault_step(f) < 1999 for f in s2)
+    # Over many seeds the mean count is steps / mean interval and the mix is the one asked for.
+    many = [f for seed in range(200) for f in gp.goodput_schedule("S2", seed, 2000)]
+    assert len(many) / 200 == pytest.approx(2000 / 200, rel=0.1)
+    crash = sum(f["kind"] == "crash" for f in many) / len(many)
+    assert crash == pytest.approx(0.70, abs=0.05)
+    s1 = gp.goodput_schedule("S1", 1, 6000)
+    assert len(s1) < len(gp.goodput_schedule("S2", 1, 6000))
+    custom = gp.goodput_schedule("x", 1, 2000, mean_interval=50)
+    assert len(custom) > len(s2)
+
+
+def test_split_schedule_sends_signals_for_crashes_and_hangs_only() -> None:
+    faults = [
+        {"kind": "crash", "step": 50, "rank": 1},
+        {"kind": "slow", "rank": 0, "from_step": 10, "until_step": 30, "delay_s": 0.05},
+        {"kind": "hang", "step": 20, "rank": 0},
+        {"kind": "bitflip", "step": 40, "rank": 1, "target": "param", "bit": 24},
+    ]
+    ext, internal = gp.split_schedule(faults)
+    assert [(f["kind"], f["step"]) for f in ext] == [("hang", 20), ("crash", 50)]
+    assert [f["kind"] for f in internal] == ["slow", "bitflip"]
+    from trainer.faults import parse
+
+    parse(internal)  # the trainer accepts them as a schedule
+
+
+def faulted_run() -> list[dict]:
+    """Rank 0 computes steps 1-5, is rolled back to 3 and redoes 4-5 (2 lost); rank 1 likewise."""
+    out = []
+    t = 10.0
+    for step in (1, 2, 3, 4, 5, 4, 5, 6):
+        t += 1.0
+        for rank in (0, 1):
+            out.append(
+                {"t": t + rank * 0.01, "step": step, "rank": rank, "step_time_s": 0.5, "loss": float(step)}
+            )
+    out[-2]["step_time_s"] = 2.0  # a slow last step of rank 0
+    return out
+
+
+def test_final_trajectory_window_lost_steps_and_ettr() -> None:
+    recs = faulted_run()
+    traj = gp.final_trajectory(recs)
+    assert sorted(traj) == [1, 2, 3, 4, 5, 6] and traj[4]["t"] == 16.0
+    start, end = gp.training_window(recs, 6)
+    assert (start, end) == (10.5, 18.0)
+    assert gp.lost_steps(recs, 6) == 2
+    assert gp.ettr(6, 0.5, 7.5) == pytest.approx(0.4)
+    assert gp.ettr(6, 0.5, 0.0) is None
+    assert gp.step_median(recs, 6) == 0.5
+    with pytest.raises(ValueError):
+        gp.training_window(recs, 7)
+
+
+def test_effective_time_charges_slow_windows_at_the_median() -> None:
+    recs = faulted_run()
+    assert gp.effective_time(recs) == pytest.approx(5 * 0.5 + 2.0)
+    slow = [{"kind": "slow", "from_step": 5, "until_step": 6, "rank": 0, "delay_s": 1.5}]
+    assert gp.effective_time(recs, slow) == pytest.approx(6 * 0.5)
+    cost = gp.slow_cost(recs, slow[0], 0.5)
+    assert cost["steps"] == 1 and cost["extra_s"] == pytest.approx(1.5)
+
+
+def test_series_keep_the_final_losses_and_the_shape_of_progress() -> None:
+    recs = faulted_run()
+    s = gp.loss_series(recs, 10.0)
+    assert s["first_step"] == 1 and s["loss"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert s["t_s"][3] == 6.0
+    p = gp.progress_series(recs, 10.0, every=100)
+    # first, the records around the rollback (5 -> 4), and the last
+    assert p["step"] == [1, 5, 4, 6]
+    assert p["t_s"][0] == 1.0
+
+
+def test_a_bit_flip_caught_in_its_own_step_counts_from_that_step() -> None:
+    """The trainer records the flip at the end of step S, after S's fingerprint check caught it."""
+    recs = [{"t": 10.0 + s, "step": s, "rank": 0, "step_time_s": 0.5} for s in range(18, 21)]
+    recs += [{"t": 13.0 + s, "step": s, "rank": 0, "step_time_s": 0.5} for s in range(19, 22)]  # redone
+    evs = [
+        {"event": "fingerprint_mismatch", "t": 29.9, "step": 20, "rank": 0},
+        {"event": "fault_injected", "fault": "bitflip", "t": 29.95, "step": 20, "rank": 1, "tensor": "w"},
+        {"event": "rollback", "t": 30.5, "step": 18, "from_step": 20, "rank": 0},
+    ]
+    fault = {"kind": "bitflip", "step": 20, "rank": 1, "target": "param", "bit": 24}
+    (row,) = gp.internal_recoveries([fault], recs, evs, [], 0.5)
+    assert row["detected_by"] == "fingerprint_mismatch" and row["detected_step"] == 20
+    assert row["detected_s"] == 0.0 and row["injected_t"] == 29.9
+    assert row["restarted_s"] == pytest.approx(0.6) and row["recovery_s"] == pytest.approx(2.1)
+    assert row["lost_steps"] == 2 and row["resume_step"] == 18
+    unfired = dict(fault, step=99)
+    (row,) = gp.internal_recoveries([unfired], recs, evs, [], 0.5)
+    assert "did not fire" in row["detail"]
+
+
+def test_confidence_note_scales_with_the_count() -> None:
+    assert "low" in gp.confidence_note("S1", 3, 3.0)
+    assert "58%" in gp.confidence_note("S1", 3, 3.0)
+    assert "none occurred" in gp.confidence_note("S1", 0, 1.5)
+    assert "moderate" in gp.confidence_note("S2", 16, 10.0)
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+
+def test_figures_are_rounded_half_up_with_trailing_zeros() -> None:
+    assert rp.sig_text(0.19, 3) == "0.190"
+    assert rp.sig_text(7.085, 3) == "7.09"
+    assert rp.sig_text(9.996, 3) == "10.0"
+    assert rp.sig_text(123.7, 3) == "124"
+    assert rp.fmt(None) == "–" and rp.fmt(True) == "yes"
+    assert rp.fmt(-0.5, ".2f") == "−0.50"
+    assert rp.pct(0.0494, digits=1) == "+4.9%" and rp.pct(-0.42, digits=0) == "−42%"
+    assert rp.params_text(1049728) == "1.05M" and rp.params_text(123689472) == "123.7M"
+    assert rp.table(["a", "b"], [[1, 2]]) == ["| a | b |", "|---|---|", "| 1 | 2 |"]
+
+
+def test_commentary_says_when_it_was_written_for_another_run() -> None:
+    c = rp.Commentary("2026-01-01T00:00:00+0000", "Text.")
+    assert c.render({"finished_at": "2026-01-01T00:00:00+0000"}) == ["Text.", ""]
+    stale = c.render({"finished_at": "2026-02-02T00:00:00+0000"})
+    assert "written for the run" in stale[0] and stale[-2] == "Text."
+
+
+def envelope(benchmark: str, results: dict, settings: dict | None = None, **kw: object) -> dict:
+    return {
+        "benchmark": benchmark,
+        "command": f"stanchion bench {benchmark} --json",
+        "finished_at": "2026-11-27T13:00:00+0000",
+        "machine": {
+            "cpu_model": "X",
+            "logical_cores": 2,
+            "usable_cores": 2,
+            "torch": "t",
+            "python": "p",
+            "platform": "L",
+            "load_average_1_5_15": {"at_start": [1.0, 1, 1], "at_end": [2.0, 2, 2]},
+        },
+        "source": {"commit": "abcdef1234", "modified_files": 0},
+        "settings": settings or {},
+        "results": results,
+        "goals": kw.get("goals", []),
+        "notes": [],
+    }
+
+
+def synthetic_goodput(schedule: str, interval: float) -> dict:
+    run = {
+        "wall_s": 10.0,
+        "ettr": 0.9,
+        "ettr_local": 0.92,
+        "median_step_s": 0.03,
+        "lost_steps": 3,
+        "series": {"first_step": 1, "loss": [3.0, 2.0, 1.5], "t_s": [0.1, 0.2, 0.4]},
+        "progress": {"t_s": [0.1, 0.2, 0.4], "step": [1, 2, 3]},
+    }
+    fault = {
+        "kind": "crash",
+        "rank": 1,
+        "scheduled_step": 2,
+        "injected_step": 2,
+        "at_s": 0.2,
+        "detected_s": 0.05,
+        "restarted_s": 0.1,
+        "first_step_s": 0.2,
+        "recovery_s": 0.2,
+        "lost_steps": 0,
+        "resume_source": "peer",
+    }
+    results = {
+        "schedule": schedule,
+        "steps": 3,
+        "ettr": 0.9,
+        "ettr_fault_free": 0.95,
+        "ettr_normalized": 0.95,
+        "ettr_local": 0.92,
+        "lost_steps": 0,
+        "recovery_s": [0.2],
+        "crash_recovery_s_median": 0.2,
+        "final_matches_golden": True,
+        "median_step_s_fault_free": 0.03,
+        "faults_scheduled": 1,
+        "faults_by_kind": {"crash": 1, "hang": 0},
+        "confidence": f"{schedule}: 1 fault",
+        "fault_free": dict(run),
+        "faulted": {**run, "faults": [fault]},
+        "torchrun": {
+            **run,
+            "faults": [dict(fault, resume_step=0, resume_source="fresh")],
+            "recovery_s": [5.0],
+            "final_matches_golden": True,
+            "command": "torchrun ...",
+        },
+        "torchrun_ettr": 0.5,
+        "torchrun_lost_steps": 2,
+    }
+    return envelope(
+        "goodput",
+        results,
+        {"mean_interval_steps": interval},
+        goals=[{"goal": "g", "value": 0.9, "target": ">= 0.8", "met": True, "how": ""}],
+    )
+
+
+def test_report_end_to_end_on_synthetic_json(tmp_path: Path) -> None:
+    """`stanchion bench report`: every section, commands above tables, figures written."""
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "goodput-S2.json").write_text(json.dumps(synthetic_goodput("S2", 200.0)))
+    (bench / "goodput-S1.json").write_text(json.dumps(synthetic_goodput("S1", 2000.0)))
+    trial = {
+        "round": 0,
+        "steps_before": 25,
+        "resume_step": 25,
+        "resume_source": "peer",
+        "lost_steps": 0,
+        "detected_s": 0.1,
+        "restarted_s": 0.2,
+        "first_step_s": 0.3,
+        "recovery_s": 0.3,
+        "standby_wait_s": 0.0,
+        "load_1min": 3.0,
+    }
+    side = {
+        "recovery_s": 0.3,
+        "recovery_s_min": 0.3,
+        "recovery_s_max": 0.3,
+        "lost_steps": 0,
+        "lost_steps_max": 0,
+        "measured": 1,
+        "trials": 1,
+        "first_step_s_phases": {"restarted_s": 0.2},
+    }
+    (bench / "recovery.json").write_text(
+        json.dumps(
+            envelope(
+                "recovery",
+                {
+                    "stanchion": side,
+                    "torchrun": {**side, "recovery_s": 4.0},
+                    "ratio": 0.075,
+                    "ratio_per_round": [0.075],
+                    "final_fingerprints_equal": True,
+                    "final_fingerprints": ["f"],
+                    "trials": [
+                        dict(trial, system="stanchion"),
+                        dict(trial, system="torchrun", recovery_s=4.0, first_step_s=4.0),
+                    ],
+                },
+                {
+                    "model": "tiny",
+                    "data": "/d",
+                    "steps": 60,
+                    "checkpoint_every": 20,
+                    "kill_step": 25,
+                    "trials": 1,
+                    "torchrun": {"command": "torchrun ..."},
+                },
+            )
+        )
+    )
+    (bench / "bisect.json").write_text(
+        json.dumps(
+            {
+                "state": "done",
+                "suspects": [f"node-{i}" for i in range(8)],
+                "faulty": ["node-5"],
+                "defective": ["node-5"],
+                "cordoned": ["node-5"],
+                "rounds": 1,
+                "reference": "majority",
+                "confidence": 1.0,
+                "wall_s": 30.0,
+                "reason": "Named node-5.",
+                "history": [{"round": 1, "groups": [["node-0"], ["node-5"]], "summary": "s"}],
+            }
+        )
+    )
+    (bench / "coordinator.json").write_text(
+        json.dumps(
+            envelope("coordinator", {"rows": [{"agents": 1000, "p50_ms": 1.5, "p99_ms": 9.0, "failures": 0}]})
+        )
+    )
+    out = tmp_path / "docs" / "benchmarks.md"
+    result = runner.invoke(app, ["report", "--bench-dir", str(bench), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    for heading in ("## Recovery", "## Goodput", "## Coordinator", "## Bisection", "## Trainer", "## GPU"):
+        assert heading in text
+    assert text.index("stanchion bench recovery --json") < text.index("| system | recovery s (median)")
+    assert "Not measured yet." in text  # trainer, integrity and GPU have no JSON here
+    assert "| 1000 | 1.5 | 9.0 | 0 |" in text
+    assert "recovery time = 0.075**" in text and "node-5" in text and "⌈log₂ N⌉" in text
+    assert text.index("S1 (1 per 2000)") < text.index("S2 (1 per 200)")
+    for png in (
+        "recovery-timeline.png",
+        "goodput-ettr.png",
+        "goodput-loss-S1.png",
+        "goodput-timeline-S2.png",
+    ):
+        assert (bench / png).stat().st_size > 1000, png
+        assert f"](../bench/{png})" in text
+    assert "\n\n\n" not in text
+
+
+def test_report_renders_the_recorded_trainer_and_integrity_json(tmp_path: Path) -> None:
+    repo_bench = Path(__file__).resolve().parents[2] / "docs" / "bench"
+    if not (repo_bench / "trainer.json").exists():
+        pytest.skip("no recorded trainer.json")
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    for name in ("trainer.json", "integrity.json"):
+        (bench / name).write_text((repo_bench / name).read_text())
+    text, figures = rp.render(bench, tmp_path / "benchmarks.md")
+    d = json.loads((bench / "trainer.json").read_text())
+    assert f"```\n{d['command']}\n```" in text
+    assert "Stanchion ÷ DDP step time" in text and "Checksum throughput" in text
+    assert "## Coordinator\n\nNot measured yet." in text
+    assert figures == []
+
+
+def test_bench_group_lists_the_new_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("recovery", "goodput", "report"):
+        assert name in result.output
+    bad = runner.invoke(app, ["goodput", "--schedule", "S9"])
+    assert bad.exit_code == 2 and "S1 or S2" in bad.output
