@@ -478,7 +478,7 @@ def bench_goodput(
     data: Path,
     work_dir: Path,
     command: str,
-    model: str = "small",
+    model: str = "medium",
     checkpoint_every: int = 100,
     hang_floor_s: float = 2.0,
     spares: int = 1,
@@ -793,7 +793,7 @@ def register(app: typer.Typer) -> None:
                 "--mean-interval", min=1.0, help="Override the schedule's mean steps between faults."
             ),
         ] = None,
-        model: Annotated[str, typer.Option("--model", help=MODEL_HELP)] = "small",
+        model: Annotated[str, typer.Option("--model", help=MODEL_HELP)] = "medium",
         checkpoint_every: Annotated[
             int, typer.Option("--checkpoint-every", min=1, help="Checkpoint cadence.")
         ] = 100,
@@ -832,7 +832,7 @@ def register(app: typer.Typer) -> None:
                 ("--steps", n_steps),
                 ("--seed", seed),
                 ("--mean-interval", mean_interval),
-                ("--model", None if model == "small" else model),
+                ("--model", None if model == "medium" else model),
                 ("--checkpoint-every", None if checkpoint_every == 100 else checkpoint_every),
                 ("--hang-floor-s", hang_floor_s),
                 ("--spares", None if spares == 1 else spares),

@@ -159,8 +159,9 @@ INTRO = """\
 Stanchion's speed goals are checked by benchmarks, not by timed tests. `stanchion bench <name>`
 runs one benchmark, prints a table (or JSON with `--json`) and writes the JSON with `--out FILE`;
 the JSON of the runs recorded here is in [`docs/bench/`](bench/). The code is
-`diagnostics/bench.py` (one function per benchmark, shared helpers), `diagnostics/bench_recovery.py`,
-`diagnostics/bench_goodput.py` and `diagnostics/commands/bench.py` (the commands). This page is
+`diagnostics/bench.py` (the trainer and integrity benchmarks, shared helpers),
+`diagnostics/bench_recovery.py`, `diagnostics/bench_goodput.py`, `diagnostics/bench_coordinator.py`
+and `diagnostics/commands/bench.py` (the commands). This page is
 generated from the JSON by `stanchion bench report` (`diagnostics/bench_report.py`): edit the
 generator, not this file.
 """
@@ -168,8 +169,9 @@ generator, not this file.
 HOW_TO_READ = """\
 ## How to read these figures
 
-The machines these figures come from are shared: other jobs run on the same two cores, and the load
-average during the runs below was between 3 and 10. Every benchmark is therefore built to be
+The machines these figures come from are shared: other jobs may run on the same two cores (each
+JSON records the load average at the start and end of its run under
+`machine.load_average_1_5_15`). Every benchmark is therefore built to be
 compared *within one invocation*, never against a figure from another day:
 
 - **Side by side.** Peers (Stanchion and plain DDP; a protection on and off; Stanchion and
@@ -376,10 +378,9 @@ GOODPUT_WHAT_RUNS = """\
 What runs, in one invocation per schedule, on one local cluster (a coordinator, 2 nodes × 1 worker,
 1 spare node; plaintext gRPC; agents started with `--hang-floor-s 2`):
 
-1. **the fault-free job** of the configuration (the `tiny` preset shrunk to the integration tests'
-   small model: 2 layers, d_model 64, 4 heads, seq_len 32, global batch 4; spike detector off, as
-   in those tests: spikes are real in a model this small and are not among the faults under test;
-   checkpoints every 100 steps): its median step time is ETTR's yardstick and its final fingerprint
+1. **the fault-free job** of the configuration (the model named below, with its spike detector
+   off: spikes are real in a model this small and are not among the faults under test; checkpoints
+   every 100 steps): its median step time is ETTR's yardstick and its final fingerprint
    (parameters and AdamW state) the golden one;
 2. **the faulted job**, same spec plus the schedule. Crashes (SIGKILL of the rank's process) and
    hangs (SIGSTOP) are injected from outside when the job reaches their step, one at a time: a
@@ -827,12 +828,31 @@ def ettr_figure(rep: Report, runs: Sequence[Mapping[str, Any]], name: str) -> Pa
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
-    ax.set_title("ETTR against fault rate (small model, ~30–40 ms steps)", fontsize=10)
+    models = sorted({d["settings"].get("model", "tiny") for d in runs})
+    steps_ms = [1000 * d["results"]["median_step_s_fault_free"] for d in runs]
+    ax.set_title(
+        f"ETTR against fault rate ({', '.join(models)} model, "
+        f"{min(steps_ms):.0f}–{max(steps_ms):.0f} ms median steps)",
+        fontsize=10,
+    )
     return save(rep, fig, name)
 
 
 # ---------------------------------------------------------------------------------------------
 # Recovery, coordinator, bisection, goodput
+
+
+# What each benchmark model (diagnostics/bench_recovery.py MODELS) is, in words.
+MODEL_TEXT = {
+    "tiny": "the `tiny` preset as defined (4 layers, d_model 128, seq_len 128, global batch 16)",
+    "small": "the integration tests' small model (2 layers, d_model 64, seq_len 32, global batch 4)",
+    "medium": "the `tiny` preset's shape (4 layers, d_model 128, seq_len 128) at global batch 4",
+}
+
+
+def model_text(settings: Mapping[str, Any]) -> str:
+    name = settings.get("model", "tiny")
+    return f"`{name}`: {MODEL_TEXT.get(name, 'see the JSON settings')}"
 
 
 RECOVERY_MEANING: Commentary | None = None  # set below once a recorded run exists to write about
@@ -846,11 +866,8 @@ def recovery_section(rep: Report) -> list[str]:
         return out + [NOT_MEASURED, ""]
     r, s = d["results"], d["settings"]
     out += command_block(d["command"]) + [RECOVERY_WHAT_RUNS]
-    model = (
-        "the `tiny` preset as defined" if s.get("model") == "tiny" else "the integration tests' small model"
-    )
     out += [
-        f"Model: {model} on `{s['data']}`; {s['steps']} steps per job, checkpoint every {s['checkpoint_every']} "
+        f"Model: {model_text(s)} on `{s['data']}`; {s['steps']} steps per job, checkpoint every {s['checkpoint_every']} "
         f"steps on both sides, kill after step {s['kill_step']}, {s['trials']} trials per system. torchrun: "
         f"`{s['torchrun']['command']}`.",
         "",
@@ -1082,6 +1099,7 @@ def goodput_section(rep: Report) -> list[str]:
     out += [GOODPUT_WHAT_RUNS]
     for d in docs:
         out += command_block(d["command"])
+    out += [f"Model: {'; '.join(sorted({model_text(d['settings']) for d in docs}))}.", ""]
     rows = []
     for d in docs:
         r, s = d["results"], d["settings"]

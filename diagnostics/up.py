@@ -318,7 +318,8 @@ class Up:
         signs = {
             "crash": ("crashed",),
             "hang": ("hung",),
-            "agent": ("lost", "went silent"),
+            # a killed agent's node is either declared lost, or its restarted agent reports its ranks gone
+            "agent": ("lost", "went silent", "its agent restarted"),
             "coordinator": ("coordinator restarted",),
             "nan": ("nonfinite",),
             "bitflip": ("replica fingerprints",),
@@ -327,7 +328,8 @@ class Up:
         for f in self.faults:
             if f.kind in EXTERNAL and f.injected_at is None:
                 continue  # the job finished before its turn came
-            hits = [d for d in decisions if any(s in d.reason for s in signs[f.kind])]
+            since = f.injected_at if f.injected_at is not None else 0.0  # the trainer's own faults: any time
+            hits = [d for d in decisions if d.time >= since and any(s in d.reason for s in signs[f.kind])]
             out.append(
                 {"kind": f.kind, "detected": bool(hits), "decision": hits[0].reason[:200] if hits else ""}
             )

@@ -138,7 +138,7 @@ def test_both_sides_train_the_same_configuration() -> None:
     from diagnostics.bench import resolve_flags
     from trainer.config import replace
 
-    for model in ("tiny", "small"):
+    for model in rc.MODELS:
         sets = rc.model_sets(model)
         flags = rc.trainer_args(Path("/data/x"), steps=60, checkpoint_every=20, sets=sets)
         spec = load_spec(rc.job_spec("j", "x", steps=60, checkpoint_every=20, sets=sets))
@@ -150,6 +150,8 @@ def test_both_sides_train_the_same_configuration() -> None:
     assert rc.model_sets("tiny") == {}
     small = rc.nested(rc.model_sets("small"))
     assert small["model"]["n_layer"] == 2 and small["integrity"]["spike_loss_z"] == 1e9
+    medium = rc.nested(rc.model_sets("medium"))
+    assert medium["data"] == {"micro_batch_size": 2, "global_batch_size": 4} and "model" not in medium
     with pytest.raises(ValueError):
         rc.model_sets("huge")
 

@@ -1,0 +1,118 @@
+"""`stanchion bench recovery` and `stanchion bench goodput` end to end, in a bounded form: real local
+clusters, real torchrun, real faults, a few dozen steps of the small model. They check that each
+command works and that its JSON carries what the issues name, with the claims that do not depend on
+the machine's speed: 0 steps lost by Stanchion to a single-rank crash, and a faulted run that ends
+bit-identical to the fault-free one. Speed figures are the benchmarks' business (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from diagnostics.commands.bench import app
+
+runner = CliRunner()
+
+
+def run_bench(args: list[str], out: Path) -> dict:
+    result = runner.invoke(app, [*args, "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert json.loads(out.read_text()) == data
+    return data
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_bench_recovery_measures_both_sides_of_one_kill(small_data: Path, tmp_path: Path) -> None:
+    data = run_bench(
+        [
+            "recovery",
+            "--trials",
+            "1",
+            "--model",
+            "tiny",  # steps slow enough that node-1 has a warm standby again before the kill
+            "--steps",
+            "60",
+            "--checkpoint-every",
+            "20",
+            "--kill-step",
+            "25",
+            "--data",
+            str(small_data),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        tmp_path / "recovery.json",
+    )
+    assert data["benchmark"] == "recovery"
+    for key in (
+        "stanchion_recovery_s",
+        "torchrun_recovery_s",
+        "ratio",
+        "stanchion_lost_steps",
+        "torchrun_lost_steps",
+        "trials",
+    ):
+        assert data[key] == data["results"][key], key
+    assert sorted(t["system"] for t in data["trials"]) == ["stanchion", "torchrun"]
+    assert all(t["final_fingerprint"] == data["trials"][0]["final_fingerprint"] for t in data["trials"])
+    assert data["stanchion_lost_steps"] == 0  # healed from the live peer
+    # torchrun restarts every rank from the checkpoint at step 20: the steps after it are redone
+    assert data["torchrun_lost_steps"] >= 25 - 20
+    assert data["stanchion_recovery_s"] > 0 and data["torchrun_recovery_s"] > 0
+    assert data["ratio"] == pytest.approx(
+        data["stanchion_recovery_s"] / data["torchrun_recovery_s"], rel=0.01
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_goodput_runs_a_fault_schedule_and_ends_on_the_golden_state(
+    small_data: Path, tmp_path: Path
+) -> None:
+    # seed 24 at one fault per 20 steps over 80 steps: hang@29, crash@34, bitflip@57, hang@68, crash@69
+    data = run_bench(
+        [
+            "goodput",
+            "--schedule",
+            "S2",
+            "--steps",
+            "80",
+            "--mean-interval",
+            "20",
+            "--seed",
+            "24",
+            "--model",
+            "small",
+            "--checkpoint-every",
+            "20",
+            "--hang-floor-s",
+            "1",
+            "--data",
+            str(small_data),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        tmp_path / "goodput.json",
+    )
+    r = data["results"]
+    for key in ("schedule", "steps", "ettr", "lost_steps", "recovery_s", "final_matches_golden"):
+        assert data[key] == r[key], key
+    assert data["steps"] == 80
+    assert r["faults_by_kind"] == {"crash": 2, "hang": 2, "slow": 0, "bitflip": 1}
+    fired = [f for f in r["faulted"]["faults"] if f.get("recovery_s") is not None]
+    assert sorted(f["kind"] for f in fired) == ["bitflip", "crash", "crash", "hang", "hang"]
+    assert sorted(data["recovery_s"]) == sorted(f["recovery_s"] for f in fired)
+    assert all(f["lost_steps"] == 0 for f in fired if f["kind"] in ("crash", "hang"))  # peer healing
+    assert data["lost_steps"] == sum(f["lost_steps"] for f in fired)
+    assert data["final_matches_golden"] is True
+    assert r["faulted"]["final_fingerprint"] == r["golden_fingerprint"]
+    assert data["ettr"] > 0 and 0 < r["ettr_local"] <= 1
+    # torchrun ran the same schedule's crashes, and ended on the same state too
+    assert [f["kind"] for f in r["torchrun"]["faults"]] == ["crash", "crash"]
+    assert r["torchrun"]["final_matches_golden"] is True
