@@ -161,6 +161,10 @@ def _install(tmp: Path, hostname: str) -> dict[str, Path]:
     (units / "multi-user.target.wants").mkdir()
     shutil.copyfile(SYSTEMD / UNIT, units / UNIT)  # the real unit, unchanged
     shutil.copyfile(NSPAWN / "stanchion-agent-e2e.conf", units / f"{UNIT}.d" / "e2e.conf")
+    if any(dst.is_relative_to("/tmp") for _, dst in _python_binds()):
+        # A checkout under /tmp is bound at the same path (the venv's paths are absolute), and the
+        # unit's PrivateTmp= would hide it from the agent: only then is that one setting relaxed.
+        (units / f"{UNIT}.d" / "checkout-in-tmp.conf").write_text("[Service]\nPrivateTmp=no\n")
     shutil.copyfile(NSPAWN / PROBE_UNIT, units / PROBE_UNIT)
     for name in (UNIT, PROBE_UNIT):  # `systemctl enable`
         (units / "multi-user.target.wants" / name).symlink_to(f"../{name}")

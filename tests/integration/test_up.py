@@ -62,3 +62,17 @@ def test_up_survives_its_chaos_schedule_and_reports_every_fault(tmp_path: Path) 
     assert s["final_val_loss"] < s["unigram_entropy_nats"]  # it learned more than word frequencies
     assert len(s["samples"]) == 1 and s["samples"][0].strip()
     assert s["final_fingerprint"]
+    # No orphans: nothing `up` started outlives it. The daemons name the run dir on their command
+    # line; standbys and ranks (`python -m trainer`) carry their worker dir under it in the environment.
+    run_dir = (tmp_path / "up").as_posix().encode()
+    left = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            seen = (proc / "cmdline").read_bytes() + b"\0" + (proc / "environ").read_bytes()
+        except OSError:
+            continue  # exited meanwhile
+        if run_dir in seen:
+            left.append((proc.name, seen.split(b"\0")[:4]))
+    assert not left, left
