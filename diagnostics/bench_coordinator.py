@@ -461,7 +461,7 @@ async def run_client(spec: Mapping[str, Any]) -> dict[str, Any]:
             return channel_credentials(tls_dir, "agent", node_id)
 
     agents = [SimAgent(i, workers, float(spec["event_rate"]), random.Random(rng.random())) for i in indexes]
-    channels, stubs = [], []
+    channels, services = [], []
     for a in agents:
         ch = (
             grpc.aio.insecure_channel(target, options=options)
@@ -469,20 +469,20 @@ async def run_client(spec: Mapping[str, Any]) -> dict[str, Any]:
             else grpc.aio.secure_channel(target, creds_for(a.node_id), options=options)
         )
         channels.append(ch)
-        stubs.append(agent_pb2_grpc.AgentServiceStub(ch))
+        services.append(agent_pb2_grpc.AgentServiceStub(ch))
 
-    async def register(a: SimAgent, stub: Any) -> None:
+    async def register(a: SimAgent, service: Any) -> None:
         req = agent_pb2.RegisterRequest(node_id=a.node_id, inventory=inventory(a.index, workers))
-        await _call_with_retry(lambda: stub.Register(req, timeout=10.0), f"register {a.node_id}", 120.0)
+        await _call_with_retry(lambda: service.Register(req, timeout=10.0), f"register {a.node_id}", 120.0)
 
     t0 = time.perf_counter()
     sem = asyncio.Semaphore(int(spec.get("register_concurrency", 64)))
 
-    async def register_one(a: SimAgent, stub: Any) -> None:
+    async def register_one(a: SimAgent, service: Any) -> None:
         async with sem:
-            await register(a, stub)
+            await register(a, service)
 
-    await asyncio.gather(*(register_one(a, s) for a, s in zip(agents, stubs, strict=True)))
+    await asyncio.gather(*(register_one(a, s) for a, s in zip(agents, services, strict=True)))
     register_s = time.perf_counter() - t0
     Path(spec["ready_file"]).write_text(json.dumps({"agents": len(agents), "register_s": register_s}))
     line = await asyncio.to_thread(sys.stdin.readline)
@@ -492,7 +492,7 @@ async def run_client(spec: Mapping[str, Any]) -> dict[str, Any]:
     start, measure_from, end = float(go["start"]), float(go["measure_from"]), float(go["end"])
     stats = ClientStats()
 
-    async def agent_loop(a: SimAgent, stub: Any) -> None:
+    async def agent_loop(a: SimAgent, service: Any) -> None:
         next_t = start + rng.random() * interval
         while next_t < end:
             delay = next_t - time.time()
@@ -503,7 +503,7 @@ async def run_client(spec: Mapping[str, Any]) -> dict[str, Any]:
             req = a.request(sent_at)
             t = time.perf_counter()
             try:
-                resp = await stub.Heartbeat(req, timeout=RPC_TIMEOUT_S)
+                resp = await service.Heartbeat(req, timeout=RPC_TIMEOUT_S)
             except grpc.aio.AioRpcError as e:
                 code = e.code().name
                 stats.failures_total[code] = stats.failures_total.get(code, 0) + 1
@@ -518,7 +518,7 @@ async def run_client(spec: Mapping[str, Any]) -> dict[str, Any]:
                 if e.code() == grpc.StatusCode.NOT_FOUND:  # declared lost: register again, as agents do
                     stats.reregistered += 1
                     with contextlib.suppress(RuntimeError):
-                        await register(a, stub)
+                        await register(a, service)
                 next_t = max(next_t + interval, time.time())
                 continue
             latency_ms = (time.perf_counter() - t) * 1000
@@ -544,7 +544,7 @@ async def run_client(spec: Mapping[str, Any]) -> dict[str, Any]:
         cpu_start = time.process_time()
 
     marker = asyncio.create_task(cpu_mark())
-    await asyncio.gather(*(agent_loop(a, s) for a, s in zip(agents, stubs, strict=True)))
+    await asyncio.gather(*(agent_loop(a, s) for a, s in zip(agents, services, strict=True)))
     cpu_window = time.process_time() - cpu_start if cpu_start is not None else None
     marker.cancel()
     await asyncio.gather(*(ch.close() for ch in channels))
@@ -637,7 +637,7 @@ def _established(pid: int, port: int) -> int | None:
 
 
 def _operator(port: int, tls_dir: Path | None) -> tuple[Any, Any]:
-    """A blocking channel and OperatorService stub: the PKI's operator certificate, or plaintext."""
+    """A blocking channel and an OperatorService client: the PKI's operator certificate, or plaintext."""
     from protos import client
     from protos.stanchion.v1 import operator_pb2_grpc
 

@@ -50,7 +50,7 @@ from diagnostics.bench import (
     ratio,
     shown,
 )
-from diagnostics.localcluster import LocalCluster
+from diagnostics.localcluster import LocalCluster, read_jsonl
 
 NODES = ("node-0", "node-1")
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # reference/ANCHORS.md: the gloo stale-store bug
@@ -336,15 +336,6 @@ def start_cluster(
     return cluster
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-    return out
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -356,7 +347,7 @@ def _pid_alive(pid: int) -> bool:
 def standby_ready(cluster: LocalCluster, node: str) -> bool:
     """Whether ``node`` has a warm standby: a live process whose last event is ``standby``."""
     for w in (cluster.run_root / "workers" / node).glob("w*"):
-        evs = _read_jsonl(w / "events.jsonl")
+        evs = read_jsonl(w / "events.jsonl")
         if evs and evs[-1].get("event") == "standby" and _pid_alive(int(evs[-1].get("pid", 0))):
             return True
     return False
@@ -377,7 +368,7 @@ def live_rank(cluster: LocalCluster, job_id: str, rank: int, generation: int) ->
     ``started`` event of each worker directory names its job, rank, generation and pid (a rank of
     an earlier job may still be alive for a moment, with the same rank and generation numbers)."""
     for w in cluster.run_root.glob("workers/*/w*"):
-        started = [e for e in _read_jsonl(w / "events.jsonl") if e.get("event") == "started"]
+        started = [e for e in read_jsonl(w / "events.jsonl") if e.get("event") == "started"]
         if not started:
             continue
         e = started[-1]

@@ -329,7 +329,7 @@ class LocalCluster:
             pid = int(alive["pid"])
             if not Path(f"/proc/{pid}").exists():
                 continue
-            started = [e for e in _read_jsonl(w / "events.jsonl") if e.get("event") == "started"]
+            started = [e for e in read_jsonl(w / "events.jsonl") if e.get("event") == "started"]
             if started:
                 out.append(
                     {
@@ -349,7 +349,7 @@ class LocalCluster:
                 any(
                     e.get("event") == "standby"
                     for p in (self.run_root / "workers" / n).glob("w*/events.jsonl")
-                    for e in _read_jsonl(p)
+                    for e in read_jsonl(p)
                 )
                 for n in self.agents
             )
@@ -359,16 +359,17 @@ class LocalCluster:
     def progress(self, node_id: str | None = None) -> list[dict[str, Any]]:
         """Every progress record written on a node (or all nodes), oldest first."""
         pattern = f"workers/{node_id or '*'}/w*/progress.jsonl"
-        recs = [r for p in self.run_root.glob(pattern) for r in _read_jsonl(p)]
+        recs = [r for p in self.run_root.glob(pattern) for r in read_jsonl(p)]
         return sorted(recs, key=lambda r: r.get("t", 0))
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
-        recs = [r for p in self.run_root.glob("workers/*/w*/events.jsonl") for r in _read_jsonl(p)]
+        recs = [r for p in self.run_root.glob("workers/*/w*/events.jsonl") for r in read_jsonl(p)]
         recs = [r for r in recs if kind is None or r.get("event") == kind]
         return sorted(recs, key=lambda r: r.get("t", 0))
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file a process may still be writing (a torn last line is skipped)."""
     out = []
     with contextlib.suppress(OSError):
         for line in path.read_text().splitlines():

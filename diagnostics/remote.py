@@ -101,7 +101,7 @@ def remote(coordinator: str, tls_dir: str, insecure: bool, token_file: str, time
 
 
 def call(r: Remote, fn: Callable[[Any, Any], Awaitable[T]]) -> T:
-    """Run ``fn(stub, call_kwargs)`` against the operator service and map errors to exit codes."""
+    """Run ``fn(service, call_kwargs)`` against the operator service and map errors to exit codes."""
     import grpc
 
     from protos import client
@@ -109,9 +109,9 @@ def call(r: Remote, fn: Callable[[Any, Any], Awaitable[T]]) -> T:
 
     async def go() -> T:
         async with r.channel() as channel:
-            stub = operator_pb2_grpc.OperatorServiceStub(channel)
+            service = operator_pb2_grpc.OperatorServiceStub(channel)
             kwargs = {"timeout": r.timeout_s, "metadata": client.call_metadata(r.token(), r.insecure)}
-            return await fn(stub, kwargs)
+            return await fn(service, kwargs)
 
     try:
         return asyncio.run(go())

@@ -63,7 +63,7 @@ def list_(
 @app.command(epilog="Exit codes: 0 good, 1 corrupt, partial or marked bad (the reason is printed).")
 @handle_errors
 def verify(
-    path: Annotated[Path, typer.Argument(help="A checkpoint directory (step-XXXXXXXX).")],
+    path: Annotated[Path, typer.Argument(help="A checkpoint directory (step-NNNNNNNN, e.g. step-00000100).")],
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Check the commit marker and every file's size and CRC-32."""
@@ -81,7 +81,7 @@ def verify(
 @app.command(epilog="Exit codes: 0 ok, 3 no manifest (not committed).")
 @handle_errors
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A checkpoint directory (step-XXXXXXXX).")],
+    path: Annotated[Path, typer.Argument(help="A checkpoint directory (step-NNNNNNNN, e.g. step-00000100).")],
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Print a checkpoint's manifest: step, fingerprint, config, data cursor, files."""

@@ -256,9 +256,9 @@ def events(
 
     from protos.stanchion.v1 import operator_pb2
 
-    async def stream(stub: Any, kw: dict[str, Any]) -> None:
+    async def stream(service: Any, kw: dict[str, Any]) -> None:
         req = operator_pb2.StreamEventsRequest(job_id=job_id, follow=follow)
-        async for r in stub.StreamEvents(
+        async for r in service.StreamEvents(
             req, metadata=kw["metadata"], timeout=None if follow else kw["timeout"]
         ):
             e = r.event

@@ -568,6 +568,10 @@ def test_prometheus_reports_the_loss_the_rank_logged(telemetry: Telemetry) -> No
 def test_prometheus_scraped_every_target_and_loaded_the_alert_rules(telemetry: Telemetry) -> None:
     prom = telemetry.prom
     targets = prom.api("targets")["activeTargets"]
+    deadline = time.monotonic() + 15  # "unknown": not scraped yet (its first interval has not come)
+    while any(t["health"] == "unknown" for t in targets) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        targets = prom.api("targets")["activeTargets"]
     assert len(targets) == len(NODES) + 1
     for target in targets:
         assert target["health"] == "up", target
