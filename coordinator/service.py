@@ -18,6 +18,7 @@ import grpc
 from coordinator import machine as m
 from coordinator.auth import NODE_ID_RE
 from coordinator.controller import Controller, Invalid, NodeRecord, NotFound
+from diagnostics.bisect import MIN_P_SHOW
 from protos.stanchion.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc, types_pb2
 from trainer.settings import ConfigError
 
@@ -414,7 +415,10 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             check(len(set(request.nodes)) == len(request.nodes), "nodes: each node at most once")
             check(0 <= request.trial_steps <= 10_000, "trial_steps: must be between 0 and 10000")
             check(0 <= request.group_size <= 64, "group_size: must be between 0 and 64")
-            check(0.0 <= request.p_show <= 1.0, "p_show: must be a probability in [0, 1] (0: deterministic)")
+            check(
+                request.p_show == 0.0 or MIN_P_SHOW <= request.p_show <= 1.0,
+                f"p_show: must be 0 (deterministic) or a probability in [{MIN_P_SHOW:g}, 1]",
+            )
             check(0.0 <= request.delta < 1.0, "delta: must be in [0, 1) (0: the default 1e-3)")
             if self.c.bisector is None:
                 raise Invalid("bisection is not enabled on this coordinator")

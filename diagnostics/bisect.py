@@ -90,8 +90,8 @@ class BisectConfig:
             raise ValueError(f"group_size: must be at least 1, got {self.group_size}")
         if self.max_parallel is not None and self.max_parallel < 1:
             raise ValueError(f"max_parallel: must be None or at least 1, got {self.max_parallel}")
-        if not 0.0 < self.p_show <= 1.0:
-            raise ValueError(f"p_show: must be in (0, 1], got {self.p_show}")
+        if not MIN_P_SHOW <= self.p_show <= 1.0:
+            raise ValueError(f"p_show: must be in [{MIN_P_SHOW:g}, 1], got {self.p_show}")
         if not 0.0 < self.delta < 1.0:
             raise ValueError(f"delta: must be in (0, 1), got {self.delta}")
         if self.max_rounds < 1:
@@ -126,6 +126,11 @@ class Verdict:
     reference: ReferenceKind
     reason: str  # one human sentence
     unexplained: tuple[tuple[str, ...], ...] = ()  # disagreeing groups whose members all passed apart
+
+
+# A fault that shows in fewer than 1 trial in 100 would need thousands of trials per node to clear
+# (and at p_show -> 0 the streak's logarithm divides by zero): below this, bisection is the wrong tool.
+MIN_P_SHOW = 0.01
 
 
 def required_streak(p_show: float, delta_node: float, disagreements: int) -> int:

@@ -180,6 +180,9 @@ def test_in_place_rollback_with_empty_window_reproduces_the_clean_run(
     out, _ = p.communicate(timeout=240)
     assert p.returncode == 0, out[-3000:]
     rollbacks = events(run, 0, "rollback")
-    assert len(rollbacks) == 1 and rollbacks[0]["from_step"] > rollbacks[0]["step"]
+    # to_step -1 is the newest snapshot: an earlier step, or this very step when the request lands
+    # just after a snapshot (every 5 steps here), which the trainer restores all the same
+    assert len(rollbacks) == 1 and rollbacks[0]["from_step"] >= rollbacks[0]["step"]
+    assert rollbacks[0]["step"] % 5 == 0
     assert events(run, 1, "rollback")[0]["step"] == rollbacks[0]["step"]  # both ranks acted at the same step
     assert final_fingerprint(run) == final_fingerprint(clean)

@@ -493,6 +493,9 @@ OPERATOR_CASES: list[tuple[str, str, Any, str]] = [
         [
             ("p_show NaN", "StartBisection", operator_pb2.StartBisectionRequest(p_show=math.nan), "p_show:"),
             ("p_show 1.5", "StartBisection", operator_pb2.StartBisectionRequest(p_show=1.5), "p_show:"),
+            # found by the raw-bytes fuzz test: a subnormal p_show made 1 - p_show == 1.0, log(1) == 0
+            ("p_show 5e-324", "StartBisection", operator_pb2.StartBisectionRequest(p_show=5e-324), "p_show:"),
+            ("p_show 0.001", "StartBisection", operator_pb2.StartBisectionRequest(p_show=0.001), "p_show:"),
         ]
         if "p_show" in _BISECT_FIELDS
         else []

@@ -427,6 +427,8 @@ def test_at_most_one_fault_is_checked_against_the_evidence() -> None:
         ({"group_size": 0}, "group_size"),
         ({"max_parallel": 0}, "max_parallel"),
         ({"p_show": 0.0}, "p_show"),
+        ({"p_show": 5e-324}, "p_show"),  # 1 - p_show == 1.0: the streak would divide by log(1)
+        ({"p_show": 0.009}, "p_show"),
         ({"p_show": 1.5}, "p_show"),
         ({"delta": 1.0}, "delta"),
         ({"max_rounds": 0}, "max_rounds"),
@@ -436,6 +438,13 @@ def test_at_most_one_fault_is_checked_against_the_evidence() -> None:
 def test_config_errors_name_the_key(kwargs: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
         BisectConfig(**kwargs)
+
+
+def test_the_least_p_show_allowed_has_a_finite_streak() -> None:
+    from diagnostics.bisect import MIN_P_SHOW, required_streak
+
+    BisectConfig(p_show=MIN_P_SHOW)
+    assert 1 < required_streak(MIN_P_SHOW, 1e-6, 0) < 2000
 
 
 @pytest.mark.parametrize(
