@@ -222,6 +222,16 @@ class WorkerGroup:
         world = s.num_nodes * s.workers_per_node
         for slot in range(s.workers_per_node):
             w = self._worker_for_slot(slot)
+            if w is not None and s.fresh_processes:
+                # An in-place recovery failed: this process may be wedged anywhere. Kill it now (it
+                # holds no state the new generation uses) and give its slot to a new process.
+                log.warning(
+                    "w%05d (rank %d) replaced by a new process: %s", w.wid, w.rank, "recovery escalated"
+                )
+                w.stopping = True
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
+                w = None
             if w is None:
                 w = self._take_standby() or await self.spawn()
                 w.slot = slot

@@ -352,6 +352,7 @@ class Controller:
                     config_json=config_json,
                     faults_json=faults_json,
                     rollback_to=a.rollback_to,
+                    fresh_processes=a.fresh_processes,
                 ),
             )
         for node_id in a.previous_members:
@@ -647,6 +648,8 @@ class Controller:
             return None
         if kind == "collective_failed":
             return m.PeerWaiting(node_id, e.generation, e.step)
+        if kind == "started":
+            return m.RankJoined(node_id, e.generation, e.rank)
         if kind in DETECTORS:
             key = (e.job_id, e.generation, kind, e.step, int(d.get("request_epoch", 0)))
             if key in self._seen_detectors:  # every rank reports the same detection

@@ -43,6 +43,9 @@ class JobSpec:
     max_restarts: int = 50
     max_restarts_without_progress: int = 3
     rendezvous_timeout_s: float = 600.0
+    # A generation must complete its first step within this; 0 derives it from the job's own launches
+    # (machine.first_step_deadline_s). When it does not, the recovery escalates one rung.
+    first_step_timeout_s: float = 0.0
     skip_batches: int = 8  # batches skipped when an anomaly recurs at the same data (PaLM: 200-500)
     hardware_horizon_steps: int = (
         500  # a replayed anomaly that recurs at other data within this many steps suggests hardware
@@ -68,6 +71,11 @@ class JobSpec:
         )
         require(
             1 <= self.rendezvous_timeout_s <= 86_400, "rendezvous_timeout_s", "must be between 1 and 86400"
+        )
+        require(
+            self.first_step_timeout_s == 0 or 1 <= self.first_step_timeout_s <= 86_400,
+            "first_step_timeout_s",
+            "must be 0 (derived from the job's own launches) or between 1 and 86400",
         )
         require(1 <= self.skip_batches <= 100_000, "skip_batches", "must be between 1 and 100000")
         require(self.hardware_horizon_steps >= 1, "hardware_horizon_steps", "must be >= 1")
@@ -149,6 +157,7 @@ def to_toml(spec: JobSpec) -> str:
         "max_restarts",
         "max_restarts_without_progress",
         "rendezvous_timeout_s",
+        "first_step_timeout_s",
         "skip_batches",
         "hardware_horizon_steps",
         "bisect_on_suspect",

@@ -19,7 +19,12 @@ Policies, from DESIGN.md's fault table:
   with nobody named, roll back to the last snapshot whose fingerprints agreed;
 - audit mismatch: the named rank's node is cordoned and replaced, and the survivors roll back past
   the onset window first (every replica applied the corrupted average since then);
-- restart-loop guards: a cap on restarts and on restarts without progress.
+- restart-loop guards: a cap on restarts and on restarts without progress;
+- every generation must complete its first step within a deadline derived from the job's own
+  launches (``first_step_deadline_s``). One that does not escalates the recovery one rung, never
+  repeating the plan that just failed: in place with healing from a peer (rung 0) -> fresh processes
+  restored from the last good checkpoint (1) -> without the nodes whose ranks did not join, cordoned
+  (2) -> fail, naming every plan tried (3). A later fault during the same recovery keeps the rung.
 """
 
 from __future__ import annotations
@@ -81,6 +86,19 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
 PEER_WAIT_GRACE_S = 2.0  # a rank waiting on a vanished peer, with no failure reported, for this long
 QUIET_S = 1.5  # ... and a member whose agent has been silent this long is taken for the vanished one
 RECONCILE_GRACE_S = 10.0  # after a coordinator restart: time for agents to report in
+# The first-step deadline of a generation. Before the job has completed any launch: COLD_START_S
+# (spawning, building the model, the start-up determinism check). After: FIRST_STEP_FACTOR times the
+# slowest launch-to-first-step it has seen, never under FIRST_STEP_FLOOR_S (scheduler noise on a
+# loaded host). A spec's first_step_timeout_s replaces both.
+COLD_START_S = 300.0
+FIRST_STEP_FLOOR_S = 30.0
+FIRST_STEP_FACTOR = 4.0
+RUNGS = (
+    "in place",
+    "fresh processes from the last good checkpoint",
+    "without the nodes that did not join",
+    "fail",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +190,11 @@ class Job:
     world_size: int = 0
     bisection: str = ""  # id of the bisection this job waits for, if any
     started: float | None = None  # when the first generation launched (goodput's wall clock starts)
+    launched: float | None = None  # when the current generation launched; None once it completed a step
+    first_step_s: tuple[float, ...] = ()  # launch -> first step of recent generations that worked
+    joined_ranks: tuple[int, ...] = ()  # ranks of the current generation that formed its group
+    rung: int = 0  # escalation rung of the recovery in progress (RUNGS)
+    tried: tuple[str, ...] = ()  # the plans of the recovery in progress, for a final failure's reason
 
     @property
     def last_good(self) -> CheckpointRecord | None:
@@ -234,6 +257,15 @@ class Progress:
     node_id: str
     generation: int
     step: int
+
+
+@dataclass(frozen=True)
+class RankJoined:
+    """A rank formed the generation's group and restored its state (its ``started`` event)."""
+
+    node_id: str
+    generation: int
+    rank: int
 
 
 @dataclass(frozen=True)
@@ -328,6 +360,7 @@ class StartGeneration:
     checkpoint: str
     skip_windows: tuple[tuple[int, int], ...]
     rollback_to: int = -1
+    fresh_processes: bool = False  # agents replace the ranks they have with new processes
 
 
 @dataclass(frozen=True)
@@ -476,8 +509,75 @@ def _launch(job: Job, members: tuple[str, ...], now: float, reason: str) -> Deci
         world_size=job.spec.world_size(len(members)),
         finished_ranks=(),
         started=job.started or now,
+        launched=now,
+        joined_ranks=(),
+        tried=(f"generation {gen} on {', '.join(members)}: first launch",),
     )
     return Decision(new, (StartGeneration(gen, members, (), "checkpoint", "", job.skip_windows),), reason)
+
+
+def first_step_deadline_s(job: Job) -> float:
+    """How long the current generation may take from launch to its first completed step."""
+    if job.spec.first_step_timeout_s:
+        return job.spec.first_step_timeout_s
+    if not job.first_step_s:
+        return COLD_START_S
+    return max(FIRST_STEP_FLOOR_S, FIRST_STEP_FACTOR * max(job.first_step_s))
+
+
+def _deadline_missed(job: Job, now: float) -> bool:
+    return (
+        job.state in (JobState.RUNNING, JobState.RECOVERING)
+        and job.launched is not None
+        and not job.awaiting_capacity
+        and now - job.launched > first_step_deadline_s(job)
+    )
+
+
+def _escalate(job: Job, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    """The generation missed its first-step deadline: the next plan is stronger than the last."""
+    deadline = first_step_deadline_s(job)
+    missing = tuple(
+        m
+        for i, m in enumerate(job.members)
+        if not all(
+            r in job.joined_ranks
+            for r in range(i * job.spec.workers_per_node, (i + 1) * job.spec.workers_per_node)
+        )
+    )
+    why = (
+        f"generation {job.generation} did not complete its first step within {deadline:.0f}s of its launch"
+        + (f" ({', '.join(missing)} never joined)" if missing else " (every rank joined)")
+    )
+    rung = job.rung + 1
+    if rung == 2 and not missing:
+        rung = 3  # every rank joined, so there is no node to leave out: nothing stronger is left
+    job = dataclasses.replace(job, rung=rung)
+    if rung >= 3:
+        return _fail(job, f"{why}; giving up after trying: {'; '.join(job.tried)}")
+    if rung == 1:
+        return _restart(
+            job, "first_step_timeout", nodes, now, exclude=(), detail=f"{why}; escalating to {RUNGS[1]}"
+        )
+    d = _restart(
+        job,
+        "first_step_timeout",
+        nodes,
+        now,
+        exclude=missing,
+        detail=f"{why}; escalating: leaving out {', '.join(missing)}",
+    )
+    cordons = tuple(
+        Cordon(n, f"its rank did not join generation {job.generation} within {deadline:.0f}s")
+        for n in missing
+    )
+    return dataclasses.replace(d, actions=(*cordons, *d.actions)) if d.job.state is not JobState.FAILED else d
+
+
+def on_rank_joined(job: Job, ev: RankJoined, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    if ev.generation != job.generation or job.state not in ACTIVE or ev.rank in job.joined_ranks:
+        return _noop(job)
+    return Decision(dataclasses.replace(job, joined_ranks=tuple(sorted((*job.joined_ranks, ev.rank)))))
 
 
 def on_submitted(job: Job, event: Submitted, nodes: Mapping[str, NodeView], now: float) -> Decision:
@@ -502,6 +602,8 @@ def on_tick(job: Job, event: Tick, nodes: Mapping[str, NodeView], now: float) ->
         return Decision(job, (), f"reconciled: every member is still training generation {job.generation}")
     if job.awaiting_capacity:
         return _restart(job, "capacity", nodes, now, exclude=(), count=False, detail="retrying")
+    if _deadline_missed(job, now):
+        return _escalate(job, nodes, now)
     if job.waiting_since is not None and now - job.waiting_since >= PEER_WAIT_GRACE_S:
         quiet = tuple(m for m in job.members if m in nodes and nodes[m].heartbeat_age_s >= QUIET_S)
         why = f"a rank lost its peers {now - job.waiting_since:.1f}s ago and no failure was reported"
@@ -561,6 +663,11 @@ def on_progress(job: Job, ev: Progress, nodes: Mapping[str, NodeView], now: floa
     new = job
     if ev.step > job.step:
         new = dataclasses.replace(new, step=ev.step)
+    if job.launched is not None:  # the generation completed a step: it formed, and the recovery worked
+        took = now - job.launched
+        new = dataclasses.replace(
+            new, launched=None, rung=0, tried=(), first_step_s=(*job.first_step_s, took)[-8:]
+        )
     if job.waiting_since is not None and ev.step > job.waiting_step:  # training moved on: the peer came back
         new = dataclasses.replace(new, waiting_since=None)
     if job.state is JobState.RECOVERING and ev.step > job.step_at_last_restart:
@@ -966,7 +1073,10 @@ def _restart(
         rollback_to = job.pending_rollback.to_step  # the survivors never applied it: they do it now
     survivors = [m for m in choice.members if m in current]
     cfg_parallel = _parallel(spec)
-    resume = "peer" if survivors and cfg_parallel == "ddp" and not force_checkpoint else "checkpoint"
+    fresh = job.rung >= 1  # an in-place recovery already failed: new processes from a checkpoint
+    resume = (
+        "peer" if survivors and cfg_parallel == "ddp" and not force_checkpoint and not fresh else "checkpoint"
+    )
     if rollback_to >= 0:
         ck = job.last_good_at_or_before(rollback_to)
     else:
@@ -988,15 +1098,21 @@ def _restart(
         pending_rollback=None,
         reconcile_until=None,
         alarms=_resolve_alarms(job, generation=gen) if rollback_to >= 0 or resume != "peer" else job.alarms,
+        launched=now,
+        joined_ranks=(),
     )
     action = StartGeneration(
-        gen, choice.members, job.members, resume, checkpoint, job.skip_windows, rollback_to
+        gen, choice.members, job.members, resume, checkpoint, job.skip_windows, rollback_to, fresh
     )
     how = {
         "peer": "survivors keep their state and heal the replacement from a live peer",
         "checkpoint": f"restoring checkpoint {checkpoint or '(newest that verifies)'}",
         "fresh": "no good checkpoint: starting from step 0",
     }[resume]
+    if fresh:
+        how = f"new processes, {how}"
+    plan = f"generation {gen} on {', '.join(choice.members)}: {how}"
+    new = dataclasses.replace(new, tried=(*job.tried, plan))
     return Decision(
         new, (action,), f"{detail}; generation {gen} on {', '.join(choice.members)} ({choice.reason}): {how}"
     )
@@ -1022,6 +1138,7 @@ _HANDLERS = {
     NodeChanged: on_node_changed,
     Drain: on_drain,
     Progress: on_progress,
+    RankJoined: on_rank_joined,
     Detector: on_detector,
     CheckpointCommitted: on_checkpoint,
     RollbackDone: on_rollback_done,
@@ -1057,7 +1174,15 @@ def from_json(d: dict[str, Any], spec: JobSpec) -> Job:
     d["alarms"] = tuple(Alarm(**a) for a in d.get("alarms", ()))
     d["checkpoints"] = tuple(CheckpointRecord(**c) for c in d.get("checkpoints", ()))
     d["pending_rollback"] = PendingRollback(**d["pending_rollback"]) if d.get("pending_rollback") else None
-    for key in ("members", "recoveries", "finished_ranks", "reconciled"):
+    for key in (
+        "members",
+        "recoveries",
+        "finished_ranks",
+        "reconciled",
+        "first_step_s",
+        "joined_ranks",
+        "tried",
+    ):
         d[key] = tuple(d.get(key, ()))
     known = {f.name for f in dataclasses.fields(Job)}
     return Job(**{k: v for k, v in d.items() if k in known})

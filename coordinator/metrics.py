@@ -29,6 +29,7 @@ RESTART_REASONS = (
     "collective_failed",
     "reconcile",
     "bisection",
+    "first_step_timeout",
 )
 RECOVERY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 NODE_STATES = ("ready", "cordoned", "draining", "lost")
@@ -72,7 +73,28 @@ class CoordinatorCollector(Collector):
             "Unix time the newest good checkpoint was recorded.",
             labels=["job_id"],
         )
+        deadline = GaugeMetricFamily(
+            "stanchion_first_step_deadline_seconds",
+            "How long the job's next generation may take from launch to its first step before the "
+            "recovery escalates (derived from the job's own launches unless the spec sets it).",
+            labels=["job_id"],
+        )
+        rung = GaugeMetricFamily(
+            "stanchion_recovery_rung",
+            "Escalation rung of the recovery in progress: 0 in place, 1 fresh processes from the last "
+            "good checkpoint, 2 without the nodes that did not join.",
+            labels=["job_id"],
+        )
+        first_step = GaugeMetricFamily(
+            "stanchion_first_step_seconds",
+            "Launch to first completed step of the job's most recent generation that formed.",
+            labels=["job_id"],
+        )
         for job_id, job in jobs.items():
+            deadline.add_metric([job_id], m.first_step_deadline_s(job))
+            rung.add_metric([job_id], job.rung)
+            if job.first_step_s:
+                first_step.add_metric([job_id], job.first_step_s[-1])
             for s in m.JobState:
                 state.add_metric([job_id, s.value], 1.0 if job.state is s else 0.0)
             step.add_metric([job_id], job.step)
@@ -94,7 +116,18 @@ class CoordinatorCollector(Collector):
                 row = next((c for c in self.c.store.checkpoints(job_id) if c["step"] == good.step), None)
                 if row is not None:
                     good_time.add_metric([job_id], row["time"])
-        yield from (state, step, restarts, recovery, goodput, good_step, good_time)
+        yield from (
+            state,
+            step,
+            restarts,
+            recovery,
+            goodput,
+            good_step,
+            good_time,
+            deadline,
+            rung,
+            first_step,
+        )
 
         age = GaugeMetricFamily(
             "stanchion_node_heartbeat_age_seconds",

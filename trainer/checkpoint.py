@@ -61,6 +61,17 @@ def set_rng_state(encoded: str) -> None:
     torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(encoded), dtype=np.uint8).copy()))
 
 
+# Executors whose checkpoint was abandoned while its thread was still blocked (see abandon()).
+_abandoned_threads: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def blocked_by_abandoned_checkpoint() -> bool:
+    """Whether a thread of an abandoned checkpoint may still be blocked in a collective: the
+    interpreter would wait for it at exit (executor threads are joined), so the process exits
+    without that wait (trainer/__main__.py)."""
+    return any(t.is_alive() for ex in _abandoned_threads for t in getattr(ex, "_threads", ()))
+
+
 class CheckpointManager:
     def __init__(
         self,
@@ -71,6 +82,8 @@ class CheckpointManager:
         async_save: bool,
         events: EventSink,
         process_group: dist.ProcessGroup | None,
+        fault_point: Callable[[int, str], None] | None = None,
+        generation: int = 0,
     ):
         self.root = Path(run_dir) / "checkpoints"
         self.rank = rank
@@ -78,10 +91,14 @@ class CheckpointManager:
         self.async_save = async_save
         self.events = events
         self.pg = process_group
+        self.fault_point = fault_point  # the fault injector's hook (chaos tests), else None
+        self.generation = generation
+        self._abandoned = False
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
         self._pending: concurrent.futures.Future[Any] | None = None
         self.last_stall_s = 0.0
         self.last_committed_step = -1
+        self.in_flight_step = -1
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
 
@@ -98,7 +115,7 @@ class CheckpointManager:
         """Start saving the state after ``step`` steps; returns the seconds training was blocked."""
         t0 = time.perf_counter()
         self.wait()  # one save in flight at a time
-        tmp = self.root / (mf.step_dir_name(step) + ".tmp")
+        tmp = self.root / f"{mf.step_dir_name(step)}.g{self.generation}.tmp"
         final = self.root / mf.step_dir_name(step)
         if final.exists() and (final / mf.MANIFEST).exists():
             try:
@@ -118,6 +135,7 @@ class CheckpointManager:
                 fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.pg)
             self.last_stall_s = time.perf_counter() - t0
             self._pending = self._executor.submit(self._finish, fut, step, tmp, final, fields)
+            self.in_flight_step = step
         else:
             error: BaseException | None = None
             try:
@@ -144,6 +162,11 @@ class CheckpointManager:
                     fut.result()
                 except CHECKPOINT_ERRORS as e:  # a full disk, a storage error
                     error = e
+            if self.fault_point is not None:
+                self.fault_point(step, "commit")
+            if self._abandoned:  # the group broke while it was in flight: its vote can never complete
+                log.warning("checkpoint at step %d abandoned with its generation; never committed", step)
+                return
             # Every rank reaches this vote, failed or not: commit only if every part was written.
             # (an all-gather rather than a MIN all-reduce, so the message can name the failed ranks)
             mine = torch.tensor([0 if error is not None else 1], dtype=torch.int64)
@@ -156,7 +179,7 @@ class CheckpointManager:
             if failed:
                 ranks = ", ".join(map(str, failed))
                 raise RuntimeError(f"rank {ranks} failed to write its part (its own event has the error)")
-            if self.rank == 0:
+            if self.rank == 0 and not self._abandoned:
                 replaced = final.with_name(f"{final.name}.replaced")
                 if final.exists():  # step reached again with other state (after a rollback)
                     shutil.rmtree(replaced, ignore_errors=True)
@@ -199,6 +222,23 @@ class CheckpointManager:
             self.wait()
         finally:
             self._executor.shutdown(wait=True)
+
+    def abandon(self) -> int | None:
+        """The process group broke: drop the checkpoint in flight without waiting for it.
+
+        Its background work may be blocked in a collective with a dead or departed peer until the
+        group's timeout (DCP reports a rank's failure to the others through further collectives, so
+        survivors can wait on each other); waiting for it would keep this rank from re-forming. It is
+        never committed: a generation writes into its own ``.gN.tmp`` directory, and the commit step
+        checks the flag. Returns the step of the abandoned checkpoint, or None if none was in flight.
+        """
+        self._abandoned = True
+        pending, self._pending = self._pending, None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if pending is None or pending.done():
+            return None
+        _abandoned_threads.append(self._executor)
+        return self.in_flight_step
 
     # -- loading --------------------------------------------------------------------------------
     def find_resume(

@@ -14,6 +14,12 @@ node, for hardware faults that must follow the machine when ranks move):
 - ``{"kind": "nan", "step": S, "rank": R}``: the rank's loss becomes NaN.
 - ``{"kind": "crash", "step": S, "rank": R}``: the rank SIGKILLs itself.
 - ``{"kind": "hang", "step": S, "rank": R}``: the rank blocks forever inside a collective.
+- ``{"kind": "freeze", "step": S, "rank": R, "at": "step"|"checkpoint"}``: the rank SIGSTOPs itself,
+  every thread at once (a process stuck in the kernel or on its device). ``at = "checkpoint"`` fires
+  inside the checkpoint of step S, just before this rank takes part in it, so its peers are left with
+  an asynchronous checkpoint in flight that can never complete; ``at = "commit"`` fires in the
+  checkpoint's background thread after this rank wrote its part, before the commit vote, while the
+  main thread trains on.
 - ``{"kind": "slow", "rank": R, "from_step": S, "delay_s": D, "until_step": U|null}``.
 
 One-shot faults (bitflip, nan, crash, hang) fire once per run: the firing rank records it with an
@@ -40,9 +46,10 @@ if TYPE_CHECKING:  # the coordinator validates schedules without importing torch
 
 log = logging.getLogger(__name__)
 
-KINDS = ("bitflip", "compute", "nan", "crash", "hang", "slow")
+KINDS = ("bitflip", "compute", "nan", "crash", "hang", "freeze", "slow")
+FREEZE_POINTS = ("step", "checkpoint", "commit")
 TARGETS = ("param", "optim", "grad", "activation")
-_ONE_SHOT = ("bitflip", "nan", "crash", "hang")
+_ONE_SHOT = ("bitflip", "nan", "crash", "hang", "freeze")
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class Fault:
     repeat: bool = False
     node: str = ""  # only ranks on this node (a hardware fault follows the machine, not the rank)
     data_index: int = -1  # instead of a step: fire at whichever step trains on this data (a poisoned batch)
+    at: str = "step"  # freeze only: where in step ``step`` the rank stops (FREEZE_POINTS)
     id: int = 0
 
     def applies_to(self, rank: int, node: str = "") -> bool:
@@ -90,6 +98,8 @@ def parse(entries: Any) -> list[Fault]:
             raise ValueError(f"{where}.step: a {f.kind} fault needs a step >= 0 (or, for nan, a data_index)")
         if f.kind in ("compute", "slow") and f.from_step < 0:
             raise ValueError(f"{where}.from_step: a {f.kind} fault needs from_step >= 0")
+        if f.at not in FREEZE_POINTS:
+            raise ValueError(f"{where}.at: expected one of {', '.join(FREEZE_POINTS)}")
         if f.target not in TARGETS:
             raise ValueError(f"{where}.target: expected one of {', '.join(TARGETS)}")
         if not 0 <= f.bit <= 63:
@@ -201,6 +211,15 @@ class FaultInjector:
             self._record(f, step)
             while True:
                 time.sleep(3600)
+        self.freeze_point(step, "step")
+
+    def freeze_point(self, step: int, at: str) -> None:
+        """The whole process stops here (its liveness and checkpoint threads too) until killed."""
+        for f in self.faults:
+            if f.kind == "freeze" and f.at == at and f.step == step and self._claim(f, step):
+                self._record(f, step)
+                log.warning("freezing (SIGSTOP) at step %d, %s", step, at)
+                os.kill(os.getpid(), signal.SIGSTOP)
 
     def corrupt_loss(self, step: int, loss: torch.Tensor, data_index: int = -1) -> torch.Tensor:
         for f in self._due("nan", step, data_index):

@@ -295,6 +295,8 @@ class Trainer:
             async_save=cfg.async_checkpoint,
             events=lambda name, f: self.event(name, **f),
             process_group=ckpt_pg,
+            fault_point=self.injector.freeze_point if self.injector is not None else None,
+            generation=topo.generation,
         )
         if first and topo.is_main:
             log.info("resolved config: %s", contract.json.dumps(to_dict(cfg), sort_keys=True))
@@ -325,9 +327,11 @@ class Trainer:
         return self.model
 
     def teardown_generation(self) -> None:
+        """Leave a broken generation at once: a checkpoint in flight is abandoned, not awaited."""
         if self.ckpt is not None:
-            with contextlib.suppress(Exception):
-                self.ckpt.close()
+            step = self.ckpt.abandon()
+            if step is not None:
+                self.event("checkpoint_abandoned", step=step, reason="the group broke while it was in flight")
             self.ckpt = None
         leave_group()
 
@@ -412,10 +416,15 @@ class Trainer:
         self.event("restored", path=str(path), step=self.cursor.step, fingerprint=digest)
 
     def _reset_to_initial(self) -> None:
+        from trainer.optim import reset_state
+
         assert self.optimizer is not None
         if self.has_state:  # a used process told to start over: identical to a fresh one
             self.model.init_weights(self.cfg.seed)
-            self.optimizer.state.clear()
+            self.optimizer.zero_grad(set_to_none=True)
+            # The explicit initial state build_optimizer made, not an empty one that whatever
+            # touches it first (a checkpoint's get_state_dict) would fill in its own way.
+            reset_state(self.optimizer)
         self.cursor = Cursor()
 
     def startup_determinism_check(self) -> None:
@@ -810,6 +819,8 @@ class Trainer:
             "parallel": self.cfg.parallel,
             "generation": self.topo.generation,
         }
+        if self.injector is not None:
+            self.injector.freeze_point(step, "checkpoint")
         stall = self.ckpt.save(step, self.model, self.optimizer, fields, blocking=blocking)
         log.info("checkpoint at step %d: training blocked %.3f s", step, stall)
 

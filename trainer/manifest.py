@@ -2,7 +2,8 @@
 
 Layout under ``RUN_DIR/checkpoints/``::
 
-    step-00000040.tmp/   being written (never read)
+    step-00000040.g3.tmp/  being written by generation 3 (never read; a generation never
+                           writes into the directory of a checkpoint an older one abandoned)
     step-00000040/       files fsynced and renamed into place; not yet committed
     step-00000040/manifest.json   written last: the commit marker
     step-00000040/BAD.json        optional: the coordinator judged it bad (with the reason)
@@ -205,8 +206,8 @@ def apply_retention(ckpt_root: str | os.PathLike[str], keep: int) -> list[Path]:
             continue
         shutil.rmtree(e.path, ignore_errors=True)
         removed.append(e.path)
-    for p in root.glob("step-*.tmp"):
-        step = parse_step(p.with_name(p.name[: -len(".tmp")]))
+    for p in root.glob("step-*.tmp"):  # step-00000040.tmp, or step-00000040.g3.tmp (generation 3)
+        step = parse_step(p.with_name(p.name.split(".", 1)[0]))
         if step is not None and step < newest_committed:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)

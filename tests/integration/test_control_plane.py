@@ -114,6 +114,26 @@ def test_hung_rank_is_killed_by_its_agent_and_replaced(cluster: LocalCluster, go
     assert any("hung" in r for r in reasons(cluster, job_id))
 
 
+@pytest.mark.parametrize("at", ["checkpoint", "commit"])
+def test_a_rank_frozen_while_an_async_checkpoint_is_in_flight_does_not_wedge_the_recovery(
+    cluster: LocalCluster, golden3: dict, at: str
+) -> None:
+    # Rank 2 stops (SIGSTOP, every thread) just before it joins the asynchronous checkpoint of
+    # step 10 ("checkpoint"), or after writing its part and before the commit vote while its main
+    # thread trains on ("commit"): its peers hold a checkpoint in flight that can never complete.
+    # The agents detect the hang, the group re-forms, and the checkpoint is abandoned, never committed.
+    job_id = run_job(cluster, f"freeze-{at}", faults=[{"kind": "freeze", "step": 10, "rank": 2, "at": at}])
+    job = finish(cluster, job_id, timeout=180)
+    assert job.final_fingerprint == golden3["fingerprint"], reasons(cluster, job_id)
+    assert any("hung" in r for r in reasons(cluster, job_id)), reasons(cluster, job_id)
+    committed = [e["step"] for e in cluster.events("checkpoint_committed") if e.get("job_id") == job_id]
+    assert 10 not in committed or any(
+        e["step"] == 10 and e["generation"] > 1
+        for e in cluster.events("checkpoint_committed")
+        if e.get("job_id") == job_id
+    ), committed
+
+
 def test_nan_is_replayed_in_place_and_leaves_no_trace(cluster: LocalCluster, golden3: dict) -> None:
     job_id = run_job(
         cluster,

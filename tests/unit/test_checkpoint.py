@@ -1,5 +1,6 @@
 """How a failed checkpoint is described in its event."""
 
+import time
 import traceback
 
 from torch.distributed.checkpoint import CheckpointException
@@ -26,3 +27,59 @@ def test_other_errors_are_described_by_type_and_message() -> None:
     assert describe_error(RuntimeError("rank 1 failed to write its part")) == (
         "RuntimeError: rank 1 failed to write its part"
     )
+
+
+def test_a_checkpoint_in_flight_when_the_group_breaks_is_abandoned_at_once_and_never_committed(
+    tmp_path, monkeypatch
+) -> None:
+    """The wedge of a recovery: a survivor's teardown waited for its checkpoint's background work,
+    which was blocked in a collective with peers that had left. Abandoning must not wait, and the
+    checkpoint must never commit even if its work completes later."""
+    import concurrent.futures
+    import datetime
+    import threading
+
+    import torch
+    import torch.distributed as dist
+
+    from trainer import checkpoint as ck
+    from trainer import manifest as mf
+
+    stuck: concurrent.futures.Future = concurrent.futures.Future()  # DCP's upload, blocked
+    monkeypatch.setattr(ck.dcp, "async_save", lambda *a, **k: stuck)
+    dist.init_process_group(
+        "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
+    )
+    try:
+        events: list[tuple[str, dict]] = []
+        mgr = ck.CheckpointManager(
+            tmp_path,
+            rank=0,
+            keep=3,
+            async_save=True,
+            events=lambda n, f: events.append((n, f)),
+            process_group=None,
+            generation=4,
+        )
+        model = torch.nn.Linear(2, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mgr.save(10, model, opt, {"fingerprint": "x"})
+        assert (tmp_path / "checkpoints" / "step-00000010.g4.tmp").is_dir()
+
+        result: list[int | None] = []
+        t = threading.Thread(target=lambda: result.append(mgr.abandon()))
+        t.start()
+        t.join(timeout=10)
+        assert not t.is_alive(), "abandon() waited for the checkpoint in flight"
+        assert result == [10]
+        assert ck.blocked_by_abandoned_checkpoint()
+
+        stuck.set_result(None)  # the background work completes after all: still never committed
+        deadline = time.monotonic() + 10
+        while ck.blocked_by_abandoned_checkpoint():
+            assert time.monotonic() < deadline, "the abandoned checkpoint thread never ended"
+            time.sleep(0.01)
+        assert mf.scan(tmp_path / "checkpoints") == []
+        assert not any(n == "checkpoint_committed" for n, _ in events), events
+    finally:
+        dist.destroy_process_group()

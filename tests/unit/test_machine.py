@@ -303,3 +303,112 @@ def test_checkpoints_are_tainted_only_until_the_response_restores_clean_state() 
     ).job
     d = m.step(job, m.CheckpointCommitted(1, 72, "/ck/72", request_epoch=rid), cluster, 6.0)
     assert not d.job.checkpoints[-1].good
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded recoveries: the first-step deadline and the escalation ladder
+
+
+def test_the_first_step_deadline_is_derived_from_the_jobs_own_launches() -> None:
+    cluster = nodes("a", "b")
+    job = running(cluster, now=100.0)
+    assert job.launched == 100.0
+    assert m.first_step_deadline_s(job) == m.COLD_START_S  # nothing measured yet
+    job = m.step(job, m.Progress("a", 1, 1), cluster, 102.0).job
+    assert job.launched is None and job.first_step_s == (2.0,)
+    assert m.first_step_deadline_s(job) == m.FIRST_STEP_FLOOR_S  # 4 x 2 s is under the floor
+    job = dataclasses.replace(job, first_step_s=(2.0, 12.5))
+    assert m.first_step_deadline_s(job) == m.FIRST_STEP_FACTOR * 12.5
+    fixed = dataclasses.replace(job, spec=dataclasses.replace(SPEC, first_step_timeout_s=7))
+    assert m.first_step_deadline_s(fixed) == 7
+
+
+def _crashed_and_launched(cluster) -> m.Job:
+    job = running(cluster)
+    job = m.step(job, m.Progress("a", 1, 1), cluster, 2.0).job  # first launch took 2 s: deadline 30 s
+    d = m.step(job, m.WorkerFailed("b", 1, rank=1, kind="crash", detail="signal SIGKILL"), cluster, 10.0)
+    assert d.actions[0].resume == "peer" and not d.actions[0].fresh_processes
+    return d.job
+
+
+def test_a_generation_that_never_steps_escalates_one_rung_at_a_time_then_fails_naming_the_plans() -> None:
+    cluster = nodes("a", "b", spares=("s",))
+    job = _crashed_and_launched(cluster)
+    job = m.step(job, m.RankJoined("a", 2, 0), cluster, 10.5).job  # b's rank never joins
+    assert m.step(job, m.Tick(), cluster, 10.0 + 29.9).actions == ()
+
+    # Rung 1: never the same plan again: new processes restored from the last good checkpoint.
+    d = m.step(job, m.Tick(), cluster, 10.0 + 30.1)
+    assert d.job.generation == 3 and d.job.rung == 1 and d.job.state is m.JobState.RECOVERING
+    (start,) = d.actions
+    assert start.fresh_processes and start.resume != "peer"
+    assert (
+        "generation 2 did not complete its first step within 30s of its launch (b never joined)" in d.reason
+    )
+    assert "escalating to fresh processes" in d.reason and d.job.restarts_by_reason[-1] == (
+        "first_step_timeout",
+        1,
+    )
+
+    # Rung 2: the node whose rank did not join is left out (a spare takes its place) and cordoned.
+    job = m.step(d.job, m.RankJoined("a", 3, 0), cluster, 41.0).job
+    d = m.step(job, m.Tick(), cluster, 40.1 + 30.1)
+    cordon, start = d.actions
+    assert cordon == m.Cordon("b", "its rank did not join generation 3 within 30s")
+    assert start.members == ("a", "s") and start.fresh_processes and d.job.generation == 4
+    assert "leaving out b" in d.reason
+
+    # Rung 3: every rank joined and still no step: nothing stronger is left, the job fails and says
+    # what it tried.
+    job = m.step(d.job, m.RankJoined("a", 4, 0), cluster, 71.0).job
+    job = m.step(job, m.RankJoined("s", 4, 1), cluster, 71.0).job
+    d = m.step(job, m.Tick(), cluster, 70.2 + 30.1)
+    assert d.job.state is m.JobState.FAILED
+    assert "(every rank joined)" in d.reason and "giving up after trying" in d.reason
+    for plan in (
+        "generation 2 on a, b: survivors keep",
+        "generation 3 on a, b: new processes",
+        "generation 4 on a, s",
+    ):
+        assert plan in d.reason, d.reason
+
+
+def test_when_every_rank_joined_the_ladder_skips_leaving_out_nodes() -> None:
+    cluster = nodes("a", "b")
+    job = _crashed_and_launched(cluster)
+    d = m.step(job, m.Tick(), cluster, 41.0)  # rung 1 (nobody joined)
+    job = m.step(d.job, m.RankJoined("a", 3, 0), cluster, 42.0).job
+    job = m.step(job, m.RankJoined("b", 3, 1), cluster, 42.0).job
+    d = m.step(job, m.Tick(), cluster, 41.0 + 30.1)
+    assert d.job.state is m.JobState.FAILED and "(every rank joined)" in d.reason
+
+
+def test_a_recovery_that_works_resets_the_ladder_and_a_fault_during_an_escalated_one_keeps_its_rung() -> None:
+    cluster = nodes("a", "b")
+    job = _crashed_and_launched(cluster)
+    job = m.step(job, m.Tick(), cluster, 41.0).job  # rung 1, generation 3
+    # A second fault during the escalated recovery: still new processes, never back to in place.
+    d = m.step(job, m.WorkerFailed("a", 3, rank=0, kind="crash", detail="standby died"), cluster, 43.0)
+    assert d.job.rung == 1 and d.actions[0].fresh_processes and d.actions[0].resume != "peer"
+    # Generation 4 steps: the recovery worked; the next fault starts from the bottom rung again.
+    job = m.step(d.job, m.Progress("a", 4, 2), cluster, 45.0).job
+    assert job.rung == 0 and job.tried == () and job.launched is None and job.first_step_s[-1] == 2.0
+    d = m.step(job, m.WorkerFailed("b", 4, rank=1, kind="crash"), cluster, 50.0)
+    assert d.actions[0].resume == "peer" and not d.actions[0].fresh_processes
+
+
+def test_no_escalation_while_waiting_for_capacity_or_once_the_generation_stepped() -> None:
+    cluster = nodes("a", "b")
+    job = _crashed_and_launched(cluster)
+    stepped = m.step(job, m.Progress("a", 2, 2), cluster, 12.0).job
+    assert m.step(stepped, m.Tick(), cluster, 1000.0).actions == ()
+    waiting = dataclasses.replace(job, awaiting_capacity=True, spec=dataclasses.replace(SPEC, min_nodes=2))
+    d = m.step(waiting, m.Tick(), nodes("a", "b", b={"ready": False}), 1000.0)
+    assert d.job.rung == 0 and d.job.awaiting_capacity and d.actions == ()
+
+
+def test_the_ladder_survives_a_coordinator_restart() -> None:
+    cluster = nodes("a", "b")
+    job = m.step(_crashed_and_launched(cluster), m.Tick(), cluster, 41.0).job
+    back = m.from_json(m.to_json(job), job.spec)
+    assert back == job

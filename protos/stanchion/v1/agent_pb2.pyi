@@ -60,7 +60,7 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, directives: _Optional[_Iterable[_Union[Directive, _Mapping]]] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class StartWorkers(_message.Message):
-    __slots__ = ("node_rank", "num_nodes", "workers_per_node", "master_addr", "master_port", "resume", "checkpoint", "source_rank", "skip_windows", "config_json", "faults_json", "rollback_to")
+    __slots__ = ("node_rank", "num_nodes", "workers_per_node", "master_addr", "master_port", "resume", "checkpoint", "source_rank", "skip_windows", "config_json", "faults_json", "rollback_to", "fresh_processes")
     NODE_RANK_FIELD_NUMBER: _ClassVar[int]
     NUM_NODES_FIELD_NUMBER: _ClassVar[int]
     WORKERS_PER_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class StartWorkers(_message.Message):
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     FAULTS_JSON_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_TO_FIELD_NUMBER: _ClassVar[int]
+    FRESH_PROCESSES_FIELD_NUMBER: _ClassVar[int]
     node_rank: int
     num_nodes: int
     workers_per_node: int
@@ -85,7 +86,8 @@ class StartWorkers(_message.Message):
     config_json: str
     faults_json: str
     rollback_to: int
-    def __init__(self, node_rank: _Optional[int] = ..., num_nodes: _Optional[int] = ..., workers_per_node: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., resume: _Optional[str] = ..., checkpoint: _Optional[str] = ..., source_rank: _Optional[int] = ..., skip_windows: _Optional[_Iterable[_Union[_types_pb2.SkipWindow, _Mapping]]] = ..., config_json: _Optional[str] = ..., faults_json: _Optional[str] = ..., rollback_to: _Optional[int] = ...) -> None: ...
+    fresh_processes: bool
+    def __init__(self, node_rank: _Optional[int] = ..., num_nodes: _Optional[int] = ..., workers_per_node: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., resume: _Optional[str] = ..., checkpoint: _Optional[str] = ..., source_rank: _Optional[int] = ..., skip_windows: _Optional[_Iterable[_Union[_types_pb2.SkipWindow, _Mapping]]] = ..., config_json: _Optional[str] = ..., faults_json: _Optional[str] = ..., rollback_to: _Optional[int] = ..., fresh_processes: _Optional[bool] = ...) -> None: ...
 
 class StopWorkers(_message.Message):
     __slots__ = ("reason", "checkpoint")
