@@ -15,7 +15,7 @@ DEMO_ARGS ?= --chaos 1 --json runs/demo-summary.json
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test install install-dev system-deps lint protos clean
+.PHONY: demo test soak install install-dev system-deps lint protos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,16 @@ demo: install
 
 test: install-dev system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Not part of `make test`: the integration and chaos suites SOAK_PASSES times in a row with a CPU
+# hog (stress-ng) alongside; prints the number of consecutive green passes.
+SOAK_PASSES ?= 20
+SOAK_ARGS ?=
+soak: install-dev system-deps
+	@command -v stress-ng >/dev/null 2>&1 || { \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends stress-ng >/dev/null; }
+	$(BIN)/python scripts/soak.py --passes $(SOAK_PASSES) $(SOAK_ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check .

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 LIVENESS_STALE_S = 3.0
 FORWARDED = frozenset(
     {
+        "joining",
         "started",
         "healed",
         "restored",

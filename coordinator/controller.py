@@ -648,7 +648,7 @@ class Controller:
             return None
         if kind == "collective_failed":
             return m.PeerWaiting(node_id, e.generation, e.step)
-        if kind == "started":
+        if kind in ("joining", "started"):  # reached the generation's rendezvous (started: and formed it)
             return m.RankJoined(node_id, e.generation, e.rank)
         if kind in DETECTORS:
             key = (e.job_id, e.generation, kind, e.step, int(d.get("request_epoch", 0)))

@@ -261,7 +261,7 @@ class Progress:
 
 @dataclass(frozen=True)
 class RankJoined:
-    """A rank formed the generation's group and restored its state (its ``started`` event)."""
+    """A rank reached the generation's rendezvous (its ``joining`` or ``started`` event)."""
 
     node_id: str
     generation: int

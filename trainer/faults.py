@@ -19,7 +19,8 @@ node, for hardware faults that must follow the machine when ranks move):
   inside the checkpoint of step S, just before this rank takes part in it, so its peers are left with
   an asynchronous checkpoint in flight that can never complete; ``at = "commit"`` fires in the
   checkpoint's background thread after this rank wrote its part, before the commit vote, while the
-  main thread trains on.
+  main thread trains on; ``at = "join"`` fires as the rank joins generation S (here ``step`` names a
+  generation), before its group forms: a rank that never joins.
 - ``{"kind": "slow", "rank": R, "from_step": S, "delay_s": D, "until_step": U|null}``.
 
 One-shot faults (bitflip, nan, crash, hang) fire once per run: the firing rank records it with an
@@ -47,7 +48,7 @@ if TYPE_CHECKING:  # the coordinator validates schedules without importing torch
 log = logging.getLogger(__name__)
 
 KINDS = ("bitflip", "compute", "nan", "crash", "hang", "freeze", "slow")
-FREEZE_POINTS = ("step", "checkpoint", "commit")
+FREEZE_POINTS = ("step", "checkpoint", "commit", "join")
 TARGETS = ("param", "optim", "grad", "activation")
 _ONE_SHOT = ("bitflip", "nan", "crash", "hang", "freeze")
 

@@ -250,6 +250,21 @@ class Trainer:
             self.job_id = assignment.job_id
         # Validate the layout before any process group starts.
         self.accum = cfg.check_world(assignment.world_size if assignment else env_topology()[1])
+        rank = assignment.rank if assignment is not None else env_topology()[0]
+        if self.injector is None and self.opts.faults:
+            self.injector = FaultInjector(
+                self.opts.faults,
+                rank=rank,
+                seed=cfg.seed,
+                state_dir=self.opts.run_dir / "faults",
+                node=os.environ.get(contract.ENV_NODE_ID, ""),
+            )
+        elif self.injector is not None:  # a re-formed generation may give this process another rank
+            self.injector.set_rank(rank)
+        if self.injector is not None and assignment is not None:
+            self.injector.freeze_point(assignment.generation, "join")
+        if assignment is not None:  # the coordinator learns who reached the rendezvous
+            self.event("joining", rank=assignment.rank, generation=assignment.generation)
         topo = form_group(
             assignment,
             device_kind=cfg.device,
@@ -273,19 +288,6 @@ class Trainer:
                 self.train_model = torch.compile(self.train_model)
             self.optimizer = build_optimizer(self.model, cfg.optim, device_type=topo.device.type)
             self.grad_sync = GradSync(list(self.model.parameters())) if cfg.parallel == "ddp" else None
-            self.injector = (
-                FaultInjector(
-                    self.opts.faults,
-                    rank=topo.rank,
-                    seed=cfg.seed,
-                    state_dir=self.opts.run_dir / "faults",
-                    node=os.environ.get(contract.ENV_NODE_ID, ""),
-                )
-                if self.opts.faults
-                else None
-            )
-        elif self.injector is not None:
-            self.injector.set_rank(topo.rank)
         with collective("creating the checkpoint group"):
             ckpt_pg = dist.new_group(backend="gloo")
         self.ckpt = CheckpointManager(

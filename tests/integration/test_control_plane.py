@@ -134,6 +134,38 @@ def test_a_rank_frozen_while_an_async_checkpoint_is_in_flight_does_not_wedge_the
     ), committed
 
 
+def test_a_generation_that_cannot_form_escalates_to_fresh_processes_then_leaves_the_node_out(
+    cluster: LocalCluster, golden3: dict
+) -> None:
+    # Rank 1 crashes at step 12. The in-place generation 2 never forms: node-2's rank freezes as it
+    # joins. Past the first-step deadline the recovery escalates to new processes from the last good
+    # checkpoint (generation 3), where node-2's new rank freezes as it joins too; then node-2 is left
+    # out and cordoned, and the spare takes its place. The run still ends on the fault-free state.
+    job_id = run_job(
+        cluster,
+        "ladder",
+        first_step_timeout_s=15,
+        faults=[
+            {"kind": "crash", "step": 12, "rank": 1},
+            {"kind": "freeze", "at": "join", "step": 2, "node": "node-2"},
+            {"kind": "freeze", "at": "join", "step": 3, "node": "node-2"},
+        ],
+    )
+    job = finish(cluster, job_id, timeout=240)
+    rs = reasons(cluster, job_id)
+    assert job.final_fingerprint == golden3["fingerprint"], rs
+    assert any(
+        "generation 2 did not complete its first step within 15s" in r and "escalating to fresh" in r
+        for r in rs
+    ), rs
+    assert any(
+        "generation 3 did not complete its first step" in r and "leaving out node-2" in r for r in rs
+    ), rs
+    assert "node-2" not in job.nodes and "spare-0" in job.nodes
+    cordoned = {n.node_id: n.reason for n in cluster.nodes() if n.state == 2}
+    assert "did not join generation 3" in cordoned.get("node-2", ""), cordoned
+
+
 def test_nan_is_replayed_in_place_and_leaves_no_trace(cluster: LocalCluster, golden3: dict) -> None:
     job_id = run_job(
         cluster,
