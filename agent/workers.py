@@ -365,7 +365,12 @@ class WorkerGroup:
                 w.last_progress_at = now
                 if rec.get("step_time_s"):
                     w.step_times.append(float(rec["step_time_s"]))
-                if w.state in (types_pb2.WORKER_STATE_STARTING, types_pb2.WORKER_STATE_WAITING):
+                # TRAINING means a step of the worker's current generation; a survivor's last records
+                # of the generation it is leaving do not count for the one it joins.
+                if (
+                    w.state in (types_pb2.WORKER_STATE_STARTING, types_pb2.WORKER_STATE_WAITING)
+                    and rec.get("generation", w.generation) == w.generation
+                ):
                     w.state = types_pb2.WORKER_STATE_TRAINING
                 self.metrics.observe_progress(w.job_id, w.rank, rec)
             if not w.alive:
@@ -403,6 +408,7 @@ class WorkerGroup:
             w.ready = True
         elif kind == "started":  # the group formed; TRAINING begins with the first progress record
             w.generation, w.rank = int(rec.get("generation", w.generation)), int(rec.get("rank", w.rank))
+            w.state = types_pb2.WORKER_STATE_STARTING
             w.last_progress_at, w.reassigned_at = time.time(), 0.0
         elif kind in ("collective_failed", "generation_change", "abandoned"):
             w.state = types_pb2.WORKER_STATE_WAITING
@@ -471,6 +477,11 @@ class WorkerGroup:
         if w.slot is None and reason == "crash":
             reason = "standby_lost"
         detail.update(reason=reason, summary=summary)
+        if w.reassigned_at and not w.hung:
+            # A survivor assigned to a newer generation that dies before re-forming fails that
+            # generation: reported under its own old one, the coordinator would take it for stale and
+            # wait out the first-step deadline. (A hung one's slot is handed to a standby instead.)
+            detail["generation"] = self.generation
         w.state = (
             types_pb2.WORKER_STATE_EXITED
             if reason in ("finished", "stopped", "superseded")

@@ -576,8 +576,15 @@ class Controller:
             )
             if job.reconcile_until is not None:
                 self._apply(job_id, m.Reported(req.node_id, req.generation, training), "agent reported in")
-            if req.generation == job.generation and req.last_step:
-                self._apply(job_id, m.Progress(req.node_id, req.generation, req.last_step), "progress")
+            # Progress of the job's generation only from ranks that trained a step of it: right after
+            # a start directive the node's last step is still one of the generation before.
+            steps = [
+                w.step
+                for w in req.workers
+                if w.state == types_pb2.WORKER_STATE_TRAINING and w.generation == job.generation
+            ]
+            if req.generation == job.generation and steps and max(steps):
+                self._apply(job_id, m.Progress(req.node_id, req.generation, max(steps)), "progress")
         if self.bisector is not None and req.traces:
             self.bisector.on_traces(req.node_id, list(req.traces))
         return agent_pb2.HeartbeatResponse(

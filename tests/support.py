@@ -239,3 +239,34 @@ def golden(tmp: Path, data: Path, world: int, steps: int = 40, trainer: dict | N
     assert r.returncode == 0, r.stderr[-3000:]
     done = [e for e in read_jsonl(run / "ranks/rank-00000/events.jsonl") if e["event"] == "finished"][-1]
     return {"fingerprint": done["fingerprint"], "val_loss": done["val_loss"]}
+
+
+def reset_cluster(c: Any, n_nodes: int) -> None:
+    """Every agent up and every node eligible again, before a LocalCluster's next scenario."""
+    from protos.stanchion.v1 import operator_pb2
+
+    for n in list(c.agents):
+        if not c.agents[n].alive():
+            c.restart_agent(n)
+    c.wait(
+        lambda: all(x.state == 1 or x.state == 2 for x in c.nodes()) and len(c.nodes()) >= n_nodes,
+        60,
+        "nodes ready",
+    )
+    for n in c.nodes():
+        if n.state != 1:
+            c.rpc("UncordonNode", operator_pb2.UncordonNodeRequest(node_id=n.node_id))
+
+
+def frozen_pids(run_root: Path, node_id: str) -> list[int]:
+    """Pids of the node's rank processes that are stopped (SIGSTOP: state T in /proc/PID/stat)."""
+    out = []
+    for alive in sorted((run_root / "workers" / node_id).glob("w*/alive.json")):
+        try:
+            pid = int(json.loads(alive.read_text())["pid"])
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (OSError, ValueError, KeyError):
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] == "T":
+            out.append(pid)
+    return out

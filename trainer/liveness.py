@@ -37,18 +37,25 @@ class LivenessThread(threading.Thread):
         self.interval_s = interval_s
         self._stop = threading.Event()
 
+    def start(self) -> None:
+        self.beat()  # the file exists before start() returns, even if the process stops at once
+        super().start()
+
+    def beat(self) -> None:
+        blocked = list(parallel.current_collective)
+        state = {"pid": os.getpid(), "time": time.time()}
+        if blocked:
+            state["collective"], state["since"] = blocked[-1]
+        tmp = self.path.with_name(f".{ALIVE_FILE}.tmp.{threading.get_ident()}")
+        try:
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
     def run(self) -> None:
-        tmp = self.path.with_name(f".{ALIVE_FILE}.tmp")
         while not self._stop.is_set():
-            blocked = list(parallel.current_collective)
-            state = {"pid": os.getpid(), "time": time.time()}
-            if blocked:
-                state["collective"], state["since"] = blocked[-1]
-            try:
-                tmp.write_text(json.dumps(state))
-                os.replace(tmp, self.path)
-            except OSError:
-                pass
+            self.beat()
             self._stop.wait(self.interval_s)
 
     def stop(self) -> None:

@@ -41,7 +41,7 @@ from trainer.faults import Fault, FaultInjector
 from trainer.liveness import LivenessThread
 from trainer.model import GPT
 from trainer.monitors import SpikeDetector, group_norms
-from trainer.optim import build_optimizer, lr_at, set_lr
+from trainer.optim import build_optimizer, lr_at, reset_state, set_lr
 from trainer.parallel import (
     Abandoned,
     CollectiveFailed,
@@ -418,8 +418,6 @@ class Trainer:
         self.event("restored", path=str(path), step=self.cursor.step, fingerprint=digest)
 
     def _reset_to_initial(self) -> None:
-        from trainer.optim import reset_state
-
         assert self.optimizer is not None
         if self.has_state:  # a used process told to start over: identical to a fresh one
             self.model.init_weights(self.cfg.seed)

@@ -102,7 +102,7 @@ def form_group(
 
     device = pick_device(device_kind, assign.local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    store = dist.TCPStore(assign.master_addr, assign.master_port, is_master=False, timeout=timeout)
+    store = _connect_store(assign, timeout_s, abandon)
     # One key space per (job, generation): a restarted rank can never read an older generation's keys.
     prefixed = dist.PrefixStore(f"stanchion/{assign.job_id}/gen{assign.generation}/", store)
     with collective("waiting for the generation's ranks"):
@@ -137,6 +137,40 @@ def form_group(
         device,
         managed=True,
     )
+
+
+STORE_CONNECT_TRY_S = 2.0  # one connection attempt to the rendezvous store; abandon() is polled between
+
+
+def _connect_store(assign: Assignment, timeout_s: float, abandon: Callable[[], bool]) -> dist.TCPStore:
+    """Connect to the generation's rendezvous store, in short attempts that poll ``abandon``.
+
+    The store lives in an agent; if that agent restarted, the assigned address is dead and a single
+    connect would retry it for the whole timeout, deaf to the newer generation that replaced this one.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try_s = max(0.1, min(STORE_CONNECT_TRY_S, deadline - time.monotonic()))
+        try:
+            store = dist.TCPStore(
+                assign.master_addr,
+                assign.master_port,
+                is_master=False,
+                timeout=datetime.timedelta(seconds=try_s),
+            )
+            store.set_timeout(datetime.timedelta(seconds=timeout_s))
+            return store
+        except RuntimeError as e:  # DistStoreError: refused or timed out
+            if abandon():
+                raise Abandoned(
+                    f"generation {assign.generation} superseded while its rendezvous store "
+                    f"{assign.master_addr}:{assign.master_port} was unreachable"
+                ) from None
+            if time.monotonic() > deadline:
+                raise CollectiveFailed(
+                    f"rendezvous store {assign.master_addr}:{assign.master_port} unreachable for "
+                    f"{timeout_s:.0f}s: {e}"
+                ) from None
 
 
 def _device_id(device: torch.device) -> torch.device | None:

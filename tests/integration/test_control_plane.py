@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from support import golden, job_spec
+from support import golden, job_spec, reset_cluster
 
 from diagnostics.localcluster import LocalCluster
 
@@ -46,19 +46,7 @@ def golden3(tmp_path_factory: pytest.TempPathFactory, small_data_module: Path) -
 
 def reset(c: LocalCluster) -> None:
     """Every node eligible again, every agent up, before the next scenario."""
-    from protos.stanchion.v1 import operator_pb2
-
-    for n in list(c.agents):
-        if not c.agents[n].alive():
-            c.restart_agent(n)
-    c.wait(
-        lambda: all(x.state == 1 or x.state == 2 for x in c.nodes()) and len(c.nodes()) >= 4,
-        60,
-        "nodes ready",
-    )
-    for n in c.nodes():
-        if n.state != 1:
-            c.rpc("UncordonNode", operator_pb2.UncordonNodeRequest(node_id=n.node_id))
+    reset_cluster(c, 4)
 
 
 def run_job(c: LocalCluster, name: str, **kw) -> str:
