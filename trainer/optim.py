@@ -6,6 +6,14 @@ and embedding rows of rare tokens would shrink between their rare updates.
 
 The schedule is a pure function of (step, config, total_steps), so a resumed run or an in-place
 rollback recomputes exactly the learning rate the uninterrupted run would have used.
+
+The optimizer's per-parameter state exists from the start (:func:`reset_state`): torch creates it
+lazily, in the first ``step()``, and anything that asks for an optimizer state dict before then
+creates it its own way. ``torch.distributed.checkpoint``'s ``get_state_dict`` runs a zero-gradient,
+zero-learning-rate step to materialise it, which leaves every step counter at 1 with zero moments:
+a checkpoint taken at step 0 (after a rollback to the initial snapshot) silently changed the bias
+correction of every following step. With the state explicit at step 0 there is nothing lazy left:
+snapshots, checkpoints, fingerprints and healing all see, copy and restore the same tensors.
 """
 
 from __future__ import annotations
@@ -82,7 +90,49 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device_type: str = "c
         len(no_decay),
         n_no_decay,
     )
+    reset_state(optimizer)
     return optimizer
+
+
+@torch.no_grad()
+def reset_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every trainable parameter the optimizer state of a run that has taken no step yet.
+
+    The state is created by the optimizer's own lazy initialisation (so its keys, dtypes, devices
+    and layouts are exactly what its first real step would create): one step with zero gradients
+    and a learning rate of 0, which leaves the parameters bitwise unchanged, the moments at zero
+    (zero in, zero out) and the step counters at 1. The counters are then set back to 0. AdamW and
+    Adafactor initialise every state tensor to zero, so zeroing all of them is their initial state;
+    a step from here is bitwise the step a lazily initialised optimizer takes
+    (tests/unit/test_optim_state.py).
+
+    Gradients must be absent (between steps); the learning rates are left as they were.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if any(p.grad is not None for p in params):
+        raise RuntimeError("reset_state: parameters hold gradients; call it between steps")
+    optimizer.state.clear()
+    # A tensor learning rate is filled in place by set_lr: keep a copy of its value.
+    lrs = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in optimizer.param_groups]
+    try:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        set_lr(optimizer, 0.0)
+        optimizer.step()
+    finally:
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].copy_(lr)
+            else:
+                group["lr"] = lr
+        for p in params:
+            p.grad = None
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                state[key] = type(value)(0)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -16,6 +16,7 @@ from support import (
     final_fingerprint,
     kill_group,
     losses_by_step,
+    rank_dir,
     run_trainer,
     start_trainer,
     trainer_cmd,
@@ -169,3 +170,107 @@ def test_torch_compile_trains_the_same_model(small_data: Path, tmp_path: Path) -
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["steps_completed"] == 6
+
+
+# Rollback in place, checked against the fault-free run: 2 ranks, 12 steps, a fingerprint check and
+# a snapshot every 4 steps (all snapshots kept), a checkpoint every 4 steps, so a rollback to step S
+# is followed by a checkpoint of step S, which is what once broke a rollback to step 0.
+ROLLBACK_ARGS = [
+    "--checkpoint-every",
+    "4",
+    "--set",
+    "integrity.fingerprint_every=4",
+    "--set",
+    "integrity.snapshot_every=4",
+    "--set",
+    "integrity.snapshots_kept=10",
+    "--set",
+    "integrity.on_mismatch=rollback",
+    "--set",
+    "integrity.audit_every=0",
+    "--set",
+    "integrity.spike_loss_z=1000",
+    "--set",
+    "integrity.spike_grad_z=1000",
+]
+ROLLBACK_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def fault_free(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("fault-free") / "run"
+    r = run_trainer(trainer_cmd(small_data, run, nproc=2, steps=ROLLBACK_STEPS, extra=ROLLBACK_ARGS))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run
+
+
+def assert_replayed_exactly(run: Path, clean: Path, to_step: int) -> None:
+    for rank in range(2):
+        rollbacks = events(run, rank, "rollback")
+        assert [e["step"] for e in rollbacks] == [to_step], rollbacks
+    # the checkpoint taken right after the rollback, of the restored state itself
+    assert to_step in [e["step"] for e in events(run, 0, "checkpoint_committed")]
+    clean_losses, losses = losses_by_step(clean), losses_by_step(run)
+    assert sorted(losses) == list(range(1, ROLLBACK_STEPS + 1))
+    assert losses == clean_losses  # every step, replayed or not, to the last bit
+    assert final_fingerprint(run, 0) == final_fingerprint(run, 1) == final_fingerprint(clean, 0)
+
+
+@pytest.mark.parametrize("flip_step", [2, 6], ids=["to-step-0", "to-step-4"])
+def test_fingerprint_mismatch_rollback_replays_the_fault_free_run_exactly(
+    small_data: Path, tmp_path: Path, fault_free: Path, flip_step: int
+) -> None:
+    """A bit flip in rank 1's parameters; the next fingerprint check (step 4 or 8) disagrees and both
+    ranks roll back in place to the newest agreed snapshot: step 0 (the initial state) or step 4."""
+    faults = tmp_path / "faults.json"
+    faults.write_text(
+        json.dumps([{"kind": "bitflip", "step": flip_step, "rank": 1, "target": "param", "bit": 24}])
+    )
+    run = tmp_path / "run"
+    extra = [*ROLLBACK_ARGS, "--faults", str(faults)]
+    r = run_trainer(trainer_cmd(small_data, run, nproc=2, steps=ROLLBACK_STEPS, extra=extra))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [e["step"] for e in events(run, 0, "fingerprint_mismatch")] == [flip_step // 4 * 4 + 4]
+    assert_replayed_exactly(run, fault_free, to_step=flip_step // 4 * 4)
+
+
+@pytest.mark.parametrize("nan_step", [3, 7], ids=["to-step-0", "to-step-4"])
+def test_nan_replay_rollback_replays_the_fault_free_run_exactly(
+    small_data: Path, tmp_path: Path, fault_free: Path, nan_step: int
+) -> None:
+    """A NaN loss on rank 0 (the step is skipped everywhere); as the coordinator's replay-first
+    policy does, a rollback request to the step before it replays from the newest snapshot at or
+    before that step: step 0 (the initial state) or step 4. The one-shot NaN does not recur."""
+    from trainer.contract import write_json_atomic
+
+    faults = tmp_path / "faults.json"
+    faults.write_text(
+        json.dumps(
+            [
+                {"kind": "nan", "step": nan_step, "rank": 0},
+                # slower steps after the NaN, so the request lands well before the run ends
+                {
+                    "kind": "slow",
+                    "rank": -1,
+                    "from_step": nan_step,
+                    "until_step": nan_step + 4,
+                    "delay_s": 0.5,
+                },
+            ]
+        )
+    )
+    run = tmp_path / "run"
+    extra = [*ROLLBACK_ARGS, "--faults", str(faults)]
+    p = start_trainer(trainer_cmd(small_data, run, nproc=2, steps=ROLLBACK_STEPS, extra=extra))
+    try:
+        wait_for(lambda: events(run, 0, "nonfinite"), 120, "the nonfinite event")
+        request = {"id": 1, "kind": "rollback", "to_step": nan_step - 1, "skip": [], "reason": "nan replay"}
+        for rank in range(2):
+            write_json_atomic(rank_dir(run, rank) / "control" / "request-00000001.json", request)
+        out, _ = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            kill_group(p)
+    assert p.returncode == 0, out[-3000:]
+    assert [e["step"] for e in events(run, 0, "nonfinite")] == [nan_step]
+    assert_replayed_exactly(run, fault_free, to_step=(nan_step - 1) // 4 * 4)

@@ -3,6 +3,7 @@ the newest snapshots in order."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainer.snapshot import SnapshotRing
@@ -149,3 +150,52 @@ def test_restore_drops_newer_snapshots(seed):
     assert ring.steps() == [10, 20]
     ring.restore(ring.ring[0], model, opt)
     assert ring.steps() == [10]
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+@pytest.mark.parametrize("snapshot_step", [0, 2])
+def test_rollback_to_any_snapshot_replays_exactly_even_through_a_checkpoint(name, snapshot_step):
+    """The trainer's optimizer, a snapshot at step 0 (the initial state) or at a later step; train
+    on, restore, let a checkpoint read the restored state (DCP's get_state_dict, which every
+    checkpoint calls, and which after a rollback to step 0 ran before the replay), then replay the
+    same steps: bitwise the state of a run that never rolled back."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from trainer.config import ModelConfig, OptimConfig
+    from trainer.model import GPT
+    from trainer.optim import build_optimizer, lr_at, set_lr
+
+    mcfg = ModelConfig(vocab_size=32, n_layer=2, n_head=2, n_kv_head=1, d_model=16, max_seq_len=8)
+    ocfg = OptimConfig(name=name, lr=1e-2, warmup_steps=2)
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randint(0, 32, (2, 8), generator=gen) for _ in range(snapshot_step + 3)]
+
+    def steps(model, opt, first, last):
+        for i in range(first, last):
+            opt.zero_grad(set_to_none=True)
+            set_lr(opt, lr_at(i, ocfg, 10))
+            _, loss = model(xs[i], xs[i])
+            loss.backward()
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model = GPT(mcfg)
+    opt = build_optimizer(model, ocfg)
+    steps(model, opt, 0, snapshot_step)
+    ring = SnapshotRing(keep=2)
+    ring.take(snapshot_step, model, opt, {"cursor": {"step": snapshot_step}})
+    saved = live_state(model, opt)
+    steps(model, opt, snapshot_step, len(xs))  # the steps a fault makes us undo
+
+    assert ring.restore(ring.newest_at_or_before(snapshot_step), model, opt) == {
+        "cursor": {"step": snapshot_step}
+    }
+    assert_same_state(live_state(model, opt), saved)
+    get_state_dict(model, opt)  # a checkpoint of the restored step
+    assert_same_state(live_state(model, opt), saved)
+    steps(model, opt, snapshot_step, len(xs))
+
+    reference_model = GPT(mcfg)
+    reference = build_optimizer(reference_model, ocfg)
+    steps(reference_model, reference, 0, len(xs))
+    assert_same_state(live_state(model, opt), live_state(reference_model, reference))
