@@ -24,7 +24,11 @@ Policies, from DESIGN.md's fault table:
   launches (``first_step_deadline_s``). One that does not escalates the recovery one rung, never
   repeating the plan that just failed: in place with healing from a peer (rung 0) -> fresh processes
   restored from the last good checkpoint (1) -> without the nodes whose ranks did not join, cordoned
-  (2) -> fail, naming every plan tried (3). A later fault during the same recovery keeps the rung.
+  (2) -> fail, naming every plan tried (3). A later fault during the same recovery keeps the rung;
+- responses that meet: a rollback target in flight (a pending request, a generation that has not
+  stepped yet, a wait for capacity, a bisection) binds every later restart, the lowest winning;
+  events of stopped or older ranks are stale, but their alarms are not (tests/unit/test_machine_pairs.py);
+  nothing is decided while a coordinator restart is being reconciled.
 """
 
 from __future__ import annotations
@@ -154,6 +158,7 @@ class PendingRollback:
     to_step: int
     since: float
     purpose: str
+    skip: tuple[tuple[int, int], ...] = ()  # the windows the request skips (to send it again)
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,10 @@ class Job:
     joined_ranks: tuple[int, ...] = ()  # ranks of the current generation that formed its group
     rung: int = 0  # escalation rung of the recovery in progress (RUNGS)
     tried: tuple[str, ...] = ()  # the plans of the recovery in progress, for a final failure's reason
+    # A rollback target no training generation has applied yet (a restart's rollback_to until its
+    # generation steps; a bisection's or a capacity wait's until the next launch): any restart before
+    # then restores from at or before it. -1: none.
+    restore_to: int = -1
 
     @property
     def last_good(self) -> CheckpointRecord | None:
@@ -587,9 +596,13 @@ def on_submitted(job: Job, event: Submitted, nodes: Mapping[str, NodeView], now:
 def on_tick(job: Job, event: Tick, nodes: Mapping[str, NodeView], now: float) -> Decision:
     if job.state is JobState.PENDING:
         return _start_first(job, nodes, now)
-    if job.reconcile_until is not None and now >= job.reconcile_until:
+    if job.reconcile_until is not None and now < job.reconcile_until:
+        return _noop(job)  # the members have not all reported since the coordinator restarted
+    if job.reconcile_until is not None:
         missing = [m for m in job.members if m not in job.reconciled]
         job = dataclasses.replace(job, reconcile_until=None)
+        if missing and _deadline_missed(job, now):
+            return _escalate(job, nodes, now)  # its first-step deadline passed too: never the same plan
         if missing:
             return _restart(
                 job,
@@ -616,8 +629,8 @@ def on_tick(job: Job, event: Tick, nodes: Mapping[str, NodeView], now: float) ->
 
 
 def on_worker_failed(job: Job, ev: WorkerFailed, nodes: Mapping[str, NodeView], now: float) -> Decision:
-    if job.state not in ACTIVE or ev.generation != job.generation:
-        return _noop(job)
+    if job.state not in ACTIVE or ev.generation != job.generation or _stopped(job):
+        return _noop(job)  # stale, or ranks the job already stopped (and counted the restart of)
     if ev.kind == "config":
         return _fail(job, f"the trainer rejected its configuration on {ev.node_id}: {ev.detail}")
     what = "hung" if ev.kind == "hang" else "crashed"
@@ -635,7 +648,13 @@ def on_node_lost(job: Job, ev: NodeLost, nodes: Mapping[str, NodeView], now: flo
     if job.state not in ACTIVE or ev.node_id not in job.members:
         return _noop(job)
     return _restart(
-        job, "node_lost", nodes, now, exclude=(ev.node_id,), detail=f"node {ev.node_id} lost: {ev.detail}"
+        job,
+        "node_lost",
+        nodes,
+        now,
+        exclude=(ev.node_id,),
+        detail=f"node {ev.node_id} lost: {ev.detail}",
+        count=not job.awaiting_capacity,  # waiting: its ranks were stopped, the restart counted
     )
 
 
@@ -653,20 +672,31 @@ def on_drain(job: Job, ev: Drain, nodes: Mapping[str, NodeView], now: float) -> 
     if job.state not in ACTIVE or ev.node_id not in job.members:
         return _noop(job)
     return _restart(
-        job, "drain", nodes, now, exclude=(ev.node_id,), detail=f"node {ev.node_id} drained: {ev.reason}"
+        job,
+        "drain",
+        nodes,
+        now,
+        exclude=(ev.node_id,),
+        detail=f"node {ev.node_id} drained: {ev.reason}",
+        count=not job.awaiting_capacity,
     )
 
 
 def on_progress(job: Job, ev: Progress, nodes: Mapping[str, NodeView], now: float) -> Decision:
-    if ev.generation != job.generation or job.state not in ACTIVE:
-        return _noop(job)
+    if ev.generation != job.generation or job.state not in ACTIVE or _stopped(job):
+        return _noop(job)  # a stopped generation's last steps end no recovery
     new = job
     if ev.step > job.step:
         new = dataclasses.replace(new, step=ev.step)
     if job.launched is not None:  # the generation completed a step: it formed, and the recovery worked
         took = now - job.launched
         new = dataclasses.replace(
-            new, launched=None, rung=0, tried=(), first_step_s=(*job.first_step_s, took)[-8:]
+            new,
+            launched=None,
+            rung=0,
+            tried=(),
+            first_step_s=(*job.first_step_s, took)[-8:],
+            restore_to=-1,  # it restored its state before stepping: the target is applied
         )
     if job.waiting_since is not None and ev.step > job.waiting_step:  # training moved on: the peer came back
         new = dataclasses.replace(new, waiting_since=None)
@@ -688,10 +718,13 @@ def on_progress(job: Job, ev: Progress, nodes: Mapping[str, NodeView], now: floa
 
 
 def on_detector(job: Job, ev: Detector, nodes: Mapping[str, NodeView], now: float) -> Decision:
-    if job.state not in ACTIVE or ev.generation != job.generation:
+    if job.state not in ACTIVE or ev.generation > job.generation:
         return _noop(job)
-    if job.pending_rollback is not None and ev.step > job.pending_rollback.to_step:
-        return _noop(job)  # these steps are about to be recomputed
+    onset = ev.onset_step if ev.onset_step >= 0 else ev.step - 1
+    if ev.generation < job.generation or _stopped(job):
+        return _late_alarm(job, ev, onset, nodes, now)
+    if job.pending_rollback is not None and onset >= job.pending_rollback.to_step:
+        return _noop(job)  # its whole window lies in the steps about to be recomputed
     job, marks = _raise_alarm(job, ev)
     if ev.kind in ("nonfinite", "spike"):
         return _replay_first(job, ev, nodes, now, marks)
@@ -749,6 +782,46 @@ def on_detector(job: Job, ev: Detector, nodes: Mapping[str, NodeView], now: floa
             f"the audit at step {ev.step} disagrees but cannot name a rank ({ev.detail})",
         )
     return _noop(job)
+
+
+def _late_alarm(job: Job, ev: Detector, onset: int, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    """A detection about state that no rank of the current generation is training on as it was: it
+    comes from an older generation, or from ranks the job stopped. Process events of such ranks are
+    stale; an alarm is not: its onset window holds whatever generation inherited that state
+    (survivors keep it, replacements heal from them). Checkpoints in the window are bad, and the
+    state must come back from at or before the onset."""
+    if ev.kind == "nonfinite":
+        return _noop(job)  # the poisoned update was never applied: nothing to undo
+    job, marks = _raise_alarm(job, ev)
+    why = f"{ev.kind} at step {ev.step} reported by generation {ev.generation} (onset after step {onset})"
+    if _stopped(job):
+        target = min(onset, job.restore_to) if job.restore_to >= 0 else onset
+        return Decision(
+            dataclasses.replace(job, restore_to=target),
+            marks,
+            f"{why}: its ranks are stopped; the next generation restores from step {target} or earlier",
+        )
+    if job.launched is not None and 0 <= job.restore_to <= onset:
+        new = dataclasses.replace(job, alarms=_resolve_alarms(job, generation=job.generation))
+        return Decision(
+            new,
+            marks,
+            f"{why}: generation {job.generation} already restores from step {job.restore_to} or earlier",
+        )
+    suspects = tuple(sorted({n for r in ev.suspect_ranks if (n := job.node_of_rank(r)) is not None}))
+    cordons = tuple(Cordon(n, f"{ev.kind} at step {ev.step} named it ({ev.detail})") for n in suspects)
+    purpose = {"fingerprint_mismatch": "fingerprint", "audit_mismatch": "audit"}.get(ev.kind, ev.kind)
+    d = _restart(
+        job,
+        purpose,
+        nodes,
+        now,
+        exclude=suspects,
+        rollback_to=max(onset, 0),
+        detail=f"{why}: generation {job.generation} may carry that state, so it restores from step "
+        f"{max(onset, 0)} or earlier",
+    )
+    return dataclasses.replace(d, actions=marks + cordons + d.actions)
 
 
 def _raise_alarm(job: Job, ev: Detector) -> tuple[Job, tuple[Action, ...]]:
@@ -840,7 +913,16 @@ def _suspect_hardware(
 ) -> Decision:
     onset = ev.onset_step if ev.onset_step >= 0 else max(ev.step - 1, 0)
     if job.spec.bisect_on_suspect and len(job.members) >= 2:
-        new = dataclasses.replace(job, state=JobState.BISECTING, fault_time=job.fault_time or now)
+        # Its ranks stop: the bisection's restart restores from before this onset and any target in flight.
+        p = job.pending_rollback
+        target = min(t for t in (max(onset, 0), job.restore_to, p.to_step if p else -1) if t >= 0)
+        new = dataclasses.replace(
+            job,
+            state=JobState.BISECTING,
+            fault_time=job.fault_time or now,
+            restore_to=target,
+            pending_rollback=None,
+        )
         return Decision(
             new,
             (
@@ -863,11 +945,16 @@ def _rollback(
     marks: tuple[Action, ...] = (),
 ) -> Decision:
     rid = job.next_request_id
+    # It replaces a pending request and resolves the open alarms: it goes back past all of them.
+    earlier = [*_open_onsets(job), *([job.pending_rollback.to_step] if job.pending_rollback else [])]
+    if earlier and min(earlier) < to_step:
+        to_step = max(min(earlier), 0)
+        reason += f" (to step {to_step}: an earlier target is still in flight)"
     new = dataclasses.replace(
         job,
         next_request_id=rid + 1,
         skip_windows=(*job.skip_windows, *skip),
-        pending_rollback=PendingRollback(rid, to_step, now, kind),
+        pending_rollback=PendingRollback(rid, to_step, now, kind, skip),
         alarms=_resolve_alarms(job, epoch=rid),
     )
     return Decision(
@@ -940,6 +1027,19 @@ def on_rank_finished(job: Job, ev: RankFinished, nodes: Mapping[str, NodeView], 
     )
     if len(finished) < job.world_size:
         return Decision(new)
+    pending = job.pending_rollback
+    if pending is not None:
+        # The ranks finished before they applied it: the final state holds the steps it discards.
+        return _restart(
+            new,
+            pending.purpose,
+            nodes,
+            now,
+            exclude=(),
+            force_checkpoint=True,
+            detail=f"every rank finished before applying rollback {pending.request_id} to step "
+            f"{pending.to_step}: the final state holds steps after an alarm's onset, so they are redone",
+        )
     new = dataclasses.replace(new, state=JobState.SUCCEEDED)
     return Decision(
         new,
@@ -950,8 +1050,11 @@ def on_rank_finished(job: Job, ev: RankFinished, nodes: Mapping[str, NodeView], 
 
 def on_cancel(job: Job, ev: Cancel, nodes: Mapping[str, NodeView], now: float) -> Decision:
     new = dataclasses.replace(job, state=JobState.CANCELLED)
+    # A final checkpoint only of clean state: not of steps a rollback in flight was about to discard
+    # (a cancelled job records no later checkpoint event, so it could never be marked bad).
+    clean = job.pending_rollback is None and job.restore_to < 0 and not _open_onsets(job)
     return Decision(
-        new, (StopWorkers(job.members, ev.reason, checkpoint=True),) if job.members else (), ev.reason
+        new, (StopWorkers(job.members, ev.reason, checkpoint=clean),) if job.members else (), ev.reason
     )
 
 
@@ -975,21 +1078,29 @@ def on_reported(job: Job, ev: Reported, nodes: Mapping[str, NodeView], now: floa
 def on_coordinator_restarted(
     job: Job, ev: CoordinatorRestarted, nodes: Mapping[str, NodeView], now: float
 ) -> Decision:
-    if job.state not in ACTIVE:
-        return _noop(job)
+    if job.state not in ACTIVE or job.awaiting_capacity:
+        return _noop(job)  # waiting for capacity, nothing trains: the next Tick retries as before
     new = dataclasses.replace(job, reconcile_until=now + RECONCILE_GRACE_S, reconciled=())
-    return Decision(
-        new,
-        (),
+    why = (
         f"coordinator restarted: waiting up to {RECONCILE_GRACE_S:.0f}s for members to report "
-        f"generation {job.generation} before deciding anything",
+        f"generation {job.generation} before deciding anything"
     )
+    p = job.pending_rollback
+    if p is None:
+        return Decision(new, (), why)
+    # Decided and saved, but maybe never sent before the restart; the ranks handle a request once.
+    again = SendRollback(
+        job.generation, job.members, p.request_id, p.to_step, p.skip, f"{p.purpose}: rollback resent"
+    )
+    return Decision(new, (again,), f"{why}; rollback {p.request_id} to step {p.to_step} sent again")
 
 
 def on_bisection_done(job: Job, ev: BisectionDone, nodes: Mapping[str, NodeView], now: float) -> Decision:
     if job.state is not JobState.BISECTING:
         return _noop(job)
+    # The target set when the bisection began (older jobs: the newest alarm's onset).
     last_alarm = job.alarms[-1].onset_step if job.alarms else job.step
+    target = job.restore_to if job.restore_to >= 0 else last_alarm
     cordons = tuple(Cordon(n, f"bisection {ev.bisection_id} named it") for n in ev.faulty)
     d = _restart(
         job,
@@ -997,7 +1108,7 @@ def on_bisection_done(job: Job, ev: BisectionDone, nodes: Mapping[str, NodeView]
         nodes,
         now,
         exclude=ev.faulty,
-        rollback_to=last_alarm,
+        rollback_to=target,
         force_checkpoint=True,
         detail=f"bisection {ev.bisection_id}: {ev.reason}",
     )
@@ -1048,6 +1159,13 @@ def _restart(
                 f"(max_restarts_without_progress={spec.max_restarts_without_progress})",
             )
     fault_time = job.fault_time if job.fault_time is not None else now
+    # Every rollback target in flight binds the next generation: the one asked for, a pending
+    # in-place request the survivors never applied, and the target of a generation (or a wait) that
+    # never got to train. The lowest wins: state after any alarm's onset must not survive.
+    targets = [rollback_to, job.restore_to, job.pending_rollback.to_step if job.pending_rollback else -1]
+    rollback_to = min((t for t in targets if t >= 0), default=-1)
+    if _stopped(job):
+        force_checkpoint = True  # its ranks were stopped: no live peer is left to heal from
     current = tuple(m for m in job.members if m not in exclude)
     choice = choose_members(
         wanted=spec.nodes,
@@ -1060,7 +1178,14 @@ def _restart(
     )
     if choice is None:
         new = dataclasses.replace(
-            job, state=JobState.RECOVERING, awaiting_capacity=True, fault_time=fault_time, waiting_since=None
+            job,
+            state=JobState.RECOVERING,
+            awaiting_capacity=True,
+            fault_time=fault_time,
+            waiting_since=None,
+            restore_to=rollback_to,  # the ranks are stopped: the next launch restores from here
+            pending_rollback=None,
+            reconcile_until=None,  # nothing trains, so nothing is left to reconcile
         )
         if count:
             return Decision(
@@ -1069,8 +1194,6 @@ def _restart(
                 f"{detail}; no capacity for a new generation: waiting for nodes",
             )
         return Decision(new)
-    if job.pending_rollback is not None and rollback_to < 0:
-        rollback_to = job.pending_rollback.to_step  # the survivors never applied it: they do it now
     survivors = [m for m in choice.members if m in current]
     cfg_parallel = _parallel(spec)
     fresh = job.rung >= 1  # an in-place recovery already failed: new processes from a checkpoint
@@ -1100,6 +1223,7 @@ def _restart(
         alarms=_resolve_alarms(job, generation=gen) if rollback_to >= 0 or resume != "peer" else job.alarms,
         launched=now,
         joined_ranks=(),
+        restore_to=rollback_to,  # until this generation steps, a restart must restore from here too
     )
     action = StartGeneration(
         gen, choice.members, job.members, resume, checkpoint, job.skip_windows, rollback_to, fresh
@@ -1116,6 +1240,16 @@ def _restart(
     return Decision(
         new, (action,), f"{detail}; generation {gen} on {', '.join(choice.members)} ({choice.reason}): {how}"
     )
+
+
+def _stopped(job: Job) -> bool:
+    """The job stopped its ranks (waiting for capacity, or for a bisection): nothing of its current
+    generation trains, and an event from those ranks describes processes already gone."""
+    return job.awaiting_capacity or job.state is JobState.BISECTING
+
+
+def _open_onsets(job: Job) -> list[int]:
+    return [a.onset_step for a in job.alarms if a.resolved_epoch < 0 and a.resolved_generation < 0]
 
 
 def _parallel(spec: JobSpec) -> str:
@@ -1173,7 +1307,12 @@ def from_json(d: dict[str, Any], spec: JobSpec) -> Job:
     d["anomalies"] = tuple(Anomaly(**a) for a in d.get("anomalies", ()))
     d["alarms"] = tuple(Alarm(**a) for a in d.get("alarms", ()))
     d["checkpoints"] = tuple(CheckpointRecord(**c) for c in d.get("checkpoints", ()))
-    d["pending_rollback"] = PendingRollback(**d["pending_rollback"]) if d.get("pending_rollback") else None
+    if d.get("pending_rollback"):
+        p = dict(d["pending_rollback"])
+        p["skip"] = tuple(tuple(x) for x in p.get("skip", ()))
+        d["pending_rollback"] = PendingRollback(**p)
+    else:
+        d["pending_rollback"] = None
     for key in (
         "members",
         "recoveries",
