@@ -1,7 +1,10 @@
 """`stanchion up` (what `make demo` runs) end to end, shortened: a coordinator, two agents and a spare
 on 127.0.0.1 with fresh mTLS certificates train the tiny preset on the fixture corpus while the
 chaos schedule kills an agent, the coordinator and a rank, hangs a rank, and has the trainer inject a
-NaN and a bit flip. Every fault must be detected and answered, and the job must succeed."""
+NaN and a bit flip. Every fault must be detected and answered, the job must succeed, and its final
+state must equal the fault-free run's. A second run keeps only crashes (`--chaos-kinds crash`, with a
+second crash during a recovery) and sets a recovery bound nothing can meet, to prove that the filter
+holds and that a broken invariant is reported and exits 5."""
 
 from __future__ import annotations
 
@@ -16,8 +19,73 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def up(tmp_path: Path, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess[str], dict]:
+    summary_path = tmp_path / "summary.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diagnostics.cli",
+            "up",
+            "--corpus",
+            "fixture",
+            "--vocab-size",
+            "512",
+            "--run-dir",
+            str(tmp_path / "up"),
+            "--json",
+            str(summary_path),
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert summary_path.exists(), (r.returncode, r.stdout[-3000:], r.stderr[-3000:])
+    return r, json.loads(summary_path.read_text())
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(240)
+def test_up_with_one_fault_kind_keeps_to_it_and_checks_its_invariants(tmp_path: Path) -> None:
+    steps = 60
+    r, s = up(
+        tmp_path,
+        *("--steps", str(steps), "--chaos", "3", "--chaos-kinds", "crash", "--fault-every", "15"),
+        *("--recovery-bound-s", "0.05", "--samples", "0", "--insecure"),
+        timeout=220,
+    )
+    out = (r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 5, out  # the job succeeded; an invariant (the bound) did not hold
+    assert s["state"] == "succeeded" and s["steps_completed"] == steps, out
+    # the filter: a schedule of crashes only (one of them during the first one's recovery), and nothing else
+    assert s["schedule_source"]["kinds"] == ["crash"] and s["schedule_source"]["fault_every"] == 15
+    assert {f["kind"] for f in s["schedule"]} == {"crash"} and len(s["schedule"]) == 4
+    assert [f["during_recovery"] for f in s["faults_injected"]] == [False, True, False, False], s[
+        "faults_injected"
+    ]
+    assert all(f["fired"] and f["kind"] == "crash" for f in s["faults_injected"]), s["faults_injected"]
+    assert s["faults_by_kind"] == {"crash": {"scheduled": 4, "fired": 4}}
+    assert s["second_faults"]["landed_in_recovery"] + s["second_faults"]["landed_after_recovery"] == 1
+    assert set(s["restarts"]) == {"crash"} and s["restarts"]["crash"] >= 3, s["restarts"]
+    assert all(f["detected"] for f in s["faults_detected"]), s["faults_detected"]
+    # the invariants: checked, reported, and the one that cannot hold says why
+    inv = s["invariants"]
+    assert inv["job_succeeded"]["ok"] is True
+    bound = inv["recoveries_within_bound"]
+    assert bound["ok"] is False and bound["bound_s"] == 0.05 and bound["measured"] >= 3, bound
+    assert bound["over"] and all(o["recovery_s"] > 0.05 and o["kind"] == "crash" for o in bound["over"])
+    golden = inv["final_state_matches_fault_free"]
+    assert golden["ok"] is True, golden
+    assert golden["fault_free_fingerprint"] == s["final_fingerprint"] and golden["fault_free_job_id"]
+    assert s["invariants_ok"] is False
+    assert "invariant: recoveries within bound" in r.stdout and "NO" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_up_survives_its_chaos_schedule_and_reports_every_fault(tmp_path: Path) -> None:
     summary_path = tmp_path / "summary.json"
     steps = 200  # long enough that the bit flip meets a fingerprint check before the hang (K = 20)
@@ -45,12 +113,16 @@ def test_up_survives_its_chaos_schedule_and_reports_every_fault(tmp_path: Path) 
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=580,  # the chaos run, then the fault-free run it is compared with
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     s = json.loads(summary_path.read_text())
     assert s["state"] == "succeeded"
+    assert s["invariants_ok"] is True, s["invariants"]
+    inv = s["invariants"]
+    assert inv["final_state_matches_fault_free"]["fault_free_fingerprint"] == s["final_fingerprint"]
+    assert inv["recoveries_within_bound"]["bound_s"] == 60 and inv["recoveries_within_bound"]["measured"] >= 4
     assert s["steps_completed"] == steps and s["steps_computed"] == steps + s["lost_steps"]
     kinds = [f["kind"] for f in s["faults_injected"]]
     assert sorted(kinds) == ["agent", "bitflip", "coordinator", "crash", "hang", "nan"]
