@@ -158,6 +158,7 @@ class Trainer:
             min_history=ic.spike_min_history,
             loss_z=ic.spike_loss_z,
             grad_z=ic.spike_grad_z,
+            rel_floor=ic.spike_rel_floor,
         )
         self.counters = {"nonfinite": 0, "spikes": 0, "fingerprint_mismatches": 0, "audit_mismatches": 0}
         torch.set_num_threads(cfg.threads)
@@ -381,6 +382,34 @@ class Trainer:
     def _heal_from_peer(self) -> bool:
         """Pick the live rank with the newest state and broadcast it to everyone else."""
         assert self.topo is not None and self.optimizer is not None
+        mine = torch.tensor(
+            [1 if self.has_state else 0, self.cursor.step, self.cursor.last_agreed_step],
+            dtype=torch.int64,
+            device=self.topo.device,
+        )
+        rows = all_gather_rows(mine, "choosing a healing source")
+        stateful = [r for r in range(rows.shape[0]) if rows[r, 0] == 1]
+        if not stateful:
+            return False
+        # Heal only from verified state. Steps after the last fingerprint agreement may carry a
+        # replica's corruption that nobody saw: its gradients went into every all-reduce, and the
+        # replica that could show it is gone with the fault. Every holder of state first goes back to
+        # its newest snapshot at or before that agreement (all hold the same snapshots). With
+        # fingerprints every step (the default) the last agreement is the current step: no step lost.
+        verified = min(int(rows[r, 2]) for r in stateful)
+        if any(int(rows[r, 1]) > verified for r in stateful) and self.has_state:
+            snap = self.snapshots.newest_at_or_before(verified)
+            from_step = self.cursor.step
+            if snap is not None:
+                self._restore_snapshot(snap)
+                self.event(
+                    "heal_rollback",
+                    from_step=from_step,
+                    step=self.cursor.step,
+                    reason=f"state after step {verified} was never compared across replicas",
+                )
+            else:  # nothing verified to heal from here: a checkpoint restores everyone
+                self.has_state = False
         mine = torch.tensor(
             [1 if self.has_state else 0, self.cursor.step], dtype=torch.int64, device=self.topo.device
         )

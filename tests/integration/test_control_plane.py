@@ -154,6 +154,31 @@ def test_a_generation_that_cannot_form_escalates_to_fresh_processes_then_leaves_
     assert "did not join generation 3" in cordoned.get("node-2", ""), cordoned
 
 
+@pytest.mark.parametrize("k", [1, 20])
+def test_a_bit_flip_then_a_crash_of_the_flipped_rank_never_heals_the_damage_into_the_run(
+    cluster: LocalCluster, golden3: dict, k: int
+) -> None:
+    # Rank 0's parameters take a bit flip at step 21; rank 0 is killed at step 23. Its corrupted
+    # gradients may have reached the all-reduce, so every survivor may carry the damage while they
+    # still agree with each other: a heal must not copy it. At K = 1 the flip is caught at its own
+    # step (the majority names rank 0); at K = 20 the heal first goes back to the last agreement.
+    job_id = run_job(
+        cluster,
+        f"flip-crash-k{k}",
+        faults=[
+            {"kind": "bitflip", "step": 21, "node": "node-0", "target": "param", "bit": 20},
+            {"kind": "crash", "step": 23, "rank": 0},
+        ],
+        trainer={"integrity": {"fingerprint_every": k}},
+    )
+    job = finish(cluster, job_id)
+    rs = reasons(cluster, job_id)
+    assert job.final_fingerprint == golden3["fingerprint"], rs
+    if k == 20:
+        rolled = [e for e in cluster.events("heal_rollback") if e.get("job_id") == job_id]
+        assert rolled and all(e["step"] == 20 and e["from_step"] == 22 for e in rolled), rolled
+
+
 def test_nan_is_replayed_in_place_and_leaves_no_trace(cluster: LocalCluster, golden3: dict) -> None:
     job_id = run_job(
         cluster,

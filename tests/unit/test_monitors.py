@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
 
-from trainer.monitors import SpikeDetector, group_norms, robust_z
+from trainer.config import ConfigError, IntegrityConfig, resolve
+from trainer.monitors import DEFAULT_REL_FLOOR, SpikeDetector, group_norms, robust_z
 
 
 def test_robust_z_on_a_known_window():
@@ -30,10 +35,19 @@ def test_a_spike_in_the_history_does_not_drag_the_baseline():
 def test_a_flat_history_does_not_divide_by_zero():
     z, med, mad = robust_z(5.01, [5.0, 5.0, 5.0])
     assert (med, mad) == (5.0, 0.0)
-    assert z == (5.01 - 5.0) / (5.0 * 1e-3)  # a scale relative to the median
+    assert z == (5.01 - 5.0) / (DEFAULT_REL_FLOOR * 5.0)  # the floor: a scale relative to the median
     assert robust_z(5.0, [5.0, 5.0, 5.0])[0] == 0.0
-    assert robust_z(-4.0, [-5.0, -5.0, -5.0])[0] == 1.0 / (5.0 * 1e-3)
+    assert robust_z(-4.0, [-5.0, -5.0, -5.0])[0] == 1.0 / (DEFAULT_REL_FLOOR * 5.0)
     assert robust_z(1.0, [0.0, 0.0, 0.0])[0] == 1.0 / 1e-12  # a flat zero history still registers a jump
+
+
+def test_the_scale_is_the_larger_of_the_mad_sigma_and_the_floor():
+    # MAD 0.01 around 2.0: 1.4826 * 0.01 < 0.02 * 2.0, so the floor is the scale.
+    quiet = [1.99, 2.0, 2.01, 2.0, 2.02]
+    z, med, mad = robust_z(2.1, quiet)
+    assert (med, round(mad, 12)) == (2.0, 0.01)
+    assert z == (2.1 - 2.0) / (DEFAULT_REL_FLOOR * 2.0)
+    assert robust_z(2.1, quiet, rel_floor=0.001)[0] == (2.1 - 2.0) / (1.4826 * mad)  # MAD-bound again
 
 
 def detector(**changes) -> SpikeDetector:
@@ -47,6 +61,14 @@ def noisy(rng: random.Random, n: int) -> list[float]:
 
 
 def test_an_upward_spike_is_flagged_after_min_history_not_before(seed):
+    upward_spike_after_min_history(seed)
+
+
+def test_an_upward_spike_with_the_seed_that_raised_a_false_alarm():
+    upward_spike_after_min_history(1176638327)  # the window QUIET_1176638327 below
+
+
+def upward_spike_after_min_history(seed: int) -> None:
     rng = random.Random(seed)
     d = detector()
     values = noisy(rng, 4)
@@ -60,6 +82,9 @@ def test_an_upward_spike_is_flagged_after_min_history_not_before(seed):
     for step, v in enumerate(noisy(rng, 5), start=1):
         d.observe(step, {"loss": v, "grad_norm": v})
     hist = [v for _, v in d.history["loss"]]
+    # The grad norm 2.0 is within 0.05 of a median in [1.95, 2.05], and the scale is at least
+    # DEFAULT_REL_FLOOR * 1.95, so it is no spike whatever the seed (however small the MAD).
+    assert robust_z(2.0, hist)[0] <= 0.05 / (DEFAULT_REL_FLOOR * 1.95) < 6.0
     spikes = d.observe(6, {"loss": 50.0, "grad_norm": 2.0})
     assert len(spikes) == 1
     s = spikes[0]
@@ -197,3 +222,116 @@ def test_each_metric_has_its_own_window(metric):
     other = "grad_norm" if metric == "loss" else "loss"
     values = {metric: 100.0, other: d.history[other][-1][1]}
     assert [s.metric for s in d.observe(7, values)] == [metric]
+
+
+# The five noisy losses that seed 1176638327 drew for the second detector of
+# test_an_upward_spike_is_flagged_after_min_history_not_before (printed with repr).
+QUIET_1176638327 = [
+    1.9577842403158976,
+    1.958918380255789,
+    2.038462710982009,
+    2.0054499308067086,
+    1.9602098201934615,
+]
+
+
+def test_a_two_percent_move_on_a_quiet_window_is_not_a_spike():
+    """Regression: a MAD of 0.0024 around a median of 1.96 made 2.0 score z = 11 (a false alarm)."""
+    med, mad = robust_z(2.0, QUIET_1176638327)[1:]
+    assert med == 1.9602098201934615 and round(mad, 4) == 0.0024
+    assert (2.0 - med) / (1.4826 * mad) > 11  # what the MAD alone made of it
+    d = detector()
+    for step, v in enumerate(QUIET_1176638327, start=1):
+        assert d.observe(step, {"loss": v, "grad_norm": v}) == []
+    assert [s.metric for s in d.observe(6, {"loss": 50.0, "grad_norm": 2.0})] == ["loss"]
+
+
+def test_the_floor_is_a_setting_of_the_detector():
+    d = detector(rel_floor=0.001)  # a floor below the MAD sigma: the false alarm comes back
+    for step, v in enumerate(QUIET_1176638327, start=1):
+        d.observe(step, {"loss": v, "grad_norm": v})
+    assert [s.metric for s in d.observe(6, {"loss": 2.0, "grad_norm": 1.0})] == ["loss"]
+    for bad in (0.0, -0.1, 1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="rel_floor must be > 0 and < 1"):
+            detector(rel_floor=bad)
+
+
+def test_the_config_floor_defaults_to_the_detectors_and_is_validated():
+    assert IntegrityConfig().spike_rel_floor == DEFAULT_REL_FLOOR == detector().rel_floor
+    assert (
+        resolve("tiny", overrides={"integrity": {"spike_rel_floor": 0.05}}).integrity.spike_rel_floor == 0.05
+    )
+    for bad in (0.0, -0.1, 1.0, 5.0, math.nan):
+        with pytest.raises(ConfigError) as e:
+            resolve("tiny", overrides={"integrity": {"spike_rel_floor": bad}})
+        assert str(e.value).startswith("integrity.spike_rel_floor: must be > 0 and < 1"), str(e.value)
+
+
+def default_detector() -> SpikeDetector:
+    """A detector with the shipped integrity settings."""
+    ic = IntegrityConfig()
+    return SpikeDetector(
+        window=ic.spike_window,
+        min_history=ic.spike_min_history,
+        loss_z=ic.spike_loss_z,
+        grad_z=ic.spike_grad_z,
+        rel_floor=ic.spike_rel_floor,
+    )
+
+
+_PROPERTY_SETTINGS = settings(max_examples=300, deadline=None)
+_LEVEL = st.floats(min_value=1e-3, max_value=1e3)  # losses and grad norms are positive
+
+
+def quiet_series(within: float, min_size: int):
+    """A level c and relative moves that keep a series within ``within`` of it: most moves from a
+    narrower band, so that the window's MAD can be near 0, and some from the whole band (the
+    windows where the MAD alone raised false alarms)."""
+
+    def series(narrow: float):
+        move = st.one_of(*[st.floats(min_value=-narrow, max_value=narrow)] * 3, st.floats(-within, within))
+        return st.lists(st.tuples(move, move), min_size=min_size, max_size=80)
+
+    narrow = st.sampled_from([1e-6, 1e-4, 1e-2, 0.2, 1.0]).map(lambda f: f * within)
+    return st.tuples(_LEVEL, narrow.flatmap(series))
+
+
+def test_a_quiet_series_is_never_flagged_however_small_its_mad(seed):
+    """Values within 5% of a level c: every window median is >= 0.95 c and every value is within
+    0.1 c of it, so z <= 0.1 / (0.02 * 0.95) < 5.3, below both default thresholds (8 and 10)."""
+
+    @hypothesis_seed(seed)
+    @_PROPERTY_SETTINGS
+    @given(quiet_series(0.05, min_size=IntegrityConfig().spike_min_history + 1))  # at least one verdict
+    def check(case):
+        level, moves = case
+        d = default_detector()
+        for step, (a, b) in enumerate(moves, start=1):
+            assert d.observe(step, {"loss": level * (1 + a), "grad_norm": level * (1 + b)}) == []
+
+    check()
+
+
+def test_a_genuine_spike_is_always_flagged_after_min_history(seed):
+    """On a window within 1% of a level c (MAD sigma <= 0.03 c, floor <= 0.0202 c), a loss 25% above
+    the median scores z >= 0.2475 / 0.0297 > 8 and a doubled grad norm z >= 0.99 / 0.0297 > 10."""
+    min_history = IntegrityConfig().spike_min_history
+
+    @hypothesis_seed(seed)
+    @_PROPERTY_SETTINGS
+    @given(
+        quiet_series(0.01, min_size=min_history),
+        st.floats(min_value=0.25, max_value=10.0),
+        st.floats(min_value=2.0, max_value=100.0),
+    )
+    def check(case, loss_jump, grad_fold):
+        level, moves = case
+        d = default_detector()
+        for step, (a, b) in enumerate(moves, start=1):
+            assert d.observe(step, {"loss": level * (1 + a), "grad_norm": level * (1 + b)}) == []
+        loss_med = robust_z(0.0, [v for _, v in d.history["loss"]])[1]
+        grad_med = robust_z(0.0, [v for _, v in d.history["grad_norm"]])[1]
+        probe = {"loss": loss_med * (1 + loss_jump), "grad_norm": grad_med * grad_fold}
+        assert [s.metric for s in d.observe(len(moves) + 1, probe)] == ["loss", "grad_norm"]
+
+    check()
