@@ -3,13 +3,14 @@ and readers for the files ranks write."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -270,3 +271,23 @@ def frozen_pids(run_root: Path, node_id: str) -> list[int]:
         if stat.rsplit(")", 1)[1].split()[0] == "T":
             out.append(pid)
     return out
+
+
+@contextlib.contextmanager
+def three_node_cluster(root: Path, data: Path, name: str) -> Iterator[Any]:
+    """A coordinator, agents on node-0..2 and a spare on 127.0.0.1 (no TLS), with ``data`` copied
+    in as ``name``; every process is stopped on exit."""
+    import shutil
+
+    from diagnostics.localcluster import LocalCluster
+
+    c = LocalCluster(root, tls=False, hang_floor_s=3.0, stop_grace_s=10.0, heartbeat_timeout_s=8.0)
+    shutil.copytree(data, c.data_root / name)
+    try:
+        c.start_coordinator()
+        for n in ("node-0", "node-1", "node-2"):
+            c.start_agent(n)
+        c.start_agent("spare-0", spare=True)
+        yield c
+    finally:
+        c.stop()

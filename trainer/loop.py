@@ -391,13 +391,14 @@ class Trainer:
         stateful = [r for r in range(rows.shape[0]) if rows[r, 0] == 1]
         if not stateful:
             return False
-        # Heal only from verified state. Steps after the last fingerprint agreement may carry a
-        # replica's corruption that nobody saw: its gradients went into every all-reduce, and the
-        # replica that could show it is gone with the fault. Every holder of state first goes back to
-        # its newest snapshot at or before that agreement (all hold the same snapshots). With
-        # fingerprints every step (the default) the last agreement is the current step: no step lost.
+        # Heal only from verified state. A replica corrupted after the last fingerprint agreement A
+        # (the one the fault took, say) passed the damage to every survivor through its gradients of
+        # step A + 2 onwards (those of step A + 1 came from its state at A, which agreed). So
+        # survivors past A + 1 first go back to their newest snapshot at or before A (all hold the
+        # same snapshots). With fingerprints every step (the default) that never happens: no step
+        # is lost, even when the fault broke the check of the current step itself.
         verified = min(int(rows[r, 2]) for r in stateful)
-        if any(int(rows[r, 1]) > verified for r in stateful) and self.has_state:
+        if any(int(rows[r, 1]) > verified + 1 for r in stateful) and self.has_state:
             snap = self.snapshots.newest_at_or_before(verified)
             from_step = self.cursor.step
             if snap is not None:

@@ -10,12 +10,11 @@ for bit. Every wait has a deadline and says what it waited for.
 
 from __future__ import annotations
 
-import shutil
 import signal
 from pathlib import Path
 
 import pytest
-from support import frozen_pids, golden, job_spec, prepare_data, reset_cluster
+from support import frozen_pids, golden, job_spec, prepare_data, reset_cluster, three_node_cluster
 
 from diagnostics.localcluster import LocalCluster
 
@@ -35,22 +34,8 @@ def golden3(tmp_path_factory: pytest.TempPathFactory, data: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, data: Path):
-    c = LocalCluster(
-        tmp_path_factory.mktemp("second"),
-        tls=False,
-        hang_floor_s=3.0,
-        stop_grace_s=10.0,
-        heartbeat_timeout_s=8.0,
-    )
-    shutil.copytree(data, c.data_root / DATA)
-    try:
-        c.start_coordinator()
-        for n in ("node-0", "node-1", "node-2"):
-            c.start_agent(n)
-        c.start_agent("spare-0", spare=True)
+    with three_node_cluster(tmp_path_factory.mktemp("second"), data, DATA) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def start(c: LocalCluster, name: str, frozen_node: str) -> tuple[str, int]:

@@ -4,12 +4,11 @@ cores), and the invariant that the final state equals a fault-free run's, bit fo
 
 from __future__ import annotations
 
-import shutil
 import signal
 from pathlib import Path
 
 import pytest
-from support import golden, job_spec, reset_cluster
+from support import golden, job_spec, reset_cluster, three_node_cluster
 
 from diagnostics.localcluster import LocalCluster
 
@@ -19,17 +18,8 @@ DATA = "fixture-512"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, small_data_module: Path):
-    root = tmp_path_factory.mktemp("cluster")
-    c = LocalCluster(root, tls=False, hang_floor_s=3.0, stop_grace_s=10.0, heartbeat_timeout_s=8.0)
-    shutil.copytree(small_data_module, c.data_root / DATA)
-    try:
-        c.start_coordinator()
-        for n in ("node-0", "node-1", "node-2"):
-            c.start_agent(n)
-        c.start_agent("spare-0", spare=True)
+    with three_node_cluster(tmp_path_factory.mktemp("cluster"), small_data_module, DATA) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")

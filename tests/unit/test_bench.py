@@ -100,7 +100,8 @@ def test_cadence_follows_the_trainers_rules() -> None:
 
 def test_cadence_of_a_config() -> None:
     cfg = resolve("tiny")
-    assert Cadence.of(cfg, 2) == Cadence(20, 40, 20)
+    d = IntegrityConfig()
+    assert Cadence.of(cfg, 2) == Cadence(d.fingerprint_every, d.audit_every, d.snapshot_every)
     assert Cadence.of(cfg, 1).audit_every == 0  # the audit needs a neighbour
     assert Cadence.of(replace(cfg, parallel="fsdp"), 2).audit_every == 0  # no whole local gradient
 
@@ -210,8 +211,9 @@ def test_cadence_advice_names_the_dominant_protection() -> None:
     assert bench.cadence_advice({"audit": 0.02}, 0.03) is None
     advice = bench.cadence_advice({"fingerprint": 0.005, "audit": 0.07, "snapshot": 0.005}, 0.08)
     assert advice is not None and advice["dominant"] == "audit"
-    # 0.07 at M=40 must fit in 0.05 - 0.01: M = ceil(40 * 0.07 / 0.04) = 70.
-    assert advice["suggested"] == {"integrity.audit_every": 70}
+    # 0.07 at the default M = 80 must fit in 0.05 - 0.01: M = ceil(80 * 0.07 / 0.04) = 140.
+    assert IntegrityConfig().audit_every == 80
+    assert advice["suggested"] == {"integrity.audit_every": 140}
     snap = bench.cadence_advice({"fingerprint": 0.0, "audit": 0.0, "snapshot": 0.08}, 0.08)
     assert snap["suggested"]["integrity.snapshot_every"] % IntegrityConfig().fingerprint_every == 0
 
