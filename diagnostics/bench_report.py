@@ -10,6 +10,7 @@ with new numbers. Figures (matplotlib, Agg backend) are written next to the JSON
 import json
 import math
 import os
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1284,6 +1285,69 @@ def goodput_section(rep: Report) -> list[str]:
 # The document
 
 
+DRILL_TEXT = """\
+A long fire drill of the whole system on one machine: a coordinator, two agents and a spare on
+127.0.0.1 training the tiny model, with a seeded schedule of real faults of every kind (SIGKILLed and
+SIGSTOPped ranks, killed agents, a killed and restarted coordinator, bit flips, NaNs), about one
+every `--fault-every` steps, and once per round of six a second crash, agent or coordinator kill
+fired as soon as the job is recovering from the fault before it. At the end `stanchion up` checks
+its invariants: the job succeeded, no recovery (fault injected to the first step of a newer
+generation) exceeded the bound, and the final state fingerprint equals that of the same job run
+without faults on the same cluster right after.
+"""
+
+
+def drill_section(rep: Report) -> list[str]:
+    d = rep.load("chaos-drill.json")
+    out = ["## A long chaos drill (`stanchion up`)", ""]
+    if d is None:
+        return out + [NOT_MEASURED, ""]
+    if d.get("command"):
+        out += command_block(d["command"])
+    if d.get("finished_at"):
+        out += [finished_line(d), ""]
+    out += [DRILL_TEXT, ""]
+    kinds = d.get("faults_by_kind", {})
+    detected = d.get("faults_detected", [])
+    rows = []
+    for k, v in kinds.items():
+        seen = [x for x in detected if x.get("kind") == k]
+        rows.append(
+            [k, v.get("scheduled"), v.get("fired"), f"{sum(x['detected'] for x in seen)}/{len(seen)}"]
+        )
+    out += table(["kind", "scheduled", "fired", "answered by a decision"], rows) + [""]
+    second = d.get("second_faults", {})
+    rec = sorted(x for x in d.get("recovery_seconds", []) if x is not None)
+    inv = d.get("invariants", {})
+    facts = [
+        ["faults fired", f"{d.get('faults_fired')} of {d.get('faults_scheduled')} scheduled"],
+        [
+            "second faults",
+            f"{second.get('scheduled')} scheduled, {second.get('landed_in_recovery')} landed in a recovery, "
+            f"{second.get('landed_after_recovery')} after it",
+        ],
+        [
+            "steps",
+            f"{d.get('steps_completed')} completed, {d.get('steps_computed')} computed ({d.get('lost_steps')} redone)",
+        ],
+        ["generations", natural(d.get("generations"))],
+        [
+            "recovery (s)",
+            f"median {fmt(statistics.median(rec))}, p90 {fmt(rec[int(0.9 * (len(rec) - 1))])}, max {fmt(rec[-1])} "
+            f"over {len(rec)}"
+            if rec
+            else "none measured",
+        ],
+        ["wall (s)", fmt(d.get("wall_seconds"))],
+        ["ETTR", fmt(d.get("ettr"))],
+    ]
+    for name, v in inv.items():
+        verdict = {True: "**held**", False: "**broken**", None: "not checked"}[v.get("ok")]
+        facts.append([name.replace("_", " "), f"{verdict}: {v.get('detail', '')}"])
+    out += table(["", "value"], facts) + [""]
+    return out
+
+
 def render(bench_dir: Path, out: Path) -> tuple[str, list[Path]]:
     """The markdown of docs/benchmarks.md and the figures written for it."""
     rep = Report(bench_dir, out)
@@ -1303,6 +1367,7 @@ def render(bench_dir: Path, out: Path) -> tuple[str, list[Path]]:
         integrity_section,
         recovery_section,
         goodput_section,
+        drill_section,
         coordinator_section,
         bisection_section,
     ]

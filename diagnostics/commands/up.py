@@ -175,8 +175,20 @@ def up(
     finally:
         u.cluster.stop()
     if json_out is not None:
+        import shlex
+        import sys
+        import time
+
+        from diagnostics.bench import source_state
         from trainer.contract import write_json_atomic
 
+        # What ran, where and when: a drill's JSON is a record (docs/bench/chaos-drill.json).
+        summary = {
+            **summary,
+            "command": shlex.join(["stanchion", "up", *(sys.argv[2:] if sys.argv[1:2] == ["up"] else [])]),
+            "source": source_state(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         write_json_atomic(json_out, summary)
     rows = [
         ("job", summary["job_id"]),

@@ -515,3 +515,42 @@ def test_bench_group_lists_the_new_commands() -> None:
         assert name in result.output
     bad = runner.invoke(app, ["goodput", "--schedule", "S9"])
     assert bad.exit_code == 2 and "S1 or S2" in bad.output
+
+
+def test_report_renders_a_chaos_drill_with_its_invariants(tmp_path: Path) -> None:
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    drill = {
+        "command": "stanchion up --chaos 7 --fault-every 8 --steps 2500",
+        "finished_at": "2026-12-06T06:00:00+0000",
+        "source": {"commit": "abcdef0123", "modified_files": 0},
+        "faults_scheduled": 4,
+        "faults_fired": 3,
+        "faults_by_kind": {"crash": {"scheduled": 3, "fired": 3}, "bitflip": {"scheduled": 1, "fired": 0}},
+        "faults_detected": [
+            {"kind": "crash", "detected": True},
+            {"kind": "crash", "detected": True},
+            {"kind": "crash", "detected": False},
+            {"kind": "bitflip", "detected": True},
+        ],
+        "second_faults": {"scheduled": 1, "landed_in_recovery": 1, "landed_after_recovery": 0},
+        "steps_completed": 2500,
+        "steps_computed": 2510,
+        "lost_steps": 10,
+        "generations": 9,
+        "recovery_seconds": [3.0, 1.0, 2.0],
+        "wall_seconds": 100.0,
+        "ettr": 0.8,
+        "invariants": {
+            "job_succeeded": {"ok": True, "detail": "succeeded"},
+            "final_state_matches_fault_free": {"ok": False, "detail": "abc != def"},
+        },
+    }
+    (bench / "chaos-drill.json").write_text(json.dumps(drill))
+    text, _ = rp.render(bench, tmp_path / "benchmarks.md")
+    section = text[text.index("## A long chaos drill") :]
+    assert f"```\n{drill['command']}\n```" in section and "commit `abcdef0`" in section
+    assert "| crash | 3 | 3 | 2/3 |" in section and "| bitflip | 1 | 0 | 1/1 |" in section
+    assert "median 2.00, p90 2.00, max 3.00 over 3" in section
+    assert "| job succeeded | **held**: succeeded |" in section
+    assert "| final state matches fault free | **broken**: abc != def |" in section
