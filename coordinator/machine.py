@@ -7,7 +7,7 @@ then acts on it. Time enters only as ``now``; nothing here does I/O. Every decis
 anything carries a human-readable reason, which ``stanchion job explain`` prints; a decision with an
 empty reason changed nothing.
 
-Policies, from DESIGN.md's fault table:
+Policies (the fault model in docs/architecture.md):
 - a rank crash or hang: a new generation. Surviving ranks keep their state and the replacement
   heals from a live data-parallel peer; without one, everyone restores the last good checkpoint;
 - node loss: replace it with a spare, else shrink data parallelism (when the global batch still

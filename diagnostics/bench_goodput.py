@@ -17,7 +17,7 @@ plaintext gRPC; agents with a small ``--hang-floor-s``):
 Schedules (trainer/faults.py ``generate_schedule``: Poisson arrivals, seeded; mix 70% crash, 12%
 hang, 8% slow rank, 10% silent corruption): S1 one fault per 2,000 steps on average, S2 one per 200.
 
-ETTR follows DESIGN.md: steps that survive x the fault-free run's median step time / wall time,
+ETTR: steps that survive x the fault-free run's median step time / wall time,
 the wall time running from the start of the first step to the end of the last one (detection,
 restart, restore and redone steps included; job start-up and the final evaluation are not, and
 are the same with or without faults). The same formula applied to the fault-free run itself is
@@ -111,7 +111,7 @@ def training_window(records: Sequence[Mapping[str, Any]], steps: int, rank: int 
 
 
 def ettr(steps_survived: int, median_step_s: float, wall_s: float) -> float | None:
-    """DESIGN.md: steps that survive x fault-free median step time / wall time."""
+    """ETTR: steps that survive x fault-free median step time / wall time."""
     return ratio(steps_survived * median_step_s, wall_s)
 
 

@@ -1,6 +1,6 @@
 """`stanchion bench recovery`: kill one rank, time the way back, beside torchrun in the same run.
 
-What is measured, per trial (DESIGN.md: recovery time = fault injected -> first training step
+What is measured, per trial (recovery time = fault injected -> first training step
 completed in the new generation; lost work = steps computed and then thrown away):
 
 - **Stanchion**: a :class:`~diagnostics.localcluster.LocalCluster` (a coordinator, 2 nodes of 1
@@ -12,7 +12,7 @@ completed in the new generation; lost work = steps computed and then thrown away
 - **torchrun**: ``torchrun --standalone --nproc-per-node 2 --max-restarts K -m trainer`` with the
   same trainer flags (model, data, steps, checkpoint cadence) and
   ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (without it restarted gloo workers often read a stale
-  store: reference/ANCHORS.md). At the same step rank 1's process gets SIGKILL; torchrun restarts
+  store, a known torchrun/gloo problem). At the same step rank 1's process gets SIGKILL; torchrun restarts
   every worker and the trainer resumes from its newest good checkpoint. Recovery is the first
   progress record written after the restarted processes' ``started`` event, minus the kill time.
 
@@ -53,7 +53,7 @@ from diagnostics.bench import (
 from diagnostics.localcluster import LocalCluster, read_jsonl
 
 NODES = ("node-0", "node-1")
-TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # reference/ANCHORS.md: the gloo stale-store bug
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # torchrun's gloo stale-store bug
 RECOVERY_GOAL = 0.25  # Stanchion's median recovery at most a quarter of torchrun's
 # The integration tests' small model (diagnostics/bench.py QUICK_MODEL) keeps the spike detector
 # quiet as they do: spikes are real in a model this small, and they are not the fault under test.

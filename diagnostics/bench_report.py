@@ -372,7 +372,7 @@ What runs, in alternating trials (ABBA order, one kill per trial):
 - **torchrun**: `torchrun --standalone --nproc-per-node 2 --max-restarts 3 -m trainer` with the
   same trainer flags (model, data, steps, checkpoint cadence) and
   `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` (without it restarted gloo workers often read a stale
-  rendezvous store: reference/ANCHORS.md). At the same step rank 1's process gets SIGKILL; torchrun
+  rendezvous store, a known torchrun/gloo problem). At the same step rank 1's process gets SIGKILL; torchrun
   restarts both workers, which resume from the newest good checkpoint. **Recovery** = first progress
   record written after the restarted processes' `started` event − kill time; **lost steps** = steps
   completed before the kill − the checkpoint step resumed from.
@@ -407,7 +407,7 @@ S2 schedule has no hang or bit flip); both schedules happen to draw more faults 
 
 Figures, all from rank 0's progress records:
 
-- **ETTR** (DESIGN.md): steps that survive × the fault-free run's median step time / wall time
+- **ETTR**: steps that survive × the fault-free run's median step time / wall time
   from the start of step 1 to the end of the last step (detection, restart, restore and redone steps
   included; job start-up and the final evaluation are not, and are the same with or without faults).
 - **ceiling**: the same formula on the fault-free run. On this shared machine a fault-free run's
