@@ -53,6 +53,7 @@ from trainer.parallel import (
     env_topology,
     form_group,
     leave_group,
+    new_group,
 )
 from trainer.snapshot import SnapshotRing
 
@@ -289,8 +290,7 @@ class Trainer:
                 self.train_model = torch.compile(self.train_model)
             self.optimizer = build_optimizer(self.model, cfg.optim, device_type=topo.device.type)
             self.grad_sync = GradSync(list(self.model.parameters())) if cfg.parallel == "ddp" else None
-        with collective("creating the checkpoint group"):
-            ckpt_pg = dist.new_group(backend="gloo")
+        ckpt_pg = new_group(self.opts.collective_timeout_s)
         self.ckpt = CheckpointManager(
             self.opts.run_dir,
             rank=topo.rank,

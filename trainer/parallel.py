@@ -74,18 +74,26 @@ class Abandoned(Exception):
     """A newer generation was assigned while this rank waited for its peers to arrive."""
 
 
+# Every rank has arrived when the connections are made: they take well under a second when things
+# work, so this bounds what a peer dying at that moment costs (the first-step deadline is >= 30 s).
+FORM_TIMEOUT_S = 15.0
+
+
 def form_group(
     assign: Assignment | None,
     *,
     device_kind: str,
     timeout_s: float,
+    form_timeout_s: float = FORM_TIMEOUT_S,
     abandon: Callable[[], bool] = lambda: False,
 ) -> Topology:
     """Initialise the default process group for this generation.
 
     Agent-managed ranks first meet at a counter in the store, polling ``abandon`` while they wait:
     a rank whose generation is superseded before every peer arrived (a member died on the way)
-    leaves at once instead of blocking in ``init_process_group`` until its timeout.
+    leaves at once instead of blocking in ``init_process_group`` until its timeout. Once all have
+    arrived, the connections get ``form_timeout_s``: a peer that dies between arriving and
+    connecting costs that, not the collective timeout (``init_process_group`` cannot poll).
     """
     timeout = datetime.timedelta(seconds=timeout_s)
     if assign is None:
@@ -119,15 +127,21 @@ def form_group(
                 )
             time.sleep(0.005)
             arrived = prefixed.add("arrived", 0)
-    with collective("forming the process group"):
-        dist.init_process_group(
-            backend,
-            store=prefixed,
-            rank=assign.rank,
-            world_size=assign.world_size,
-            timeout=timeout,
-            device_id=_device_id(device),
-        )
+    try:
+        with collective("forming the process group"):
+            dist.init_process_group(
+                backend,
+                store=prefixed,
+                rank=assign.rank,
+                world_size=assign.world_size,
+                timeout=datetime.timedelta(seconds=min(timeout_s, form_timeout_s)),
+                device_id=_device_id(device),
+            )
+    except CollectiveFailed as e:
+        if abandon():
+            raise Abandoned(f"generation {assign.generation} superseded while it formed: {e}") from None
+        raise
+    dist.group.WORLD.set_timeout(timeout)  # the connections are made: collectives get the full timeout
     return Topology(
         assign.rank,
         assign.world_size,
@@ -171,6 +185,16 @@ def _connect_store(assign: Assignment, timeout_s: float, abandon: Callable[[], b
                     f"rendezvous store {assign.master_addr}:{assign.master_port} unreachable for "
                     f"{timeout_s:.0f}s: {e}"
                 ) from None
+
+
+def new_group(timeout_s: float, form_timeout_s: float = FORM_TIMEOUT_S) -> dist.ProcessGroup:
+    """A gloo group over every rank of the generation, formed under the same bound as the default one."""
+    with collective("creating a process group"):
+        pg = dist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=min(timeout_s, form_timeout_s))
+        )
+    pg.set_timeout(datetime.timedelta(seconds=timeout_s))
+    return pg
 
 
 def _device_id(device: torch.device) -> torch.device | None:

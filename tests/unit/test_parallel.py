@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 
 import pytest
+import torch.distributed as dist
 
 from trainer.contract import Assignment
 from trainer.parallel import Abandoned, CollectiveFailed, form_group
@@ -51,3 +53,26 @@ def test_an_unreachable_rendezvous_store_fails_within_the_timeout() -> None:
     with pytest.raises(CollectiveFailed, match="unreachable for 3s"):
         form_group(assignment(port), device_kind="cpu", timeout_s=3, abandon=lambda: False)
     assert time.monotonic() - t0 < 60
+
+
+def peer_arrived_then_died(gen_prefix: str) -> dist.TCPStore:
+    """The agent's rendezvous store, where rank 0 arrived at the counter and then died: its gloo
+    address is never published."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    dist.PrefixStore(gen_prefix, store).add("arrived", 1)
+    return store
+
+
+@pytest.mark.parametrize(("superseded", "error"), [(False, CollectiveFailed), (True, Abandoned)])
+def test_a_peer_that_dies_after_arriving_costs_the_formation_timeout_not_the_collective_timeout(
+    superseded: bool, error: type
+) -> None:
+    a = assignment(0)
+    store = peer_arrived_then_died(f"stanchion/{a.job_id}/gen{a.generation}/")
+    a = dataclasses.replace(a, master_port=store.port)
+    t0 = time.monotonic()
+    with pytest.raises(error):
+        form_group(a, device_kind="cpu", timeout_s=300, form_timeout_s=2, abandon=lambda: superseded)
+    waited = time.monotonic() - t0
+    assert waited < 60, f"left after {waited:.0f}s: the formation must not wait the 300 s collective timeout"
+    assert not dist.is_initialized(), "a failed formation leaves no half-made default group behind"
