@@ -10,6 +10,7 @@ random test's time limit grows with N).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -17,10 +18,11 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import golden, job_spec, prepare_data, read_jsonl, run_trainer, trainer_cmd
+from support import frozen_pids, golden, job_spec, prepare_data, read_jsonl, run_trainer, trainer_cmd
 
 from diagnostics.localcluster import LocalCluster
 
@@ -210,11 +212,11 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
-def test_a_network_partition_of_one_agent(tmp_path: Path, data: Path, golden2: dict) -> None:
-    """node-1's agent and ranks live in their own network namespace behind a veth pair. Cutting the
-    link partitions them: no connection reset reaches the survivors. The node is declared lost, the
-    survivor stuck in a collective is freed by its agent, and the job finishes from a checkpoint on
-    node-0 and a spare, bit-identical to the fault-free run."""
+@contextlib.contextmanager
+def partitionable_cluster(root: Path, data: Path) -> Iterator[tuple[LocalCluster, Callable[[], None]]]:
+    """node-0, spare-0 and the coordinator on the host; node-1's agent and ranks in their own network
+    namespace behind a veth pair. Yields the cluster and the cut: taking the link down partitions
+    node-1 without a connection reset reaching anyone."""
     if shutil.which("ip") is None:
         pytest.fail("`ip` (iproute2) is missing: run `make system-deps` or apt-get install iproute2")
     if os.geteuid() != 0:
@@ -233,7 +235,7 @@ def test_a_network_partition_of_one_agent(tmp_path: Path, data: Path, golden2: d
         _ip("netns", "exec", ns, "ip", "addr", "add", "10.231.0.2/24", "dev", ns_if)
         _ip("netns", "exec", ns, "ip", "link", "set", ns_if, "up")
         _ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        c = new_cluster(tmp_path / "cluster", data, host="10.231.0.1")
+        c = new_cluster(root, data, host="10.231.0.1")
         try:
             c.start_coordinator()
             c.start_agent("node-0", extra=["--host", "10.231.0.1"], env={"GLOO_SOCKET_IFNAME": host_if})
@@ -247,18 +249,58 @@ def test_a_network_partition_of_one_agent(tmp_path: Path, data: Path, golden2: d
                 "spare-0", spare=True, extra=["--host", "10.231.0.1"], env={"GLOO_SOCKET_IFNAME": host_if}
             )
             c.wait_warm()
-            job_id = c.submit(job_spec("partition", DATA, nodes=2, steps=STEPS, checkpoint_every=5))
-            c.wait(lambda: c.job(job_id).step >= 20, 300, "step 20")
-            _ip("link", "set", host_if, "down")  # the partition
-            job = finished(c, job_id, timeout=500)
-            rs = reasons(c, job_id)
-            assert job.state == 5, rs
-            assert "node-1" not in job.nodes and any(
-                "node-1" in r and ("lost" in r or "silent" in r) for r in rs
-            ), rs
-            assert job.final_fingerprint == golden2["fingerprint"]
+            yield c, lambda: _ip("link", "set", host_if, "down")
         finally:
             c.stop()
     finally:
         subprocess.run(["ip", "link", "del", host_if], check=False, capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
+def ended_without_node_1(c: LocalCluster, job_id: str, golden_fp: str) -> list[str]:
+    job = finished(c, job_id, timeout=500)
+    rs = reasons(c, job_id)
+    assert job.state == 5, rs
+    assert "node-1" not in job.nodes and any("node-1" in r and ("lost" in r or "silent" in r) for r in rs), rs
+    assert job.final_fingerprint == golden_fp, rs
+    return rs
+
+
+def test_a_network_partition_of_one_agent(tmp_path: Path, data: Path, golden2: dict) -> None:
+    """Cutting node-1's link partitions it: no connection reset reaches the survivors. The node is
+    declared lost, the survivor stuck in a collective is freed by its agent, and the job finishes on
+    node-0 and a spare, bit-identical to the fault-free run."""
+    with partitionable_cluster(tmp_path / "cluster", data) as (c, cut):
+        job_id = c.submit(job_spec("partition", DATA, nodes=2, steps=STEPS, checkpoint_every=5))
+        c.wait(lambda: c.job(job_id).step >= 20, 300, "step 20")
+        cut()
+        ended_without_node_1(c, job_id, golden2["fingerprint"])
+
+
+def test_a_network_partition_during_the_rendezvous(tmp_path: Path, data: Path, golden2: dict) -> None:
+    """A second fault while a generation forms: rank 1 crashes at step 12, generation 2 re-forms in
+    place, and node-0's survivor freezes as it joins (holding the rendezvous open) while node-1 is
+    cut off. Resumed, the survivor must leave generation 2's rendezvous for the one without node-1
+    and heal the spare from its own state: the fault-free final state, no step lost to a restore."""
+    with partitionable_cluster(tmp_path / "cluster", data) as (c, cut):
+        job_id = c.submit(
+            job_spec(
+                "partition-rdzv",
+                DATA,
+                nodes=2,
+                steps=STEPS,
+                faults=[
+                    {"kind": "crash", "step": 12, "rank": 1},
+                    {"kind": "freeze", "at": "join", "step": 2, "node": "node-0"},
+                ],
+            )
+        )
+        pids = c.wait(
+            lambda: frozen_pids(c.run_root, "node-0"), 120, "node-0's rank frozen joining generation 2"
+        )
+        assert c.job(job_id).generation == 2
+        cut()
+        c.wait(lambda: c.job(job_id).generation >= 3, 120, "a generation decided without the cut-off node-1")
+        c.signal_pid(pids[0], signal.SIGCONT)
+        rs = ended_without_node_1(c, job_id, golden2["fingerprint"])
+        assert not any("restoring checkpoint" in r for r in rs), f"the survivor's state was given up: {rs}"
