@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from coordinator.auth import NODE_ID_RE  # one definition of a node id, shared with the coordinator
-from trainer.settings import require
+from stanchion.settings import require
 
 
 @dataclass(frozen=True)

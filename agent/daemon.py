@@ -23,11 +23,11 @@ from typing import Any
 
 import grpc
 
-from agent import sdnotify
 from agent.config import AgentConfig
 from agent.workers import Worker, WorkerGroup
 from protos import client
 from protos.stanchion.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from stanchion import sdnotify
 from trainer import manifest
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ class Agent:
                             memory_total_bytes=int(g.memory_total_bytes or 0),
                         )
                     )
-        from diagnostics import __version__
+        from stanchion import __version__
 
         return types_pb2.NodeInventory(
             host=socket.gethostname(),
@@ -470,7 +470,7 @@ async def serve(cfg: AgentConfig, *, port_file: str = "") -> None:
     await agent.start()
     forward = asyncio.create_task(_forward(agent.stopping, stop))
     if port_file:
-        from trainer.contract import write_json_atomic
+        from stanchion.files import write_json_atomic
 
         write_json_atomic(
             port_file,

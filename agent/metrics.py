@@ -8,7 +8,6 @@ multiprocess mode and no per-pid series. The agent folds each new progress recor
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from protos.stanchion.v1 import types_pb2
+from stanchion.buildinfo import build_info
 
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 WORKER_STATES = {
@@ -79,38 +79,6 @@ class TrainingMetrics:
         if kind == "checkpoint_committed":
             with self.lock:
                 self.last_checkpoint[job_id] = float(rec.get("t") or 0.0)
-
-
-@functools.cache
-def revision() -> str:
-    """The git revision of a source checkout (empty for an installed wheel)."""
-    import subprocess
-    from pathlib import Path
-
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=2,
-        )
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def build_info(component: str) -> GaugeMetricFamily:
-    """`stanchion_build_info{version, revision, component} 1`, shared by both daemons."""
-    from diagnostics import __version__
-
-    g = GaugeMetricFamily(
-        "stanchion_build_info",
-        "Build identity of this Stanchion process.",
-        labels=["version", "revision", "component"],
-    )
-    g.add_metric([__version__, revision(), component], 1)
-    return g
 
 
 class AgentCollector(Collector):

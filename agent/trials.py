@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from protos.stanchion.v1 import agent_pb2
+from stanchion.files import write_json_atomic
 from trainer import contract
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class TrialRunner:
         if faults:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.faults_path = self.dir / "defect.json"
-            contract.write_json_atomic(self.faults_path, faults)
+            write_json_atomic(self.faults_path, faults)
 
     async def start(self, d: agent_pb2.Directive) -> None:
         t = d.trial

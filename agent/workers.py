@@ -31,8 +31,9 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.metrics import TrainingMetrics
 from protos.stanchion.v1 import agent_pb2, types_pb2
+from stanchion.files import JsonlTail, write_json_atomic
 from trainer import contract, liveness
-from trainer.contract import Assignment, JsonlTail, Request, WorkerPaths
+from trainer.contract import Assignment, Request, WorkerPaths
 
 log = logging.getLogger(__name__)
 
@@ -188,13 +189,13 @@ class WorkerGroup:
         node_dir = run_dir / "nodes" / self.cfg.node_id
         node_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = node_dir / "trainer-config.json"
-        contract.write_json_atomic(self.config_path, cfg)
+        write_json_atomic(self.config_path, cfg)
         faults = json.loads(start.faults_json) if start.faults_json else []
         faults += self.cfg.defect_faults()
         self.faults_path = None
         if faults:
             self.faults_path = node_dir / "faults.json"
-            contract.write_json_atomic(self.faults_path, faults)
+            write_json_atomic(self.faults_path, faults)
         return run_dir
 
     def run_dir(self, job_id: str) -> Path:
@@ -262,7 +263,7 @@ class WorkerGroup:
                 config=str(self.config_path),
                 faults=str(self.faults_path or ""),
             )
-            contract.write_json_atomic(w.paths.assignment_path(d.generation), a.to_json())
+            write_json_atomic(w.paths.assignment_path(d.generation), a.to_json())
         for w in self.workers:  # a slot this node no longer has (fewer workers per node)
             if w.alive and w.slot is not None and w.slot >= s.workers_per_node:
                 await self._supersede(w, d.generation)
@@ -292,7 +293,7 @@ class WorkerGroup:
             stop=True,
             node_id=self.cfg.node_id,
         )
-        contract.write_json_atomic(w.paths.assignment_path(generation), stop.to_json())
+        write_json_atomic(w.paths.assignment_path(generation), stop.to_json())
         w.stopping = True
         asyncio.get_running_loop().call_later(self.cfg.stop_grace_s, self._kill_if_alive, w)
 
@@ -322,7 +323,7 @@ class WorkerGroup:
         n = 0
         for w in self.workers:
             if w.alive and w.slot is not None and w.generation == d.generation and not w.stopping:
-                contract.write_json_atomic(w.paths.request_path(r.request_id), req.to_json())
+                write_json_atomic(w.paths.request_path(r.request_id), req.to_json())
                 n += 1
         return n
 
@@ -399,7 +400,7 @@ class WorkerGroup:
             w.slot, w.job_id, w.rank, w.generation = dead.slot, dead.job_id, a.rank, a.generation
             w.state, w.assigned_at = types_pb2.WORKER_STATE_STARTING, time.time()
             w.last_progress_at = w.assigned_at
-            contract.write_json_atomic(w.paths.assignment_path(a.generation), a.to_json())
+            write_json_atomic(w.paths.assignment_path(a.generation), a.to_json())
             log.info("slot %s of generation %d handed to w%05d", dead.slot, a.generation, w.wid)
         await self.ensure_standbys()
 

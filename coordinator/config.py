@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.settings import require
+from stanchion.settings import require
 
 
 @dataclass(frozen=True)

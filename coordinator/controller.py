@@ -25,7 +25,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.membership import NodeView
 from coordinator.store import Store
 from protos.stanchion.v1 import agent_pb2, types_pb2
-from trainer.settings import ConfigError
+from stanchion.settings import ConfigError
 
 log = logging.getLogger(__name__)
 

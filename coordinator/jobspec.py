@@ -26,9 +26,9 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from coordinator.auth import NODE_ID_RE
+from stanchion import settings
+from stanchion.settings import ConfigError, require
 from trainer import config as trainer_config
-from trainer import settings
-from trainer.settings import ConfigError, require
 
 NAME_RE = NODE_ID_RE  # job names follow the node-id rules
 MAX_SPEC_BYTES = 64 * 1024

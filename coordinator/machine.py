@@ -41,7 +41,7 @@ from typing import Any
 
 from coordinator.jobspec import JobSpec
 from coordinator.membership import NodeView, choose_members
-from trainer.settings import ConfigError
+from stanchion.settings import ConfigError
 
 
 class JobState(str, enum.Enum):

@@ -11,9 +11,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agent.metrics import build_info
 from coordinator import machine as m
 from coordinator.controller import Controller
+from stanchion.buildinfo import build_info
 
 RESTART_REASONS = (
     "crash",

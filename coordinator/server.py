@@ -17,12 +17,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent import sdnotify
 from coordinator.config import CoordinatorConfig
 from coordinator.controller import Controller
 from coordinator.service import AgentService, OperatorService
 from coordinator.store import Store
 from protos.stanchion.v1 import agent_pb2_grpc, operator_pb2_grpc
+from stanchion import sdnotify
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ async def serve(cfg: CoordinatorConfig, *, port_file: str = "") -> None:
     sdnotify.enable_faulthandler()
     running = await build(cfg)
     if port_file:
-        from trainer.contract import write_json_atomic
+        from stanchion.files import write_json_atomic
 
         write_json_atomic(
             port_file,

@@ -20,7 +20,7 @@ from coordinator.auth import NODE_ID_RE
 from coordinator.controller import Controller, Invalid, NodeRecord, NotFound
 from diagnostics.bisect import MIN_P_SHOW
 from protos.stanchion.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc, types_pb2
-from trainer.settings import ConfigError
+from stanchion.settings import ConfigError
 
 # \Z, not $: "$" also matches before a trailing newline, which would let "node-a\n" through.
 ID_RE = NODE_ID_RE

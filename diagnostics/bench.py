@@ -572,9 +572,9 @@ def ddp_worker(argv: Sequence[str]) -> int:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from stanchion.files import JsonlWriter
     from trainer.cli import parser
     from trainer.config import replace
-    from trainer.contract import JsonlWriter
     from trainer.data import TokenData, get_batch
     from trainer.model import GPT
     from trainer.optim import build_optimizer, lr_at, set_lr

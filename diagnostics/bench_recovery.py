@@ -50,7 +50,8 @@ from diagnostics.bench import (
     ratio,
     shown,
 )
-from diagnostics.localcluster import LocalCluster, read_jsonl
+from diagnostics.localcluster import LocalCluster
+from stanchion.files import read_jsonl
 
 NODES = ("node-0", "node-1")
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # torchrun's gloo stale-store bug
@@ -210,7 +211,7 @@ def model_sets(model: str) -> dict[str, Any]:
 
 def nested(sets: Mapping[str, Any]) -> dict[str, Any]:
     """``{"a.b": "1"}`` -> ``{"a": {"b": 1}}``, values parsed as the trainer's --set parses them."""
-    from trainer.settings import parse_assignments
+    from stanchion.settings import parse_assignments
 
     return parse_assignments([f"{k}={v}" for k, v in sets.items()])
 
@@ -249,7 +250,7 @@ def job_spec(
     max_restarts_without_progress: int = 3,
 ) -> str:
     from coordinator.jobspec import JobSpec, to_toml
-    from trainer.settings import merge
+    from stanchion.settings import merge
 
     trainer = merge(
         {"preset": preset, "steps": steps, "checkpoint_every": checkpoint_every, "data": {"path": data_name}},
@@ -278,7 +279,7 @@ class Tail:
     ranks start): one incremental reader per file, so polling a long run stays cheap."""
 
     def __init__(self, root: Path, pattern: str):
-        from trainer.contract import JsonlTail
+        from stanchion.files import JsonlTail
 
         self._make = JsonlTail
         self.root, self.pattern = root, pattern

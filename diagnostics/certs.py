@@ -46,6 +46,7 @@ from coordinator.auth import (
     spiffe_id,
     validate_node_id,
 )
+from stanchion.files import fsync_dir
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 # Certificates start a few minutes in the past so a node whose clock runs behind accepts them.
@@ -201,14 +202,6 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     os.chmod(path, mode)  # the umask may have taken bits away from certificates
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def init_pki(
     dir: str | os.PathLike[str],
     *,
@@ -274,7 +267,7 @@ def init_pki(
     try:
         for name, (data, mode) in contents.items():
             _write(stage / name, data, mode)
-        _fsync_dir(stage)
+        fsync_dir(stage)
         if fresh:
             os.rename(stage, out)  # one atomic step; mkdtemp made it 0700
         else:
@@ -283,7 +276,7 @@ def init_pki(
                 raise PkiExistsError(existing)
             for name in names:
                 os.replace(stage / name, out / name)
-            _fsync_dir(out)
+            fsync_dir(out)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)

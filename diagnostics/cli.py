@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from diagnostics import __version__
+from stanchion import __version__
 
 EPILOG = (
     "Exit codes: 0 ok, 1 failure, 2 usage error, 3+ per command (see each command's --help). "

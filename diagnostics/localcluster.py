@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from stanchion.files import read_jsonl
+
 T = TypeVar("T")
 
 
@@ -366,13 +368,3 @@ class LocalCluster:
         recs = [r for p in self.run_root.glob("workers/*/w*/events.jsonl") for r in read_jsonl(p)]
         recs = [r for r in recs if kind is None or r.get("event") == kind]
         return sorted(recs, key=lambda r: r.get("t", 0))
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file a process may still be writing (a torn last line is skipped)."""
-    out = []
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-    return out

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import typer
 
 from diagnostics.errors import EXIT_FAILURE, EXIT_USAGE, CliError
-from trainer.settings import ConfigError
+from stanchion.settings import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -441,7 +441,7 @@ class Up:
         self, faults: tuple[dict[str, Any], ...], *, name: str = "demo", golden: bool = False
     ) -> Any:
         from coordinator.jobspec import JobSpec
-        from trainer.settings import merge
+        from stanchion.settings import merge
 
         trainer = merge(
             {"preset": self.o.preset, "steps": self.o.steps, "data": {"path": self.data_name}}, self.o.sets

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from stanchion.files import read_jsonl
+
 REPO = Path(__file__).resolve().parent.parent
 
 # A model small enough that a step takes tens of milliseconds on one core, big enough to learn.
@@ -115,16 +117,6 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.05):  # noqa: 
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            out.append(json.loads(line))
-    return out
-
-
 def rank_dir(run_dir: Path, rank: int) -> Path:
     return run_dir / "ranks" / f"rank-{rank:05d}"
 
@@ -176,7 +168,7 @@ def job_spec(
 ) -> str:
     """A TOML job spec for the small model (data is a directory name under the cluster's data root)."""
     from coordinator.jobspec import JobSpec, to_toml
-    from trainer.settings import merge
+    from stanchion.settings import merge
 
     t = merge(
         SMALL_TRAINER,
@@ -196,7 +188,7 @@ def job_spec(
 
 def small_flags(trainer: dict[str, Any] | None = None) -> list[str]:
     """The SMALL_TRAINER settings (plus overrides) as trainer --set flags, for golden runs."""
-    from trainer.settings import merge
+    from stanchion.settings import merge
 
     flat: list[str] = []
 

@@ -28,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from stanchion.files import fsync_dir
 from trainer import manifest as mf
 from trainer.parallel import collective
 
@@ -185,7 +186,7 @@ class CheckpointManager:
                     shutil.rmtree(replaced, ignore_errors=True)
                     os.replace(final, replaced)
                 os.replace(tmp, final)
-                mf.fsync_dir(self.root)
+                fsync_dir(self.root)
                 manifest = mf.write_manifest(final, fields)
                 self.last_committed_step = step
                 nbytes = sum(f["bytes"] for f in manifest["files"].values())

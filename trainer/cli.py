@@ -18,9 +18,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from stanchion.files import JsonlWriter
+from stanchion.settings import ConfigError, merge, parse_assignments
 from trainer import contract
 from trainer.config import TrainConfig, resolve
-from trainer.settings import ConfigError, merge, parse_assignments
 
 log = logging.getLogger("trainer")
 
@@ -84,8 +85,8 @@ def resolve_config(args: argparse.Namespace, env: dict[str, str] | None = None) 
     if toml_path is None and env.get(contract.ENV_CONFIG):  # an agent-written resolved config
         toml_path = Path(env[contract.ENV_CONFIG])
     if toml_path is not None and toml_path.suffix == ".json":
+        from stanchion.settings import merge as _merge
         from trainer.config import from_dict
-        from trainer.settings import merge as _merge
 
         with open(toml_path) as f:
             return from_dict(_merge(json.load(f), overrides))
@@ -158,7 +159,7 @@ def standby(args: argparse.Namespace) -> int:
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], foreach=True)
     paths = contract.WorkerPaths(Path(os.environ[contract.ENV_WORKER_DIR]))
     paths.control.mkdir(parents=True, exist_ok=True)
-    contract.JsonlWriter(paths.events).write(
+    JsonlWriter(paths.events).write(
         {"event": "standby", "pid": os.getpid(), "rank": -1, "generation": -1, "step": 0}
     )
     assignment = paths.wait_for_assignment(-1, give_up=lambda: bool(stop))

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer import settings
-from trainer.settings import ConfigError, require
+from stanchion import settings
+from stanchion.settings import ConfigError, require
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,12 @@ Pure standard library: the agent imports this without torch.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from stanchion.files import read_json
 
 # Environment variables (besides torchrun's).
 ENV_RUN_DIR = "STANCHION_RUN_DIR"  # the job's run directory (checkpoints live under it)
@@ -189,77 +187,3 @@ class WorkerPaths:
             if rid > after_id:
                 out.append(Request.from_json(read_json(p)))
         return sorted(out, key=lambda r: r.id)
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write-then-rename so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        json.dump(data, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: str | os.PathLike[str]) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-class JsonlWriter:
-    """Append-only JSON lines, one ``write`` per record so concurrent tails never see a torn line."""
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-
-    def write(self, record: dict[str, Any]) -> None:
-        record.setdefault("t", time.time())
-        os.write(self._fd, (json.dumps(record, sort_keys=True, allow_nan=True) + "\n").encode())
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-
-
-class JsonlTail:
-    """Incrementally reads complete lines appended to a JSON-lines file (the agent's view)."""
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        self._offset = 0
-        self._partial = b""
-
-    def read(self) -> list[dict[str, Any]]:
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self._offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return []
-        if not chunk:
-            return []
-        self._offset += len(chunk)
-        data = self._partial + chunk
-        lines = data.split(b"\n")
-        self._partial = lines.pop()
-        out = []
-        for line in lines:
-            if line.strip():
-                with contextlib.suppress(json.JSONDecodeError):
-                    out.append(json.loads(line))
-        return out
-
-
-def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    with contextlib.suppress(json.JSONDecodeError):
-                        yield json.loads(line)
-    except FileNotFoundError:
-        return

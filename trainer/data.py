@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stanchion.files import fsync_dir
+
 if TYPE_CHECKING:
     import torch
 
@@ -243,7 +245,7 @@ def prepare(
         _write_bytes(tmp / SPLIT_FILES["train"], train_ids.astype(dtype.newbyteorder("<")).tobytes())
         _write_bytes(tmp / SPLIT_FILES["val"], val_ids.astype(dtype.newbyteorder("<")).tobytes())
         _write_bytes(tmp / META_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _commit(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -289,14 +291,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _commit(tmp: Path, out_dir: Path) -> None:
     """Move the finished directory into place. An empty or missing out_dir is replaced in one
     rename; a non-empty one (overwrite) is moved aside first and removed after."""
@@ -312,7 +306,7 @@ def _commit(tmp: Path, out_dir: Path) -> None:
         if old is not None:
             os.replace(old, out_dir)
         raise
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

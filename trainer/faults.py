@@ -78,7 +78,7 @@ class Fault:
 
 def parse(entries: Any) -> list[Fault]:
     """Validate a schedule; errors name the entry and the field (types included)."""
-    from trainer.settings import ConfigError, build
+    from stanchion.settings import ConfigError, build
 
     if not isinstance(entries, list):
         raise ValueError("faults: expected a JSON list of fault entries")

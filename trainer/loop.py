@@ -16,6 +16,7 @@ peer instead of from disk.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -31,11 +32,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from stanchion.files import JsonlWriter, write_json_atomic
 from trainer import contract, fingerprint
 from trainer.audit import audit_verdict, digest_of, grad_digest
 from trainer.checkpoint import CheckpointManager
 from trainer.config import TrainConfig, replace, to_dict
-from trainer.contract import Assignment, JsonlWriter, WorkerPaths
+from trainer.contract import Assignment, WorkerPaths
 from trainer.data import TokenData, data_index, eval_batches, get_batch
 from trainer.faults import Fault, FaultInjector
 from trainer.liveness import LivenessThread
@@ -201,7 +203,7 @@ class Trainer:
         path = self.paths.root / f"flight-{step:08d}.jsonl"
         with contextlib.suppress(OSError), path.open("w") as f:
             for r in self.flight:
-                f.write(contract.json.dumps(r, allow_nan=True) + "\n")
+                f.write(json.dumps(r, allow_nan=True) + "\n")
 
     # ------------------------------------------------------------------------------------------
     # Generations
@@ -302,7 +304,7 @@ class Trainer:
             generation=topo.generation,
         )
         if first and topo.is_main:
-            log.info("resolved config: %s", contract.json.dumps(to_dict(cfg), sort_keys=True))
+            log.info("resolved config: %s", json.dumps(to_dict(cfg), sort_keys=True))
         self.restore(assignment)
         self.event(
             "started",
@@ -923,7 +925,7 @@ class Trainer:
 
     def write_error(self, exc: BaseException) -> None:
         """The error file the agent reads to classify a crash (the torchelastic convention)."""
-        contract.write_json_atomic(
+        write_json_atomic(
             self.paths.error,
             {
                 "error": f"{type(exc).__name__}: {exc}",

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stanchion.files import fsync_dir
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -59,14 +61,6 @@ def file_crc32(path: Path) -> tuple[int, int]:
             crc = zlib.crc32(chunk, crc)
             size += len(chunk)
     return size, crc
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_manifest(ckpt_dir: Path, fields: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +135,7 @@ def verify(ckpt_dir: str | os.PathLike[str], *, allow_marked_bad: bool = False) 
 
 
 def mark_bad(ckpt_dir: str | os.PathLike[str], reason: str) -> None:
-    from trainer.contract import write_json_atomic
+    from stanchion.files import write_json_atomic
 
     write_json_atomic(Path(ckpt_dir) / BAD_MARKER, {"reason": reason, "time": time.time()})
 

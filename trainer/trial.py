@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     result["seconds"] = time.time() - t0
-    from trainer.contract import write_json_atomic
+    from stanchion.files import write_json_atomic
 
     write_json_atomic(args.out, result)
     return 0 if result["ok"] else 1

@@ -71,7 +71,7 @@ def serve(
     """Serve the agent until SIGTERM or SIGINT (its ranks get SIGTERM and time to checkpoint)."""
     from agent.config import AgentConfig
     from agent.daemon import serve as run
-    from trainer import settings
+    from stanchion import settings
 
     cfg = settings.load(
         AgentConfig,

@@ -54,7 +54,7 @@ def serve(
     """Serve the coordinator until SIGTERM or SIGINT."""
     from coordinator.config import CoordinatorConfig
     from coordinator.server import serve as run
-    from trainer import settings
+    from stanchion import settings
 
     cfg = settings.load(
         CoordinatorConfig,

@@ -351,7 +351,7 @@ def bisect(
         result = _bisection_dict(b)
     result["wall_s"] = round(time.time() - t0, 2)
     if json_out and json_out != "-" and local_nodes:
-        from trainer.contract import write_json_atomic
+        from stanchion.files import write_json_atomic
 
         write_json_atomic(json_out, result)
     if json_out:

@@ -100,8 +100,8 @@ def up(
     from diagnostics.errors import EXIT_FAILURE, EXIT_NOT_FOUND, CliError, UsageError
     from diagnostics.output import emit_table
     from diagnostics.up import KINDS, ScheduleError, Up, UpOptions, load_faults, parse_kinds
+    from stanchion.settings import parse_assignments
     from trainer.data import CorpusUnavailable
-    from trainer.settings import parse_assignments
 
     if chaos is not None and no_chaos:
         raise UsageError("--chaos and --no-chaos exclude each other")
@@ -180,7 +180,7 @@ def up(
         import time
 
         from diagnostics.bench import source_state
-        from trainer.contract import write_json_atomic
+        from stanchion.files import write_json_atomic
 
         # What ran, where and when: a drill's JSON is a record (docs/bench/chaos-drill.json).
         summary = {

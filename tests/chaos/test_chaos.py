@@ -22,9 +22,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import frozen_pids, golden, job_spec, prepare_data, read_jsonl, run_trainer, trainer_cmd
+from support import frozen_pids, golden, job_spec, prepare_data, run_trainer, trainer_cmd
 
 from diagnostics.localcluster import LocalCluster
+from stanchion.files import read_jsonl
 
 DATA = "fixture-512"
 STEPS = 60

@@ -174,7 +174,7 @@ def test_in_place_rollback_with_empty_window_reproduces_the_clean_run(
     wait_for(lambda: max(losses_by_step(run), default=0) >= 17, 120, "step 17")
     request = {"id": 1, "kind": "rollback", "to_step": -1, "skip": [], "reason": "test"}
     for rank in range(2):
-        from trainer.contract import write_json_atomic
+        from stanchion.files import write_json_atomic
 
         write_json_atomic(rank_dir(run, rank) / "control" / "request-00000001.json", request)
     out, _ = p.communicate(timeout=240)

@@ -441,7 +441,7 @@ def test_promtool_accepts_both_expositions_without_a_word(telemetry: Telemetry) 
 
 
 def test_both_daemons_export_their_build_info(telemetry: Telemetry) -> None:
-    from diagnostics import __version__
+    from stanchion import __version__
 
     for component, text in [
         *(("agent", a) for a in telemetry.agents.values()),

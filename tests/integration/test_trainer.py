@@ -241,7 +241,7 @@ def test_nan_replay_rollback_replays_the_fault_free_run_exactly(
     """A NaN loss on rank 0 (the step is skipped everywhere); as the coordinator's replay-first
     policy does, a rollback request to the step before it replays from the newest snapshot at or
     before that step: step 0 (the initial state) or step 4. The one-shot NaN does not recur."""
-    from trainer.contract import write_json_atomic
+    from stanchion.files import write_json_atomic
 
     faults = tmp_path / "faults.json"
     faults.write_text(

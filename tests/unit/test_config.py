@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from stanchion.settings import ConfigError
 from trainer import config
 from trainer.config import PRESETS, DataConfig, TrainConfig, resolve
-from trainer.settings import ConfigError
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:

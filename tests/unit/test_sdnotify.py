@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import sdnotify
+from stanchion import sdnotify
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -93,7 +93,7 @@ def test_faulthandler_prints_the_stack_on_a_watchdog_abort():
     # systemd's watchdog kills with SIGABRT; run in a child so the test process keeps pytest's handler.
     code = (
         "import os, signal\n"
-        "from agent.sdnotify import enable_faulthandler\n"
+        "from stanchion.sdnotify import enable_faulthandler\n"
         "def stuck_in_here():\n"
         "    os.kill(os.getpid(), signal.SIGABRT)\n"
         "enable_faulthandler()\n"

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trainer import settings
-from trainer.settings import ConfigError
+from stanchion import settings
+from stanchion.settings import ConfigError
 
 
 @dataclass(frozen=True)

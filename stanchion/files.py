@@ -1,0 +1,111 @@
+"""Files that other processes read while they are being written.
+
+Two rules hold everywhere in Stanchion:
+
+- A JSON file is replaced atomically (written beside it, fsynced, renamed over it): a reader sees the
+  old content or the new, never half of either.
+- A JSON-lines file is appended one whole line per ``write``. A record is a line that ends in a
+  newline: an unterminated last line is torn (its writer is still appending, or died mid-write) and
+  is not a record yet. A terminated line that does not parse is skipped: one damaged record must not
+  hide the ones after it. :class:`JsonlTail` and :func:`read_jsonl` are the only readers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
+    """Write-then-rename so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        json.dump(data, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+class JsonlWriter:
+    """Append-only JSON lines, one ``write`` per record so concurrent readers never see a torn line."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def write(self, record: dict[str, Any]) -> None:
+        record.setdefault("t", time.time())
+        os.write(self._fd, (json.dumps(record, sort_keys=True, allow_nan=True) + "\n").encode())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def _records(lines: list[bytes]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        if line.strip():
+            with contextlib.suppress(ValueError):  # a damaged record (JSONDecodeError, bad UTF-8)
+                yield json.loads(line)
+
+
+class JsonlTail:
+    """Reads the records appended to a JSON-lines file since the last call (an agent's view of its
+    worker). A torn last line is kept back and completed by the next read."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._offset = 0
+        self._partial = b""
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        if not chunk:
+            return []
+        self._offset += len(chunk)
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        return list(_records(lines))
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The records of a JSON-lines file (nothing if it does not exist), torn last line left out."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    lines = data.split(b"\n")
+    lines.pop()  # after the last newline: empty, or a torn line
+    yield from _records(lines)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    return list(iter_jsonl(path))
