@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from coordinator.auth import NODE_ID_RE  # one definition of a node id, shared with the coordinator
+from stanchion.identity import NODE_ID_RE
 from stanchion.settings import require
 
 

@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import signal
 import socket
 import time
@@ -28,6 +27,8 @@ from agent.workers import Worker, WorkerGroup
 from protos import client
 from protos.stanchion.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from stanchion import sdnotify
+from stanchion.files import write_json_atomic
+from stanchion.waiting import Backoff
 from trainer import manifest
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ class Agent:
         return client.call_metadata(self._token, self.cfg.insecure)
 
     async def register(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(0.1, self.cfg.max_backoff_s)
         inventory = await asyncio.to_thread(self.inventory)
         while not self.stopping.is_set():
             try:
@@ -252,27 +253,23 @@ class Agent:
                 log.info("[node %s] registered with %s", self.cfg.node_id, self.cfg.coordinator)
                 return
             except grpc.aio.AioRpcError as e:
-                if e.code() in (
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                ):
+                if not client.retryable(e.code()):
                     raise RuntimeError(
                         f"the coordinator refused registration: {e.code().name}: {e.details()}"
                     ) from None
+                delay = backoff.next()
                 log.warning(
                     "[node %s] cannot register (%s: %s); retrying in %.1fs",
                     self.cfg.node_id,
                     e.code().name,
                     e.details(),
-                    backoff,
+                    delay,
                 )
-            await self._sleep(backoff)
-            backoff = min(backoff * 2, self.cfg.max_backoff_s) * random.uniform(0.8, 1.2)
+                await self._sleep(delay)
 
     async def _heartbeats(self) -> None:
         await self.register()
-        backoff = 0.1
+        backoff = Backoff(0.1, self.cfg.max_backoff_s)
         # Loops test `stopping` themselves: grpc.aio may turn a task cancellation into an RpcError.
         while not self.stopping.is_set():
             sent = self.outbox[:MAX_EVENTS_PER_BEAT]
@@ -304,16 +301,16 @@ class Agent:
                     )
                     await self.register()
                     continue
+                delay = backoff.next()
                 log.warning(
                     "[node %s] heartbeat failed (%s); workers keep running; retry in %.1fs",
                     self.cfg.node_id,
                     e.code().name,
-                    backoff,
+                    delay,
                 )
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, self.cfg.max_backoff_s) * random.uniform(0.8, 1.2)
+                await self._sleep(delay)
                 continue
-            backoff = 0.1
+            backoff.reset()
             self.connected = True
             del self.outbox[: len(sent)]
             if self.trial_runner:
@@ -470,8 +467,6 @@ async def serve(cfg: AgentConfig, *, port_file: str = "") -> None:
     await agent.start()
     forward = asyncio.create_task(_forward(agent.stopping, stop))
     if port_file:
-        from stanchion.files import write_json_atomic
-
         write_json_atomic(
             port_file,
             {"metrics_port": agent.metrics_port, "store_port": agent.store_port, "pid": os.getpid()},

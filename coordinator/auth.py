@@ -23,14 +23,13 @@ request-but-don't-require mode in Python), so every caller must present a bearer
 caller without one gets UNAUTHENTICATED from the interceptor. Authenticated callers that overstep
 get PERMISSION_DENIED in both modes.
 
-This module depends on grpc, the generated protos and (for credential checks) `cryptography`; it
-imports nothing else from the coordinator, so agents and the CLI use its credential builders too.
+Roles and identities are the kernel's (`stanchion.identity`), and so are the TLS credentials every
+process builds (`stanchion.tls`).
 """
 
 from __future__ import annotations
 
 import contextvars
-import datetime as dt
 import hashlib
 import hmac
 import inspect
@@ -40,7 +39,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,75 +47,20 @@ from typing import Any
 import grpc
 
 from protos.stanchion.v1 import agent_pb2, operator_pb2
+from stanchion.identity import (
+    ANONYMOUS,
+    NAME_RE,
+    ROLE_AGENT,
+    ROLE_OPERATOR,
+    ROLE_READER,
+    TRUST_DOMAIN,
+    Identity,
+    identity_from_auth_context,
+    validate_node_id,
+)
 
 log = logging.getLogger(__name__)
 
-# ---------------------------------------------------------------------------------------------
-# Roles, the identity scheme and the certificate layout (shared with diagnostics/certs.py)
-
-ROLE_COORDINATOR = "coordinator"
-ROLE_AGENT = "agent"
-ROLE_OPERATOR = "operator"
-ROLE_READER = "reader"
-ROLES = frozenset({ROLE_COORDINATOR, ROLE_AGENT, ROLE_OPERATOR, ROLE_READER})
-# The caller on an --insecure server without tokens: no identity, allowed everything.
-ROLE_ANONYMOUS = "anonymous"
-
-TRUST_DOMAIN = "stanchion"
-NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")  # \Z: "$" would allow a trailing newline
-_NAME_RE = NODE_ID_RE  # operator and reader names follow the node-id rules too
-
-CA_CERT_FILE = "ca.pem"
-CA_KEY_FILE = "ca-key.pem"
-CERTS_INIT_HINT = "create a development PKI with `stanchion certs init DIR`, or see docs/security.md"
-
-
-def validate_node_id(node_id: str) -> str:
-    """Return ``node_id`` if it is a valid node id (letters, digits, ``._-``, 1-63 chars)."""
-    if not isinstance(node_id, str) or not NODE_ID_RE.match(node_id):
-        raise ValueError(
-            f"bad node id {node_id!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return node_id
-
-
-def spiffe_id(role: str, name: str, trust_domain: str = TRUST_DOMAIN) -> str:
-    """The URI SAN that names an identity: ``spiffe://stanchion/<role>/<name>``."""
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(sorted(ROLES))}")
-    if not _NAME_RE.match(name):
-        raise ValueError(f"bad name {name!r} for role {role}")
-    return f"spiffe://{trust_domain}/{role}/{name}"
-
-
-def cert_file_names(role: str, node_id: str | None = None) -> tuple[str, str]:
-    """(certificate, key) file names for a role: ``operator.pem``, or ``agent-<node_id>.pem``."""
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(sorted(ROLES))}")
-    if role == ROLE_AGENT:
-        if node_id is None:
-            raise ValueError("the agent role needs a node id")
-        stem = f"agent-{validate_node_id(node_id)}"
-    elif node_id is not None:
-        raise ValueError(f"a node id goes only with the agent role, not {role}")
-    else:
-        stem = role
-    return f"{stem}.pem", f"{stem}-key.pem"
-
-
-@dataclass(frozen=True)
-class Identity:
-    """An authenticated caller. ``method`` says how: "mtls", "token", or "insecure" (no check)."""
-
-    role: str
-    name: str
-    method: str
-
-    def __str__(self) -> str:
-        return f"{self.role}/{self.name} ({self.method})"
-
-
-ANONYMOUS = Identity(ROLE_ANONYMOUS, "anonymous", "insecure")
 
 # ---------------------------------------------------------------------------------------------
 # Policy: every RPC of every Stanchion service, and the roles that may call it
@@ -184,36 +128,6 @@ POLICY: dict[str, frozenset[str]] = _build_policy((operator_pb2.DESCRIPTOR, agen
 # Identity from the peer certificate
 
 
-def identity_from_auth_context(
-    auth_context: Mapping[str, Sequence[bytes]], *, trust_domain: str = TRUST_DOMAIN
-) -> Identity | None:
-    """The identity in a verified peer certificate, from ``context.auth_context()``; None without one.
-
-    grpc lists the certificate's URI SANs under ``peer_uri`` (only after the handshake verified the
-    chain against our CA). Exactly one ``spiffe://<trust_domain>/<role>/<name>`` URI must be present:
-    none, or two that disagree, give None. Other URI SANs are ignored.
-    """
-    if b"ssl" not in auth_context.get("transport_security_type", ()):
-        return None
-    prefix = f"spiffe://{trust_domain}/"
-    found: set[tuple[str, str]] = set()
-    for raw in auth_context.get("peer_uri", ()):
-        uri = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        if not uri.startswith(prefix):
-            continue
-        parts = uri[len(prefix) :].split("/")
-        if len(parts) != 2 or parts[0] not in ROLES or not _NAME_RE.match(parts[1]):
-            log.warning("ignoring malformed Stanchion identity %r in a peer certificate", uri)
-            continue
-        found.add((parts[0], parts[1]))
-    if len(found) != 1:
-        if len(found) > 1:
-            log.warning("peer certificate names %d Stanchion identities; refusing it", len(found))
-        return None
-    role, name = found.pop()
-    return Identity(role, name, "mtls")
-
-
 # ---------------------------------------------------------------------------------------------
 # Bearer tokens
 
@@ -256,7 +170,7 @@ def _check_grant(role: str, name: str) -> None:
         raise ValueError(f"a token grants operator, reader or agent, not {role!r}")
     if role == ROLE_AGENT:
         validate_node_id(name)
-    elif not _NAME_RE.match(name):
+    elif not NAME_RE.match(name):
         raise ValueError(f"bad token name {name!r}: use letters, digits, '.', '_' or '-'")
 
 
@@ -512,161 +426,6 @@ def _wrap_handler(
         unary_stream=wrap(handler.unary_stream),
         stream_unary=wrap(handler.stream_unary),
         stream_stream=wrap(handler.stream_stream),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Credentials
-
-
-class TlsConfigError(ValueError):
-    """A TLS directory that cannot be used: a missing, unreadable, mismatched or expired file."""
-
-
-# One machine's own files under the names of a Kubernetes TLS Secret (what cert-manager writes, and
-# what deploy/ mounts or loads with systemd's LoadCredential=).
-SECRET_CA_FILE = "ca.crt"
-SECRET_CERT_FILE = "tls.crt"
-SECRET_KEY_FILE = "tls.key"
-
-
-def tls_files(
-    tls_dir: str | os.PathLike[str], role: str, node_id: str | None = None
-) -> tuple[Path, Path, Path]:
-    """(CA, certificate, key) paths for ``role`` in ``tls_dir``, which holds either layout:
-
-    - the output of `stanchion certs init`: ``ca.pem`` and ``<role>.pem``/``<role>-key.pem``
-      (``agent-<node_id>.pem`` for agents), possibly for many roles;
-    - one machine's files under Kubernetes TLS Secret names: ``ca.crt``, ``tls.crt``, ``tls.key``.
-
-    Role-named files win when both are present. Raises TlsConfigError when neither is.
-    """
-    d = Path(tls_dir)
-    cert_name, key_name = cert_file_names(role, node_id)
-    if (d / cert_name).exists():
-        cert, key = d / cert_name, d / key_name
-    elif (d / SECRET_CERT_FILE).exists():
-        cert, key = d / SECRET_CERT_FILE, d / SECRET_KEY_FILE
-    else:
-        raise TlsConfigError(f"{d} has neither {cert_name} nor {SECRET_CERT_FILE} ({CERTS_INIT_HINT})")
-    return _ca_file(d), cert, key
-
-
-def _ca_file(d: Path) -> Path:
-    if (d / CA_CERT_FILE).exists() or not (d / SECRET_CA_FILE).exists():
-        return d / CA_CERT_FILE
-    return d / SECRET_CA_FILE
-
-
-def _read_pem(path: Path, *, secret: bool = False) -> bytes:
-    try:
-        data = path.read_bytes()
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise TlsConfigError(f"{path} is missing ({CERTS_INIT_HINT})") from None
-    except OSError as e:
-        raise TlsConfigError(f"cannot read {path}: {e.strerror or e}") from None
-    if b"-----BEGIN" not in data:
-        raise TlsConfigError(f"{path} is not a PEM file")
-    if secret and mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("private key %s is readable by other users; chmod 600 it", path)
-    return data
-
-
-def _load_pair(cert_path: Path, key_path: Path) -> tuple[bytes, bytes, Any]:
-    """(certificate chain PEM, key PEM, parsed leaf), checked to belong together and to be valid
-    now, so a mistake shows up here with a file name rather than as a failed handshake later."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    cert_pem = _read_pem(cert_path)
-    key_pem = _read_pem(key_path, secret=True)
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError as e:
-        raise TlsConfigError(f"{cert_path} is not a certificate: {e}") from None
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as e:
-        raise TlsConfigError(f"{key_path} is not an unencrypted private key: {e}") from None
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
-        raise TlsConfigError(f"{key_path} is not the key of {cert_path}")
-    now = dt.datetime.now(dt.timezone.utc)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise TlsConfigError(
-            f"{cert_path} is valid from {cert.not_valid_before_utc:%Y-%m-%d} to "
-            f"{cert.not_valid_after_utc:%Y-%m-%d}, not now ({CERTS_INIT_HINT})"
-        )
-    return cert_pem, key_pem, cert
-
-
-def _check_identity(cert: Any, path: Path, role: str, node_id: str | None, trust_domain: str) -> None:
-    """Refuse a client certificate that names another Stanchion identity than the one it is used
-    as (an agent started for node-3 with node-4's certificate would be denied on every call)."""
-    from cryptography import x509
-
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    found = identity_from_auth_context(
-        {"transport_security_type": [b"ssl"], "peer_uri": [u.encode() for u in uris]},
-        trust_domain=trust_domain,
-    )
-    if found is None:
-        log.warning(
-            "%s has no %s identity URI SAN; the coordinator will refuse it", path, f"spiffe://{trust_domain}/"
-        )
-    elif found.role != role or (role == ROLE_AGENT and found.name != node_id):
-        wanted = f"node {node_id}" if role == ROLE_AGENT else f"the {role} role"
-        raise TlsConfigError(f"{path} is for {spiffe_id(found.role, found.name, trust_domain)}, not {wanted}")
-
-
-def server_credentials(
-    tls_dir: str | os.PathLike[str], *, require_client_cert: bool = True
-) -> grpc.ServerCredentials:
-    """The coordinator's TLS credentials: its certificate, key and CA from ``tls_dir`` (`tls_files`).
-
-    ``require_client_cert=True`` (mTLS, the default): the handshake refuses clients without a
-    certificate from this CA. ``False``: server-only TLS; clients authenticate with bearer tokens
-    (grpc then does not ask for client certificates at all, so certificate identities are unused).
-    """
-    ca_path, cert_path, key_path = tls_files(tls_dir, ROLE_COORDINATOR)
-    chain, key, _ = _load_pair(cert_path, key_path)
-    return grpc.ssl_server_credentials(
-        [(key, chain)], root_certificates=_read_pem(ca_path), require_client_auth=require_client_cert
-    )
-
-
-def channel_credentials(
-    tls_dir: str | os.PathLike[str],
-    role: str,
-    node_id: str | None = None,
-    *,
-    trust_domain: str = TRUST_DOMAIN,
-) -> grpc.ChannelCredentials:
-    """mTLS credentials for a client: the CA plus ``<role>.pem`` (``agent-<node_id>.pem`` for
-    agents), or ``tls.crt`` in a one-machine directory (`tls_files`). A certificate that names a
-    different Stanchion identity is refused here.
-
-    The target's host name must be a SAN of the coordinator's certificate; otherwise pass the
-    channel option ``("grpc.ssl_target_name_override", "<a name in the certificate>")``.
-    """
-    ca_path, cert_path, key_path = tls_files(tls_dir, role, node_id)
-    chain, key, cert = _load_pair(cert_path, key_path)
-    _check_identity(cert, cert_path, role, node_id, trust_domain)
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read_pem(ca_path), private_key=key, certificate_chain=chain
-    )
-
-
-def token_channel_credentials(tls_dir: str | os.PathLike[str], token: str) -> grpc.ChannelCredentials:
-    """Server-verified TLS (only the CA file is needed) plus a bearer token sent with every call."""
-    ca = _read_pem(_ca_file(Path(tls_dir)))
-    return grpc.composite_channel_credentials(
-        grpc.ssl_channel_credentials(root_certificates=ca), grpc.access_token_call_credentials(token)
     )
 
 

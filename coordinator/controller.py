@@ -693,7 +693,7 @@ class Controller:
         return None
 
     def _do_bisect(self, req: Any) -> dict[str, Any]:
-        from coordinator.bisection import BisectionError
+        from coordinator.bisection.runner import BisectionError
 
         job_id = req.job_id
         if job_id and job_id not in self.jobs:

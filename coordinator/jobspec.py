@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from coordinator.auth import NODE_ID_RE
 from stanchion import settings
+from stanchion.identity import NODE_ID_RE
 from stanchion.settings import ConfigError, require
 from trainer import config as trainer_config
 

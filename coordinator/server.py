@@ -23,6 +23,7 @@ from coordinator.service import AgentService, OperatorService
 from coordinator.store import Store
 from protos.stanchion.v1 import agent_pb2_grpc, operator_pb2_grpc
 from stanchion import sdnotify
+from stanchion.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +89,13 @@ async def build(cfg: CoordinatorConfig) -> Running:
     if cfg.insecure:
         port = server.add_insecure_port(cfg.listen)
     else:
-        port = server.add_secure_port(cfg.listen, auth.server_credentials(cfg.tls_dir))
+        port = server.add_secure_port(cfg.listen, server_credentials(cfg.tls_dir))
     if port == 0:
         raise OSError(f"could not bind {cfg.listen}")
     token_port = 0
     if cfg.token_listen:
         token_port = server.add_secure_port(
-            cfg.token_listen, auth.server_credentials(cfg.tls_dir, require_client_cert=False)
+            cfg.token_listen, server_credentials(cfg.tls_dir, require_client_cert=False)
         )
     health_server = None
     if cfg.health_port:
@@ -102,7 +103,7 @@ async def build(cfg: CoordinatorConfig) -> Running:
         health_server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         health_server.add_insecure_port(f"{cfg.listen.rpartition(':')[0]}:{cfg.health_port}")
-    from coordinator.bisection import Bisector
+    from coordinator.bisection.runner import Bisector
 
     bisector = Bisector(controller)
     controller.bisector = bisector

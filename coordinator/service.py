@@ -16,10 +16,10 @@ from typing import Any
 import grpc
 
 from coordinator import machine as m
-from coordinator.auth import NODE_ID_RE
+from coordinator.bisection.planner import MIN_P_SHOW
 from coordinator.controller import Controller, Invalid, NodeRecord, NotFound
-from diagnostics.bisect import MIN_P_SHOW
 from protos.stanchion.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc, types_pb2
+from stanchion.identity import NODE_ID_RE
 from stanchion.settings import ConfigError
 
 # \Z, not $: "$" also matches before a trailing newline, which would let "node-a\n" through.

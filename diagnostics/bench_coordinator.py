@@ -421,23 +421,21 @@ class ClientStats:
 
 
 async def _call_with_retry(fn: Any, what: str, deadline_s: float) -> Any:
-    """Register with the agent's retry rules: back off on RESOURCE_EXHAUSTED and UNAVAILABLE."""
+    """Call with the agent's retry rules (`protos.client.retryable`, `stanchion.waiting.Backoff`)."""
     import grpc
 
-    backoff, t_end = 0.1, time.monotonic() + deadline_s
+    from protos import client
+    from stanchion.waiting import Backoff
+
+    backoff, t_end = Backoff(0.1, 2.0), time.monotonic() + deadline_s
     while True:
         try:
             return await fn()
         except grpc.aio.AioRpcError as e:
-            retry = e.code() in (
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-            )
-            if not retry or time.monotonic() + backoff > t_end:
+            delay = backoff.next()
+            if not client.retryable(e.code()) or time.monotonic() + delay > t_end:
                 raise RuntimeError(f"{what}: {e.code().name}: {e.details()}") from None
-        await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-        backoff = min(backoff * 2, 2.0)
+        await asyncio.sleep(delay)
 
 
 async def run_client(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -455,7 +453,7 @@ async def run_client(spec: Mapping[str, Any]) -> dict[str, Any]:
     options = [*client.channel_options(), OWN_CONNECTION]
     creds_for = None
     if not insecure:
-        from coordinator.auth import channel_credentials
+        from stanchion.tls import channel_credentials
 
         def creds_for(node_id: str) -> Any:
             return channel_credentials(tls_dir, "agent", node_id)

@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -52,6 +52,7 @@ from diagnostics.bench import (
 )
 from diagnostics.localcluster import LocalCluster
 from stanchion.files import read_jsonl
+from stanchion.waiting import wait_until
 
 NODES = ("node-0", "node-1")
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # torchrun's gloo stale-store bug
@@ -296,16 +297,6 @@ class Tail:
         return new
 
 
-def wait_until(pred: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise BenchError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
 # ---------------------------------------------------------------------------------------------
 # The Stanchion side: a local cluster
 
@@ -360,7 +351,7 @@ def wait_standbys(cluster: LocalCluster, timeout_s: float) -> None:
         lambda: all(standby_ready(cluster, n) for n in cluster.agents),
         timeout_s,
         "every agent's standby rank to warm up",
-        0.1,
+        interval_s=0.1,
     )
 
 
@@ -412,12 +403,14 @@ def stanchion_trial(
         recs = [r for r in tail.records if r.get("job_id") == job_id and r["step"] >= kill_step]
         return recs[-1] if recs else None
 
-    rec = wait_until(reached, timeout_s, f"{name}: step {kill_step}")
+    rec = wait_until(reached, timeout_s, f"{name}: step {kill_step}", interval_s=0.01)
     generation = int(rec["generation"])
-    pid, node = wait_until(lambda: live_rank(cluster, job_id, 1, generation), 30.0, f"{name}: rank 1's pid")
+    pid, node = wait_until(
+        lambda: live_rank(cluster, job_id, 1, generation), 30.0, f"{name}: rank 1's pid", interval_s=0.01
+    )
     # Steady state: the node's replacement standby (spawned when the job took the last one) is warm.
     warm_wait_t = time.time()
-    wait_until(lambda: standby_ready(cluster, node), 120.0, f"{name}: a warm standby on {node}", 0.05)
+    wait_until(lambda: standby_ready(cluster, node), 120.0, f"{name}: a warm standby on {node}")
     warm_wait_s = time.time() - warm_wait_t
     tail.poll()
     step_at_kill = max(int(r["step"]) for r in tail.records if r.get("job_id") == job_id)
@@ -533,7 +526,7 @@ class TorchrunJob:
             pid = self.rank_pid(rank)
             return pid if pid is not None and pid not in {k["pid"] for k in self.kills} else None
 
-        pid = wait_until(fresh, 30.0, f"torchrun rank {rank}'s process")
+        pid = wait_until(fresh, 30.0, f"torchrun rank {rank}'s process", interval_s=0.01)
         t = time.time()
         os.kill(pid, signal.SIGKILL)
         self.kills.append({"pid": pid, "t": t, "rank": rank})
@@ -591,7 +584,9 @@ def torchrun_trial(
     job = TorchrunJob(run_dir, torchrun_command(flags, run_dir, max_restarts=max_restarts))
     job.start()
     try:
-        wait_until(lambda: job.newest_step() >= kill_step, timeout_s, f"torchrun step {kill_step}")
+        wait_until(
+            lambda: job.newest_step() >= kill_step, timeout_s, f"torchrun step {kill_step}", interval_s=0.01
+        )
         pid, killed_t = job.kill_rank(1)
         progress(f"  torchrun: SIGKILL rank 1 (pid {pid}) after step {job.newest_step()}")
         code = job.wait(timeout_s)
@@ -855,17 +850,20 @@ def register(app: typer.Typer) -> None:
             ],
         )
         with work_directory(work_dir, "recovery") as wd:
-            result = bench_recovery(
-                data=prepared_data(data, wd),
-                work_dir=wd,
-                command=command,
-                trials=trials,
-                model=model,
-                steps=steps,
-                checkpoint_every=checkpoint_every,
-                kill_step=kill_step,
-                max_restarts=max_restarts,
-                timeout_s=timeout_s,
-                progress=message,
-            )
+            try:
+                result = bench_recovery(
+                    data=prepared_data(data, wd),
+                    work_dir=wd,
+                    command=command,
+                    trials=trials,
+                    model=model,
+                    steps=steps,
+                    checkpoint_every=checkpoint_every,
+                    kill_step=kill_step,
+                    max_restarts=max_restarts,
+                    timeout_s=timeout_s,
+                    progress=message,
+                )
+            except TimeoutError as e:  # a cluster that never got where the trial needed it
+                raise BenchError(str(e)) from None
         report(result, json_=json_, out=out, table=recovery_table)

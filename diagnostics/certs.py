@@ -35,7 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from coordinator.auth import (
+from stanchion.files import fsync_dir
+from stanchion.identity import (
     CA_CERT_FILE,
     CA_KEY_FILE,
     ROLE_AGENT,
@@ -46,7 +47,6 @@ from coordinator.auth import (
     spiffe_id,
     validate_node_id,
 )
-from stanchion.files import fsync_dir
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 # Certificates start a few minutes in the past so a node whose clock runs behind accepts them.

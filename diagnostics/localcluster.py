@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stanchion.files import read_jsonl
+from stanchion.waiting import wait_until
 
 T = TypeVar("T")
 
@@ -294,20 +295,10 @@ class LocalCluster:
         return self.rpc("ListNodes", operator_pb2.ListNodesRequest()).nodes
 
     def wait(self, predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:
-        """Poll ``predicate`` (errors while the coordinator restarts count as not yet)."""
+        """Poll ``predicate``; RPC errors (the coordinator restarting) count as not yet."""
         import grpc
 
-        deadline = time.monotonic() + timeout_s
-        last_error = ""
-        while time.monotonic() < deadline:
-            try:
-                value = predicate()
-                if value:
-                    return value
-            except grpc.RpcError as e:
-                last_error = f"{e.code().name}: {e.details()}"
-            time.sleep(interval_s)
-        raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what} {last_error}")
+        return wait_until(predicate, timeout_s, what, interval_s=interval_s, transient=(grpc.RpcError,))
 
     def wait_job(self, states: set[str], timeout_s: float, job_id: str = "") -> Any:
         from protos.stanchion.v1 import types_pb2

@@ -35,6 +35,18 @@ IDEMPOTENT = {
         "GetBisection",
     ],
 }
+# Beyond gRPC's own retries: a caller that keeps trying until the coordinator answers (an agent
+# registering, a heartbeat) gives up only on these, which no retry can change.
+PERMANENT = frozenset(
+    {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT}
+)
+
+
+def retryable(code: grpc.StatusCode) -> bool:
+    """Whether a call that failed with ``code`` is worth repeating after a backoff."""
+    return code not in PERMANENT
+
+
 SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -84,7 +96,7 @@ def aio_channel(
     certificate layout."""
     if insecure:
         return grpc.aio.insecure_channel(target, options=channel_options())
-    from coordinator.auth import channel_credentials, token_channel_credentials
+    from stanchion.tls import channel_credentials, token_channel_credentials
 
     # A token replaces the client certificate (the coordinator's token port has server-only TLS).
     creds = (
@@ -105,7 +117,7 @@ def channel(
     """The blocking twin of :func:`aio_channel` (scripts, tests, `stanchion up`'s watcher)."""
     if insecure:
         return grpc.insecure_channel(target, options=channel_options())
-    from coordinator.auth import channel_credentials, token_channel_credentials
+    from stanchion.tls import channel_credentials, token_channel_credentials
 
     creds = (
         token_channel_credentials(tls_dir, token) if token else channel_credentials(tls_dir, role, node_id)

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -105,16 +104,6 @@ def kill_group(p: subprocess.Popen[Any]) -> None:
     except ProcessLookupError:
         pass
     p.wait(timeout=30)
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.05):  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def rank_dir(run_dir: Path, rank: int) -> Path:

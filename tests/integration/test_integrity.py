@@ -16,9 +16,9 @@ from support import (
     run_trainer,
     start_trainer,
     trainer_cmd,
-    wait_for,
 )
 
+from stanchion.waiting import wait_until
 from trainer import manifest as mf
 
 
@@ -171,7 +171,7 @@ def test_in_place_rollback_with_empty_window_reproduces_the_clean_run(
 
     run = tmp_path / "run"
     p = start_trainer(trainer_cmd(small_data, run, **args))
-    wait_for(lambda: max(losses_by_step(run), default=0) >= 17, 120, "step 17")
+    wait_until(lambda: max(losses_by_step(run), default=0) >= 17, 120, "step 17")
     request = {"id": 1, "kind": "rollback", "to_step": -1, "skip": [], "reason": "test"}
     for rank in range(2):
         from stanchion.files import write_json_atomic

@@ -64,9 +64,10 @@ from test_rpc_validation import (
 
 from agent.config import AgentConfig
 from coordinator import auth, server
-from coordinator.auth import channel_credentials, hash_token, token_channel_credentials, token_line
+from coordinator.auth import hash_token, token_line
 from diagnostics.certs import init_pki
 from protos.stanchion.v1 import agent_pb2, operator_pb2, types_pb2
+from stanchion.tls import channel_credentials, token_channel_credentials
 
 if TYPE_CHECKING:
     from agent.workers import WorkerGroup

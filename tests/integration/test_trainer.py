@@ -20,9 +20,9 @@ from support import (
     run_trainer,
     start_trainer,
     trainer_cmd,
-    wait_for,
 )
 
+from stanchion.waiting import wait_until
 from trainer import manifest as mf
 
 
@@ -36,7 +36,9 @@ def test_exact_resume_after_sigkill_of_the_whole_group(small_data: Path, tmp_pat
 
     broken = tmp_path / "broken"
     p = start_trainer(trainer_cmd(small_data, broken, **args))
-    wait_for(lambda: any(s >= 20 for s in committed_steps(broken)), 180, "a committed checkpoint at step 20")
+    wait_until(
+        lambda: any(s >= 20 for s in committed_steps(broken)), 180, "a committed checkpoint at step 20"
+    )
     kill_group(p)
     resume_from = max(committed_steps(broken))
     assert resume_from < 40
@@ -152,7 +154,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0(small_data: P
 
     run = tmp_path / "run"
     p = start_trainer(trainer_cmd(small_data, run, nproc=2, steps=400, extra=["--checkpoint-every", "0"]))
-    wait_for(lambda: max(losses_by_step(run), default=0) >= 5, 120, "step 5")
+    wait_until(lambda: max(losses_by_step(run), default=0) >= 5, 120, "step 5")
     os.killpg(p.pid, signal.SIGTERM)  # as a scheduler or systemd would: every process gets it
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-3000:]
@@ -263,7 +265,7 @@ def test_nan_replay_rollback_replays_the_fault_free_run_exactly(
     extra = [*ROLLBACK_ARGS, "--faults", str(faults)]
     p = start_trainer(trainer_cmd(small_data, run, nproc=2, steps=ROLLBACK_STEPS, extra=extra))
     try:
-        wait_for(lambda: events(run, 0, "nonfinite"), 120, "the nonfinite event")
+        wait_until(lambda: events(run, 0, "nonfinite"), 120, "the nonfinite event")
         request = {"id": 1, "kind": "rollback", "to_step": nan_step - 1, "skip": [], "reason": "nan replay"}
         for rank in range(2):
             write_json_atomic(rank_dir(run, rank) / "control" / "request-00000001.json", request)

@@ -26,25 +26,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator import auth
 from coordinator.auth import (
-    ANONYMOUS,
     POLICY,
     AuthInterceptor,
-    Identity,
     RateLimiter,
-    TlsConfigError,
     TokenFileError,
     TokenStore,
-    channel_credentials,
     current_identity,
     hash_token,
-    identity_from_auth_context,
     require_node,
-    server_credentials,
-    token_channel_credentials,
     token_line,
 )
 from diagnostics.certs import init_pki
 from protos.stanchion.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc, types_pb2
+from stanchion.identity import ANONYMOUS, Identity, identity_from_auth_context
+from stanchion.tls import TlsConfigError, channel_credentials, server_credentials, token_channel_credentials
 
 OK = grpc.StatusCode.OK
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED

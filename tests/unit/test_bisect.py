@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diagnostics.bisect import (
+from coordinator.bisection.planner import (
     BisectConfig,
     Round,
     TrialResult,
@@ -441,7 +441,7 @@ def test_config_errors_name_the_key(kwargs: dict, key: str) -> None:
 
 
 def test_the_least_p_show_allowed_has_a_finite_streak() -> None:
-    from diagnostics.bisect import MIN_P_SHOW, required_streak
+    from coordinator.bisection.planner import MIN_P_SHOW, required_streak
 
     BisectConfig(p_show=MIN_P_SHOW)
     assert 1 < required_streak(MIN_P_SHOW, 1e-6, 0) < 2000

@@ -18,10 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from coordinator.auth import NODE_ID_RE, Identity, identity_from_auth_context, spiffe_id
 from diagnostics import certs
 from diagnostics.certs import PkiExistsError, init_pki
 from diagnostics.commands.certs import EXIT_EXISTS, app
+from stanchion.identity import NODE_ID_RE, Identity, identity_from_auth_context, spiffe_id
 
 runner = CliRunner()
 

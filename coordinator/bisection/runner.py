@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator import machine as m
-from diagnostics.bisect import BisectConfig, Round, TrialResult, Verdict, plan
+from coordinator.bisection.planner import BisectConfig, Round, TrialResult, Verdict, plan
 from protos.stanchion.v1 import agent_pb2
 from trainer.trial import trace_key
 
