@@ -5,36 +5,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stanchion.identity import NODE_ID_RE
-from stanchion.settings import require
+from stanchion.settings import option, require
 
 
 @dataclass(frozen=True)
 class AgentConfig:
-    coordinator: str = "127.0.0.1:50051"
-    node_id: str = ""
-    workers: int = 1  # trainer ranks on this node (one per GPU)
-    run_root: str = "runs"  # each job's run directory is RUN_ROOT/JOB_ID; checkpoints live under it
-    data_root: str = ""  # job specs name data relative to this directory (default: RUN_ROOT/../data)
-    spare: bool = False
-    metrics_port: int = -1  # -1: off, 0: any free port
-    metrics_addr: str = "127.0.0.1"
-    health_port: int = 0  # plaintext grpc.health.v1 (0: off)
-    host: str = "127.0.0.1"  # the address other nodes' ranks use to reach this node's TCPStore
-    tls_dir: str = ""
-    insecure: bool = False
-    token_file: str = ""
-    standby: int = 1  # pre-warmed processes kept ready to replace a rank
+    coordinator: str = option("127.0.0.1:50051", "Coordinator address HOST:PORT.")
+    node_id: str = option("", "This node's id (must match its certificate).")
+    workers: int = option(1, "Trainer ranks on this node (one per GPU).")
+    run_root: str = option("runs", "Run directories (and checkpoints) go under this directory.")
+    data_root: str = option("", "Job specs name data relative to this directory (empty: RUN_ROOT/../data).")
+    spare: bool = option(False, "Join jobs only to replace a lost node.")
+    metrics_port: int = option(-1, "Prometheus port (-1: off, 0: any free port).")
+    metrics_addr: str = option("127.0.0.1", "Address metrics and health bind.")
+    health_port: int = option(0, "Plaintext grpc.health.v1 port for probes (0: off).")
+    host: str = option("127.0.0.1", "Address other nodes use to reach this node's rendezvous store.")
+    tls_dir: str = option("", "mTLS directory (stanchion certs init).")
+    insecure: bool = option(False, "Plaintext gRPC: for local experiments only.")
+    token_file: str = option("", "A file holding this agent's bearer token.")
+    standby: int = option(1, "Pre-warmed standby ranks to keep ready.")
     hang_factor: float = 5.0  # no step within factor x median step time ...
-    hang_floor_s: float = 30.0  # ... and at least this long: the rank is hung
+    hang_floor_s: float = option(30.0, "A rank with no step for at least this long may be hung.")
     startup_timeout_s: float = 300.0  # first step of a generation must come within this
     rejoin_grace_s: float = (
         15.0  # a survivor still in the old generation this long after reassignment is killed
     )
-    stop_grace_s: float = 60.0  # SIGTERM, then SIGKILL after this (room for an emergency checkpoint)
+    stop_grace_s: float = option(
+        60.0, "SIGTERM, then SIGKILL after this many seconds (room for an emergency checkpoint)."
+    )
     rpc_timeout_s: float = 5.0
     max_backoff_s: float = 2.0  # retries while the coordinator is unreachable (it reconciles for 10 s)
-    simulate_defect: str = (
-        ""  # "persistent" or "intermittent:P": this node's ranks corrupt matmuls (bisection tests)
+    simulate_defect: str = option(
+        "", "persistent or intermittent:P: corrupt this node's matmuls (bisection tests)."
     )
     threads: int = 1  # torch threads per rank on CPU (also OMP_NUM_THREADS)
     health_interval_s: float = 10.0

@@ -28,6 +28,7 @@ from protos import client
 from protos.stanchion.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from stanchion import sdnotify
 from stanchion.files import write_json_atomic
+from stanchion.net import bind_grpc, bind_http
 from stanchion.waiting import Backoff
 from trainer import manifest
 
@@ -439,8 +440,10 @@ class Agent:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(AgentCollector(self))
         registry.register(HealthCollector(self.health_backend, self.xid_watcher, [self.cfg.run_root]))
-        self._metrics_server, _ = start_http_server(
-            self.cfg.metrics_port, addr=self.cfg.metrics_addr, registry=registry
+        self._metrics_server, _ = bind_http(
+            lambda: start_http_server(self.cfg.metrics_port, addr=self.cfg.metrics_addr, registry=registry),
+            "--metrics-port",
+            f"{self.cfg.metrics_addr}:{self.cfg.metrics_port}",
         )
         self.metrics_port = self._metrics_server.server_port
 
@@ -452,7 +455,8 @@ class Agent:
         self._health_server = grpc.aio.server()
         servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, self._health_server)
-        self._health_server.add_insecure_port(f"{self.cfg.metrics_addr}:{self.cfg.health_port}")
+        addr = f"{self.cfg.metrics_addr}:{self.cfg.health_port}"
+        bind_grpc(lambda: self._health_server.add_insecure_port(addr), "--health-port", addr)
         await self._health_server.start()
         await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 

@@ -7,25 +7,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stanchion.settings import require
+from stanchion.settings import option, require
 
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    listen: str = "127.0.0.1:50051"
-    state_db: str = "stanchion-coordinator.db"
-    metrics_port: int = -1  # -1: no metrics endpoint; 0: any free port
-    metrics_addr: str = "127.0.0.1"
-    health_port: int = 0  # plaintext grpc.health.v1 for kubelet probes (0: off)
-    tls_dir: str = ""
-    insecure: bool = False  # plaintext gRPC: only when explicitly asked for
-    token_file: str = ""  # hashed bearer tokens (docs/security.md)
-    # A second port with server-only TLS where callers authenticate with bearer tokens (for clients
-    # that cannot hold a certificate); requires tls_dir and token_file.
-    token_listen: str = ""
+    listen: str = option("127.0.0.1:50051", "gRPC address HOST:PORT.")
+    state_db: str = option("stanchion-coordinator.db", "SQLite state file (created if missing).")
+    metrics_port: int = option(-1, "Prometheus port (-1: off, 0: any free port).")
+    metrics_addr: str = option("127.0.0.1", "Address the metrics endpoint binds.")
+    health_port: int = option(0, "Plaintext grpc.health.v1 port for probes (0: off).")
+    tls_dir: str = option("", "mTLS directory (stanchion certs init).")
+    insecure: bool = option(False, "Plaintext gRPC: for local experiments only.")
+    token_file: str = option("", "Hashed bearer tokens (docs/security.md).")
+    token_listen: str = option(
+        "",
+        "A second address with server-only TLS whose callers authenticate with bearer tokens (needs --tls-dir and --token-file).",
+    )
     heartbeat_interval_s: float = 1.0
     heartbeat_fast_s: float = 0.05  # nodes in a recovery poll this often
-    heartbeat_timeout_s: float = 10.0  # a node whose last heartbeat is older is lost
+    heartbeat_timeout_s: float = option(10.0, "A node whose last heartbeat is older is lost.")
     tick_s: float = 0.2
     register_rate_per_s: float = 200.0
     register_burst: int = 2000

@@ -14,10 +14,11 @@ import itertools
 import json
 import logging
 import time
+import typing
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from coordinator import jobspec
 from coordinator import machine as m
@@ -126,9 +127,15 @@ class ClusterView(Mapping[str, NodeView]):
         return len(self._c.nodes)
 
 
+# What the controller task can be asked to do; `Controller.submit` refuses anything else.
+WorkKind = Literal[
+    "tick", "submit", "cancel", "cordon", "uncordon", "drain", "register", "heartbeat", "bisect", "noop"
+]
+
+
 @dataclass
 class Work:
-    kind: str
+    kind: WorkKind
     payload: Any
     future: asyncio.Future[Any]
 
@@ -142,6 +149,19 @@ class Controller:
         self.job_order: list[str] = []
         self.nodes: dict[str, NodeRecord] = {}
         self.queue: asyncio.Queue[Work] = asyncio.Queue()
+        self._handlers: dict[str, Callable[[Any], Any]] = {
+            "tick": self._do_tick,
+            "submit": self._do_submit,
+            "cancel": self._do_cancel,
+            "cordon": self._do_cordon,
+            "uncordon": self._do_uncordon,
+            "drain": self._do_drain,
+            "register": self._do_register,
+            "heartbeat": self._do_heartbeat,
+            "bisect": self._do_bisect,
+            "noop": self._do_noop,
+        }
+        assert set(self._handlers) == set(typing.get_args(WorkKind))
         # Directive sequence numbers keep increasing across coordinator restarts.
         self._seq = itertools.count(int(self.clock() * 1000) * 1000)
         self._seen_detectors: set[tuple[str, int, str, int, int]] = set()
@@ -194,7 +214,9 @@ class Controller:
                 except (asyncio.CancelledError, Exception):
                     pass
 
-    async def submit(self, kind: str, payload: Any = None) -> Any:
+    async def submit(self, kind: WorkKind, payload: Any = None) -> Any:
+        if kind not in self._handlers:
+            raise ValueError(f"unknown controller work {kind!r}; expected one of {sorted(self._handlers)}")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self.queue.put(Work(kind, payload, fut))
         return await fut
@@ -208,7 +230,7 @@ class Controller:
         while True:
             work = await self.queue.get()
             try:
-                result = getattr(self, f"_do_{work.kind}")(work.payload)
+                result = self._handlers[work.kind](work.payload)
                 if not work.future.done():
                     work.future.set_result(result)
             except Exception as e:  # noqa: BLE001 - surfaced to the caller; the controller lives on
@@ -286,7 +308,7 @@ class Controller:
                     self.nodes[n].job_id = ""
         return decision
 
-    def _act(self, job: m.Job, action: Any) -> None:
+    def _act(self, job: m.Job, action: m.Action) -> None:
         if isinstance(action, m.StartGeneration):
             self._start_generation(job, action)
         elif isinstance(action, m.StopWorkers):
@@ -322,8 +344,6 @@ class Controller:
                 )
         elif isinstance(action, m.Cordon):
             self._set_node(action.node_id, cordoned=True, reason=action.reason)
-        elif isinstance(action, m.RecordRecovery):
-            pass  # the job keeps its recovery times; the metrics histogram reads them at scrape time
         elif isinstance(action, m.StartBisection):
             if self.bisector is not None:
                 self.bisector.start_for_job(job, action)
@@ -718,10 +738,6 @@ class Controller:
 
     def _do_noop(self, _: Any) -> None:
         return None
-
-    def _do_apply(self, payload: tuple[str, Any, str]) -> m.Decision:
-        job_id, event, label = payload
-        return self._apply(job_id, event, label)
 
     # ------------------------------------------------------------------------------------------
     # Reads (safe from handlers: they only read immutable snapshots)

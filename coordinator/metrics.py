@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from coordinator import machine as m
 from coordinator.controller import Controller
 from stanchion.buildinfo import build_info
+from stanchion.net import bind_http
 
 RESTART_REASONS = (
     "crash",
@@ -185,5 +186,7 @@ def start_metrics(controller: Controller, addr: str, port: int) -> tuple[Any, in
     """Serve /metrics on a fresh registry (never the global one); returns (server, bound port)."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(CoordinatorCollector(controller))
-    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    server, _thread = bind_http(
+        lambda: start_http_server(port, addr=addr, registry=registry), "--metrics-port", f"{addr}:{port}"
+    )
     return server, server.server_port

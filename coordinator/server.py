@@ -23,6 +23,7 @@ from coordinator.service import AgentService, OperatorService
 from coordinator.store import Store
 from protos.stanchion.v1 import agent_pb2_grpc, operator_pb2_grpc
 from stanchion import sdnotify
+from stanchion.net import bind_grpc
 from stanchion.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -87,22 +88,23 @@ async def build(cfg: CoordinatorConfig) -> Running:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if cfg.insecure:
-        port = server.add_insecure_port(cfg.listen)
+        port = bind_grpc(lambda: server.add_insecure_port(cfg.listen), "--listen", cfg.listen)
     else:
-        port = server.add_secure_port(cfg.listen, server_credentials(cfg.tls_dir))
-    if port == 0:
-        raise OSError(f"could not bind {cfg.listen}")
+        creds = server_credentials(cfg.tls_dir)
+        port = bind_grpc(lambda: server.add_secure_port(cfg.listen, creds), "--listen", cfg.listen)
     token_port = 0
     if cfg.token_listen:
-        token_port = server.add_secure_port(
-            cfg.token_listen, server_credentials(cfg.tls_dir, require_client_cert=False)
+        token_creds = server_credentials(cfg.tls_dir, require_client_cert=False)
+        token_port = bind_grpc(
+            lambda: server.add_secure_port(cfg.token_listen, token_creds), "--token-listen", cfg.token_listen
         )
     health_server = None
     if cfg.health_port:
         # Kubelet probes cannot present client certificates: a plaintext port that serves health only.
         health_server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_server.add_insecure_port(f"{cfg.listen.rpartition(':')[0]}:{cfg.health_port}")
+        health_addr = f"{cfg.listen.rpartition(':')[0]}:{cfg.health_port}"
+        bind_grpc(lambda: health_server.add_insecure_port(health_addr), "--health-port", health_addr)
     from coordinator.bisection.runner import Bisector
 
     bisector = Bisector(controller)

@@ -29,6 +29,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     epilog=EPILOG,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every subcommand
 )
 
 # (module under diagnostics.commands, group name). A group is listed only once it has a working

@@ -8,6 +8,7 @@ EXIT_FAILURE = 1  # the operation ran and failed
 EXIT_USAGE = 2  # bad flags or arguments (Typer's own code for usage errors)
 EXIT_NOT_FOUND = 3
 EXIT_UNAVAILABLE = 4  # the coordinator could not be reached
+EXIT_ADDRESS_IN_USE = 5  # a daemon could not listen on a port it was given
 
 
 class CliError(Exception):

@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 import typer
 
-from diagnostics.errors import EXIT_FAILURE, EXIT_USAGE, CliError
+from diagnostics.errors import EXIT_ADDRESS_IN_USE, EXIT_FAILURE, EXIT_USAGE, CliError
+from stanchion.net import AddressInUse
 from stanchion.settings import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -79,6 +80,8 @@ def handle_errors(fn: F) -> F:
             raise fail(e) from None
         except ConfigError as e:
             raise fail(CliError(str(e), hint="fix the key named above", exit_code=EXIT_USAGE)) from None
+        except AddressInUse as e:
+            raise fail(CliError(str(e), exit_code=EXIT_ADDRESS_IN_USE)) from None
         except Exception as e:  # noqa: BLE001 - the one place that maps everything else
             if debug_enabled():
                 traceback.print_exc()

@@ -220,6 +220,12 @@ def as_dict(obj: Any) -> dict[str, Any]:
     return plain(obj)
 
 
+def option(default: Any, help: str) -> Any:
+    """A configuration field that is also a command-line option: ``help`` is the flag's help text.
+    The flag (``--name``), environment variable and TOML key come from the field's name."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def require(condition: bool, key: str, message: str) -> None:
     """Raise a ConfigError naming ``key`` unless ``condition`` holds (for ``__post_init__`` checks)."""
     if not condition:

@@ -28,7 +28,9 @@ def _group() -> None:
 )
 @handle_errors
 def init(
-    dir: Annotated[Path, typer.Argument(help="Directory to write the CA, keys and certificates to.")],
+    dir: Annotated[
+        Path, typer.Argument(metavar="DIR", help="Directory to write the CA, keys and certificates to.")
+    ],
     nodes: Annotated[
         int | None, typer.Option("--nodes", min=0, help="Issue agent certificates for node-0 .. node-<N-1>.")
     ] = None,

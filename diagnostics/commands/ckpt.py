@@ -25,7 +25,9 @@ def _root(run_dir: Path) -> Path:
 @app.command("list", epilog="Exit codes: 0 ok, 3 the run directory does not exist.")
 @handle_errors
 def list_(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory (or its checkpoints/ folder).")],
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR", help="A run directory (or its checkpoints/ folder).")
+    ],
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """List a run's checkpoints, newest last, with whether each verifies."""
@@ -63,7 +65,10 @@ def list_(
 @app.command(epilog="Exit codes: 0 good, 1 corrupt, partial or marked bad (the reason is printed).")
 @handle_errors
 def verify(
-    path: Annotated[Path, typer.Argument(help="A checkpoint directory (step-NNNNNNNN, e.g. step-00000100).")],
+    path: Annotated[
+        Path,
+        typer.Argument(metavar="PATH", help="A checkpoint directory (step-NNNNNNNN, e.g. step-00000100)."),
+    ],
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Check the commit marker and every file's size and CRC-32."""
@@ -81,7 +86,10 @@ def verify(
 @app.command(epilog="Exit codes: 0 ok, 3 no manifest (not committed).")
 @handle_errors
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A checkpoint directory (step-NNNNNNNN, e.g. step-00000100).")],
+    path: Annotated[
+        Path,
+        typer.Argument(metavar="PATH", help="A checkpoint directory (step-NNNNNNNN, e.g. step-00000100)."),
+    ],
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Print a checkpoint's manifest: step, fingerprint, config, data cursor, files."""

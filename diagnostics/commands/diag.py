@@ -7,6 +7,7 @@ that `stanchion --help` stays fast.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -245,6 +246,10 @@ def gpu(
         else:
             tests = {g.index: SelfTest("not_run", "--no-self-test") for g in health.gpus}
     code = gpu_exit_code(health, backend is not None, tests)
+    if code == EXIT_NO_GPU:  # "healthy" would read as a working GPU node
+        health = dataclasses.replace(
+            health, verdict="no_gpu", reason=f"no GPU found: {health.nvml_error or 'NVML sees no device'}"
+        )
 
     if json_:
         data = health.to_dict()
@@ -258,7 +263,7 @@ def gpu(
         _print_gpu_report(health, tests)
 
     if code == EXIT_NO_GPU:
-        message(f"no GPU found: {health.nvml_error or 'NVML sees no device'}; host readings only")
+        message(f"{health.reason}; host readings only")
     elif code == EXIT_SELF_TEST_NOT_RUN:
         skipped = sorted({t.detail for t in tests.values() if t.status == "skipped"})
         message(f"self-test did not run: {'; '.join(skipped)} (hint: --no-self-test skips it on purpose)")

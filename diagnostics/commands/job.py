@@ -55,7 +55,7 @@ HEADERS = ["job", "state", "gen", "step", "restarts", "nodes", "last decision"]
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
 def submit(
-    spec: Annotated[Path, typer.Argument(help="A TOML job spec (see docs/jobs.md).")],
+    spec: Annotated[Path, typer.Argument(metavar="SPEC", help="A TOML job spec (see docs/jobs.md).")],
     json_: JsonOpt = False,
     coordinator: CoordinatorOpt = "",
     tls_dir: TlsDirOpt = "",
@@ -85,7 +85,7 @@ def submit(
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
 def status(
-    job_id: Annotated[str, typer.Argument(help="Job id (default: the newest job).")] = "",
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="Job id (default: the newest job).")] = "",
     json_: JsonOpt = False,
     coordinator: CoordinatorOpt = "",
     tls_dir: TlsDirOpt = "",
@@ -134,7 +134,7 @@ def list_(
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
 def cancel(
-    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="Job id.")],
     json_: JsonOpt = False,
     coordinator: CoordinatorOpt = "",
     tls_dir: TlsDirOpt = "",
@@ -159,7 +159,7 @@ def cancel(
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
 def explain(
-    job_id: Annotated[str, typer.Argument(help="Job id (default: the newest job).")] = "",
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="Job id (default: the newest job).")] = "",
     json_: JsonOpt = False,
     coordinator: CoordinatorOpt = "",
     tls_dir: TlsDirOpt = "",
@@ -213,7 +213,7 @@ def explain(
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
 def checkpoints(
-    job_id: Annotated[str, typer.Argument(help="Job id (default: the newest job).")] = "",
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="Job id (default: the newest job).")] = "",
     json_: JsonOpt = False,
     coordinator: CoordinatorOpt = "",
     tls_dir: TlsDirOpt = "",
@@ -244,7 +244,7 @@ def checkpoints(
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
 def events(
-    job_id: Annotated[str, typer.Argument(help="Job id (default: every job).")] = "",
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="Job id (default: every job).")] = "",
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming new events.")] = False,
     coordinator: CoordinatorOpt = "",
     tls_dir: TlsDirOpt = "",

@@ -106,7 +106,7 @@ def _op(kind: str, node_id: str, reason: str, json_: bool, r: Any) -> None:
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
 def cordon(
-    node_id: Annotated[str, typer.Argument(help="Node id.")],
+    node_id: Annotated[str, typer.Argument(metavar="NODE_ID", help="Node id.")],
     reason: ReasonOpt = "",
     json_: JsonOpt = False,
     coordinator: CoordinatorOpt = "",
@@ -122,7 +122,7 @@ def cordon(
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
 def uncordon(
-    node_id: Annotated[str, typer.Argument(help="Node id.")],
+    node_id: Annotated[str, typer.Argument(metavar="NODE_ID", help="Node id.")],
     json_: JsonOpt = False,
     coordinator: CoordinatorOpt = "",
     tls_dir: TlsDirOpt = "",
@@ -137,7 +137,7 @@ def uncordon(
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
 def drain(
-    node_id: Annotated[str, typer.Argument(help="Node id.")],
+    node_id: Annotated[str, typer.Argument(metavar="NODE_ID", help="Node id.")],
     reason: ReasonOpt = "",
     json_: JsonOpt = False,
     coordinator: CoordinatorOpt = "",

@@ -85,7 +85,7 @@ def test_on_a_machine_without_a_driver_exits_3_with_host_readings(tmp_path):
     assert "NVML" in data["nvml_error"]
     assert data["host"]["memory_total_bytes"] > 0
     assert data["host"]["disk_free_bytes"][str(tmp_path)] > 0
-    assert data["verdict"] == "healthy" and data["reason"] == "no NVML; host checks only"
+    assert data["verdict"] == "no_gpu" and data["reason"].startswith("no GPU found: NVML unavailable")
     assert data["exit_code"] == 3
     assert "no GPU found" in result.stderr
 
@@ -97,7 +97,8 @@ def test_nvml_unavailable_exits_3(monkeypatch):
     monkeypatch.setattr(diag, "open_nvml", unavailable)
     result = invoke()
     assert result.exit_code == 3
-    assert "verdict: healthy: no NVML; host checks only" in result.stdout  # data on stdout
+    assert "verdict: no_gpu: no GPU found: NVML unavailable" in result.stdout  # data on stdout
+    assert "healthy" not in result.stdout
     assert "cpu %" in result.stdout
     assert "no GPU found: NVML unavailable (NVML Shared Library Not Found)" in result.stderr
 

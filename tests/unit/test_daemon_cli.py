@@ -1,0 +1,77 @@
+"""The daemons' `serve` options come from their configuration dataclasses, declared once; a port
+that is taken is one line naming the flag, with exit code 5."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from agent.config import AgentConfig
+from coordinator.config import CoordinatorConfig
+from diagnostics.daemon_cli import serve_command
+
+
+def flags_of(cls: type) -> set[str]:
+    app = typer.Typer(add_completion=False)
+    app.command()(serve_command(cls, lambda cfg, port_file: None, "doc"))
+    cmd = typer.main.get_command(app)
+    return {o for p in cmd.params for o in p.opts}
+
+
+@pytest.mark.parametrize("cls", [CoordinatorConfig, AgentConfig])
+def test_every_documented_field_is_a_flag_and_nothing_else_is(cls: type) -> None:
+    documented = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(cls) if "help" in f.metadata}
+    assert documented and flags_of(cls) == documented | {"--config", "--port-file"}
+
+
+def test_flags_override_the_environment_which_overrides_the_file(tmp_path: Path, monkeypatch) -> None:
+    seen: list[Any] = []
+    app = typer.Typer(add_completion=False)
+    app.command()(serve_command(CoordinatorConfig, lambda cfg, port_file: seen.append((cfg, port_file)), "d"))
+    toml = tmp_path / "c.toml"
+    toml.write_text('listen = "127.0.0.1:1"\nstate_db = "from-file.db"\nmetrics_port = 7\ninsecure = true\n')
+    monkeypatch.setenv("STANCHION_STATE_DB", "from-env.db")
+    monkeypatch.setenv("STANCHION_METRICS_PORT", "8")
+    r = CliRunner().invoke(app, ["--config", str(toml), "--metrics-port", "9", "--port-file", "p.json"])
+    assert r.exit_code == 0, r.output
+    cfg, port_file = seen[0]
+    assert (cfg.listen, cfg.state_db, cfg.metrics_port, cfg.insecure, port_file) == (
+        "127.0.0.1:1",
+        "from-env.db",
+        9,
+        True,
+        "p.json",
+    )
+
+
+def held_port() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+@pytest.mark.parametrize("flag", ["--listen", "--metrics-port"])
+def test_a_port_in_use_is_one_line_naming_the_flag_and_exit_code_5(tmp_path: Path, flag: str) -> None:
+    with held_port() as s:
+        port = s.getsockname()[1]
+        args = ["--insecure", "--state-db", str(tmp_path / "c.db"), "--listen", "127.0.0.1:0"]
+        args += ["--listen", f"127.0.0.1:{port}"] if flag == "--listen" else ["--metrics-port", str(port)]
+        r = subprocess.run(
+            [sys.executable, "-m", "diagnostics.cli", "coordinator", "serve", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert r.returncode == 5, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and flag in lines[0] and str(port) in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and "Errno" not in r.stderr, r.stderr
