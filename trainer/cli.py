@@ -26,12 +26,19 @@ from trainer.config import TrainConfig, resolve
 log = logging.getLogger("trainer")
 
 
-def parser() -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's help with the usage line every `stanchion` command prints: "Usage: ..."."""
+
+    def add_usage(self, usage: Any, actions: Any, groups: Any, prefix: str | None = None) -> None:
+        super().add_usage(usage, actions, groups, "Usage: " if prefix is None else prefix)
+
+
+def parser(prog: str = "trainer") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="trainer",
+        prog=prog,
         description="Deterministic, resumable GPT pretraining on torch.distributed.",
         epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--preset", default=None, help="model/data/optimizer preset: tiny, gpt2-124m, llama-1b")
     p.add_argument("--config", type=Path, default=None, help="a TOML file of config keys (trainer/config.py)")
@@ -121,9 +128,9 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "trainer") -> int:
     die_with_parent()
-    args = parser().parse_args(argv)
+    args = parser(prog).parse_args(argv)
     setup_logging()
     if os.environ.get(contract.ENV_STANDBY) == "1":
         return standby(args)

@@ -204,7 +204,12 @@ class TrainConfig:
             "data.seq_len",
             f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
-        require(self.optim.warmup_steps <= self.steps, "optim.warmup_steps", f"exceeds steps={self.steps}")
+        require(
+            self.optim.warmup_steps <= self.steps,
+            "optim.warmup_steps",
+            f"{self.optim.warmup_steps} exceeds steps={self.steps}: run more steps, or shorten the warm-up "
+            f"with --set optim.warmup_steps={self.steps // 4}",
+        )
 
     def check_world(self, world_size: int) -> int:
         """Validate the layout for ``world_size`` ranks before any process group starts.

@@ -102,6 +102,12 @@ def verify(ckpt_dir: str | os.PathLike[str], *, allow_marked_bad: bool = False) 
     try:
         manifest = read_manifest(ckpt_dir)
     except FileNotFoundError:
+        if parse_step(ckpt_dir) is None:
+            return Verification(
+                False,
+                f"{ckpt_dir} is not a checkpoint directory (no {MANIFEST}, and not named like one): "
+                "checkpoints are the step-NNNNNNNN directories under a run's checkpoints/",
+            )
         return Verification(False, f"not committed: {MANIFEST} is missing (the save did not finish)")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return Verification(False, f"{MANIFEST} is corrupt: {e}")

@@ -13,7 +13,7 @@ def train(ctx: typer.Context) -> None:
     """Train a model: the same flags as `torchrun -m trainer` (run `stanchion train --help`)."""
     from trainer.cli import main
 
-    raise typer.Exit(code=main(list(ctx.args)))
+    raise typer.Exit(code=main(list(ctx.args), prog="stanchion train"))
 
 
 # Everything after `train` goes to the trainer's own parser, --help included.

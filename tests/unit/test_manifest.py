@@ -211,3 +211,8 @@ def test_retention_with_nothing_committed_deletes_nothing(tmp_path):
     (tmp_path / "step-00000005.tmp").mkdir()
     assert apply_retention(tmp_path, keep=1) == []
     assert names(tmp_path) == ["step-00000005.tmp", "step-00000010"]
+
+
+def test_a_directory_that_is_not_a_checkpoint_says_so(tmp_path):
+    v = verify(tmp_path)  # say, a run directory given by mistake
+    assert not v.ok and "is not a checkpoint directory" in v.reason and "step-NNNNNNNN" in v.reason
