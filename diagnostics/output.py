@@ -83,6 +83,8 @@ def handle_errors(fn: F) -> F:
         except AddressInUse as e:
             raise fail(CliError(str(e), exit_code=EXIT_ADDRESS_IN_USE)) from None
         except Exception as e:  # noqa: BLE001 - the one place that maps everything else
+            if hasattr(e, "code") and hasattr(e, "details") and not debug_enabled():  # a grpc.RpcError
+                raise fail(CliError(f"{e.code().name}: {e.details()}", exit_code=EXIT_FAILURE)) from None
             if debug_enabled():
                 traceback.print_exc()
             hint = "" if debug_enabled() else "rerun with --debug for the traceback"

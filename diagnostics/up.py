@@ -405,7 +405,10 @@ class Up:
             if opts.corpus in ("sotu", "fixture")
             else f"corpus-{opts.vocab_size}"
         )
+        # The layout must fit before anything starts (a bad --set or a batch that does not divide over
+        # the nodes names its key here, not as a refused submission after every daemon started).
         self.faults: list[Fault] = []
+        self._job_spec(()).train_config().check_world(opts.nodes * opts.workers_per_node)
         if opts.faults is not None:
             self.faults = list(opts.faults)
         elif opts.chaos is not None:

@@ -196,7 +196,9 @@ def test_with_overrides_returns_a_validated_copy():
     assert cfg.model.n_layer == 4 and cfg.steps == 200  # frozen original untouched
     assert changed == resolve("tiny", overrides={"model": {"n_layer": 2}, "steps": 50})
     assert cfg.with_overrides({}) == cfg
-    with pytest.raises(ConfigError, match=r"^optim\.warmup_steps: 20 exceeds steps=10: .* optim\.warmup_steps=2$"):
+    with pytest.raises(
+        ConfigError, match=r"^optim\.warmup_steps: 20 exceeds steps=10: .* optim\.warmup_steps=2$"
+    ):
         cfg.with_overrides({"steps": 10})
     with pytest.raises(ConfigError, match=r"^unknown key 'data\.bogus'"):
         cfg.with_overrides({"data": {"bogus": 1}})

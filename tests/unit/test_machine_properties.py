@@ -39,7 +39,7 @@ SPARES = ("s1", "s2")
 STATE_NAMES = frozenset(s.value for s in m.JobState)
 # Time between two events: most arrive together; some ticks cross the peer-wait grace, the
 # reconcile grace, a first-step deadline (30 s floor, 300 s cold start) or a rendezvous timeout.
-TICK_GAPS = st.sampled_from([0.5, 2.5, 11.0, 35.0, 320.0, 700.0])
+TICK_GAPS = st.sampled_from([0.5, 0.5, 2.5, 2.5, 11.0, 35.0, 320.0, 700.0])
 EVENT_GAP = 0.25
 DETECTOR_KINDS = ("spike", "nonfinite", "fingerprint_mismatch", "audit_mismatch")
 
@@ -55,8 +55,10 @@ def specs(draw: st.DrawFn) -> JobSpec:
         nodes=nodes,
         min_nodes=draw(st.integers(1, nodes), label="min_nodes"),
         workers_per_node=wpn,
-        max_restarts=draw(st.integers(0, 6), label="max_restarts"),
-        max_restarts_without_progress=draw(st.integers(1, 3), label="max_restarts_without_progress"),
+        max_restarts=draw(st.sampled_from([10, 10, 5, 20, 2, 0]), label="max_restarts"),
+        max_restarts_without_progress=draw(
+            st.sampled_from([3, 2, 6, 1]), label="max_restarts_without_progress"
+        ),
         rendezvous_timeout_s=draw(st.sampled_from([60.0, 600.0]), label="rendezvous_timeout_s"),
         first_step_timeout_s=draw(st.sampled_from([0.0, 20.0]), label="first_step_timeout_s"),
         skip_batches=4,
@@ -186,7 +188,7 @@ class JobLifecycle(RuleBasedStateMachine):
     @rule(data=st.data())
     def worker_failed(self, data: st.DataObject) -> None:
         node = self.draw_member(data)
-        kind = data.draw(st.sampled_from(["crash"] * 6 + ["hang"] * 3 + ["config"]), label="kind")
+        kind = data.draw(st.sampled_from(["crash"] * 12 + ["hang"] * 6 + ["config"]), label="kind")
         rank = data.draw(st.sampled_from([self.draw_rank(data), -1]), label="rank or node")
         self.deliver(m.WorkerFailed(node, self.draw_generation(data), rank, kind, "property test"))
 
@@ -209,7 +211,8 @@ class JobLifecycle(RuleBasedStateMachine):
     @rule(data=st.data())
     def node_registers(self, data: st.DataObject) -> None:
         """A node (re)registers: back after being lost, or an agent restarted under a live member."""
-        node = data.draw(st.sampled_from(sorted(self.nodes)), label="node")
+        lost = sorted(n for n, v in self.nodes.items() if not v.ready)
+        node = data.draw(weighted(lost, sorted(self.nodes)), label="node")
         was_lost = not self.nodes[node].ready
         self.set_node(node, ready=True, heartbeat_age_s=0.0)
         if not was_lost and self.job.state in m.ACTIVE and node in self.job.members:
@@ -228,13 +231,13 @@ class JobLifecycle(RuleBasedStateMachine):
         self.set_node(node, healthy=healthy, heartbeat_age_s=m.QUIET_S + 0.5 if silent else 0.0)
 
     @rule(data=st.data())
-    def cordon(self, data: st.DataObject) -> None:
-        """An operator cordons a node: no event, the next generation leaves it out."""
-        self.set_node(data.draw(st.sampled_from(sorted(self.nodes)), label="node"), cordoned=True)
-
-    @rule(data=st.data())
-    def uncordon(self, data: st.DataObject) -> None:
+    def cordon_or_uncordon(self, data: st.DataObject) -> None:
+        """An operator cordons a node (no event: the next generation leaves it out) or uncordons one
+        (a NodeChanged for jobs that wait)."""
         node = data.draw(st.sampled_from(sorted(self.nodes)), label="node")
+        if not data.draw(st.booleans(), label="cordon"):
+            self.set_node(node, cordoned=True)
+            return
         self.set_node(node, cordoned=False, draining=False)
         if self.job.state in (m.JobState.PENDING, m.JobState.RECOVERING):
             self.deliver(m.NodeChanged(node))
@@ -250,7 +253,7 @@ class JobLifecycle(RuleBasedStateMachine):
     @rule(data=st.data())
     def progress(self, data: st.DataObject) -> None:
         node = self.draw_member(data)
-        step = self.draw_step(data, "step", 8)
+        step = max(self.base, 1) + data.draw(st.sampled_from([1, 4, 12, 30, 0]), label="steps ahead")
         gen = self.draw_generation(data)
         if gen == self.job.generation:
             self.base = max(self.base, step)
@@ -296,9 +299,7 @@ class JobLifecycle(RuleBasedStateMachine):
         verified = data.draw(st.sampled_from([True, True, True, False]), label="verified")
         agree = data.draw(st.sampled_from([True, True, True, False]), label="replicas_agree")
         epoch = data.draw(st.sampled_from(sorted({self.epoch, 0})), label="request_epoch")
-        self.deliver(
-            m.CheckpointCommitted(gen, step, f"/ck/{step}", f"fp{step}", verified, agree, "", epoch)
-        )
+        self.deliver(m.CheckpointCommitted(gen, step, f"/ck/{step}", f"fp{step}", verified, agree, "", epoch))
 
     @precondition(lambda self: self.job.pending_rollback is not None)
     @rule(data=st.data())
@@ -321,6 +322,8 @@ class JobLifecycle(RuleBasedStateMachine):
     @rule(data=st.data())
     def rank_finished(self, data: st.DataObject) -> None:
         # Ranks finish together: deliver every rank's event but the ones the draw leaves out.
+        if not data.draw(st.sampled_from([False, False, True]), label="the run reached its last step"):
+            return
         gen = self.draw_generation(data)
         ranks = range(max(self.job.world_size, 1))
         missing = data.draw(st.sets(st.sampled_from(list(ranks)), max_size=1), label="ranks not done yet")
@@ -328,7 +331,7 @@ class JobLifecycle(RuleBasedStateMachine):
             if r not in missing:
                 self.deliver(m.RankFinished(gen, r, "fp-final", 3.5))
 
-    @rule(really=st.sampled_from([False, False, False, True]))
+    @rule(really=st.sampled_from([False] * 7 + [True]))
     def cancel(self, really: bool) -> None:
         if really:  # rarely: a cancel ends the rest of the run
             self.deliver(m.Cancel())
@@ -523,7 +526,7 @@ class JobLifecycle(RuleBasedStateMachine):
 TestJobLifecycle = JobLifecycle.TestCase
 TestJobLifecycle.settings = settings(
     max_examples=200,
-    stateful_step_count=40,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )

@@ -332,3 +332,14 @@ def test_the_recovery_bound_invariant() -> None:
         "over": [],
         "unmeasured": [],
     }
+
+
+def test_a_layout_that_does_not_fit_is_refused_before_anything_starts(tmp_path) -> None:
+    """`stanchion up --nodes 3` with the tiny preset's batch of 16: refused in the constructor,
+    naming the key, before data preparation or any daemon."""
+    from diagnostics.up import Up, UpOptions
+    from stanchion.settings import ConfigError
+
+    with pytest.raises(ConfigError, match=r"global_batch_size: 16 sequences do not divide over 3"):
+        Up(UpOptions(run_dir=tmp_path / "up", nodes=3), console=None)
+    assert not (tmp_path / "up" / "logs").exists() or not any((tmp_path / "up" / "logs").iterdir())
