@@ -29,6 +29,7 @@ from protos.stanchion.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from stanchion import sdnotify
 from stanchion.files import write_json_atomic
 from stanchion.net import bind_grpc, bind_http
+from stanchion.vocab import EventKind
 from stanchion.waiting import Backoff
 from trainer import manifest
 
@@ -181,7 +182,7 @@ class Agent:
             for k, v in rec.items()
             if k not in ("event", "rank", "generation", "step", "suspect_ranks", "t")
         }
-        if kind == "checkpoint_committed":
+        if kind == EventKind.CHECKPOINT_COMMITTED:
             v = await asyncio.to_thread(manifest.verify, rec.get("path", ""))
             detail.update(verified=v.ok, verify_reason=v.reason)
         if kind == "worker_exited":

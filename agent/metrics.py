@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from protos.stanchion.v1 import types_pb2
 from stanchion.buildinfo import build_info
+from stanchion.vocab import EventKind
 
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 WORKER_STATES = {
@@ -76,7 +77,7 @@ class TrainingMetrics:
             s.last = rec
 
     def observe_event(self, job_id: str, kind: str, rec: dict[str, Any]) -> None:
-        if kind == "checkpoint_committed":
+        if kind == EventKind.CHECKPOINT_COMMITTED:
             with self.lock:
                 self.last_checkpoint[job_id] = float(rec.get("t") or 0.0)
 

@@ -32,37 +32,13 @@ from agent.config import AgentConfig
 from agent.metrics import TrainingMetrics
 from protos.stanchion.v1 import agent_pb2, types_pb2
 from stanchion.files import JsonlTail, write_json_atomic
+from stanchion.vocab import FORWARDED, LEFT_GENERATION, EventKind, Resume
 from trainer import contract, liveness
 from trainer.contract import Assignment, Request, WorkerPaths
 
 log = logging.getLogger(__name__)
 
 LIVENESS_STALE_S = 3.0
-FORWARDED = frozenset(
-    {
-        "joining",
-        "started",
-        "healed",
-        "restored",
-        "nonfinite",
-        "spike",
-        "fingerprint_mismatch",
-        "audit_mismatch",
-        "rollback",
-        "rollback_unavailable",
-        "checkpoint_committed",
-        "checkpoint_skipped",
-        "checkpoint_failed",
-        "collective_failed",
-        "generation_change",
-        "abandoned",
-        "finished",
-        "stopped",
-        "eval",
-        "fault_injected",
-        "nondeterministic",
-    }
-)
 
 
 @dataclass
@@ -215,6 +191,7 @@ class WorkerGroup:
 
     async def start_generation(self, d: agent_pb2.Directive) -> None:
         s = d.start
+        resume = Resume(s.resume)  # an unknown mode is refused before anything changes
         if d.job_id != self.job_id:
             await self.stop_job_workers("a new job")
             self.job_id = d.job_id
@@ -252,9 +229,8 @@ class WorkerGroup:
                 local_world_size=s.workers_per_node,
                 master_addr=s.master_addr,
                 master_port=s.master_port,
-                resume=s.resume,
+                resume=resume,
                 checkpoint=checkpoint,
-                source_rank=s.source_rank,
                 skip_windows=tuple((x.start, x.length) for x in s.skip_windows),
                 rollback_to=s.rollback_to,
                 node_id=self.cfg.node_id,
@@ -405,16 +381,16 @@ class WorkerGroup:
         await self.ensure_standbys()
 
     def _track(self, w: Worker, kind: str, rec: dict[str, Any]) -> None:
-        if kind == "standby":
+        if kind == EventKind.STANDBY:
             w.ready = True
-        elif kind == "started":  # the group formed; TRAINING begins with the first progress record
+        elif kind == EventKind.STARTED:  # the group formed; TRAINING begins with the first progress record
             w.generation, w.rank = int(rec.get("generation", w.generation)), int(rec.get("rank", w.rank))
             w.state = types_pb2.WORKER_STATE_STARTING
             w.last_progress_at, w.reassigned_at = time.time(), 0.0
-        elif kind in ("collective_failed", "generation_change", "abandoned"):
+        elif kind in LEFT_GENERATION:
             w.state = types_pb2.WORKER_STATE_WAITING
             w.last_progress_at = time.time()
-        elif kind == "finished":
+        elif kind == EventKind.FINISHED:
             w.state = types_pb2.WORKER_STATE_EXITED
 
     def _hang_reason(self, w: Worker, now: float) -> str:

@@ -27,11 +27,9 @@ from coordinator.membership import NodeView
 from coordinator.store import Store
 from protos.stanchion.v1 import agent_pb2, types_pb2
 from stanchion.settings import ConfigError
+from stanchion.vocab import DETECTORS, EventKind
 
 log = logging.getLogger(__name__)
-
-# Agent event kinds the controller turns into state-machine events; every relayed event is stored.
-DETECTORS = ("nonfinite", "spike", "fingerprint_mismatch", "audit_mismatch")
 
 
 class NotFound(LookupError):
@@ -367,7 +365,6 @@ class Controller:
                     master_port=master.store_port,
                     resume=a.resume,
                     checkpoint=a.checkpoint,
-                    source_rank=0,
                     skip_windows=[types_pb2.SkipWindow(start=s, length=n) for s, n in a.skip_windows],
                     config_json=config_json,
                     faults_json=faults_json,
@@ -673,9 +670,10 @@ class Controller:
             if reason in ("crash", "hang", "config"):
                 return m.WorkerFailed(node_id, e.generation, e.rank, reason, d.get("summary", ""))
             return None
-        if kind == "collective_failed":
+        if kind == EventKind.COLLECTIVE_FAILED:
             return m.PeerWaiting(node_id, e.generation, e.step)
-        if kind in ("joining", "started"):  # reached the generation's rendezvous (started: and formed it)
+        if kind in (EventKind.JOINING, EventKind.STARTED):
+            # Reached the generation's rendezvous (started: and formed it).
             return m.RankJoined(node_id, e.generation, e.rank)
         if kind in DETECTORS:
             key = (e.job_id, e.generation, kind, e.step, int(d.get("request_epoch", 0)))
@@ -684,7 +682,7 @@ class Controller:
             self._seen_detectors.add(key)
             onset = d.get("onset_window") or [-1]
             return m.Detector(
-                kind,
+                EventKind(kind),
                 node_id,
                 e.generation,
                 e.step,
@@ -693,7 +691,7 @@ class Controller:
                 int(onset[0]),
                 str(d.get("reason", ""))[:500],
             )
-        if kind == "checkpoint_committed":
+        if kind == EventKind.CHECKPOINT_COMMITTED:
             return m.CheckpointCommitted(
                 e.generation,
                 e.step,
@@ -704,11 +702,11 @@ class Controller:
                 d.get("verify_reason", ""),
                 int(d.get("request_epoch", 0)),
             )
-        if kind == "rollback":
+        if kind == EventKind.ROLLBACK:
             return m.RollbackDone(e.generation, int(d.get("request_id", 0)), e.step)
-        if kind == "rollback_unavailable":
+        if kind == EventKind.ROLLBACK_UNAVAILABLE:
             return m.RollbackUnavailable(e.generation, int(d.get("request_id", 0)))
-        if kind == "finished":
+        if kind == EventKind.FINISHED:
             return m.RankFinished(e.generation, e.rank, d.get("fingerprint", ""), d.get("val_loss"))
         return None
 

@@ -42,6 +42,7 @@ from typing import Any
 from coordinator.jobspec import JobSpec
 from coordinator.membership import NodeView, choose_members
 from stanchion.settings import ConfigError
+from stanchion.vocab import DETECTOR_RESTART_REASON, EventKind, RestartReason, Resume
 
 
 class JobState(str, enum.Enum):
@@ -157,7 +158,7 @@ class PendingRollback:
     request_id: int
     to_step: int
     since: float
-    purpose: str
+    purpose: RestartReason  # the restart's reason if the rollback cannot be applied in place
     skip: tuple[tuple[int, int], ...] = ()  # the windows the request skips (to send it again)
 
 
@@ -278,7 +279,7 @@ class RankJoined:
 
 @dataclass(frozen=True)
 class Detector:
-    kind: str  # nonfinite, spike, fingerprint_mismatch, audit_mismatch
+    kind: EventKind  # one of DETECTORS
     node_id: str
     generation: int
     step: int
@@ -383,7 +384,7 @@ class StartGeneration:
     generation: int
     members: tuple[str, ...]
     previous_members: tuple[str, ...]
-    resume: str  # "checkpoint", "peer" or "fresh"
+    resume: Resume
     checkpoint: str
     skip_windows: tuple[tuple[int, int], ...]
     rollback_to: int = -1
@@ -535,7 +536,9 @@ def _launch(job: Job, members: tuple[str, ...], now: float, reason: str) -> Deci
         joined_ranks=(),
         tried=(f"generation {gen} on {', '.join(members)}: first launch",),
     )
-    return Decision(new, (StartGeneration(gen, members, (), "checkpoint", "", job.skip_windows),), reason)
+    return Decision(
+        new, (StartGeneration(gen, members, (), Resume.CHECKPOINT, "", job.skip_windows),), reason
+    )
 
 
 def first_step_deadline_s(job: Job) -> float:
@@ -579,11 +582,16 @@ def _escalate(job: Job, nodes: Mapping[str, NodeView], now: float) -> Decision:
         return _fail(job, f"{why}; giving up after trying: {'; '.join(job.tried)}")
     if rung == 1:
         return _restart(
-            job, "first_step_timeout", nodes, now, exclude=(), detail=f"{why}; escalating to {RUNGS[1]}"
+            job,
+            RestartReason.FIRST_STEP_TIMEOUT,
+            nodes,
+            now,
+            exclude=(),
+            detail=f"{why}; escalating to {RUNGS[1]}",
         )
     d = _restart(
         job,
-        "first_step_timeout",
+        RestartReason.FIRST_STEP_TIMEOUT,
         nodes,
         now,
         exclude=missing,
@@ -619,7 +627,7 @@ def on_tick(job: Job, event: Tick, nodes: Mapping[str, NodeView], now: float) ->
         if missing:
             return _restart(
                 job,
-                "reconcile",
+                RestartReason.RECONCILE,
                 nodes,
                 now,
                 exclude=(),
@@ -627,7 +635,7 @@ def on_tick(job: Job, event: Tick, nodes: Mapping[str, NodeView], now: float) ->
             )
         return Decision(job, (), f"reconciled: every member is still training generation {job.generation}")
     if job.awaiting_capacity:
-        return _restart(job, "capacity", nodes, now, exclude=(), count=False, detail="retrying")
+        return _restart(job, None, nodes, now, exclude=(), count=False, detail="retrying")
     if _deadline_missed(job, now):
         return _escalate(job, nodes, now)
     if job.waiting_since is not None and now - job.waiting_since >= PEER_WAIT_GRACE_S:
@@ -636,7 +644,12 @@ def on_tick(job: Job, event: Tick, nodes: Mapping[str, NodeView], now: float) ->
         if quiet:
             why += f"; {', '.join(quiet)} went silent too (last heartbeat over {QUIET_S:.1f}s ago): taken for lost"
         return _restart(
-            job, "node_lost" if quiet else "collective_failed", nodes, now, exclude=quiet, detail=why
+            job,
+            RestartReason.NODE_LOST if quiet else RestartReason.COLLECTIVE_FAILED,
+            nodes,
+            now,
+            exclude=quiet,
+            detail=why,
         )
     return _noop(job)
 
@@ -648,7 +661,7 @@ def on_worker_failed(job: Job, ev: WorkerFailed, nodes: Mapping[str, NodeView], 
         return _fail(job, f"the trainer rejected its configuration on {ev.node_id}: {ev.detail}")
     what = "hung" if ev.kind == "hang" else "crashed"
     who = f"rank {ev.rank} on {ev.node_id}" if ev.rank >= 0 else f"the ranks on {ev.node_id}"
-    return _restart(job, ev.kind, nodes, now, exclude=(), detail=f"{who} {what}: {ev.detail}")
+    return _restart(job, RestartReason(ev.kind), nodes, now, exclude=(), detail=f"{who} {what}: {ev.detail}")
 
 
 def on_peer_waiting(job: Job, ev: PeerWaiting, nodes: Mapping[str, NodeView], now: float) -> Decision:
@@ -662,7 +675,7 @@ def on_node_lost(job: Job, ev: NodeLost, nodes: Mapping[str, NodeView], now: flo
         return _noop(job)
     return _restart(
         job,
-        "node_lost",
+        RestartReason.NODE_LOST,
         nodes,
         now,
         exclude=(ev.node_id,),
@@ -676,7 +689,7 @@ def on_node_changed(job: Job, ev: NodeChanged, nodes: Mapping[str, NodeView], no
         return _start_first(job, nodes, now)
     if job.awaiting_capacity:
         return _restart(
-            job, "capacity", nodes, now, exclude=(), count=False, detail=f"node {ev.node_id} became available"
+            job, None, nodes, now, exclude=(), count=False, detail=f"node {ev.node_id} became available"
         )
     return _noop(job)
 
@@ -686,7 +699,7 @@ def on_drain(job: Job, ev: Drain, nodes: Mapping[str, NodeView], now: float) -> 
         return _noop(job)
     return _restart(
         job,
-        "drain",
+        RestartReason.DRAIN,
         nodes,
         now,
         exclude=(ev.node_id,),
@@ -737,17 +750,17 @@ def on_detector(job: Job, ev: Detector, nodes: Mapping[str, NodeView], now: floa
     if job.pending_rollback is not None and onset >= job.pending_rollback.to_step:
         return _noop(job)  # its whole window lies in the steps about to be recomputed
     job, marks = _raise_alarm(job, ev)
-    if ev.kind in ("nonfinite", "spike"):
+    if ev.kind in (EventKind.NONFINITE, EventKind.SPIKE):
         return _replay_first(job, ev, nodes, now, marks)
     suspects = tuple(sorted({n for r in ev.suspect_ranks if (n := job.node_of_rank(r)) is not None}))
-    if ev.kind == "fingerprint_mismatch":
+    if ev.kind == EventKind.FINGERPRINT_MISMATCH:
         if suspects:
             cordons = tuple(
                 Cordon(n, f"its replica diverged at step {ev.step} ({ev.detail})") for n in suspects
             )
             d = _restart(
                 job,
-                "fingerprint",
+                RestartReason.FINGERPRINT,
                 nodes,
                 now,
                 exclude=suspects,
@@ -763,12 +776,12 @@ def on_detector(job: Job, ev: Detector, nodes: Mapping[str, NodeView], now: floa
             max(ev.onset_step, 0),
             (),
             now,
-            "fingerprint",
+            RestartReason.FINGERPRINT,
             f"replica fingerprints disagree at step {ev.step} and no rank can be named ({ev.detail}): "
             f"rolling back to step {ev.onset_step}, where they agreed",
             marks,
         )
-    if ev.kind == "audit_mismatch":
+    if ev.kind == EventKind.AUDIT_MISMATCH:
         onset = max(ev.onset_step, 0)
         if suspects:
             cordons = tuple(
@@ -776,7 +789,7 @@ def on_detector(job: Job, ev: Detector, nodes: Mapping[str, NodeView], now: floa
             )
             d = _restart(
                 job,
-                "audit",
+                RestartReason.AUDIT,
                 nodes,
                 now,
                 exclude=suspects,
@@ -801,7 +814,7 @@ def _late_alarm(job: Job, ev: Detector, onset: int, nodes: Mapping[str, NodeView
     stale; an alarm is not: its onset window holds whatever generation inherited that state
     (survivors keep it, replacements heal from them). Checkpoints in the window are bad, and the
     state must come back from at or before the onset."""
-    if ev.kind == "nonfinite":
+    if ev.kind == EventKind.NONFINITE:
         return _noop(job)  # the poisoned update was never applied: nothing to undo
     job, marks = _raise_alarm(job, ev)
     why = f"{ev.kind} at step {ev.step} reported by generation {ev.generation} (onset after step {onset})"
@@ -821,10 +834,9 @@ def _late_alarm(job: Job, ev: Detector, onset: int, nodes: Mapping[str, NodeView
         )
     suspects = tuple(sorted({n for r in ev.suspect_ranks if (n := job.node_of_rank(r)) is not None}))
     cordons = tuple(Cordon(n, f"{ev.kind} at step {ev.step} named it ({ev.detail})") for n in suspects)
-    purpose = {"fingerprint_mismatch": "fingerprint", "audit_mismatch": "audit"}.get(ev.kind, ev.kind)
     d = _restart(
         job,
-        purpose,
+        DETECTOR_RESTART_REASON[ev.kind],
         nodes,
         now,
         exclude=suspects,
@@ -837,7 +849,7 @@ def _late_alarm(job: Job, ev: Detector, onset: int, nodes: Mapping[str, NodeView
 
 def _raise_alarm(job: Job, ev: Detector) -> tuple[Job, tuple[Action, ...]]:
     """Record the alarm and mark every checkpoint its onset window reaches back to as bad."""
-    if ev.kind == "nonfinite":
+    if ev.kind == EventKind.NONFINITE:
         return job, ()  # the poisoned update was never applied
     onset = ev.onset_step if ev.onset_step >= 0 else ev.step - 1
     marks = []
@@ -866,7 +878,7 @@ def _replay_first(
     job: Job, ev: Detector, nodes: Mapping[str, NodeView], now: float, marks: tuple[Action, ...]
 ) -> Decision:
     spec = job.spec
-    prior = [a for a in job.anomalies if a.kind in ("nonfinite", "spike")]
+    prior = [a for a in job.anomalies if a.kind in (EventKind.NONFINITE, EventKind.SPIKE)]
     same_data = [a for a in prior if a.data_index == ev.data_index and a.outcome == "replay"]
     to_step = max(ev.step - 1, 0)
     if same_data:
@@ -881,7 +893,7 @@ def _replay_first(
             to_step,
             (window,),
             now,
-            ev.kind,
+            DETECTOR_RESTART_REASON[ev.kind],
             f"{ev.kind} at step {ev.step} recurred at the same data (data index {ev.data_index}) after a replay: "
             f"the data is the cause, skipping {spec.skip_batches} batches from step {ev.step}",
             marks,
@@ -912,7 +924,7 @@ def _replay_first(
         to_step,
         (),
         now,
-        ev.kind,
+        DETECTOR_RESTART_REASON[ev.kind],
         f"{ev.kind} at step {ev.step}: rolling back in place and replaying the same data (a transient fault "
         f"leaves no trace; a recurrence at this data would mean the data)",
         marks,
@@ -943,7 +955,9 @@ def _suspect_hardware(
             ),
             f"{why}: stopping the job to bisect its nodes; it resumes from the last good checkpoint at or before step {onset}",
         )
-    return _rollback(job, onset, (), now, ev.kind, f"{why}; rolling back to step {onset}", marks)
+    return _rollback(
+        job, onset, (), now, DETECTOR_RESTART_REASON[ev.kind], f"{why}; rolling back to step {onset}", marks
+    )
 
 
 def _rollback(
@@ -951,7 +965,7 @@ def _rollback(
     to_step: int,
     skip: tuple[tuple[int, int], ...],
     now: float,
-    kind: str,
+    purpose: RestartReason,
     reason: str,
     marks: tuple[Action, ...] = (),
 ) -> Decision:
@@ -965,7 +979,7 @@ def _rollback(
         job,
         next_request_id=rid + 1,
         skip_windows=(*job.skip_windows, *skip),
-        pending_rollback=PendingRollback(rid, to_step, now, kind, skip),
+        pending_rollback=PendingRollback(rid, to_step, now, purpose, skip),
         alarms=_resolve_alarms(job, epoch=rid),
     )
     return Decision(
@@ -1115,7 +1129,7 @@ def on_bisection_done(job: Job, ev: BisectionDone, nodes: Mapping[str, NodeView]
     cordons = tuple(Cordon(n, f"bisection {ev.bisection_id} named it") for n in ev.faulty)
     d = _restart(
         job,
-        "bisection",
+        RestartReason.BISECTION,
         nodes,
         now,
         exclude=ev.faulty,
@@ -1133,7 +1147,7 @@ def _fail(job: Job, reason: str) -> Decision:
 
 def _restart(
     job: Job,
-    why: str,
+    why: RestartReason | None,
     nodes: Mapping[str, NodeView],
     now: float,
     *,
@@ -1144,9 +1158,11 @@ def _restart(
     count: bool = True,
 ) -> Decision:
     """A new generation: survivors keep their state and heal the replacement, or everyone restores
-    the last good checkpoint. Enforces the restart-loop guards."""
+    the last good checkpoint. Enforces the restart-loop guards. ``why`` is None only for a retry that
+    is not counted (``count=False``): one after waiting for capacity."""
     spec = job.spec
     if count:
+        assert why is not None, "a counted restart has a reason"
         made_progress = job.step > job.step_at_last_restart
         without = 1 if made_progress else job.restarts_without_progress + 1
         by_reason = dict(job.restarts_by_reason)
@@ -1209,15 +1225,17 @@ def _restart(
     cfg_parallel = _parallel(spec)
     fresh = job.rung >= 1  # an in-place recovery already failed: new processes from a checkpoint
     resume = (
-        "peer" if survivors and cfg_parallel == "ddp" and not force_checkpoint and not fresh else "checkpoint"
+        Resume.PEER
+        if survivors and cfg_parallel == "ddp" and not force_checkpoint and not fresh
+        else Resume.CHECKPOINT
     )
     if rollback_to >= 0:
         ck = job.last_good_at_or_before(rollback_to)
     else:
         ck = job.last_good
     checkpoint = ck.path if ck else ""
-    if resume == "checkpoint" and ck is None and any(not c.good for c in job.checkpoints):
-        resume = "fresh"  # checkpoints exist but none is good: never let the trainer pick a bad one
+    if resume == Resume.CHECKPOINT and ck is None and any(not c.good for c in job.checkpoints):
+        resume = Resume.FRESH  # checkpoints exist but none is good: never let the trainer pick a bad one
     gen = job.generation + 1
     new = dataclasses.replace(
         job,
@@ -1231,7 +1249,9 @@ def _restart(
         finished_ranks=(),
         pending_rollback=None,
         reconcile_until=None,
-        alarms=_resolve_alarms(job, generation=gen) if rollback_to >= 0 or resume != "peer" else job.alarms,
+        alarms=_resolve_alarms(job, generation=gen)
+        if rollback_to >= 0 or resume != Resume.PEER
+        else job.alarms,
         launched=now,
         joined_ranks=(),
         restore_to=rollback_to,  # until this generation steps, a restart must restore from here too
@@ -1240,9 +1260,9 @@ def _restart(
         gen, choice.members, job.members, resume, checkpoint, job.skip_windows, rollback_to, fresh
     )
     how = {
-        "peer": "survivors keep their state and heal the replacement from a live peer",
-        "checkpoint": f"restoring checkpoint {checkpoint or '(newest that verifies)'}",
-        "fresh": "no good checkpoint: starting from step 0",
+        Resume.PEER: "survivors keep their state and heal the replacement from a live peer",
+        Resume.CHECKPOINT: f"restoring checkpoint {checkpoint or '(newest that verifies)'}",
+        Resume.FRESH: "no good checkpoint: starting from step 0",
     }[resume]
     if fresh:
         how = f"new processes, {how}"
@@ -1321,6 +1341,8 @@ def from_json(d: dict[str, Any], spec: JobSpec) -> Job:
     if d.get("pending_rollback"):
         p = dict(d["pending_rollback"])
         p["skip"] = tuple(tuple(x) for x in p.get("skip", ()))
+        # Saved before restart reasons were typed, an audit rollback's purpose read "audit_mismatch".
+        p["purpose"] = RestartReason(DETECTOR_RESTART_REASON.get(p["purpose"], p["purpose"]))
         d["pending_rollback"] = PendingRollback(**p)
     else:
         d["pending_rollback"] = None

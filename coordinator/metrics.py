@@ -15,23 +15,8 @@ from coordinator import machine as m
 from coordinator.controller import Controller
 from stanchion.buildinfo import build_info
 from stanchion.net import bind_http
+from stanchion.vocab import RestartReason
 
-RESTART_REASONS = (
-    "crash",
-    "hang",
-    "node_lost",
-    "nonfinite",
-    "spike",
-    "fingerprint",
-    "audit",
-    "health",
-    "manual",
-    "drain",
-    "collective_failed",
-    "reconcile",
-    "bisection",
-    "first_step_timeout",
-)
 RECOVERY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 NODE_STATES = ("ready", "cordoned", "draining", "lost")
 
@@ -100,7 +85,7 @@ class CoordinatorCollector(Collector):
                 state.add_metric([job_id, s.value], 1.0 if job.state is s else 0.0)
             step.add_metric([job_id], job.step)
             counts = dict(job.restarts_by_reason)
-            for reason in sorted(set(RESTART_REASONS) | set(counts)):
+            for reason in sorted({*RestartReason, *counts}):  # every known reason, 0 until counted
                 restarts.add_metric([job_id, reason], counts.get(reason, 0))
             buckets, total = [], 0
             for b in RECOVERY_BUCKETS:

@@ -54,6 +54,8 @@ from diagnostics.bench_recovery import (
     wait_standbys,
 )
 from diagnostics.localcluster import LocalCluster
+from protos.stanchion.v1 import types_pb2
+from stanchion.vocab import EventKind
 
 SCHEDULES = {"S1": 2000.0, "S2": 200.0}  # mean steps between faults
 MIX = {"crash": 0.70, "hang": 0.12, "slow": 0.08, "bitflip": 0.10}
@@ -62,7 +64,7 @@ INTERNAL = ("slow", "bitflip")  # the trainer's injector, from the job spec
 ETTR_GOALS = {"S1": 0.97, "S2": 0.80}
 DEFAULT_STEPS = {"S1": 6000, "S2": 2000}
 DETECTED_BY = {"crash": ("crashed",), "hang": ("hung",), "bitflip": ("replica fingerprints", "nonfinite")}
-TERMINAL = {5, 6, 7}  # JobState: succeeded, failed, cancelled
+TERMINAL = {types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED, types_pb2.JOB_STATE_CANCELLED}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +286,7 @@ def internal_recoveries(
     """Per trainer-injected fault: bit flips (fired -> detected -> rolled back -> first step after
     the rollback, and the steps the rollback threw away) and slow windows (their extra time)."""
     out = []
-    fired = [e for e in evs if e.get("event") == "fault_injected"]
+    fired = [e for e in evs if e.get("event") == EventKind.FAULT_INJECTED]
     for f in internal:
         if f["kind"] == "slow":
             traj = final_trajectory(recs)
@@ -325,13 +327,13 @@ def internal_recoveries(
                 for e in evs
                 if e["t"] >= step_start
                 and int(e.get("step", -1)) >= step
-                and e.get("event") in ("fingerprint_mismatch", "nonfinite")
+                and e.get("event") in (EventKind.FINGERPRINT_MISMATCH, EventKind.NONFINITE)
             ),
             key=lambda e: e["t"],
         )
         t0 = min(fired_t, detect[0]["t"]) if detect else fired_t
         rollback = sorted(
-            (e for e in evs if e["t"] >= t0 and e.get("event") == "rollback"), key=lambda e: e["t"]
+            (e for e in evs if e["t"] >= t0 and e.get("event") == EventKind.ROLLBACK), key=lambda e: e["t"]
         )
         d = first_decision_after(decisions, t0, DETECTED_BY["bitflip"])
         row.update(
@@ -407,7 +409,7 @@ def run_torchrun_job(
 
 
 def finished_fingerprint(events: Sequence[Mapping[str, Any]]) -> str | None:
-    done = [e for e in events if e.get("event") == "finished" and e.get("rank") == 0]
+    done = [e for e in events if e.get("event") == EventKind.FINISHED and e.get("rank") == 0]
     return done[-1].get("fingerprint") if done else None
 
 
@@ -515,7 +517,7 @@ def bench_goodput(
             label="clean",
         )
         clean_total = time.time() - t0
-        if clean_job.state != 5:
+        if clean_job.state != types_pb2.JOB_STATE_SUCCEEDED:
             raise BenchError(f"the fault-free job ended in state {clean_job.state}: {clean_job.reason}")
         clean_recs = job_records(cluster.progress(), clean_id)
         median_clean = step_median(clean_recs, steps)
@@ -536,15 +538,19 @@ def bench_goodput(
         recs = job_records(cluster.progress(), fid)
         evs = job_records(cluster.events(), fid)
         decisions = list(cluster.explain(fid).decisions)
-        state_name = {5: "succeeded"}.get(fjob.state, f"state {fjob.state}")
+        state_name = "succeeded" if fjob.state == types_pb2.JOB_STATE_SUCCEEDED else f"state {fjob.state}"
         faulted: dict[str, Any] = {"job_id": fid, "state": state_name, "restarts": fjob.restarts}
-        if fjob.state == 5:
+        if fjob.state == types_pb2.JOB_STATE_SUCCEEDED:
             faulted.update(
                 run_summary(recs, steps, median_clean, [f for f in internal if f["kind"] == "slow"])
             )
         recoveries = stanchion_recoveries(injections, recs, evs, decisions)
         inner = internal_recoveries(internal, recs, evs, decisions, median_clean)
-        origin = training_window(recs, steps)[0] if fjob.state == 5 else min(r["t"] for r in recs)
+        origin = (
+            training_window(recs, steps)[0]
+            if fjob.state == types_pb2.JOB_STATE_SUCCEEDED
+            else min(r["t"] for r in recs)
+        )
         for row in (*recoveries, *inner):
             t = row.pop("injected_t", None)
             row["at_s"] = None if t is None else t - origin

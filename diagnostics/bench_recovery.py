@@ -51,7 +51,9 @@ from diagnostics.bench import (
     shown,
 )
 from diagnostics.localcluster import LocalCluster
+from protos.stanchion.v1 import types_pb2
 from stanchion.files import read_jsonl
+from stanchion.vocab import EventKind
 from stanchion.waiting import wait_until
 
 NODES = ("node-0", "node-1")
@@ -133,14 +135,16 @@ def measure_recovery(
             return Recovery(injected_t, before, None, "none", None, None)
         first = min(newer, key=lambda r: r["t"])
         gen = int(first["generation"])
-        group = [e for e in after if e.get("event") == "started" and int(e.get("generation", -1)) == gen]
+        group = [
+            e for e in after if e.get("event") == EventKind.STARTED and int(e.get("generation", -1)) == gen
+        ]
         related = [e for e in after if int(e.get("generation", -1)) == gen]
         first_t: float | None = first["t"]
     else:
         gen = None
         group, seen = [], set()
         for e in after:
-            if e.get("event") == "started" and e.get("rank") not in seen:
+            if e.get("event") == EventKind.STARTED and e.get("rank") not in seen:
                 seen.add(e.get("rank"))
                 group.append(e)
         if not group:
@@ -153,7 +157,7 @@ def measure_recovery(
         return Recovery(injected_t, before, None, "none", None, first_t, gen)
     resume = min(int(e.get("resumed_step", e.get("step", 0))) for e in group)
     kinds = {e.get("event") for e in related}
-    source = "peer" if "healed" in kinds else "checkpoint" if "restored" in kinds else "fresh"
+    source = "peer" if EventKind.HEALED in kinds else "checkpoint" if EventKind.RESTORED in kinds else "fresh"
     return Recovery(injected_t, before, resume, source, min(e["t"] for e in group), first_t, gen)
 
 
@@ -340,7 +344,7 @@ def standby_ready(cluster: LocalCluster, node: str) -> bool:
     """Whether ``node`` has a warm standby: a live process whose last event is ``standby``."""
     for w in (cluster.run_root / "workers" / node).glob("w*"):
         evs = read_jsonl(w / "events.jsonl")
-        if evs and evs[-1].get("event") == "standby" and _pid_alive(int(evs[-1].get("pid", 0))):
+        if evs and evs[-1].get("event") == EventKind.STANDBY and _pid_alive(int(evs[-1].get("pid", 0))):
             return True
     return False
 
@@ -360,7 +364,7 @@ def live_rank(cluster: LocalCluster, job_id: str, rank: int, generation: int) ->
     ``started`` event of each worker directory names its job, rank, generation and pid (a rank of
     an earlier job may still be alive for a moment, with the same rank and generation numbers)."""
     for w in cluster.run_root.glob("workers/*/w*"):
-        started = [e for e in read_jsonl(w / "events.jsonl") if e.get("event") == "started"]
+        started = [e for e in read_jsonl(w / "events.jsonl") if e.get("event") == EventKind.STARTED]
         if not started:
             continue
         e = started[-1]
@@ -427,7 +431,7 @@ def stanchion_trial(
     )
     job = cluster.wait_job({"succeeded", "failed", "cancelled"}, timeout_s, job_id)
     decisions = list(cluster.explain(job_id).decisions)
-    if job.state != 5:  # SUCCEEDED
+    if job.state != types_pb2.JOB_STATE_SUCCEEDED:
         raise BenchError(
             f"{name}: job {job_id} ended in state {job.state}: {job.reason}",
             hint=f"see {cluster.root / 'logs'}",
@@ -597,7 +601,7 @@ def torchrun_trial(
         raise job.failed(code)
     assert job.progress is not None and job.events is not None
     r = measure_recovery(job.progress.records, job.events.records, killed_t)
-    done = [e for e in job.events.records if e.get("event") == "finished" and e.get("rank") == 0]
+    done = [e for e in job.events.records if e.get("event") == EventKind.FINISHED and e.get("rank") == 0]
     detected = torchrun_detected_t(job.log.read_text(errors="replace"), killed_t) if job.log else None
     return r.as_dict(
         killed_pid=pid,

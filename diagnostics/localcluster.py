@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stanchion.files import read_jsonl
+from stanchion.vocab import EventKind
 from stanchion.waiting import wait_until
 
 T = TypeVar("T")
@@ -322,7 +323,7 @@ class LocalCluster:
             pid = int(alive["pid"])
             if not Path(f"/proc/{pid}").exists():
                 continue
-            started = [e for e in read_jsonl(w / "events.jsonl") if e.get("event") == "started"]
+            started = [e for e in read_jsonl(w / "events.jsonl") if e.get("event") == EventKind.STARTED]
             if started:
                 out.append(
                     {
@@ -340,7 +341,7 @@ class LocalCluster:
         def warm() -> bool:
             return all(
                 any(
-                    e.get("event") == "standby"
+                    e.get("event") == EventKind.STANDBY
                     for p in (self.run_root / "workers" / n).glob("w*/events.jsonl")
                     for e in read_jsonl(p)
                 )

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from diagnostics.localcluster import LocalCluster
+from stanchion.vocab import EventKind
 
 EXTERNAL = ("crash", "hang", "agent", "coordinator")  # faults `up` causes from outside the ranks
 INTERNAL = ("bitflip", "nan")  # faults the ranks' injector fires (the job spec's schedule)
@@ -736,7 +737,7 @@ class Up:
         restarts = _restarts_by_reason(self.cluster, self.job_id)
         fired = {
             e.get("id"): e
-            for e in self.cluster.events("fault_injected")
+            for e in self.cluster.events(EventKind.FAULT_INJECTED)
             if e.get("job_id") == self.job_id and e.get("id") is not None
         }
         for i, f in enumerate(self.internal):  # the trainer's own faults: when the rank fired them
@@ -746,7 +747,7 @@ class Up:
         measure_recoveries(self.faults, mine)
         recovery = [f.recovery_s for f in self.faults if f.kind in PRIMARY and f.recovery_s is not None]
         val = None
-        finished = [e for e in self.cluster.events("finished") if e.get("job_id") == self.job_id]
+        finished = [e for e in self.cluster.events(EventKind.FINISHED) if e.get("job_id") == self.job_id]
         if finished:
             val = finished[-1].get("val_loss")
         detected = self._detected(decisions)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from stanchion.files import read_jsonl
+from stanchion.vocab import EventKind
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -121,7 +122,7 @@ def losses_by_step(run_dir: Path, rank: int = 0) -> dict[int, float]:
 
 
 def final_fingerprint(run_dir: Path, rank: int = 0) -> str:
-    done = events(run_dir, rank, "finished")
+    done = events(run_dir, rank, EventKind.FINISHED)
     assert done, f"no finished event in {rank_dir(run_dir, rank)}"
     return done[-1]["fingerprint"]
 
@@ -219,24 +220,26 @@ def golden(tmp: Path, data: Path, world: int, steps: int = 40, trainer: dict | N
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
-    done = [e for e in read_jsonl(run / "ranks/rank-00000/events.jsonl") if e["event"] == "finished"][-1]
+    recs = read_jsonl(run / "ranks/rank-00000/events.jsonl")
+    done = [e for e in recs if e["event"] == EventKind.FINISHED][-1]
     return {"fingerprint": done["fingerprint"], "val_loss": done["val_loss"]}
 
 
 def reset_cluster(c: Any, n_nodes: int) -> None:
     """Every agent up and every node eligible again, before a LocalCluster's next scenario."""
-    from protos.stanchion.v1 import operator_pb2
+    from protos.stanchion.v1 import operator_pb2, types_pb2
 
+    ready, cordoned = types_pb2.NODE_STATE_READY, types_pb2.NODE_STATE_CORDONED
     for n in list(c.agents):
         if not c.agents[n].alive():
             c.restart_agent(n)
     c.wait(
-        lambda: all(x.state == 1 or x.state == 2 for x in c.nodes()) and len(c.nodes()) >= n_nodes,
+        lambda: all(x.state in (ready, cordoned) for x in c.nodes()) and len(c.nodes()) >= n_nodes,
         60,
         "nodes ready",
     )
     for n in c.nodes():
-        if n.state != 1:
+        if n.state != ready:
             c.rpc("UncordonNode", operator_pb2.UncordonNodeRequest(node_id=n.node_id))
 
 

@@ -29,12 +29,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from stanchion.files import fsync_dir
+from stanchion.vocab import EventKind
 from trainer import manifest as mf
 from trainer.parallel import collective
 
 log = logging.getLogger(__name__)
 
-EventSink = Callable[[str, dict[str, Any]], None]
+EventSink = Callable[[EventKind, dict[str, Any]], None]
 # DCP gathers every rank's write errors into a CheckpointException, which derives from BaseException.
 CHECKPOINT_ERRORS = (Exception, CheckpointException)
 
@@ -191,7 +192,7 @@ class CheckpointManager:
                 self.last_committed_step = step
                 nbytes = sum(f["bytes"] for f in manifest["files"].values())
                 self.events(
-                    "checkpoint_committed",
+                    EventKind.CHECKPOINT_COMMITTED,
                     {
                         "step": step,
                         "path": str(final),
@@ -209,7 +210,9 @@ class CheckpointManager:
             # surface as a serializer error rather than ENOSPC).
             free = shutil.disk_usage(self.root).free
             log.error("checkpoint at step %d failed (%d bytes free on %s): %s", step, free, self.root, e)
-            self.events("checkpoint_failed", {"step": step, "error": describe_error(e), "free_bytes": free})
+            self.events(
+                EventKind.CHECKPOINT_FAILED, {"step": step, "error": describe_error(e), "free_bytes": free}
+            )
             if agreed and self.rank == 0:  # every rank is done with it: free the space now
                 shutil.rmtree(tmp, ignore_errors=True)
 
@@ -262,7 +265,7 @@ class CheckpointManager:
                 raise ValueError(f"checkpoint {path} cannot be used: {v.reason}")
             if self.rank == 0:
                 self.events(
-                    "checkpoint_skipped",
+                    EventKind.CHECKPOINT_SKIPPED,
                     {"path": str(path), "reason": v.reason, "step": mf.parse_step(path) or 0},
                 )
             step = mf.parse_step(path)
@@ -276,7 +279,8 @@ class CheckpointManager:
             for p, reason in skipped:
                 log.warning("skipping checkpoint %s: %s", p.name, reason)
                 self.events(
-                    "checkpoint_skipped", {"path": str(p), "reason": reason, "step": mf.parse_step(p) or 0}
+                    EventKind.CHECKPOINT_SKIPPED,
+                    {"path": str(p), "reason": reason, "step": mf.parse_step(p) or 0},
                 )
         return path
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from stanchion.files import JsonlWriter
 from stanchion.settings import ConfigError, merge, parse_assignments
+from stanchion.vocab import EventKind
 from trainer import contract
 from trainer.config import TrainConfig, resolve
 
@@ -167,7 +168,7 @@ def standby(args: argparse.Namespace) -> int:
     paths = contract.WorkerPaths(Path(os.environ[contract.ENV_WORKER_DIR]))
     paths.control.mkdir(parents=True, exist_ok=True)
     JsonlWriter(paths.events).write(
-        {"event": "standby", "pid": os.getpid(), "rank": -1, "generation": -1, "step": 0}
+        {"event": EventKind.STANDBY, "pid": os.getpid(), "rank": -1, "generation": -1, "step": 0}
     )
     assignment = paths.wait_for_assignment(-1, give_up=lambda: bool(stop))
     if assignment is None or assignment.stop:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stanchion.files import read_json
+from stanchion.vocab import Resume
 
 # Environment variables (besides torchrun's).
 ENV_RUN_DIR = "STANCHION_RUN_DIR"  # the job's run directory (checkpoints live under it)
@@ -43,22 +44,7 @@ ERROR_FILE = "error.json"
 CONTROL_DIR = "control"
 CHECKPOINT_DIR = "checkpoints"
 
-# Event names (``event`` field). Detector events carry ``suspect_ranks`` (possibly empty).
-EV_STARTED = "started"  # process group formed for a generation
-EV_NONFINITE = "nonfinite"
-EV_SPIKE = "spike"
-EV_FINGERPRINT_MISMATCH = "fingerprint_mismatch"
-EV_AUDIT_MISMATCH = "audit_mismatch"
-EV_ROLLBACK = "rollback"
-EV_ROLLBACK_UNAVAILABLE = "rollback_unavailable"
-EV_CHECKPOINT_COMMITTED = "checkpoint_committed"
-EV_CHECKPOINT_SKIPPED = "checkpoint_skipped"
-EV_CHECKPOINT_FAILED = "checkpoint_failed"
-EV_COLLECTIVE_FAILED = "collective_failed"  # a peer vanished; waiting for the next generation
-EV_FINISHED = "finished"
-EV_STOPPED = "stopped"  # SIGTERM honoured: checkpoint written, exiting 0
-EV_NONDETERMINISTIC = "nondeterministic"  # the start-up replay did not reproduce bit for bit
-DETECTOR_EVENTS = frozenset({EV_NONFINITE, EV_SPIKE, EV_FINGERPRINT_MISMATCH, EV_AUDIT_MISMATCH})
+# Event kinds (the ``event`` field of events.jsonl) are stanchion.vocab.EventKind.
 
 # Exit codes of a trainer rank.
 EXIT_OK = 0
@@ -78,12 +64,11 @@ class Assignment:
     local_world_size: int
     master_addr: str
     master_port: int
-    # How this rank obtains its state: "fresh" (step 0), "checkpoint" (load ``checkpoint``, or the newest
-    # good one when empty), "peer" (receive it from ``source_rank``, a live data-parallel peer), or
-    # "keep" (a survivor keeps its own state; others receive it from ``source_rank``).
-    resume: str = "checkpoint"
+    # How this rank obtains its state: fresh (step 0), checkpoint (load ``checkpoint``, or the newest
+    # good one when empty), or peer (survivors keep theirs; the others receive it from a live
+    # data-parallel peer).
+    resume: Resume = Resume.CHECKPOINT
     checkpoint: str = ""
-    source_rank: int = 0
     skip_windows: tuple[tuple[int, int], ...] = ()  # (data start step, length) windows to skip
     rollback_to: int = -1  # survivors first restore their newest snapshot at or before this step
     node_id: str = ""
@@ -101,6 +86,7 @@ class Assignment:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Assignment:
         d = dict(d)
+        d["resume"] = Resume(d.get("resume", Resume.CHECKPOINT))
         d["skip_windows"] = tuple(tuple(int(x) for x in w) for w in d.get("skip_windows", ()))
         return cls(**d)
 

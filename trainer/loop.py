@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from stanchion.files import JsonlWriter, write_json_atomic
+from stanchion.vocab import DETECTORS, EventKind, Resume
 from trainer import contract, fingerprint
 from trainer.audit import audit_verdict, digest_of, grad_digest
 from trainer.checkpoint import CheckpointManager
@@ -179,13 +180,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     # Events and records
-    def event(self, name: str, **fields: Any) -> None:
+    def event(self, name: EventKind, **fields: Any) -> None:
         rank = self.topo.rank if self.topo else -1
         gen = self.topo.generation if self.topo else -1
         # request_epoch counts the in-job requests (rollbacks) handled so far: a detection repeated
         # after a replay is a new occurrence, not a duplicate of the first.
         rec = {
-            "event": name,
+            "event": str(name),  # the plain value, in the file and in the log line below
             "rank": rank,
             "generation": gen,
             "step": fields.pop("step", self.cursor.step),
@@ -193,7 +194,7 @@ class Trainer:
             "job_id": self.job_id,
             **fields,
         }
-        if name in contract.DETECTOR_EVENTS:
+        if name in DETECTORS:
             rec.setdefault("suspect_ranks", [])
             self.dump_flight(rec["step"])
         self.events_out.write(rec)
@@ -225,11 +226,11 @@ class Trainer:
                     raise
                 failed_gen = assignment.generation
                 if isinstance(e, Abandoned):
-                    self.event("abandoned", reason=str(e), has_state=self.has_state)
+                    self.event(EventKind.ABANDONED, reason=str(e), has_state=self.has_state)
                 elif isinstance(e, CollectiveFailed):
-                    self.event("collective_failed", error=str(e)[:500], has_state=self.has_state)
+                    self.event(EventKind.COLLECTIVE_FAILED, error=str(e)[:500], has_state=self.has_state)
                 else:
-                    self.event("generation_change", step=self.cursor.step, has_state=self.has_state)
+                    self.event(EventKind.GENERATION_CHANGE, step=self.cursor.step, has_state=self.has_state)
                 self.teardown_generation()
                 if self.stop_requested:
                     return contract.EXIT_OK
@@ -268,7 +269,7 @@ class Trainer:
         if self.injector is not None and assignment is not None:
             self.injector.freeze_point(assignment.generation, "join")
         if assignment is not None:  # the coordinator learns who reached the rendezvous
-            self.event("joining", rank=assignment.rank, generation=assignment.generation)
+            self.event(EventKind.JOINING, rank=assignment.rank, generation=assignment.generation)
         topo = form_group(
             assignment,
             device_kind=cfg.device,
@@ -307,7 +308,7 @@ class Trainer:
             log.info("resolved config: %s", json.dumps(to_dict(cfg), sort_keys=True))
         self.restore(assignment)
         self.event(
-            "started",
+            EventKind.STARTED,
             world_size=topo.world_size,
             grad_accum=self.accum,
             pid=os.getpid(),
@@ -336,7 +337,9 @@ class Trainer:
         if self.ckpt is not None:
             step = self.ckpt.abandon()
             if step is not None:
-                self.event("checkpoint_abandoned", step=step, reason="the group broke while it was in flight")
+                self.event(
+                    EventKind.CHECKPOINT_ABANDONED, step=step, reason="the group broke while it was in flight"
+                )
             self.ckpt = None
         leave_group()
 
@@ -344,7 +347,12 @@ class Trainer:
     # Restoring state for a generation
     def restore(self, assignment: Assignment | None) -> None:
         assert self.optimizer is not None and self.ckpt is not None and self.topo is not None
-        mode = assignment.resume if assignment else ("none" if self.opts.resume == "none" else "checkpoint")
+        # Without an agent: --resume none starts from step 0; auto or a path loads a checkpoint.
+        mode = (
+            assignment.resume
+            if assignment
+            else (Resume.FRESH if self.opts.resume == "none" else Resume.CHECKPOINT)
+        )
         explicit = (
             assignment.checkpoint
             if assignment
@@ -358,9 +366,9 @@ class Trainer:
                 self._restore_snapshot(snap)
             else:
                 self.has_state = False  # nothing old enough here: do not serve as a source
-        if mode in ("peer", "keep"):
+        if mode == Resume.PEER:
             restored = self._heal_from_peer()
-        if not restored and mode != "none" and mode != "fresh":
+        if not restored and mode != Resume.FRESH:
             max_step = (
                 assignment.rollback_to if assignment is not None and assignment.rollback_to >= 0 else None
             )
@@ -406,7 +414,7 @@ class Trainer:
             if snap is not None:
                 self._restore_snapshot(snap)
                 self.event(
-                    "heal_rollback",
+                    EventKind.HEAL_ROLLBACK,
                     from_step=from_step,
                     step=self.cursor.step,
                     reason=f"state after step {verified} was never compared across replicas",
@@ -431,7 +439,9 @@ class Trainer:
         )
         self.cursor = Cursor.from_json(extra["cursor"])
         self.spikes.load_state(extra["spikes"])
-        self.event("healed", source_rank=src, step=best_step, seconds=round(time.perf_counter() - t0, 4))
+        self.event(
+            EventKind.HEALED, source_rank=src, step=best_step, seconds=round(time.perf_counter() - t0, 4)
+        )
         return True
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -447,7 +457,7 @@ class Trainer:
                 f"checkpoint {path} loaded but its state fingerprint {digest} differs from the manifest's "
                 f"{manifest['fingerprint']}: refusing to train on it"
             )
-        self.event("restored", path=str(path), step=self.cursor.step, fingerprint=digest)
+        self.event(EventKind.RESTORED, path=str(path), step=self.cursor.step, fingerprint=digest)
 
     def _reset_to_initial(self) -> None:
         assert self.optimizer is not None
@@ -472,7 +482,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if digests[0] != digests[1]:
             log.error("NOT DETERMINISTIC: two replays of the first micro-batch gave different gradients")
-            self.event("nondeterministic", digests=[str(d) for d in digests])
+            self.event(EventKind.NONDETERMINISTIC, digests=[str(d) for d in digests])
 
     # ------------------------------------------------------------------------------------------
     # Training
@@ -503,7 +513,7 @@ class Trainer:
             result = self.train_step()
             if result.stop:
                 self.save_checkpoint(blocking=True)
-                self.event("stopped", reason="SIGTERM")
+                self.event(EventKind.STOPPED, reason="SIGTERM")
                 return "stopped"
             step = self.cursor.step
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
@@ -613,7 +623,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             self.counters["nonfinite"] += 1
             self.event(
-                "nonfinite",
+                EventKind.NONFINITE,
                 step=step_no,
                 suspect_ranks=nonfinite_ranks,
                 loss=loss_value,
@@ -637,7 +647,7 @@ class Trainer:
             for spike in self.spikes.observe(step_no, {"loss": loss_value, "grad_norm": grad_norm}):
                 self.counters["spikes"] += 1
                 self.event(
-                    "spike",
+                    EventKind.SPIKE,
                     step=step_no,
                     suspect_ranks=[],
                     data_index=record["data_index"],
@@ -671,7 +681,7 @@ class Trainer:
 
         if self.injector is not None:
             for fired in self.injector.drain():
-                self.event("fault_injected", **{**fired, "step": fired["step"]})
+                self.event(EventKind.FAULT_INJECTED, **{**fired, "step": fired["step"]})
         step_time = time.perf_counter() - t0
         record.update(
             step_time_s=step_time,
@@ -713,7 +723,7 @@ class Trainer:
             self.counters["audit_mismatches"] += 1
             last_clean = step_no - self.cfg.integrity.audit_every
             self.event(
-                "audit_mismatch",
+                EventKind.AUDIT_MISMATCH,
                 step=step_no,
                 suspect_ranks=list(verdict.suspect_ranks),
                 bad_edges=[list(e) for e in verdict.bad_edges],
@@ -738,7 +748,7 @@ class Trainer:
             if not cmp.agree:
                 self.counters["fingerprint_mismatches"] += 1
                 self.event(
-                    "fingerprint_mismatch",
+                    EventKind.FINGERPRINT_MISMATCH,
                     step=step,
                     suspect_ranks=list(cmp.suspect_ranks),
                     reason=cmp.reason,
@@ -793,7 +803,7 @@ class Trainer:
         snap = self.snapshots.newest_at_or_before(req.to_step)
         if snap is None:
             self.event(
-                "rollback_unavailable",
+                EventKind.ROLLBACK_UNAVAILABLE,
                 request_id=req.id,
                 to_step=req.to_step,
                 snapshots=self.snapshots.steps(),
@@ -804,7 +814,7 @@ class Trainer:
         self._restore_snapshot(snap)
         self.cursor.skip_windows = self.cursor.skip_windows + [list(w) for w in req.skip]
         self.event(
-            "rollback",
+            EventKind.ROLLBACK,
             request_id=req.id,
             from_step=from_step,
             step=self.cursor.step,
@@ -839,7 +849,9 @@ class Trainer:
         if not agreed:
             agreed = self.check_fingerprints(reason="checkpoint")
         if not agreed:
-            self.event("checkpoint_skipped", step=step, reason="replica fingerprints disagree at this step")
+            self.event(
+                EventKind.CHECKPOINT_SKIPPED, step=step, reason="replica fingerprints disagree at this step"
+            )
             return
         fields = {
             "config": to_dict(self.cfg),
@@ -882,7 +894,7 @@ class Trainer:
         with collective("evaluation all-reduce"):
             dist.all_reduce(total)
         val = float(total[0] / total[1])
-        self.event("eval", step=self.cursor.step, val_loss=val)
+        self.event(EventKind.EVAL, step=self.cursor.step, val_loss=val)
         return val
 
     def finish(self, outcome: str) -> None:
@@ -892,7 +904,7 @@ class Trainer:
                 self.save_checkpoint(blocking=True)
             self.ckpt.wait()
             self.event(
-                "finished",
+                EventKind.FINISHED,
                 step=self.cursor.step,
                 fingerprint=self.canonical_digest(),
                 val_loss=self.final_val_loss,

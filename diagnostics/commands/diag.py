@@ -400,7 +400,7 @@ def _local_bisect(n: int, defect: str, req: Any, timeout: float) -> dict[str, An
 
     from diagnostics.errors import UsageError
     from diagnostics.localcluster import LocalCluster
-    from protos.stanchion.v1 import operator_pb2
+    from protos.stanchion.v1 import operator_pb2, types_pb2
 
     index_text, _, p = defect.partition(":")
     if defect and (not index_text.isdigit() or not 0 <= int(index_text) < n):
@@ -426,7 +426,9 @@ def _local_bisect(n: int, defect: str, req: Any, timeout: float) -> dict[str, An
                 ).bisection
             result = _bisection_dict(b)
             result["defective"] = [ids[bad]] if bad >= 0 else []
-            result["cordoned"] = sorted(x.node_id for x in cluster.nodes() if x.state == 2)
+            result["cordoned"] = sorted(
+                x.node_id for x in cluster.nodes() if x.state == types_pb2.NODE_STATE_CORDONED
+            )
             return result
         finally:
             cluster.stop()

@@ -25,7 +25,9 @@ import pytest
 from support import frozen_pids, golden, job_spec, prepare_data, run_trainer, trainer_cmd
 
 from diagnostics.localcluster import LocalCluster
+from protos.stanchion.v1 import types_pb2
 from stanchion.files import read_jsonl
+from stanchion.vocab import EventKind
 
 DATA = "fixture-512"
 STEPS = 60
@@ -58,18 +60,21 @@ def reasons(c: LocalCluster, job_id: str) -> list[str]:
 
 
 DOCUMENTED_FAILURES = ("giving up", "rendezvous timed out", "rejected its configuration")
+ENDED = (types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED)
 
 
 def check_invariant(c: LocalCluster, job_id: str, golden_fp: str, *, must_succeed: bool = False) -> None:
     """Success with the fault-free final state; or, unless ``must_succeed``, a documented failure."""
     job = c.job(job_id)
     rs = reasons(c, job_id)
-    if job.state == 5:
+    state = types_pb2.JobState.Name(job.state)
+    if job.state == types_pb2.JOB_STATE_SUCCEEDED:
         assert job.final_fingerprint == golden_fp, rs
     elif must_succeed:
-        raise AssertionError(f"the job did not succeed (state {job.state}): {job.reason}\n" + "\n".join(rs))
+        raise AssertionError(f"the job did not succeed ({state}): {job.reason}\n" + "\n".join(rs))
     else:
-        assert job.state == 6 and any(d in job.reason for d in DOCUMENTED_FAILURES), (job.state, rs)
+        failed = job.state == types_pb2.JOB_STATE_FAILED
+        assert failed and any(d in job.reason for d in DOCUMENTED_FAILURES), (state, rs)
 
 
 @pytest.mark.slow
@@ -99,13 +104,18 @@ def test_random_kills_and_stops_of_ranks_agents_and_the_coordinator(
             # Each fault waits for a RUNNING job (a job still recovering from the last one is waited for,
             # not let off the rest of its schedule); only the end of the job ends the schedule early.
             c.wait(
-                lambda step=step: (j := c.job(job_id)).state in (5, 6) or (j.step >= step and j.state == 2),
+                lambda step=step: (
+                    (j := c.job(job_id)).state in ENDED
+                    or (j.step >= step and j.state == types_pb2.JOB_STATE_RUNNING)
+                ),
                 300,
                 f"step {step} while running",
             )
             job = c.job(job_id)
-            if job.state in (5, 6):
-                print(f"[chaos] the job ended (state {job.state}) before the fault at step {step}")
+            if job.state in ENDED:
+                print(
+                    f"[chaos] the job ended ({types_pb2.JobState.Name(job.state)}) before the fault at step {step}"
+                )
                 break
             target = node if node in job.nodes else job.nodes[0]
             print(f"[chaos] step {job.step}: {kind} on {target}")
@@ -127,7 +137,11 @@ def test_random_kills_and_stops_of_ranks_agents_and_the_coordinator(
                 c.send_signal(c.coordinator, signal.SIGSTOP)
                 time.sleep(4)
                 c.send_signal(c.coordinator, signal.SIGCONT)
-            c.wait(lambda: c.job(job_id).state in (2, 5, 6), 120, "the job to run again")
+            c.wait(
+                lambda: c.job(job_id).state in (types_pb2.JOB_STATE_RUNNING, *ENDED),
+                120,
+                "the job to run again",
+            )
         finished(c, job_id, timeout=400 + 60 * max(0, FAULTS - 3))
         check_invariant(c, job_id, golden2["fingerprint"], must_succeed=True)
     finally:
@@ -165,7 +179,9 @@ def test_rotten_checkpoints_fall_back_to_the_previous_good_one(
                 c.signal_pid(r["pid"], signal.SIGKILL)
         finished(c, job_id)
         check_invariant(c, job_id, golden2["fingerprint"])
-        skipped = {Path(e["path"]).name for e in c.events("checkpoint_skipped") if e.get("job_id") == job_id}
+        skipped = {
+            Path(e["path"]).name for e in c.events(EventKind.CHECKPOINT_SKIPPED) if e.get("job_id") == job_id
+        }
         assert {newest.name, before.name} <= skipped
     finally:
         c.stop()
@@ -190,16 +206,16 @@ def test_a_full_disk_during_a_checkpoint_fails_atomically_and_training_continues
             e
             for rank in ("rank-00000", "rank-00001")
             for e in read_jsonl(run / "ranks" / rank / "events.jsonl")
-            if e["event"] == "checkpoint_failed"
+            if e["event"] == EventKind.CHECKPOINT_FAILED
         ]
-        committed = [e for e in events if e["event"] == "checkpoint_committed"]
+        committed = [e for e in events if e["event"] == EventKind.CHECKPOINT_COMMITTED]
         assert failed, "the disk never filled up"
         # The short write surfaces as ENOSPC or as torch's serializer error, depending on where it
         # fell; the free space reported with each failure shows the cause either way.
         assert committed and all(e["free_bytes"] < committed[0]["bytes"] for e in failed), failed
         assert all(e["error"].startswith("rank ") for e in failed), failed
         assert committed and committed[0]["step"] == 10
-        done = [e for e in events if e["event"] == "finished"][-1]
+        done = [e for e in events if e["event"] == EventKind.FINISHED][-1]
         assert done["fingerprint"] == golden2["fingerprint"]  # training was never disturbed
         from trainer import manifest as mf
 
@@ -261,7 +277,7 @@ def partitionable_cluster(root: Path, data: Path) -> Iterator[tuple[LocalCluster
 def ended_without_node_1(c: LocalCluster, job_id: str, golden_fp: str) -> list[str]:
     job = finished(c, job_id, timeout=500)
     rs = reasons(c, job_id)
-    assert job.state == 5, rs
+    assert job.state == types_pb2.JOB_STATE_SUCCEEDED, rs
     assert "node-1" not in job.nodes and any("node-1" in r and ("lost" in r or "silent" in r) for r in rs), rs
     assert job.final_fingerprint == golden_fp, rs
     return rs

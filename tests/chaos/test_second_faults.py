@@ -17,6 +17,7 @@ import pytest
 from support import frozen_pids, golden, job_spec, prepare_data, reset_cluster, three_node_cluster
 
 from diagnostics.localcluster import LocalCluster
+from protos.stanchion.v1 import types_pb2
 
 DATA = "fixture-512"
 STEPS = 40
@@ -63,7 +64,9 @@ def start(c: LocalCluster, name: str, frozen_node: str) -> tuple[str, int]:
 def succeeded_on_golden(c: LocalCluster, job_id: str, golden_fp: str) -> list[str]:
     job = c.wait_job({"succeeded", "failed", "cancelled"}, 240, job_id)
     rs = [d.reason for d in c.explain(job_id).decisions]
-    assert job.state == 5, f"job ended in state {job.state}: {rs}"
+    assert job.state == types_pb2.JOB_STATE_SUCCEEDED, (
+        f"job ended in {types_pb2.JobState.Name(job.state)}: {rs}"
+    )
     assert job.final_fingerprint == golden_fp, rs
     return rs
 

@@ -14,6 +14,7 @@ import pytest
 from support import REPO, env, job_spec, prepare_data
 
 from diagnostics.localcluster import LocalCluster
+from protos.stanchion.v1 import types_pb2
 
 
 def trial(out: Path, *extra: str) -> subprocess.Popen[bytes]:
@@ -131,12 +132,12 @@ def test_anomalies_at_different_data_make_the_job_bisect_itself(tmp_path: Path) 
         job = c.wait_job({"succeeded", "failed", "cancelled"}, 500, job_id)
         explain = c.explain(job_id)
         reasons = [d.reason for d in explain.decisions]
-        assert job.state == 5, reasons
+        assert job.state == types_pb2.JOB_STATE_SUCCEEDED, reasons
         assert any("hardware is suspect" in r and "bisect" in r for r in reasons), reasons
         (b,) = explain.bisections
         assert list(b.faulty) == ["node-1"] and b.state == "done", (b.state, b.reason, b.rounds_json, reasons)
         assert "node-1" not in job.nodes
-        assert {n.node_id for n in c.nodes() if n.state == 2} == {"node-1"}
+        assert {n.node_id for n in c.nodes() if n.state == types_pb2.NODE_STATE_CORDONED} == {"node-1"}
     finally:
         c.stop()
         shutil.rmtree(tmp_path / "cluster" / "runs", ignore_errors=True)

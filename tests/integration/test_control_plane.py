@@ -11,6 +11,8 @@ import pytest
 from support import golden, job_spec, reset_cluster, three_node_cluster
 
 from diagnostics.localcluster import LocalCluster
+from protos.stanchion.v1 import types_pb2
+from stanchion.vocab import EventKind
 
 STEPS = 40
 DATA = "fixture-512"
@@ -51,7 +53,9 @@ def progressed(c: LocalCluster, job_id: str, step: int) -> bool:
 def finish(c: LocalCluster, job_id: str, timeout: float = 240) -> object:
     job = c.wait_job({"succeeded", "failed", "cancelled"}, timeout, job_id)
     reasons = [d.reason for d in c.explain(job_id).decisions]
-    assert job.state == 5, f"job ended in state {job.state}: {reasons}"
+    assert job.state == types_pb2.JOB_STATE_SUCCEEDED, (
+        f"job ended in {types_pb2.JobState.Name(job.state)}: {reasons}"
+    )
     return job
 
 
@@ -78,7 +82,9 @@ def test_rank_crash_heals_from_a_live_peer_without_losing_steps(cluster: LocalCl
         "crashed: signal SIGKILL" in r and "heal the replacement from a live peer" in r
         for r in reasons(cluster, job_id)
     )
-    healed = [e for e in cluster.events("healed") if e.get("job_id") == job_id and e["generation"] == 2]
+    healed = [
+        e for e in cluster.events(EventKind.HEALED) if e.get("job_id") == job_id and e["generation"] == 2
+    ]
     assert healed, "the replacement did not heal from a peer"
 
 
@@ -104,10 +110,12 @@ def test_a_rank_frozen_while_an_async_checkpoint_is_in_flight_does_not_wedge_the
     job = finish(cluster, job_id, timeout=180)
     assert job.final_fingerprint == golden3["fingerprint"], reasons(cluster, job_id)
     assert any("hung" in r for r in reasons(cluster, job_id)), reasons(cluster, job_id)
-    committed = [e["step"] for e in cluster.events("checkpoint_committed") if e.get("job_id") == job_id]
+    committed = [
+        e["step"] for e in cluster.events(EventKind.CHECKPOINT_COMMITTED) if e.get("job_id") == job_id
+    ]
     assert 10 not in committed or any(
         e["step"] == 10 and e["generation"] > 1
-        for e in cluster.events("checkpoint_committed")
+        for e in cluster.events(EventKind.CHECKPOINT_COMMITTED)
         if e.get("job_id") == job_id
     ), committed
 
@@ -140,7 +148,7 @@ def test_a_generation_that_cannot_form_escalates_to_fresh_processes_then_leaves_
         "generation 3 did not complete its first step" in r and "leaving out node-2" in r for r in rs
     ), rs
     assert "node-2" not in job.nodes and "spare-0" in job.nodes
-    cordoned = {n.node_id: n.reason for n in cluster.nodes() if n.state == 2}
+    cordoned = {n.node_id: n.reason for n in cluster.nodes() if n.state == types_pb2.NODE_STATE_CORDONED}
     assert "did not join generation 3" in cordoned.get("node-2", ""), cordoned
 
 
@@ -165,7 +173,7 @@ def test_a_bit_flip_then_a_crash_of_the_flipped_rank_never_heals_the_damage_into
     rs = reasons(cluster, job_id)
     assert job.final_fingerprint == golden3["fingerprint"], rs
     if k == 20:
-        rolled = [e for e in cluster.events("heal_rollback") if e.get("job_id") == job_id]
+        rolled = [e for e in cluster.events(EventKind.HEAL_ROLLBACK) if e.get("job_id") == job_id]
         assert rolled and all(e["step"] == 20 and e["from_step"] == 22 for e in rolled), rolled
 
 
@@ -200,7 +208,7 @@ def test_a_nan_that_recurs_at_the_same_data_skips_that_window(cluster: LocalClus
     recs = [r for r in cluster.progress() if r.get("generation") == job.generation and r["rank"] == 0]
     by_step = {r["step"]: r["data_index"] for r in recs}
     assert by_step[15] == 14 + 8 and by_step[14] == 13
-    val = [e for e in cluster.events("finished") if e.get("fingerprint") == job.final_fingerprint][0][
+    val = [e for e in cluster.events(EventKind.FINISHED) if e.get("fingerprint") == job.final_fingerprint][0][
         "val_loss"
     ]
     assert abs(val - golden3["val_loss"]) / golden3["val_loss"] < 0.05
@@ -218,7 +226,7 @@ def test_a_named_fingerprint_mismatch_cordons_the_node_and_the_majority_heals_a_
     job = finish(cluster, job_id)
     assert job.final_fingerprint == golden3["fingerprint"]
     assert "node-2" not in job.nodes and "spare-0" in job.nodes
-    cordoned = {n.node_id: n.reason for n in cluster.nodes() if n.state == 2}
+    cordoned = {n.node_id: n.reason for n in cluster.nodes() if n.state == types_pb2.NODE_STATE_CORDONED}
     assert "node-2" in cordoned and "diverged" in cordoned["node-2"]
 
 
@@ -262,11 +270,11 @@ def test_without_a_spare_data_parallelism_shrinks_keeping_the_global_batch(
     assert any("shrinks from 3 to 2 nodes" in r for r in reasons(cluster, job_id))
     started = [
         e
-        for e in cluster.events("started")
+        for e in cluster.events(EventKind.STARTED)
         if e.get("job_id") == job_id and e["generation"] == job.generation
     ]
     assert {e["world_size"] for e in started} == {2} and {e["grad_accum"] for e in started} == {3}
-    val = [e for e in cluster.events("finished") if e.get("fingerprint") == job.final_fingerprint][0][
+    val = [e for e in cluster.events(EventKind.FINISHED) if e.get("fingerprint") == job.final_fingerprint][0][
         "val_loss"
     ]
     assert abs(val - golden3["val_loss"]) / golden3["val_loss"] < 0.05

@@ -18,6 +18,7 @@ from support import (
     trainer_cmd,
 )
 
+from stanchion.vocab import EventKind
 from stanchion.waiting import wait_until
 from trainer import manifest as mf
 
@@ -69,16 +70,16 @@ def test_every_state_bitflip_is_caught_at_once_and_the_right_rank_named(
 
     fired = {}  # step -> (rank, target)
     for rank in range(3):
-        for e in events(run, rank, "fault_injected"):
+        for e in events(run, rank, EventKind.FAULT_INJECTED):
             fired[e["step"]] = rank
     assert len(fired) == 200, f"{len(fired)} flips fired"
-    mismatches = events(run, 0, "fingerprint_mismatch")
+    mismatches = events(run, 0, EventKind.FINGERPRINT_MISMATCH)
     named = {e["step"]: e["suspect_ranks"] for e in mismatches}
     assert sorted(named) == sorted(fired), "a flip was missed, or a clean check raised an alarm"
     assert all(named[s] == [fired[s]] for s in fired), {
         s: (named[s], fired[s]) for s in fired if named[s] != [fired[s]]
     }
-    assert len(events(run, 0, "rollback")) == 200
+    assert len(events(run, 0, EventKind.ROLLBACK)) == 200
 
     # Clean checks: every other fingerprint check on every rank agreed (>= 2,000 rank-step checks).
     checks = sum(1 for rec in read_jsonl(rank_dir(run, 0) / "progress.jsonl"))
@@ -110,13 +111,13 @@ def test_persistent_compute_fault_is_named_by_the_audit(
     ]
     r = run_trainer(trainer_cmd(small_data, run, nproc=3, steps=8, extra=extra))
     assert r.returncode == 0, r.stderr[-3000:]
-    audits = events(run, 0, "audit_mismatch")
+    audits = events(run, 0, EventKind.AUDIT_MISMATCH)
     assert audits, "the audit did not see the compute fault"
     first = audits[0]
     assert first["step"] <= 3 + 5 - 1
     assert first["suspect_ranks"] == [faulty_rank]
     assert (
-        events(run, 0, "fingerprint_mismatch") == []
+        events(run, 0, EventKind.FINGERPRINT_MISMATCH) == []
     )  # replicas stay identical: the fault is invisible to them
 
 
@@ -135,7 +136,7 @@ def test_nan_on_one_rank_is_agreed_and_the_step_is_skipped_everywhere(
     )
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in range(2):
-        nonfinite = events(run, rank, "nonfinite")
+        nonfinite = events(run, rank, EventKind.NONFINITE)
         assert [(e["step"], e["suspect_ranks"]) for e in nonfinite] == [(5, [1])]
         rec = {x["step"]: x for x in read_jsonl(rank_dir(run, rank) / "progress.jsonl")}
         assert rec[5].get("skipped") is True and rec[4].get("skipped") is None
@@ -179,10 +180,11 @@ def test_in_place_rollback_with_empty_window_reproduces_the_clean_run(
         write_json_atomic(rank_dir(run, rank) / "control" / "request-00000001.json", request)
     out, _ = p.communicate(timeout=240)
     assert p.returncode == 0, out[-3000:]
-    rollbacks = events(run, 0, "rollback")
+    rollbacks = events(run, 0, EventKind.ROLLBACK)
     # to_step -1 is the newest snapshot: an earlier step, or this very step when the request lands
     # just after a snapshot (every 5 steps here), which the trainer restores all the same
     assert len(rollbacks) == 1 and rollbacks[0]["from_step"] >= rollbacks[0]["step"]
     assert rollbacks[0]["step"] % 5 == 0
-    assert events(run, 1, "rollback")[0]["step"] == rollbacks[0]["step"]  # both ranks acted at the same step
+    # Both ranks acted at the same step.
+    assert events(run, 1, EventKind.ROLLBACK)[0]["step"] == rollbacks[0]["step"]
     assert final_fingerprint(run) == final_fingerprint(clean)

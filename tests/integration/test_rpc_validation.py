@@ -26,6 +26,7 @@ from support import REPO, env
 from coordinator import server
 from coordinator.config import CoordinatorConfig
 from protos.stanchion.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc, types_pb2
+from stanchion.vocab import EventKind
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -372,9 +373,9 @@ def test_an_event_with_malformed_detail_for_a_running_job_is_not_an_internal_err
             failures = []
             for i, (kind, detail) in enumerate(
                 [
-                    ("nonfinite", '{"data_index": "x"}'),
-                    ("spike", '{"onset_window": 5}'),
-                    ("rollback", '{"request_id": "x"}'),
+                    (EventKind.NONFINITE, '{"data_index": "x"}'),
+                    (EventKind.SPIKE, '{"onset_window": 5}'),
+                    (EventKind.ROLLBACK, '{"request_id": "x"}'),
                 ]
             ):
                 hb = good_heartbeat(seq=10 + i)

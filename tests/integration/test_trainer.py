@@ -22,6 +22,7 @@ from support import (
     trainer_cmd,
 )
 
+from stanchion.vocab import EventKind
 from stanchion.waiting import wait_until
 from trainer import manifest as mf
 
@@ -45,7 +46,7 @@ def test_exact_resume_after_sigkill_of_the_whole_group(small_data: Path, tmp_pat
     r = run_trainer(trainer_cmd(small_data, broken, **args))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
-    restored = events(broken, 0, "restored")
+    restored = events(broken, 0, EventKind.RESTORED)
     assert restored and restored[-1]["step"] == resume_from
     assert final_fingerprint(broken, 0) == final_fingerprint(clean, 0) == final_fingerprint(clean, 1)
     clean_losses, resumed_losses = losses_by_step(clean), losses_by_step(broken)
@@ -83,9 +84,9 @@ def test_damaged_checkpoints_are_detected_and_skipped_on_resume(small_data: Path
     # Resume with more steps: both damaged checkpoints are reported and skipped; step 4 is loaded.
     r = run_trainer(trainer_cmd(small_data, run, steps=14, extra=["--checkpoint-every", "0"]))
     assert r.returncode == 0, r.stderr[-3000:]
-    skipped = {Path(e["path"]).name for e in events(run, 0, "checkpoint_skipped")}
+    skipped = {Path(e["path"]).name for e in events(run, 0, EventKind.CHECKPOINT_SKIPPED)}
     assert skipped == {"step-00000008", "step-00000012"}
-    assert events(run, 0, "restored")[-1]["step"] == 4
+    assert events(run, 0, EventKind.RESTORED)[-1]["step"] == 4
 
 
 def test_fsdp_resumes_exactly_and_its_checkpoint_loads_into_one_rank(
@@ -102,7 +103,7 @@ def test_fsdp_resumes_exactly_and_its_checkpoint_loads_into_one_rank(
     shutil.rmtree(resumed / "checkpoints/step-00000010")
     r = run_trainer(trainer_cmd(small_data, resumed, nproc=2, steps=10, extra=fsdp))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert events(resumed, 0, "restored")[-1]["step"] == 5
+    assert events(resumed, 0, EventKind.RESTORED)[-1]["step"] == 5
     assert final_fingerprint(resumed) == final_fingerprint(clean)
     assert [losses_by_step(resumed)[s] for s in range(6, 11)] == [
         losses_by_step(clean)[s] for s in range(6, 11)
@@ -114,7 +115,7 @@ def test_fsdp_resumes_exactly_and_its_checkpoint_loads_into_one_rank(
     shutil.copytree(clean / "checkpoints", single / "checkpoints")
     r = run_trainer(trainer_cmd(small_data, single, nproc=1, steps=12, extra=["--checkpoint-every", "0"]))
     assert r.returncode == 0, r.stderr[-3000:]
-    restored = events(single, 0, "restored")[-1]
+    restored = events(single, 0, EventKind.RESTORED)[-1]
     assert restored["step"] == 10
     assert restored["fingerprint"] == mf.read_manifest(clean / "checkpoints/step-00000010")["fingerprint"]
     assert sorted(losses_by_step(single)) == [11, 12]
@@ -158,10 +159,10 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0(small_data: P
     os.killpg(p.pid, signal.SIGTERM)  # as a scheduler or systemd would: every process gets it
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-3000:]
-    stopped = events(run, 0, "stopped")
+    stopped = events(run, 0, EventKind.STOPPED)
     assert stopped and stopped[-1]["step"] < 400
     step = stopped[-1]["step"]
-    assert events(run, 1, "stopped")[-1]["step"] == step  # both ranks stopped at the same step
+    assert events(run, 1, EventKind.STOPPED)[-1]["step"] == step  # both ranks stopped at the same step
     assert committed_steps(run) == [step]
     assert mf.verify(run / "checkpoints" / f"step-{step:08d}").ok
 
@@ -208,10 +209,10 @@ def fault_free(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def assert_replayed_exactly(run: Path, clean: Path, to_step: int) -> None:
     for rank in range(2):
-        rollbacks = events(run, rank, "rollback")
+        rollbacks = events(run, rank, EventKind.ROLLBACK)
         assert [e["step"] for e in rollbacks] == [to_step], rollbacks
     # the checkpoint taken right after the rollback, of the restored state itself
-    assert to_step in [e["step"] for e in events(run, 0, "checkpoint_committed")]
+    assert to_step in [e["step"] for e in events(run, 0, EventKind.CHECKPOINT_COMMITTED)]
     clean_losses, losses = losses_by_step(clean), losses_by_step(run)
     assert sorted(losses) == list(range(1, ROLLBACK_STEPS + 1))
     assert losses == clean_losses  # every step, replayed or not, to the last bit
@@ -232,7 +233,7 @@ def test_fingerprint_mismatch_rollback_replays_the_fault_free_run_exactly(
     extra = [*ROLLBACK_ARGS, "--faults", str(faults)]
     r = run_trainer(trainer_cmd(small_data, run, nproc=2, steps=ROLLBACK_STEPS, extra=extra))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert [e["step"] for e in events(run, 0, "fingerprint_mismatch")] == [flip_step // 4 * 4 + 4]
+    assert [e["step"] for e in events(run, 0, EventKind.FINGERPRINT_MISMATCH)] == [flip_step // 4 * 4 + 4]
     assert_replayed_exactly(run, fault_free, to_step=flip_step // 4 * 4)
 
 
@@ -265,7 +266,7 @@ def test_nan_replay_rollback_replays_the_fault_free_run_exactly(
     extra = [*ROLLBACK_ARGS, "--faults", str(faults)]
     p = start_trainer(trainer_cmd(small_data, run, nproc=2, steps=ROLLBACK_STEPS, extra=extra))
     try:
-        wait_until(lambda: events(run, 0, "nonfinite"), 120, "the nonfinite event")
+        wait_until(lambda: events(run, 0, EventKind.NONFINITE), 120, "the nonfinite event")
         request = {"id": 1, "kind": "rollback", "to_step": nan_step - 1, "skip": [], "reason": "nan replay"}
         for rank in range(2):
             write_json_atomic(rank_dir(run, rank) / "control" / "request-00000001.json", request)
@@ -274,5 +275,5 @@ def test_nan_replay_rollback_replays_the_fault_free_run_exactly(
         if p.poll() is None:
             kill_group(p)
     assert p.returncode == 0, out[-3000:]
-    assert [e["step"] for e in events(run, 0, "nonfinite")] == [nan_step]
+    assert [e["step"] for e in events(run, 0, EventKind.NONFINITE)] == [nan_step]
     assert_replayed_exactly(run, fault_free, to_step=(nan_step - 1) // 4 * 4)

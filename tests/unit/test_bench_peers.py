@@ -17,6 +17,7 @@ from diagnostics import bench_goodput as gp
 from diagnostics import bench_recovery as rc
 from diagnostics import bench_report as rp
 from diagnostics.commands.bench import app
+from stanchion.vocab import EventKind
 
 runner = CliRunner()
 
@@ -44,11 +45,11 @@ def test_stanchion_recovery_is_the_first_record_of_a_newer_generation() -> None:
     # Kill at 2.5; rank 0 of the old generation never finishes step 26; generation 2 heals at 25.
     progress += [rec(3.2, 26, gen=2), rec(3.21, 26, rank=1, gen=2), rec(3.5, 27, gen=2)]
     events = [
-        ev("collective_failed", 2.9),
-        ev("healed", 3.0, gen=2, step=25),
-        ev("healed", 3.0, rank=1, gen=2, step=25),
-        ev("started", 3.05, gen=2, resumed_step=25),
-        ev("started", 3.06, rank=1, gen=2, resumed_step=25),
+        ev(EventKind.COLLECTIVE_FAILED, 2.9),
+        ev(EventKind.HEALED, 3.0, gen=2, step=25),
+        ev(EventKind.HEALED, 3.0, rank=1, gen=2, step=25),
+        ev(EventKind.STARTED, 3.05, gen=2, resumed_step=25),
+        ev(EventKind.STARTED, 3.06, rank=1, gen=2, resumed_step=25),
     ]
     r = rc.measure_recovery(progress, events, 2.5, old_generation=1)
     assert r.recovery_s == pytest.approx(0.7)
@@ -61,7 +62,10 @@ def test_stanchion_recovery_is_the_first_record_of_a_newer_generation() -> None:
 
 def test_stanchion_recovery_follows_the_generation_that_trained_after_an_abandoned_one() -> None:
     progress = [rec(1.0, 10), rec(5.0, 11, gen=3)]
-    events = [ev("started", 2.0, gen=2, resumed_step=10), ev("started", 4.0, gen=3, resumed_step=10)]
+    events = [
+        ev(EventKind.STARTED, 2.0, gen=2, resumed_step=10),
+        ev(EventKind.STARTED, 4.0, gen=3, resumed_step=10),
+    ]
     r = rc.measure_recovery(progress, events, 1.5, old_generation=1)
     assert r.generation == 3 and r.restarted_t == 4.0 and r.first_step_t == 5.0
 
@@ -70,12 +74,12 @@ def test_torchrun_recovery_skips_a_straggler_and_later_restarts() -> None:
     # Kill at 10.0 after step 25; the survivor still logs step 26 at 10.05 before torchrun stops it.
     progress = [rec(9.9, 25), rec(9.91, 25, rank=1), rec(10.05, 26)]
     events = [
-        ev("restored", 13.9, gen=0, step=20),
-        ev("started", 14.0, gen=0, resumed_step=20),
-        ev("started", 14.01, rank=1, gen=0, resumed_step=20),
+        ev(EventKind.RESTORED, 13.9, gen=0, step=20),
+        ev(EventKind.STARTED, 14.0, gen=0, resumed_step=20),
+        ev(EventKind.STARTED, 14.01, rank=1, gen=0, resumed_step=20),
         # a second kill's restart, later: not part of this recovery
-        ev("started", 30.0, gen=0, resumed_step=40),
-        ev("started", 30.0, rank=1, gen=0, resumed_step=40),
+        ev(EventKind.STARTED, 30.0, gen=0, resumed_step=40),
+        ev(EventKind.STARTED, 30.0, rank=1, gen=0, resumed_step=40),
     ]
     progress += [rec(14.5, 21, gen=0), rec(14.51, 21, rank=1, gen=0)]
     r = rc.measure_recovery(progress, events, 10.0)
@@ -267,13 +271,20 @@ def test_a_bit_flip_caught_in_its_own_step_counts_from_that_step() -> None:
     recs = [{"t": 10.0 + s, "step": s, "rank": 0, "step_time_s": 0.5} for s in range(18, 21)]
     recs += [{"t": 13.0 + s, "step": s, "rank": 0, "step_time_s": 0.5} for s in range(19, 22)]  # redone
     evs = [
-        {"event": "fingerprint_mismatch", "t": 29.9, "step": 20, "rank": 0},
-        {"event": "fault_injected", "fault": "bitflip", "t": 29.95, "step": 20, "rank": 1, "tensor": "w"},
-        {"event": "rollback", "t": 30.5, "step": 18, "from_step": 20, "rank": 0},
+        {"event": EventKind.FINGERPRINT_MISMATCH, "t": 29.9, "step": 20, "rank": 0},
+        {
+            "event": EventKind.FAULT_INJECTED,
+            "fault": "bitflip",
+            "t": 29.95,
+            "step": 20,
+            "rank": 1,
+            "tensor": "w",
+        },
+        {"event": EventKind.ROLLBACK, "t": 30.5, "step": 18, "from_step": 20, "rank": 0},
     ]
     fault = {"kind": "bitflip", "step": 20, "rank": 1, "target": "param", "bit": 24}
     (row,) = gp.internal_recoveries([fault], recs, evs, [], 0.5)
-    assert row["detected_by"] == "fingerprint_mismatch" and row["detected_step"] == 20
+    assert row["detected_by"] == EventKind.FINGERPRINT_MISMATCH and row["detected_step"] == 20
     assert row["detected_s"] == 0.0 and row["injected_t"] == 29.9
     assert row["restarted_s"] == pytest.approx(0.6) and row["recovery_s"] == pytest.approx(2.1)
     assert row["lost_steps"] == 2 and row["resume_step"] == 18

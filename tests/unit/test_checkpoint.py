@@ -5,6 +5,7 @@ import traceback
 
 from torch.distributed.checkpoint import CheckpointException
 
+from stanchion.vocab import EventKind
 from trainer.checkpoint import describe_error
 
 
@@ -80,6 +81,6 @@ def test_a_checkpoint_in_flight_when_the_group_breaks_is_abandoned_at_once_and_n
             assert time.monotonic() < deadline, "the abandoned checkpoint thread never ended"
             time.sleep(0.01)
         assert mf.scan(tmp_path / "checkpoints") == []
-        assert not any(n == "checkpoint_committed" for n, _ in events), events
+        assert not any(n == EventKind.CHECKPOINT_COMMITTED for n, _ in events), events
     finally:
         dist.destroy_process_group()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from stanchion.files import write_json_atomic
+from stanchion.vocab import Resume
 from trainer.contract import Assignment, Request, WorkerPaths
 
 
@@ -26,9 +27,8 @@ def assignment(generation: int, **changes) -> Assignment:
 def test_assignment_round_trips_through_json():
     a = assignment(
         7,
-        resume="peer",
+        resume=Resume.PEER,
         checkpoint="/runs/x/step-00000040",
-        source_rank=2,
         skip_windows=((10, 2), (30, 5)),
         rollback_to=40,
         node_id="node-b",
@@ -40,7 +40,9 @@ def test_assignment_round_trips_through_json():
     )
     wire = json.loads(json.dumps(a.to_json()))
     assert wire["skip_windows"] == [[10, 2], [30, 5]]
+    assert wire["resume"] == "peer" and type(wire["resume"]) is str
     assert Assignment.from_json(wire) == a
+    assert Assignment.from_json(wire).resume is Resume.PEER
     assert Assignment.from_json(json.loads(json.dumps(assignment(0).to_json()))) == assignment(0)
 
 

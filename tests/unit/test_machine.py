@@ -9,6 +9,7 @@ import pytest
 from coordinator import machine as m
 from coordinator.jobspec import JobSpec
 from coordinator.membership import NodeView
+from stanchion.vocab import EventKind, RestartReason, Resume
 
 SPEC = JobSpec(
     name="t",
@@ -57,7 +58,7 @@ def test_crash_restarts_with_peer_healing_and_keeps_ranks() -> None:
     d = m.step(job, m.WorkerFailed("b", 1, rank=1, kind="crash", detail="signal SIGKILL"), cluster, 5.0)
     assert d.job.state is m.JobState.RECOVERING and d.job.generation == 2
     (start,) = d.actions
-    assert start.members == ("a", "b") and start.resume == "peer"
+    assert start.members == ("a", "b") and start.resume == Resume.PEER
     assert "rank 1 on b crashed" in d.reason and d.job.restarts == 1
     # The first step of generation 2 ends the recovery and records its duration.
     d2 = m.step(d.job, m.Progress("a", 2, 1), cluster, 5.75)
@@ -79,7 +80,7 @@ def test_node_loss_uses_a_spare_in_the_lost_slot() -> None:
     lost = nodes("a", "b", spares=("s",), b={"ready": False})
     d = m.step(job, m.NodeLost("b", "heartbeat 5.0s old"), lost, 3.0)
     (start,) = d.actions
-    assert start.members == ("a", "s") and start.resume == "peer" and "b replaced by s" in d.reason
+    assert start.members == ("a", "s") and start.resume == Resume.PEER and "b replaced by s" in d.reason
 
 
 def test_node_loss_without_spare_shrinks_when_the_batch_divides_else_waits() -> None:
@@ -109,30 +110,32 @@ def test_node_loss_without_spare_shrinks_when_the_batch_divides_else_waits() -> 
 def test_replay_first_then_skip_same_data_then_suspect_hardware() -> None:
     cluster = nodes("a", "b")
     job = running(cluster)
-    ev = m.Detector("spike", "a", 1, step=50, data_index=49)
+    ev = m.Detector(EventKind.SPIKE, "a", 1, step=50, data_index=49)
     d = m.step(job, ev, cluster, 1.0)
     (rb,) = d.actions
     assert isinstance(rb, m.SendRollback) and rb.skip == () and rb.to_step == 49 and "replaying" in d.reason
     job = m.step(d.job, m.RollbackDone(1, rb.request_id, 40), cluster, 1.5).job
     # It recurs at the same data: skip the window.
-    d = m.step(job, m.Detector("spike", "a", 1, step=50, data_index=49), cluster, 2.0)
+    d = m.step(job, m.Detector(EventKind.SPIKE, "a", 1, step=50, data_index=49), cluster, 2.0)
     (rb2,) = d.actions
     assert rb2.skip == ((49, SPEC.skip_batches),) and "the data is the cause" in d.reason
     assert d.job.skip_windows == ((49, SPEC.skip_batches),)
     job = m.step(d.job, m.RollbackDone(1, rb2.request_id, 40), cluster, 2.5).job
     # A new anomaly at other data: after another replay at different data -> hardware suspect.
-    d = m.step(job, m.Detector("nonfinite", "a", 1, step=80, data_index=87), cluster, 3.0)
+    d = m.step(job, m.Detector(EventKind.NONFINITE, "a", 1, step=80, data_index=87), cluster, 3.0)
     assert d.actions[0].skip == ()  # first occurrence at this data: replay
     job = m.step(d.job, m.RollbackDone(1, d.actions[0].request_id, 70), cluster, 3.2).job
-    d = m.step(job, m.Detector("nonfinite", "a", 1, step=90, data_index=97), cluster, 3.5)
+    d = m.step(job, m.Detector(EventKind.NONFINITE, "a", 1, step=90, data_index=97), cluster, 3.5)
     assert d.job.state is m.JobState.BISECTING
     assert any(isinstance(a, m.StartBisection) for a in d.actions)
 
 
 def test_detectors_during_a_pending_rollback_are_ignored() -> None:
     cluster = nodes("a", "b")
-    job = m.step(running(cluster), m.Detector("spike", "a", 1, step=50, data_index=49), cluster, 1.0).job
-    d = m.step(job, m.Detector("spike", "b", 1, step=52, data_index=51), cluster, 1.1)
+    job = m.step(
+        running(cluster), m.Detector(EventKind.SPIKE, "a", 1, step=50, data_index=49), cluster, 1.0
+    ).job
+    d = m.step(job, m.Detector(EventKind.SPIKE, "b", 1, step=52, data_index=51), cluster, 1.1)
     assert d.actions == () and d.job == job
 
 
@@ -146,19 +149,19 @@ def test_fingerprint_mismatch_named_cordons_and_replaces_unnamed_rolls_back() ->
     job = running(cluster, spec)
     d = m.step(
         job,
-        m.Detector("fingerprint_mismatch", "a", 1, step=40, suspect_ranks=(2,), onset_step=30),
+        m.Detector(EventKind.FINGERPRINT_MISMATCH, "a", 1, step=40, suspect_ranks=(2,), onset_step=30),
         cluster,
         1.0,
     )
     kinds = [type(a).__name__ for a in d.actions]
     assert kinds == ["Cordon", "StartGeneration"] and d.actions[0].node_id == "c"
-    assert d.actions[1].members == ("a", "b", "s") and d.actions[1].resume == "peer"
+    assert d.actions[1].members == ("a", "b", "s") and d.actions[1].resume == Resume.PEER
     assert d.actions[1].rollback_to == 40  # the odd replica's gradients reached the average until it left
 
     job2 = running(nodes("a", "b"))
     d = m.step(
         job2,
-        m.Detector("fingerprint_mismatch", "a", 1, step=40, suspect_ranks=(), onset_step=30),
+        m.Detector(EventKind.FINGERPRINT_MISMATCH, "a", 1, step=40, suspect_ranks=(), onset_step=30),
         nodes("a", "b"),
         1.0,
     )
@@ -177,7 +180,10 @@ def test_audit_mismatch_rolls_survivors_back_past_the_onset_and_marks_checkpoint
     for step in (20, 40):
         job = m.step(job, m.CheckpointCommitted(1, step, f"/ck/{step}"), cluster, 1.0).job
     d = m.step(
-        job, m.Detector("audit_mismatch", "a", 1, step=45, suspect_ranks=(1,), onset_step=25), cluster, 2.0
+        job,
+        m.Detector(EventKind.AUDIT_MISMATCH, "a", 1, step=45, suspect_ranks=(1,), onset_step=25),
+        cluster,
+        2.0,
     )
     marks = [a for a in d.actions if isinstance(a, m.MarkCheckpoint)]
     assert [(x.step, x.good) for x in marks] == [(40, False)]
@@ -188,7 +194,9 @@ def test_audit_mismatch_rolls_survivors_back_past_the_onset_and_marks_checkpoint
 
 def test_checkpoint_after_an_alarm_onset_is_not_good() -> None:
     cluster = nodes("a", "b")
-    job = m.step(running(cluster), m.Detector("spike", "a", 1, step=50, data_index=49), cluster, 1.0).job
+    job = m.step(
+        running(cluster), m.Detector(EventKind.SPIKE, "a", 1, step=50, data_index=49), cluster, 1.0
+    ).job
     d = m.step(job, m.CheckpointCommitted(1, 60, "/ck/60"), cluster, 2.0)
     assert not d.job.checkpoints[-1].good and "onset window" in d.reason
 
@@ -270,7 +278,9 @@ def test_illegal_transitions_are_refused() -> None:
 
 def test_job_round_trips_through_json() -> None:
     cluster = nodes("a", "b")
-    job = m.step(running(cluster), m.Detector("spike", "a", 1, step=50, data_index=49), cluster, 1.0).job
+    job = m.step(
+        running(cluster), m.Detector(EventKind.SPIKE, "a", 1, step=50, data_index=49), cluster, 1.0
+    ).job
     job = m.step(job, m.CheckpointCommitted(1, 60, "/ck/60"), cluster, 2.0).job
     import json
 
@@ -288,7 +298,9 @@ def test_an_unhealthy_node_is_left_out_of_the_next_generation() -> None:
 
 def test_checkpoints_are_tainted_only_until_the_response_restores_clean_state() -> None:
     cluster = nodes("a", "b")
-    job = m.step(running(cluster), m.Detector("spike", "a", 1, step=50, data_index=49), cluster, 1.0).job
+    job = m.step(
+        running(cluster), m.Detector(EventKind.SPIKE, "a", 1, step=50, data_index=49), cluster, 1.0
+    ).job
     rid = job.pending_rollback.request_id
     # Written before the rollback took effect (old request epoch): tainted.
     before = m.step(job, m.CheckpointCommitted(1, 55, "/ck/55", request_epoch=rid - 1), cluster, 2.0)
@@ -299,7 +311,7 @@ def test_checkpoints_are_tainted_only_until_the_response_restores_clean_state() 
     assert after.job.checkpoints[-1].good
     # And an unresolved alarm keeps tainting until something restores state from before its onset.
     job = m.step(
-        after.job, m.Detector("fingerprint_mismatch", "a", 1, step=70, onset_step=60), cluster, 5.0
+        after.job, m.Detector(EventKind.FINGERPRINT_MISMATCH, "a", 1, step=70, onset_step=60), cluster, 5.0
     ).job
     d = m.step(job, m.CheckpointCommitted(1, 72, "/ck/72", request_epoch=rid), cluster, 6.0)
     assert not d.job.checkpoints[-1].good
@@ -327,7 +339,7 @@ def _crashed_and_launched(cluster) -> m.Job:
     job = running(cluster)
     job = m.step(job, m.Progress("a", 1, 1), cluster, 2.0).job  # first launch took 2 s: deadline 30 s
     d = m.step(job, m.WorkerFailed("b", 1, rank=1, kind="crash", detail="signal SIGKILL"), cluster, 10.0)
-    assert d.actions[0].resume == "peer" and not d.actions[0].fresh_processes
+    assert d.actions[0].resume == Resume.PEER and not d.actions[0].fresh_processes
     return d.job
 
 
@@ -341,12 +353,12 @@ def test_a_generation_that_never_steps_escalates_one_rung_at_a_time_then_fails_n
     d = m.step(job, m.Tick(), cluster, 10.0 + 30.1)
     assert d.job.generation == 3 and d.job.rung == 1 and d.job.state is m.JobState.RECOVERING
     (start,) = d.actions
-    assert start.fresh_processes and start.resume != "peer"
+    assert start.fresh_processes and start.resume != Resume.PEER
     assert (
         "generation 2 did not complete its first step within 30s of its launch (b never joined)" in d.reason
     )
     assert "escalating to fresh processes" in d.reason and d.job.restarts_by_reason[-1] == (
-        "first_step_timeout",
+        RestartReason.FIRST_STEP_TIMEOUT,
         1,
     )
 
@@ -389,12 +401,12 @@ def test_a_recovery_that_works_resets_the_ladder_and_a_fault_during_an_escalated
     job = m.step(job, m.Tick(), cluster, 41.0).job  # rung 1, generation 3
     # A second fault during the escalated recovery: still new processes, never back to in place.
     d = m.step(job, m.WorkerFailed("a", 3, rank=0, kind="crash", detail="standby died"), cluster, 43.0)
-    assert d.job.rung == 1 and d.actions[0].fresh_processes and d.actions[0].resume != "peer"
+    assert d.job.rung == 1 and d.actions[0].fresh_processes and d.actions[0].resume != Resume.PEER
     # Generation 4 steps: the recovery worked; the next fault starts from the bottom rung again.
     job = m.step(d.job, m.Progress("a", 4, 2), cluster, 45.0).job
     assert job.rung == 0 and job.tried == () and job.launched is None and job.first_step_s[-1] == 2.0
     d = m.step(job, m.WorkerFailed("b", 4, rank=1, kind="crash"), cluster, 50.0)
-    assert d.actions[0].resume == "peer" and not d.actions[0].fresh_processes
+    assert d.actions[0].resume == Resume.PEER and not d.actions[0].fresh_processes
 
 
 def test_no_escalation_while_waiting_for_capacity_or_once_the_generation_stepped() -> None:
@@ -412,3 +424,21 @@ def test_the_ladder_survives_a_coordinator_restart() -> None:
     job = m.step(_crashed_and_launched(cluster), m.Tick(), cluster, 41.0).job
     back = m.from_json(m.to_json(job), job.spec)
     assert back == job
+
+
+def test_an_unnamed_audit_rollback_that_cannot_be_applied_restarts_for_reason_audit() -> None:
+    """Every restart is counted under a RestartReason: an audit mismatch without a named rank rolls back
+    in place (no bisection); without a snapshot that old, the restart is counted as ``audit``."""
+    cluster = nodes("a", "b")
+    spec = dataclasses.replace(SPEC, bisect_on_suspect=False)
+    job = running(cluster, spec)
+    d = m.step(job, m.Detector(EventKind.AUDIT_MISMATCH, "a", 1, step=45, onset_step=25), cluster, 1.0)
+    (send,) = [a for a in d.actions if isinstance(a, m.SendRollback)]
+    assert d.job.pending_rollback.purpose is RestartReason.AUDIT
+    d = m.step(d.job, m.RollbackUnavailable(1, send.request_id), cluster, 2.0)
+    assert d.job.generation == 2 and d.job.restarts_by_reason == (("audit", 1),)
+    # A pending rollback saved with the old purpose reads back as the restart reason.
+    saved = m.to_json(job) | {
+        "pending_rollback": {"request_id": 3, "to_step": 25, "since": 1.0, "purpose": "audit_mismatch"}
+    }
+    assert m.from_json(saved, spec).pending_rollback.purpose is RestartReason.AUDIT

@@ -19,6 +19,7 @@ import pytest
 
 from coordinator import machine as m
 from coordinator.membership import NodeView
+from stanchion.vocab import EventKind, RestartReason, Resume
 from tests.unit.test_machine import SPEC, nodes, running
 
 CLUSTER = nodes("a", "b", spares=("s",))
@@ -73,10 +74,12 @@ def base(spec=SPEC, cluster=CLUSTER) -> m.Job:
     return job
 
 
-SPIKE = m.Detector("spike", "a", 2, step=46, data_index=46)
-NONFINITE = m.Detector("nonfinite", "a", 2, step=46, data_index=46)
-FINGERPRINT = m.Detector("fingerprint_mismatch", "a", 2, step=50, onset_step=40, detail="rank ? differs")
-AUDIT = m.Detector("audit_mismatch", "a", 2, step=50, onset_step=40, detail="no rank named")
+SPIKE = m.Detector(EventKind.SPIKE, "a", 2, step=46, data_index=46)
+NONFINITE = m.Detector(EventKind.NONFINITE, "a", 2, step=46, data_index=46)
+FINGERPRINT = m.Detector(
+    EventKind.FINGERPRINT_MISMATCH, "a", 2, step=50, onset_step=40, detail="rank ? differs"
+)
+AUDIT = m.Detector(EventKind.AUDIT_MISMATCH, "a", 2, step=50, onset_step=40, detail="no rank named")
 
 
 def s_steady() -> Scenario:
@@ -204,7 +207,7 @@ def e_coordinator_restarted(sc: Scenario):
 def e_nonfinite_current(sc: Scenario):
     j = sc.job
     return (
-        m.Detector("nonfinite", "a", j.generation, step=j.step + 1, data_index=j.step + 1),
+        m.Detector(EventKind.NONFINITE, "a", j.generation, step=j.step + 1, data_index=j.step + 1),
         sc.cluster,
         sc.now,
     )
@@ -212,16 +215,22 @@ def e_nonfinite_current(sc: Scenario):
 
 def e_fingerprint_current(sc: Scenario):
     j = sc.job
-    ev = m.Detector("fingerprint_mismatch", "a", j.generation, step=j.step + 2, onset_step=CURRENT_ONSET)
+    ev = m.Detector(
+        EventKind.FINGERPRINT_MISMATCH, "a", j.generation, step=j.step + 2, onset_step=CURRENT_ONSET
+    )
     return ev, sc.cluster, sc.now
 
 
 def e_nonfinite_old(sc: Scenario):
-    return m.Detector("nonfinite", "a", sc.job.generation - 1, step=28, data_index=28), sc.cluster, sc.now
+    return (
+        m.Detector(EventKind.NONFINITE, "a", sc.job.generation - 1, step=28, data_index=28),
+        sc.cluster,
+        sc.now,
+    )
 
 
 def e_fingerprint_old(sc: Scenario):
-    ev = m.Detector("fingerprint_mismatch", "a", sc.job.generation - 1, step=28, onset_step=OLD_ONSET)
+    ev = m.Detector(EventKind.FINGERPRINT_MISMATCH, "a", sc.job.generation - 1, step=28, onset_step=OLD_ONSET)
     return ev, sc.cluster, sc.now
 
 
@@ -314,7 +323,7 @@ def check_invariants(sc: Scenario, ev, d: m.Decision, now: float, event_name: st
     assert bad_before <= {c.step for c in new.checkpoints if not c.good}
     if (
         isinstance(ev, m.Detector)
-        and ev.kind != "nonfinite"
+        and ev.kind != EventKind.NONFINITE
         and event_name not in STALE
         and new.state not in m.TERMINAL
     ):
@@ -391,7 +400,7 @@ def test_a_restart_before_the_rollback_generation_steps_restores_from_the_same_t
 
 def test_waiting_for_capacity_keeps_an_explicit_rollback_target_and_restores_a_checkpoint() -> None:
     job = base(CAPACITY_SPEC, C2)
-    audit = m.Detector("audit_mismatch", "a", 2, step=52, suspect_ranks=(1,), onset_step=40)
+    audit = m.Detector(EventKind.AUDIT_MISMATCH, "a", 2, step=52, suspect_ranks=(1,), onset_step=40)
     d = m.step(job, audit, C2, T0)  # b is named and left out; a alone is not enough: wait
     assert d.job.awaiting_capacity and d.job.restore_to == 40 and d.job.restarts == job.restarts + 1
     assert [c.step for c in d.job.checkpoints if not c.good] == [50]
@@ -400,17 +409,17 @@ def test_waiting_for_capacity_keeps_an_explicit_rollback_target_and_restores_a_c
     start = only(d2.actions, m.StartGeneration)
     assert start.rollback_to == 40 and start.checkpoint == "/ck/40" and start.members == ("a", "c")
     # a's ranks were stopped when the job began waiting: nobody is left to heal from.
-    assert start.resume == "checkpoint" and "live peer" not in d2.reason
+    assert start.resume == Resume.CHECKPOINT and "live peer" not in d2.reason
     assert d2.job.restarts == d.job.restarts and not any(is_open(a) for a in d2.job.alarms)
 
 
 def test_a_detection_reaching_back_before_a_pending_rollback_is_not_ignored() -> None:
     sc = scenario("rollback_spike")  # pending: back to 45
     # A spike whose window lies after the target: those steps are recomputed anyway.
-    late_spike = m.Detector("spike", "b", 2, step=52, data_index=52)
+    late_spike = m.Detector(EventKind.SPIKE, "b", 2, step=52, data_index=52)
     assert m.step(sc.job, late_spike, CLUSTER, sc.now).job == sc.job
     # A divergence whose onset is before it: rolling back to 45 would keep it.
-    fp = m.Detector("fingerprint_mismatch", "a", 2, step=60, onset_step=CURRENT_ONSET)
+    fp = m.Detector(EventKind.FINGERPRINT_MISMATCH, "a", 2, step=60, onset_step=CURRENT_ONSET)
     d = m.step(sc.job, fp, CLUSTER, sc.now)
     assert only(d.actions, m.SendRollback).to_step == CURRENT_ONSET
     assert [c.step for c in d.job.checkpoints if not c.good] == [40, 50]
@@ -423,7 +432,7 @@ def test_a_detection_reaching_back_before_a_pending_rollback_is_not_ignored() ->
 
 def test_a_later_detection_never_moves_a_pending_rollback_later() -> None:
     sc = scenario("rollback_fingerprint")  # pending: back to 40
-    spike = m.Detector("spike", "a", 2, step=44, data_index=44, onset_step=30)
+    spike = m.Detector(EventKind.SPIKE, "a", 2, step=44, data_index=44, onset_step=30)
     d = m.step(sc.job, spike, CLUSTER, sc.now)
     rb = only(d.actions, m.SendRollback)
     assert rb.to_step == 30 and d.job.pending_rollback.to_step == 30 and "earlier target" in d.reason
@@ -473,25 +482,28 @@ def test_a_node_lost_while_waiting_for_capacity_is_retried_not_counted() -> None
 
 def test_an_alarm_of_an_older_generation_is_not_forgotten() -> None:
     sc = scenario("steady")  # generation 2 healed from generation 1's survivors
-    ev = m.Detector("fingerprint_mismatch", "a", 1, step=28, suspect_ranks=(1,), onset_step=OLD_ONSET)
+    ev = m.Detector(EventKind.FINGERPRINT_MISMATCH, "a", 1, step=28, suspect_ranks=(1,), onset_step=OLD_ONSET)
     d = m.step(sc.job, ev, CLUSTER, sc.now)
     assert [c.step for c in d.job.checkpoints if c.good] == [10]
     cordon = only(d.actions, m.Cordon)
     start = only(d.actions, m.StartGeneration)
     assert cordon.node_id == "b" and start.members == ("a", "s")
     assert start.rollback_to == OLD_ONSET and start.checkpoint == "/ck/10"
-    assert "reported by generation 1" in d.reason and d.job.restarts_by_reason[-1][0] == "fingerprint"
+    assert (
+        "reported by generation 1" in d.reason
+        and d.job.restarts_by_reason[-1][0] == RestartReason.FINGERPRINT
+    )
     # A later checkpoint of the new generation is good again; the old timeline's are not.
     job = m.step(d.job, m.CheckpointCommitted(3, 25, "/ck/25"), CLUSTER, sc.now + 1).job
     assert next(c for c in job.checkpoints if c.step == 25).good
     # Nonfinite: the update was never applied, so a late one leaves nothing to undo.
-    late = m.Detector("nonfinite", "a", 1, step=28, data_index=28)
+    late = m.Detector(EventKind.NONFINITE, "a", 1, step=28, data_index=28)
     assert m.step(sc.job, late, CLUSTER, sc.now).job == sc.job
 
 
 def test_an_older_alarm_within_what_the_healing_generation_already_undoes_is_only_recorded() -> None:
     sc = scenario("healing_rollback")  # generation 3 restores from step 45 or earlier
-    ev = m.Detector("spike", "a", 2, step=48, data_index=48)  # onset after 47
+    ev = m.Detector(EventKind.SPIKE, "a", 2, step=48, data_index=48)  # onset after 47
     d = m.step(sc.job, ev, CLUSTER, sc.now)
     assert not any(isinstance(a, m.StartGeneration) for a in d.actions)
     assert [c.step for c in d.job.checkpoints if not c.good] == [50]
@@ -500,15 +512,15 @@ def test_an_older_alarm_within_what_the_healing_generation_already_undoes_is_onl
 
 def test_a_bisection_restores_from_before_its_own_onset_not_an_older_alarms() -> None:
     job = base()
-    fp = m.Detector("fingerprint_mismatch", "a", 2, step=50, onset_step=40)
+    fp = m.Detector(EventKind.FINGERPRINT_MISMATCH, "a", 2, step=50, onset_step=40)
     job = m.step(job, fp, CLUSTER, T0).job
     job = m.step(job, m.RollbackDone(2, job.pending_rollback.request_id, 40), CLUSTER, T0).job
     job = apply(
         job, [m.Progress("a", 2, 66), m.CheckpointCommitted(2, 65, "/ck/65", request_epoch=1)], CLUSTER, T0
     )
-    d = m.step(job, m.Detector("nonfinite", "a", 2, step=67, data_index=67), CLUSTER, T0 + 2)
+    d = m.step(job, m.Detector(EventKind.NONFINITE, "a", 2, step=67, data_index=67), CLUSTER, T0 + 2)
     job = m.step(d.job, m.RollbackDone(2, d.job.pending_rollback.request_id, 66), CLUSTER, T0 + 2).job
-    d = m.step(job, m.Detector("nonfinite", "a", 2, step=70, data_index=70), CLUSTER, T0 + 3)
+    d = m.step(job, m.Detector(EventKind.NONFINITE, "a", 2, step=70, data_index=70), CLUSTER, T0 + 3)
     assert d.job.state is m.JobState.BISECTING and d.job.restore_to == 69
     d = m.step(d.job, m.BisectionDone("bi-1", ("b",), "b computes wrong"), CLUSTER, T0 + 9)
     start = only(d.actions, m.StartGeneration)
@@ -517,20 +529,22 @@ def test_a_bisection_restores_from_before_its_own_onset_not_an_older_alarms() ->
 
 def test_a_detection_during_a_bisection_starts_no_second_bisection() -> None:
     sc = scenario("bisecting")  # stopped to bisect; restores from 40 or earlier afterwards
-    ev = m.Detector("audit_mismatch", "b", sc.job.generation, step=52, onset_step=CURRENT_ONSET)
+    ev = m.Detector(EventKind.AUDIT_MISMATCH, "b", sc.job.generation, step=52, onset_step=CURRENT_ONSET)
     d = m.step(sc.job, ev, CLUSTER, sc.now)
     assert d.job.state is m.JobState.BISECTING and d.job.restore_to == CURRENT_ONSET
     assert not any(isinstance(a, (m.StartBisection, m.SendRollback, m.StopWorkers)) for a in d.actions)
     d = m.step(d.job, m.BisectionDone("bi-1", (), "nothing found"), CLUSTER, sc.now + 5)
     start = only(d.actions, m.StartGeneration)
     assert (
-        start.rollback_to == CURRENT_ONSET and start.checkpoint == "/ck/30" and start.resume == "checkpoint"
+        start.rollback_to == CURRENT_ONSET
+        and start.checkpoint == "/ck/30"
+        and start.resume == Resume.CHECKPOINT
     )
 
 
 def test_coordinator_restart_resends_a_pending_rollback() -> None:
     job = base()
-    spike = m.Detector("spike", "a", 2, step=46, data_index=46)
+    spike = m.Detector(EventKind.SPIKE, "a", 2, step=46, data_index=46)
     job = m.step(job, spike, CLUSTER, T0).job
     job = m.step(job, m.RollbackDone(2, job.pending_rollback.request_id, 45), CLUSTER, T0).job
     job = m.step(job, spike, CLUSTER, T0 + 1).job  # the same data again: skip the window
@@ -565,7 +579,7 @@ def test_the_job_does_not_succeed_with_a_rollback_pending() -> None:
     d = m.step(job, m.RankFinished(2, 1, "f"), CLUSTER, sc.now)
     assert d.job.state is m.JobState.RECOVERING and "every rank finished before" in d.reason
     start = only(d.actions, m.StartGeneration)
-    assert start.rollback_to == 45 and start.resume == "checkpoint" and start.checkpoint == "/ck/40"
+    assert start.rollback_to == 45 and start.resume == Resume.CHECKPOINT and start.checkpoint == "/ck/40"
     assert d.job.finished_ranks == ()
 
 
@@ -574,7 +588,7 @@ TERMINAL_EVENTS = [
     m.WorkerFailed("a", 2, 0, "crash"),
     m.NodeLost("a"),
     m.CoordinatorRestarted(),
-    m.Detector("fingerprint_mismatch", "a", 2, step=60, onset_step=20),
+    m.Detector(EventKind.FINGERPRINT_MISMATCH, "a", 2, step=60, onset_step=20),
     m.Progress("a", 2, 70),
     m.CheckpointCommitted(2, 70, "/ck/70"),
     m.Cancel(),
@@ -608,7 +622,7 @@ def test_stale_events_change_nothing(scenario_name: str) -> None:
         m.Progress("a", old, 99),
         m.RankJoined("a", old, 0),
         m.RankFinished(old, 0),
-        m.Detector("nonfinite", "a", old, step=28, data_index=28),
+        m.Detector(EventKind.NONFINITE, "a", old, step=28, data_index=28),
         m.RollbackDone(old, 999, 10),
         m.RollbackUnavailable(old, 999),
         m.NodeLost("x"),
@@ -634,4 +648,6 @@ def test_a_missed_deadline_always_climbs_the_ladder(scenario_name: str) -> None:
     assert d.job.rung == sc.job.rung + 1 or d.job.state is m.JobState.FAILED
     if d.job.state is not m.JobState.FAILED:
         start = only(d.actions, m.StartGeneration)
-        assert start.fresh_processes and start.resume != "peer" and start.rollback_to == (sc.target or -1)
+        assert (
+            start.fresh_processes and start.resume != Resume.PEER and start.rollback_to == (sc.target or -1)
+        )

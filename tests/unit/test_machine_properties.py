@@ -41,6 +41,7 @@ STATE_NAMES = frozenset(s.value for s in m.JobState)
 # reconcile grace, a first-step deadline (30 s floor, 300 s cold start) or a rendezvous timeout.
 TICK_GAPS = st.sampled_from([0.5, 0.5, 2.5, 2.5, 11.0, 35.0, 320.0, 700.0])
 EVENT_GAP = 0.25
+LATE = 25  # decisions before the job may be cancelled or finish: most runs explore first
 DETECTOR_KINDS = ("spike", "nonfinite", "fingerprint_mismatch", "audit_mismatch")
 
 
@@ -169,7 +170,7 @@ class JobLifecycle(RuleBasedStateMachine):
         spec=specs(),
         spares=st.integers(0, len(SPARES)),
         third=st.booleans(),
-        absent=st.sampled_from([None, None, "b"]),
+        absent=st.sampled_from([None, None, None, "b"]),
     )
     def submit(self, spec: JobSpec, spares: int, third: bool, absent: str | None) -> None:
         primaries = PRIMARIES[: spec.nodes + (1 if third else 0)]
@@ -225,22 +226,24 @@ class JobLifecycle(RuleBasedStateMachine):
     @rule(data=st.data())
     def node_health(self, data: st.DataObject) -> None:
         """A heartbeat changes a node's health verdict or its age (no event of its own)."""
-        node = data.draw(st.sampled_from(sorted(self.nodes)), label="node")
-        healthy = data.draw(st.booleans(), label="healthy")
-        silent = data.draw(st.booleans(), label="silent")
+        sick = sorted(n for n, v in self.nodes.items() if not v.healthy or v.heartbeat_age_s)
+        node = data.draw(weighted(sick, sorted(self.nodes)), label="node")
+        healthy = data.draw(st.sampled_from([True, True, False]), label="healthy")
+        silent = data.draw(st.sampled_from([False, False, True]), label="silent")
         self.set_node(node, healthy=healthy, heartbeat_age_s=m.QUIET_S + 0.5 if silent else 0.0)
 
     @rule(data=st.data())
     def cordon_or_uncordon(self, data: st.DataObject) -> None:
-        """An operator cordons a node (no event: the next generation leaves it out) or uncordons one
-        (a NodeChanged for jobs that wait)."""
-        node = data.draw(st.sampled_from(sorted(self.nodes)), label="node")
-        if not data.draw(st.booleans(), label="cordon"):
-            self.set_node(node, cordoned=True)
-            return
-        self.set_node(node, cordoned=False, draining=False)
-        if self.job.state in (m.JobState.PENDING, m.JobState.RECOVERING):
-            self.deliver(m.NodeChanged(node))
+        """An operator uncordons a node (a NodeChanged for jobs that wait) or cordons one (no event:
+        the next generation leaves it out)."""
+        if data.draw(st.sampled_from([True, True, False]), label="uncordon"):
+            cordoned = sorted(n for n, v in self.nodes.items() if v.cordoned)
+            node = data.draw(weighted(cordoned, sorted(self.nodes)), label="node")
+            self.set_node(node, cordoned=False, draining=False)
+            if self.job.state in (m.JobState.PENDING, m.JobState.RECOVERING):
+                self.deliver(m.NodeChanged(node))
+        else:
+            self.set_node(data.draw(st.sampled_from(sorted(self.nodes)), label="node"), cordoned=True)
 
     @rule(data=st.data())
     def drain(self, data: st.DataObject) -> None:
@@ -253,11 +256,19 @@ class JobLifecycle(RuleBasedStateMachine):
     @rule(data=st.data())
     def progress(self, data: st.DataObject) -> None:
         node = self.draw_member(data)
-        step = max(self.base, 1) + data.draw(st.sampled_from([1, 4, 12, 30, 0]), label="steps ahead")
+        # From where the ranks train, a few steps or many (heartbeats far apart), or just past the
+        # step the job had reached (a recovery catching up).
+        ahead = data.draw(st.sampled_from([1, 4, 12, 30, None]), label="steps ahead")
+        step = max(self.base, 1) + ahead if ahead is not None else max(self.job.step + 1, self.base)
         gen = self.draw_generation(data)
         if gen == self.job.generation:
             self.base = max(self.base, step)
+        saved = data.draw(st.booleans(), label="checkpointed there")
         self.deliver(m.Progress(node, gen, step))
+        if saved:  # the same heartbeat relays the checkpoint it wrote at that step
+            self.deliver(
+                m.CheckpointCommitted(gen, step, f"/ck/{step}", f"fp{step}", request_epoch=self.epoch)
+            )
 
     @precondition(launched_once)
     @rule(data=st.data())
@@ -293,7 +304,7 @@ class JobLifecycle(RuleBasedStateMachine):
     def checkpoint_committed(self, data: st.DataObject) -> None:
         gen = self.draw_generation(data)
         if gen == self.job.generation:
-            step = data.draw(st.integers(max(self.base, 1), max(self.base, 1) + 3), label="step")
+            step = data.draw(st.integers(max(self.base - 8, 1), max(self.base, 1) + 3), label="step")
         else:
             step = data.draw(st.integers(max(self.job.step - 10, 1), max(self.job.step, 1)), label="old step")
         verified = data.draw(st.sampled_from([True, True, True, False]), label="verified")
@@ -318,7 +329,7 @@ class JobLifecycle(RuleBasedStateMachine):
         rid = data.draw(st.sampled_from([p.request_id] * 3 + list(range(1, p.request_id))), label="request")
         self.deliver(m.RollbackUnavailable(self.job.generation, rid))
 
-    @precondition(launched_once)
+    @precondition(lambda self: self.launched_once() and len(self.trail) >= LATE)
     @rule(data=st.data())
     def rank_finished(self, data: st.DataObject) -> None:
         # Ranks finish together: deliver every rank's event but the ones the draw leaves out.
@@ -331,9 +342,10 @@ class JobLifecycle(RuleBasedStateMachine):
             if r not in missing:
                 self.deliver(m.RankFinished(gen, r, "fp-final", 3.5))
 
-    @rule(really=st.sampled_from([False] * 7 + [True]))
+    @precondition(lambda self: len(self.trail) >= LATE)
+    @rule(really=st.sampled_from([False, False, False, True]))
     def cancel(self, really: bool) -> None:
-        if really:  # rarely: a cancel ends the rest of the run
+        if really:  # rarely, and late: a cancel ends the rest of the run
             self.deliver(m.Cancel())
 
     @rule()

@@ -60,7 +60,7 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, directives: _Optional[_Iterable[_Union[Directive, _Mapping]]] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class StartWorkers(_message.Message):
-    __slots__ = ("node_rank", "num_nodes", "workers_per_node", "master_addr", "master_port", "resume", "checkpoint", "source_rank", "skip_windows", "config_json", "faults_json", "rollback_to", "fresh_processes")
+    __slots__ = ("node_rank", "num_nodes", "workers_per_node", "master_addr", "master_port", "resume", "checkpoint", "skip_windows", "config_json", "faults_json", "rollback_to", "fresh_processes")
     NODE_RANK_FIELD_NUMBER: _ClassVar[int]
     NUM_NODES_FIELD_NUMBER: _ClassVar[int]
     WORKERS_PER_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -68,7 +68,6 @@ class StartWorkers(_message.Message):
     MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
-    SOURCE_RANK_FIELD_NUMBER: _ClassVar[int]
     SKIP_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     FAULTS_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -81,13 +80,12 @@ class StartWorkers(_message.Message):
     master_port: int
     resume: str
     checkpoint: str
-    source_rank: int
     skip_windows: _containers.RepeatedCompositeFieldContainer[_types_pb2.SkipWindow]
     config_json: str
     faults_json: str
     rollback_to: int
     fresh_processes: bool
-    def __init__(self, node_rank: _Optional[int] = ..., num_nodes: _Optional[int] = ..., workers_per_node: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., resume: _Optional[str] = ..., checkpoint: _Optional[str] = ..., source_rank: _Optional[int] = ..., skip_windows: _Optional[_Iterable[_Union[_types_pb2.SkipWindow, _Mapping]]] = ..., config_json: _Optional[str] = ..., faults_json: _Optional[str] = ..., rollback_to: _Optional[int] = ..., fresh_processes: _Optional[bool] = ...) -> None: ...
+    def __init__(self, node_rank: _Optional[int] = ..., num_nodes: _Optional[int] = ..., workers_per_node: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., resume: _Optional[str] = ..., checkpoint: _Optional[str] = ..., skip_windows: _Optional[_Iterable[_Union[_types_pb2.SkipWindow, _Mapping]]] = ..., config_json: _Optional[str] = ..., faults_json: _Optional[str] = ..., rollback_to: _Optional[int] = ..., fresh_processes: _Optional[bool] = ...) -> None: ...
 
 class StopWorkers(_message.Message):
     __slots__ = ("reason", "checkpoint")
