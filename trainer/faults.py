@@ -132,7 +132,39 @@ def flip_bit(t: torch.Tensor, index: int, bit: int) -> None:
     view ^= mask
 
 
-class FaultInjector:
+class FaultHooks:
+    """The trainer's fault-injection points, in the order a step reaches them. This base class
+    injects nothing: it is what a run without a fault schedule uses, so the loop calls the hooks
+    unconditionally. :class:`FaultInjector` fires a schedule's faults at them."""
+
+    def set_rank(self, rank: int) -> None:
+        """A re-formed generation may give this process another rank."""
+
+    def freeze_point(self, step: int, at: str) -> None:
+        """Joining a generation (``step`` is its number), before a checkpoint, before its commit."""
+
+    def begin_step(self, step: int, model: torch.nn.Module) -> None:
+        """Start of a step."""
+
+    def corrupt_loss(self, step: int, loss: torch.Tensor, data_index: int = -1) -> torch.Tensor:
+        """The first micro-batch's loss, before the backward pass."""
+        return loss
+
+    def corrupt_grads(self, step: int, model: torch.nn.Module) -> None:
+        """The rank's local gradients, before the all-reduce."""
+
+    def hang_point(self, step: int) -> None:
+        """Just before the step's collectives."""
+
+    def corrupt_state(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Parameters or optimizer state, after the optimizer step."""
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Faults fired since the last call (the trainer turns them into events)."""
+        return []
+
+
+class FaultInjector(FaultHooks):
     """Fires the schedule's faults at the trainer's named hook points for one rank."""
 
     def __init__(

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import signal
-import struct
 import time
 import traceback
 from collections import deque
@@ -39,8 +38,9 @@ from trainer.audit import audit_verdict, digest_of, grad_digest
 from trainer.checkpoint import CheckpointManager
 from trainer.config import TrainConfig, replace, to_dict
 from trainer.contract import Assignment, WorkerPaths
+from trainer.control import Agreement, Cadences, Control
 from trainer.data import TokenData, data_index, eval_batches, get_batch
-from trainer.faults import Fault, FaultInjector
+from trainer.faults import Fault, FaultHooks, FaultInjector
 from trainer.liveness import LivenessThread
 from trainer.model import GPT
 from trainer.monitors import SpikeDetector, group_norms
@@ -61,9 +61,6 @@ from trainer.parallel import (
 from trainer.snapshot import SnapshotRing
 
 log = logging.getLogger(__name__)
-
-# Columns of the per-step control all-gather (int64).
-C_STEP, C_LOSS, C_NONFINITE, C_STOP, C_REQUEST, C_AUDIT_OWN, C_AUDIT_NEXT, C_NEXT_GEN, C_PARAMS = range(9)
 
 
 class GenerationChange(Exception):
@@ -122,14 +119,6 @@ class Cursor:
         )
 
 
-def float_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
-
-
-def bits_float(b: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", int(b)))[0]
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, opts: RunOptions):
         self.opts = opts
@@ -153,10 +142,11 @@ class Trainer:
         self.has_state = False  # trained or restored in this process: may serve as a healing source
         self.stop_requested = False
         self.accum = 1
-        self.injector: FaultInjector | None = None
+        self.fault_hooks: FaultHooks = FaultHooks()  # a no-op unless the run has a fault schedule
         self.ckpt: CheckpointManager | None = None
         self.snapshots = SnapshotRing(cfg.integrity.snapshots_kept)
         ic = cfg.integrity
+        self.cadence = Cadences.of(cfg)
         self.spikes = SpikeDetector(
             window=ic.spike_window,
             min_history=ic.spike_min_history,
@@ -256,18 +246,18 @@ class Trainer:
         # Validate the layout before any process group starts.
         self.accum = cfg.check_world(assignment.world_size if assignment else env_topology()[1])
         rank = assignment.rank if assignment is not None else env_topology()[0]
-        if self.injector is None and self.opts.faults:
-            self.injector = FaultInjector(
+        if self.opts.faults and not isinstance(self.fault_hooks, FaultInjector):
+            self.fault_hooks = FaultInjector(
                 self.opts.faults,
                 rank=rank,
                 seed=cfg.seed,
                 state_dir=self.opts.run_dir / "faults",
                 node=os.environ.get(contract.ENV_NODE_ID, ""),
             )
-        elif self.injector is not None:  # a re-formed generation may give this process another rank
-            self.injector.set_rank(rank)
-        if self.injector is not None and assignment is not None:
-            self.injector.freeze_point(assignment.generation, "join")
+        else:  # a re-formed generation may give this process another rank
+            self.fault_hooks.set_rank(rank)
+        if assignment is not None:
+            self.fault_hooks.freeze_point(assignment.generation, "join")
         if assignment is not None:  # the coordinator learns who reached the rendezvous
             self.event(EventKind.JOINING, rank=assignment.rank, generation=assignment.generation)
         topo = form_group(
@@ -301,7 +291,7 @@ class Trainer:
             async_save=cfg.async_checkpoint,
             events=lambda name, f: self.event(name, **f),
             process_group=ckpt_pg,
-            fault_point=self.injector.freeze_point if self.injector is not None else None,
+            fault_point=self.fault_hooks.freeze_point,
             generation=topo.generation,
         )
         if first and topo.is_main:
@@ -516,172 +506,205 @@ class Trainer:
                 self.event(EventKind.STOPPED, reason="SIGTERM")
                 return "stopped"
             step = self.cursor.step
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            if self.cadence.checkpoint.due(step) and step < cfg.steps:
                 self.save_checkpoint()
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if self.cadence.eval.due(step) and step < cfg.steps:
                 self.evaluate()
         return "finished"
 
     def train_step(self) -> StepResult:
-        cfg, topo, model, opt = self.cfg, self.topo, self.model, self.optimizer
+        """One step, in the order of the spec: forward and backward over the micro-batches, the
+        gradient all-reduce, the agreement (every rank learns every rank's loss, stop flag, newest
+        request and generation), then clip and optimizer step (or, if any rank saw a non-finite
+        value, a skip that every rank makes), the detectors, the periodic checks, the record."""
+        topo, hooks = self.topo, self.fault_hooks
         t0 = time.perf_counter()
         index = self.cursor.step  # 0-based index of the step being computed
-        opt.zero_grad(set_to_none=True)  # a step cut short by a failed collective may have left gradients
-        lr = lr_at(index, cfg.optim, cfg.steps)
-        set_lr(opt, lr)
-        if self.injector:
-            self.injector.begin_step(index + 1, model)
-        audit_due = (
-            bool(cfg.integrity.audit_every)
-            and (index + 1) % cfg.integrity.audit_every == 0
-            and topo.world_size > 1
-            and cfg.parallel == "ddp"  # under FSDP local gradients never exist whole
-        )
-        params = list(model.parameters())
+        step_no = index + 1
+        lr = self.begin_step(index)
+        audit_due = self.audit_due(step_no)
+        local_loss, act_norms, audit_own = self.forward_backward(index, audit_due)
+        audit_next = self.recompute_neighbour(index) if audit_due else 0
+        hooks.corrupt_grads(step_no, self.model)
+        hooks.hang_point(step_no)
+        if self.grad_sync is not None:
+            self.grad_sync.all_reduce_mean(topo.world_size)
+        agreed = self.agree(index, local_loss, audit_due, audit_own, audit_next)
+        sq, labels, grad_norm = self.grad_norms()
+        record = self.new_record(step_no, agreed.loss, lr, grad_norm)
+        force_check = False  # replicas diverged under the audit: check fingerprints this step
+        if agreed.nonfinite_ranks or not math.isfinite(grad_norm):
+            self.skip_step(record, agreed.nonfinite_ranks, grad_norm)
+        else:
+            self.clip(grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            hooks.corrupt_state(step_no, self.model, self.optimizer)
+            force_check = audit_due and not self.judge_audit(step_no, agreed)
+            self.watch_spikes(step_no, record)
+        self.advance(step_no)
+        self.periodic_checks(step_no, force_check)
+        if agreed.newest_request > self.cursor.request_id:
+            self.handle_request(agreed.newest_request, agreed)
+        self.finish_record(record, t0, sq, labels, act_norms)
+        return StepResult(record, stop=agreed.stop)
 
-        # Micro-steps: forward, backward, accumulate (no communication until all are done).
-        loss_sum = torch.zeros((), dtype=torch.float64, device=topo.device)
+    # The parts of a step, in order.
+    def begin_step(self, index: int) -> float:
+        """Clear gradients (a step cut short by a failed collective may have left some), set the
+        learning rate; returns it."""
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = lr_at(index, self.cfg.optim, self.cfg.steps)
+        set_lr(self.optimizer, lr)
+        self.fault_hooks.begin_step(index + 1, self.model)
+        return lr
+
+    def audit_due(self, step_no: int) -> bool:
+        return (
+            self.cadence.audit.due(step_no)
+            and self.topo.world_size > 1
+            and self.cfg.parallel == "ddp"  # under FSDP local gradients never exist whole
+        )
+
+    def forward_backward(self, index: int, audit_due: bool) -> tuple[float, list[torch.Tensor], int]:
+        """Micro-steps: forward, backward, accumulate (no communication until all are done).
+        Returns this rank's mean loss, the first micro-batch's activation norms and, on audit steps,
+        the digest of its gradients."""
+        model, rank = self.model, self.topo.rank
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.topo.device)
         audit_own = 0
         act_norms: list[torch.Tensor] = []
         for micro in range(self.accum):
-            x, y = self.batch(index, topo.rank, micro)
+            x, y = self.batch(index, rank, micro)
             with self.autocast():
                 _, loss = self.train_model(x, y)
             if micro == 0:
                 act_norms = list(model.activation_norms)
-                if self.injector:
-                    loss = self.injector.corrupt_loss(
-                        index + 1, loss, data_index(index, self.cursor.skip_windows)
-                    )
+                loss = self.fault_hooks.corrupt_loss(
+                    index + 1, loss, data_index(index, self.cursor.skip_windows)
+                )
             (loss / self.accum).backward()
             loss_sum += loss.detach().double()
             if micro == 0 and audit_due:
-                audit_own = grad_digest(params)
-        audit_next = self.recompute_neighbour(index) if audit_due else 0
-        if self.injector:
-            self.injector.corrupt_grads(index + 1, model)
-            self.injector.hang_point(index + 1)
+                audit_own = grad_digest(list(model.parameters()))
+        return float(loss_sum) / self.accum, act_norms, audit_own
 
-        # Average gradients, then agree on everything that changes the trajectory.
-        if self.grad_sync is not None:
-            self.grad_sync.all_reduce_mean(topo.world_size)
-        local_loss = float(loss_sum) / self.accum
-        request = self.newest_request_id()
-        next_gen = self.newest_assignment_generation() if topo.managed else -1
-        # On audit steps, the parameters the gradients came from: an audit between replicas whose
-        # parameters already differ says nothing about compute (the fingerprint check names them).
-        param_digest = digest_of(params) if audit_due else 0
-        ctrl = torch.tensor(
-            [
-                index,
-                float_bits(local_loss),
-                int(not math.isfinite(local_loss)),
-                int(self.stop_requested),
-                request,
-                audit_own,
-                audit_next,
-                next_gen,
-                param_digest,
-            ],
-            dtype=torch.int64,
-            device=topo.device,
+    def agree(
+        self, index: int, local_loss: float, audit_due: bool, audit_own: int, audit_next: int
+    ) -> Agreement:
+        topo = self.topo
+        mine = Control(
+            step_index=index,
+            loss=local_loss,
+            stop=self.stop_requested,
+            request=self.newest_request_id(),
+            next_generation=self.newest_assignment_generation() if topo.managed else -1,
+            audit_own=audit_own,
+            audit_next=audit_next,
+            # On audit steps, the parameters the gradients came from: an audit between replicas whose
+            # parameters already differ says nothing about compute (the fingerprint check names them).
+            param_digest=digest_of(list(self.model.parameters())) if audit_due else 0,
         )
-        rows = all_gather_rows(ctrl, "step control all-gather")
-        if not bool((rows[:, C_STEP] == index).all()):
-            raise RuntimeError(f"ranks are out of step at step {index + 1}: {rows[:, C_STEP].tolist()}")
-        loss_value = sum(bits_float(b) for b in rows[:, C_LOSS].tolist()) / topo.world_size
-        nonfinite_ranks = [r for r in range(topo.world_size) if rows[r, C_NONFINITE]]
-        stop = bool(rows[:, C_STOP].any())
-        newest_request = int(rows[:, C_REQUEST].max())
-        if int(rows[:, C_NEXT_GEN].max()) > topo.generation:
+        agreed = Agreement.gather(mine, topo.device)
+        if agreed.newest_generation > topo.generation:
             # A newer generation exists (membership change): everyone leaves at this step, before
             # applying it, and rejoins with the state it has (the step is recomputed there).
-            opt.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             raise GenerationChange()
+        return agreed
 
+    def grad_norms(self) -> tuple[torch.Tensor, list[str], float]:
+        """Per-layer-group squared gradient norms, their labels, and the global norm."""
         sq, labels = group_norms(self.model, self.layer_groups)
-        if cfg.parallel == "fsdp":
+        if self.cfg.parallel == "fsdp":
             with collective("layer norm all-reduce"):
                 dist.all_reduce(sq)
-        grad_norm = float(sq.sum().sqrt())
-        step_no = index + 1
-        record: dict[str, Any] = {
+        return sq, labels, float(sq.sum().sqrt())
+
+    def new_record(self, step_no: int, loss: float, lr: float, grad_norm: float) -> dict[str, Any]:
+        topo = self.topo
+        return {
             "step": step_no,
-            "loss": loss_value,
+            "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "generation": topo.generation,
             "rank": topo.rank,
             "world_size": topo.world_size,
-            "data_index": data_index(index, self.cursor.skip_windows),
+            "data_index": data_index(step_no - 1, self.cursor.skip_windows),
             "job_id": self.job_id,
         }
 
-        force_check = False  # replicas diverged under the audit: check fingerprints this step
-        # Non-finite guard: every rank saw the same rows, so every rank skips the same step.
-        if nonfinite_ranks or not math.isfinite(grad_norm):
-            opt.zero_grad(set_to_none=True)
-            self.counters["nonfinite"] += 1
-            self.event(
-                EventKind.NONFINITE,
-                step=step_no,
-                suspect_ranks=nonfinite_ranks,
-                loss=loss_value,
-                grad_norm=grad_norm,
-                data_index=record["data_index"],
-            )
-            record["skipped"] = True
-        else:
-            coef = cfg.optim.grad_clip / (grad_norm + 1e-6) if cfg.optim.grad_clip else 1.0
-            if coef < 1.0:  # clip by the global norm every rank agreed on
-                with torch.no_grad():
-                    for p in params:
-                        if p.grad is not None:
-                            p.grad.mul_(coef)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if self.injector:
-                self.injector.corrupt_state(step_no, model, opt)
-            if audit_due and not self.judge_audit(step_no, rows):
-                force_check = True
-            for spike in self.spikes.observe(step_no, {"loss": loss_value, "grad_norm": grad_norm}):
-                self.counters["spikes"] += 1
-                self.event(
-                    EventKind.SPIKE,
-                    step=step_no,
-                    suspect_ranks=[],
-                    data_index=record["data_index"],
-                    metric=spike.metric,
-                    value=spike.value,
-                    median=spike.median,
-                    mad=spike.mad,
-                    z=spike.z,
-                    threshold=spike.threshold,
-                    window=list(spike.window),
-                )
-        tokens = cfg.data.global_batch_size * cfg.data.seq_len
-        self.cursor.step = step_no
-        self.cursor.tokens += tokens
+    def skip_step(self, record: dict[str, Any], nonfinite_ranks: list[int], grad_norm: float) -> None:
+        """Non-finite guard: every rank saw the same agreement, so every rank skips the same step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.counters["nonfinite"] += 1
+        self.event(
+            EventKind.NONFINITE,
+            step=record["step"],
+            suspect_ranks=nonfinite_ranks,
+            loss=record["loss"],
+            grad_norm=grad_norm,
+            data_index=record["data_index"],
+        )
+        record["skipped"] = True
 
-        # Periodic checks at the step boundary.
-        k = cfg.integrity.fingerprint_every
-        checkpoint_due = bool(cfg.checkpoint_every) and step_no % cfg.checkpoint_every == 0
-        if (k and step_no % k == 0) or checkpoint_due or force_check:
+    def clip(self, grad_norm: float) -> None:
+        """Clip by the global norm every rank agreed on."""
+        clip = self.cfg.optim.grad_clip
+        coef = clip / (grad_norm + 1e-6) if clip else 1.0
+        if coef < 1.0:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+
+    def watch_spikes(self, step_no: int, record: dict[str, Any]) -> None:
+        for spike in self.spikes.observe(step_no, {"loss": record["loss"], "grad_norm": record["grad_norm"]}):
+            self.counters["spikes"] += 1
+            self.event(
+                EventKind.SPIKE,
+                step=step_no,
+                suspect_ranks=[],
+                data_index=record["data_index"],
+                metric=spike.metric,
+                value=spike.value,
+                median=spike.median,
+                mad=spike.mad,
+                z=spike.z,
+                threshold=spike.threshold,
+                window=list(spike.window),
+            )
+
+    def advance(self, step_no: int) -> None:
+        self.cursor.step = step_no
+        self.cursor.tokens += self.cfg.data.global_batch_size * self.cfg.data.seq_len
+
+    def periodic_checks(self, step_no: int, force_check: bool) -> None:
+        """Fingerprints when due (and before every checkpoint); a snapshot only of agreed state."""
+        c = self.cadence
+        if c.fingerprint.due(step_no) or c.checkpoint.due(step_no) or force_check:
             if self.check_fingerprints(reason="periodic"):
-                if cfg.integrity.snapshot_every and step_no % cfg.integrity.snapshot_every == 0:
+                if c.snapshot.due(step_no):
                     self.take_snapshot()
-            elif cfg.integrity.on_mismatch == "rollback":  # every rank saw the same comparison
+            elif self.cfg.integrity.on_mismatch == "rollback":  # every rank saw the same comparison
                 self.rollback(
                     contract.Request(
                         id=self.cursor.request_id, kind="rollback", reason="fingerprint mismatch"
                     )
                 )
-        if newest_request > self.cursor.request_id:
-            self.handle_request(newest_request, rows)
 
-        if self.injector is not None:
-            for fired in self.injector.drain():
-                self.event(EventKind.FAULT_INJECTED, **{**fired, "step": fired["step"]})
+    def finish_record(
+        self,
+        record: dict[str, Any],
+        t0: float,
+        sq: torch.Tensor,
+        labels: list[str],
+        act_norms: list[torch.Tensor],
+    ) -> None:
+        for fired in self.fault_hooks.drain():
+            self.event(EventKind.FAULT_INJECTED, **fired)
+        tokens = self.cfg.data.global_batch_size * self.cfg.data.seq_len
         step_time = time.perf_counter() - t0
         record.update(
             step_time_s=step_time,
@@ -697,7 +720,6 @@ class Trainer:
         )
         self.progress_out.write(record)
         self.flight.append(record)
-        return StepResult(record, stop=stop)
 
     def recompute_neighbour(self, index: int) -> int:
         """Gradient digest of the next rank's first micro-batch, computed here (the audit)."""
@@ -714,11 +736,11 @@ class Trainer:
             p.grad = g
         return digest
 
-    def judge_audit(self, step_no: int, rows: torch.Tensor) -> bool:
+    def judge_audit(self, step_no: int, agreed: Agreement) -> bool:
         """Returns False when the audit could not judge compute because replicas diverged."""
-        if len(set(rows[:, C_PARAMS].tolist())) > 1:
+        if not agreed.params_agree():
             return False
-        verdict = audit_verdict(rows[:, C_AUDIT_OWN].tolist(), rows[:, C_AUDIT_NEXT].tolist())
+        verdict = audit_verdict([r.audit_own for r in agreed.rows], [r.audit_next for r in agreed.rows])
         if not verdict.agree:
             self.counters["audit_mismatches"] += 1
             last_clean = step_no - self.cfg.integrity.audit_every
@@ -786,10 +808,10 @@ class Trainer:
         reqs = self.paths.requests(self.cursor.request_id)
         return reqs[-1].id if reqs else self.cursor.request_id
 
-    def handle_request(self, request_id: int, rows: torch.Tensor) -> None:
+    def handle_request(self, request_id: int, agreed: Agreement) -> None:
         """Every rank handles the agreed request at the same step; the lowest rank holding the
         request file broadcasts its content so no rank waits for its own copy."""
-        src = min(r for r in range(rows.shape[0]) if rows[r, C_REQUEST] == request_id)
+        src = min(agreed.holders_of(request_id))
         mine = [r.to_json() for r in self.paths.requests(self.cursor.request_id) if r.id == request_id]
         box = [mine[0] if mine else None]
         with collective("broadcasting a request"):
@@ -863,8 +885,7 @@ class Trainer:
             "parallel": self.cfg.parallel,
             "generation": self.topo.generation,
         }
-        if self.injector is not None:
-            self.injector.freeze_point(step, "checkpoint")
+        self.fault_hooks.freeze_point(step, "checkpoint")
         stall = self.ckpt.save(step, self.model, self.optimizer, fields, blocking=blocking)
         log.info("checkpoint at step %d: training blocked %.3f s", step, stall)
 

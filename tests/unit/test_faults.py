@@ -424,7 +424,7 @@ trainer = Trainer(cfg, RunOptions(run_dir=run, worker_dir=run / "rank-0", faults
 rc = trainer.run()
 print(json.dumps({
     "rc": rc,
-    "injector_is_none": trainer.injector is None,
+    "injector_is_none": type(trainer.fault_hooks).__name__ == "FaultHooks",
     "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in trainer.model.modules()),
     "train_model_hooks": sum(len(m._forward_hooks) for m in trainer.train_model.modules()),
     "step": trainer.cursor.step,

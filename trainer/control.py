@@ -1,0 +1,148 @@
+"""The per-step agreement: what each rank contributes, and what all of them then know.
+
+Once per step, after the gradient all-reduce and before the optimizer step, every rank all-gathers
+one :class:`Control` row (int64 columns, packed and unpacked here and nowhere else). Every rank then
+holds the same :class:`Agreement`, so every decision that changes the trajectory (skip a non-finite
+step, stop, apply an agent's request, leave for a newer generation, judge the audit) is taken by all
+ranks at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from trainer.config import TrainConfig
+from trainer.parallel import all_gather_rows
+
+
+def float_bits(x: float) -> int:
+    """A float's exact bits as an int64, for an integer all-gather."""
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def bits_float(b: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", int(b)))[0]
+
+
+@dataclass(frozen=True)
+class Control:
+    """One rank's row."""
+
+    step_index: int  # the 0-based index of the step being computed: ranks must agree on it
+    loss: float  # this rank's mean micro-batch loss (carried as its exact bits)
+    stop: bool  # SIGTERM received: every rank checkpoints and stops at this step
+    request: int  # the newest agent request id this rank has seen
+    next_generation: int = -1  # the newest generation assigned to this rank (-1: none newer known)
+    audit_own: int = 0  # audit steps: digest of this rank's own first micro-batch gradients
+    audit_next: int = 0  # audit steps: digest of the next rank's first micro-batch, recomputed here
+    param_digest: int = 0  # audit steps: digest of the parameters the gradients came from
+
+    def pack(self, device: torch.device) -> torch.Tensor:
+        values = [
+            self.step_index,
+            float_bits(self.loss),
+            int(not math.isfinite(self.loss)),
+            int(self.stop),
+            self.request,
+            self.audit_own,
+            self.audit_next,
+            self.next_generation,
+            self.param_digest,
+        ]
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    @classmethod
+    def unpack(cls, row: Sequence[int]) -> Control:
+        step_index, loss_bits, _nonfinite, stop, request, own, nxt, next_gen, params = (int(v) for v in row)
+        return cls(
+            step_index=step_index,
+            loss=bits_float(loss_bits),
+            stop=bool(stop),
+            request=request,
+            next_generation=next_gen,
+            audit_own=own,
+            audit_next=nxt,
+            param_digest=params,
+        )
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Every rank's :class:`Control` row for one step, identical on every rank."""
+
+    rows: tuple[Control, ...]
+
+    @classmethod
+    def gather(cls, mine: Control, device: torch.device) -> Agreement:
+        table = all_gather_rows(mine.pack(device), "step control all-gather")
+        agreement = cls(tuple(Control.unpack(r) for r in table.tolist()))
+        indices = [r.step_index for r in agreement.rows]
+        if len(set(indices)) != 1:
+            raise RuntimeError(f"ranks are out of step at step {mine.step_index + 1}: {indices}")
+        return agreement
+
+    @property
+    def loss(self) -> float:
+        """The mean of the ranks' losses (the global batch's loss)."""
+        return sum(r.loss for r in self.rows) / len(self.rows)
+
+    @property
+    def nonfinite_ranks(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if not math.isfinite(r.loss)]
+
+    @property
+    def stop(self) -> bool:
+        return any(r.stop for r in self.rows)
+
+    @property
+    def newest_request(self) -> int:
+        return max(r.request for r in self.rows)
+
+    @property
+    def newest_generation(self) -> int:
+        return max(r.next_generation for r in self.rows)
+
+    def holders_of(self, request_id: int) -> list[int]:
+        """Ranks that have seen the request (a broadcast source for the others)."""
+        return [i for i, r in enumerate(self.rows) if r.request == request_id]
+
+    def params_agree(self) -> bool:
+        """Audit steps: whether every rank computed from the same parameters."""
+        return len({r.param_digest for r in self.rows}) == 1
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """A protection that runs every ``every`` steps (0: never)."""
+
+    every: int
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+
+@dataclass(frozen=True)
+class Cadences:
+    """When each periodic protection and chore is due: the loop asks ``due(step)``."""
+
+    fingerprint: Cadence
+    snapshot: Cadence
+    audit: Cadence
+    checkpoint: Cadence
+    eval: Cadence
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> Cadences:
+        i = cfg.integrity
+        return cls(
+            fingerprint=Cadence(i.fingerprint_every),
+            snapshot=Cadence(i.snapshot_every),
+            audit=Cadence(i.audit_every),
+            checkpoint=Cadence(cfg.checkpoint_every),
+            eval=Cadence(cfg.eval_every),
+        )
