@@ -138,6 +138,7 @@ def form_group(
                 device_id=_device_id(device),
             )
     except CollectiveFailed as e:
+        _forget_failed_group()
         if abandon():
             raise Abandoned(f"generation {assign.generation} superseded while it formed: {e}") from None
         raise
@@ -185,6 +186,19 @@ def _connect_store(assign: Assignment, timeout_s: float, abandon: Callable[[], b
                     f"rendezvous store {assign.master_addr}:{assign.master_port} unreachable for "
                     f"{timeout_s:.0f}s: {e}"
                 ) from None
+
+
+def _forget_failed_group() -> None:
+    """After a failed ``init_process_group``, undo what it left in torch's global state.
+
+    The default group's keys in the store are prefixed with torch's group counter, which
+    ``init_process_group`` increments before it connects and only ``destroy_process_group`` resets.
+    A process whose formation failed would otherwise use prefix 1 in its next generation while a
+    fresh peer uses 0: both wait for keys the other never writes. (torch has no public reset; this
+    is the one line ``destroy_process_group`` runs for the default group.)
+    """
+    if not dist.is_initialized():
+        dist.distributed_c10d._world.group_count = 0
 
 
 def new_group(timeout_s: float, form_timeout_s: float = FORM_TIMEOUT_S) -> dist.ProcessGroup:

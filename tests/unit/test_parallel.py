@@ -7,6 +7,7 @@ import socket
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from trainer.contract import Assignment
@@ -76,3 +77,51 @@ def test_a_peer_that_dies_after_arriving_costs_the_formation_timeout_not_the_col
     waited = time.monotonic() - t0
     assert waited < 60, f"left after {waited:.0f}s: the formation must not wait the 300 s collective timeout"
     assert not dist.is_initialized(), "a failed formation leaves no half-made default group behind"
+
+
+PEER = r"""
+import dataclasses, sys
+from trainer.contract import Assignment
+from trainer.parallel import form_group
+import torch, torch.distributed as dist
+port = int(sys.argv[1])
+a = Assignment(generation=4, rank=1, world_size=2, local_rank=0, local_world_size=1,
+               master_addr="127.0.0.1", master_port=port)
+form_group(a, device_kind="cpu", timeout_s=60, form_timeout_s=20)
+t = torch.ones(1)
+dist.all_reduce(t)
+print(int(t.item()))
+"""
+
+
+def test_a_process_whose_formation_failed_forms_the_next_generation_with_a_fresh_peer(tmp_path) -> None:
+    """The drill's wedge: the survivor of a failed formation and a new process must agree on the
+    store keys of the next generation (torch's group counter must not carry over the failure)."""
+    import subprocess
+    import sys
+
+    from support import env
+
+    a = assignment(0)
+    store = peer_arrived_then_died(f"stanchion/{a.job_id}/gen{a.generation}/")
+    with pytest.raises(CollectiveFailed):
+        form_group(
+            dataclasses.replace(a, master_port=store.port), device_kind="cpu", timeout_s=60, form_timeout_s=1
+        )
+    peer = subprocess.Popen(
+        [sys.executable, "-c", PEER, str(store.port)], env=env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        nxt = dataclasses.replace(a, generation=4, rank=0, master_port=store.port)
+        form_group(nxt, device_kind="cpu", timeout_s=60, form_timeout_s=20)
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        assert t.item() == 2.0
+        out, _ = peer.communicate(timeout=60)
+        assert peer.returncode == 0 and out.strip() == "2"
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+            peer.wait()
+        if dist.is_initialized():
+            dist.destroy_process_group()
