@@ -1,7 +1,8 @@
 """`stanchion bench`: benchmarks that measure Stanchion's speed goals, side by side with its peers.
 
-One command per benchmark; each returns the JSON of diagnostics/bench.py (``--json`` prints it,
-``--out FILE`` writes it, otherwise a table). Progress goes to stderr. The figures and the exact
+One command per benchmark; each runs a benchmark of the diagnostics/bench package and returns its
+JSON (``--json`` prints it, ``--out FILE`` writes it, otherwise a table); `bench report` renders
+docs/benchmarks.md from the recorded JSON. Progress goes to stderr. The figures and the exact
 commands that produced them are recorded in docs/benchmarks.md and docs/bench/*.json.
 
 Exit codes: 0 ok (whether or not a goal was met: the JSON says), 1 a benchmark run failed (the
@@ -10,7 +11,6 @@ message names its log), 2 usage error.
 
 from __future__ import annotations
 
-import importlib
 import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +18,9 @@ from typing import Annotated, Any
 
 import typer
 
+from diagnostics.bench.common import median
+from diagnostics.bench.goodput import DEFAULT_STEPS, SCHEDULES
+from diagnostics.bench.recovery import MODEL_HELP, MODELS
 from diagnostics.errors import UsageError
 from diagnostics.output import JSON_HELP, emit_json, emit_table, handle_errors, message
 
@@ -106,7 +109,7 @@ def prepared_data(data: Path | None, work_dir: Path) -> Path:
 def report(
     result: dict[str, Any], *, json_: bool, out: Path | None, table: Callable[[dict[str, Any]], None]
 ) -> None:
-    from diagnostics.bench import write_json
+    from diagnostics.bench.common import write_json
 
     if out is not None:
         write_json(out, result)
@@ -212,7 +215,8 @@ def trainer(
     the same model, batches and thread count, in interleaved rounds. Model FLOP/s are reported as a
     fraction of a square-matmul peak measured in the same run. On a CPU, presets larger than tiny
     train a reduced batch (listed in the JSON); on a GPU they run in bf16."""
-    from diagnostics.bench import bench_trainer, work_directory
+    from diagnostics.bench.common import work_directory
+    from diagnostics.bench.trainer import bench_trainer
 
     presets = presets or ["tiny", "gpt2-124m"]
     rounds = rounds or 3
@@ -323,7 +327,8 @@ def integrity(
     """Fingerprint throughput beside memcpy, crc32 and sha256; and the step-time cost of each
     protection (fingerprints at K=1 and the default K, the audit, snapshots, all defaults) from real
     multi-rank trainer runs of the tiny preset, interleaved against a run with every protection off."""
-    from diagnostics.bench import bench_integrity, work_directory
+    from diagnostics.bench.common import work_directory
+    from diagnostics.bench.integrity import bench_integrity
 
     if nproc < 2:
         raise UsageError("--nproc must be at least 2: fingerprints and the audit compare ranks")
@@ -360,7 +365,409 @@ def integrity(
     report(result, json_=json_, out=out, table=integrity_table)
 
 
-# Benchmarks that live in their own modules register themselves: each module has `register(app)`.
-BENCH_MODULES: list[str] = ["bench_recovery", "bench_coordinator", "bench_goodput", "bench_report"]
-for _module in BENCH_MODULES:
-    importlib.import_module(f"diagnostics.{_module}").register(app)
+# ---------------------------------------------------------------------------------------------
+# bench recovery
+
+
+def recovery_table(result: dict[str, Any]) -> None:
+    r = result["results"]
+    emit_table(
+        ["system", "recovery s (median)", "min", "max", "lost steps (median)", "max", "trials"],
+        [
+            [
+                name,
+                num(r[name]["recovery_s"], ".3f"),
+                num(r[name]["recovery_s_min"], ".3f"),
+                num(r[name]["recovery_s_max"], ".3f"),
+                num(r[name]["lost_steps"], "g"),
+                num(r[name]["lost_steps_max"], "g"),
+                f"{r[name]['measured']}/{r[name]['trials']}",
+            ]
+            for name in ("stanchion", "torchrun")
+        ],
+        title=f"Recovery after SIGKILL of one rank; Stanchion / torchrun = {num(r['ratio'], '.3f')}",
+    )
+    print_goals(result)
+
+
+@app.command("recovery", epilog=EPILOG)
+@handle_errors
+def recovery(
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Kills per system (ABBA order).")] = 5,
+    model: Annotated[str, typer.Option("--model", help=MODEL_HELP)] = "tiny",
+    steps: Annotated[int, typer.Option("--steps", min=3, help="Steps per job.")] = 60,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", min=1, help="Checkpoint cadence of both sides.")
+    ] = 20,
+    kill_step: Annotated[
+        int, typer.Option("--kill-step", min=1, help="Kill rank 1 once this step is completed.")
+    ] = 25,
+    max_restarts: Annotated[int, typer.Option("--max-restarts", min=1, help="torchrun --max-restarts.")] = 3,
+    data: DataOpt = None,
+    work_dir: WorkDirOpt = None,
+    timeout_s: TimeoutOpt = 600.0,
+    json_: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """Kill-to-first-step recovery time and lost steps after SIGKILL of one rank: Stanchion (a
+    local cluster, 2 nodes x 1 worker + a spare) beside torchrun --max-restarts on the same
+    trainer, model, data and checkpoint cadence, in alternating trials."""
+    from diagnostics.bench.common import BenchError, work_directory
+    from diagnostics.bench.recovery import bench_recovery
+
+    if model not in MODELS:
+        raise UsageError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
+    command = command_line(
+        "bench recovery",
+        [
+            ("--trials", trials),
+            ("--model", model),
+            ("--steps", steps),
+            ("--checkpoint-every", checkpoint_every),
+            ("--kill-step", kill_step),
+            ("--max-restarts", max_restarts),
+            ("--data", data),
+            ("--json", json_),
+            ("--out", out),
+        ],
+    )
+    with work_directory(work_dir, "recovery") as wd:
+        try:
+            result = bench_recovery(
+                data=prepared_data(data, wd),
+                work_dir=wd,
+                command=command,
+                trials=trials,
+                model=model,
+                steps=steps,
+                checkpoint_every=checkpoint_every,
+                kill_step=kill_step,
+                max_restarts=max_restarts,
+                timeout_s=timeout_s,
+                progress=message,
+            )
+        except TimeoutError as e:  # a cluster that never got where the trial needed it
+            raise BenchError(str(e)) from None
+    report(result, json_=json_, out=out, table=recovery_table)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench coordinator
+
+
+def coordinator_table(result: dict[str, Any]) -> None:
+    r = result["results"]
+    emit_table(
+        [
+            "agents",
+            "transport",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "failures",
+            "heartbeats/s (offered)",
+            "coordinator cores",
+            "RSS MB",
+            "oldest age s",
+            "client lateness p99 ms",
+            "other cores",
+        ],
+        [
+            [
+                p["agents"],
+                "mTLS" if p["tls"] else "plaintext",
+                num(p["p50_ms"], ".3g"),
+                num(p["p99_ms"], ".3g"),
+                num(p["max_ms"], ".3g"),
+                f"{p['failures']} {p['failures_by_code'] or ''}".strip(),
+                f"{num(p['achieved_per_s'], '.0f')} ({num(p['offered_per_s'], '.0f')})",
+                num(p["coordinator_cores"], ".2f"),
+                num(p["coordinator_rss_mb_peak"], ".0f"),
+                num(p["heartbeat_age_s_max"], ".3g"),
+                num(p["client_lateness_p99_ms"], ".3g"),
+                num(p["other_cores"], ".2f"),
+            ]
+            for p in r["points"]
+        ],
+        title=f"Coordinator: simulated agents heartbeating every {result['settings']['interval_s']:g} s"
+        + (" in one job" if result["settings"]["job"] else ""),
+    )
+    print_goals(result)
+
+
+@app.command("coordinator", epilog=EPILOG)
+@handle_errors
+def coordinator(
+    agents: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--agents",
+            metavar="N",
+            min=1,
+            help="Simulated agents (nodes); repeatable: one point per count, the first is the headline "
+            "(default 1000).",
+        ),
+    ] = None,
+    seconds: Annotated[float, typer.Option("--seconds", min=1.0, help="Measured seconds per point.")] = 30.0,
+    warmup_s: Annotated[
+        float, typer.Option("--warmup-s", min=0.0, help="Heartbeating before the measured window.")
+    ] = 5.0,
+    client_procs: Annotated[
+        int, typer.Option("--client-procs", min=1, help="Processes that run the simulated agents.")
+    ] = 2,
+    tls: Annotated[
+        bool,
+        typer.Option("--tls/--insecure", help="mTLS with a fresh development PKI (default), or plaintext."),
+    ] = True,
+    compare_insecure: Annotated[
+        bool,
+        typer.Option("--compare-insecure", help="With --tls: also run every point in plaintext, after it."),
+    ] = False,
+    job: Annotated[
+        bool,
+        typer.Option(
+            "--job/--no-job",
+            help="Submit one job spanning every agent once they registered, so that every heartbeat "
+            "carries that job's progress through the state machine (default), or leave them idle.",
+        ),
+    ] = True,
+    interval_s: Annotated[
+        float, typer.Option("--interval-s", min=0.01, help="Heartbeat interval of every agent.")
+    ] = 1.0,
+    workers_per_node: Annotated[
+        int, typer.Option("--workers-per-node", min=1, max=64, help="Worker statuses per heartbeat.")
+    ] = 8,
+    event_rate: Annotated[
+        float,
+        typer.Option("--event-rate", min=0.0, max=1.0, help="Chance that a heartbeat carries one event."),
+    ] = 0.02,
+    client_nice: Annotated[
+        int,
+        typer.Option(
+            "--client-nice",
+            min=0,
+            max=19,
+            help="Niceness of the client processes: >0 lets the coordinator take a core first, as if the "
+            "agents ran elsewhere.",
+        ),
+    ] = 0,
+    scrape_every_s: Annotated[
+        float, typer.Option("--scrape-every-s", min=0.5, help="Scrape the coordinator's /metrics this often.")
+    ] = 10.0,
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--work-dir", metavar="DIR", help="Keep the logs and state under DIR (default: a temporary dir)."
+        ),
+    ] = None,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout-s", min=1.0, help="Give up on registration after this many seconds.")
+    ] = 300.0,
+    json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", metavar="FILE", help="Also write the JSON to FILE (e.g. docs/bench/coordinator.json)."
+        ),
+    ] = None,
+) -> None:
+    """How many agents one coordinator process carries: a real coordinator process (grpc.aio,
+    mTLS by default) and simulated agents, each with its own connection, in --client-procs
+    processes. They register, then (by default) join one job spanning all of them and heartbeat at
+    a fixed rate with realistic payloads. Reports client-side heartbeat latency, heartbeats achieved
+    vs offered, failures by status code, the coordinator's CPU and RSS, and the heartbeat ages the
+    coordinator itself reports on /metrics."""
+    from diagnostics.bench.common import work_directory
+    from diagnostics.bench.coordinator import bench_coordinator
+
+    counts = agents or [1000]
+    command = command_line(
+        "bench coordinator",
+        [
+            ("--agents", counts),
+            ("--seconds", _g(seconds)),
+            ("--warmup-s", _g(warmup_s)),
+            ("--client-procs", client_procs),
+            ("--tls" if tls else "--insecure", True),
+            ("--compare-insecure", compare_insecure),
+            ("--job" if job else "--no-job", True),
+            ("--interval-s", _g(interval_s)),
+            ("--workers-per-node", workers_per_node),
+            ("--event-rate", _g(event_rate)),
+            ("--client-nice", client_nice or None),
+            ("--scrape-every-s", _g(scrape_every_s)),
+            ("--json", json_),
+            ("--out", out),
+        ],
+    )
+    with work_directory(work_dir, "coordinator") as wd:
+        result = bench_coordinator(
+            agents=counts,
+            seconds=seconds,
+            warmup_s=warmup_s,
+            client_procs=client_procs,
+            tls=tls,
+            compare_insecure=compare_insecure,
+            job=job,
+            interval_s=interval_s,
+            workers_per_node=workers_per_node,
+            event_rate=event_rate,
+            client_nice=client_nice,
+            scrape_every_s=scrape_every_s,
+            work_dir=wd,
+            command=command,
+            timeout_s=timeout_s,
+            progress=message,
+        )
+    report(result, json_=json_, out=out, table=coordinator_table)
+
+
+def _g(x: float) -> str:
+    return format(x, "g")
+
+
+# ---------------------------------------------------------------------------------------------
+# bench goodput
+
+
+def goodput_table(result: dict[str, Any]) -> None:
+    r = result["results"]
+    rows = [
+        [
+            "Stanchion",
+            num(r["ettr"], ".3f"),
+            num(r["ettr_fault_free"], ".3f"),
+            r["lost_steps"],
+            num(r["recovery_s_median"], ".3f"),
+            r["final_matches_golden"],
+        ]
+    ]
+    if r["torchrun"]:
+        t = r["torchrun"]
+        rec = [x for x in t["recovery_s"] if x is not None]
+        rows.append(
+            [
+                "torchrun (crashes only)",
+                num(t["ettr"], ".3f"),
+                "",
+                t["lost_steps"],
+                num(median(rec), ".3f") if rec else None,
+                t["final_matches_golden"],
+            ]
+        )
+    emit_table(
+        ["system", "ETTR", "fault-free ceiling", "lost steps", "recovery s (median)", "final == golden"],
+        rows,
+        title=f"Goodput {r['schedule']}: {r['steps']} steps, {r['faults_scheduled']} faults {r['faults_by_kind']}",
+    )
+    print_goals(result)
+
+
+@app.command("goodput", epilog=EPILOG)
+@handle_errors
+def goodput(
+    schedule: Annotated[
+        str, typer.Option("--schedule", help="S1: one fault per 2,000 steps on average; S2: one per 200.")
+    ] = "S2",
+    steps: Annotated[
+        int | None, typer.Option("--steps", min=20, help="Steps of the job (default: S1 6000, S2 2000).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the fault schedule.")] = 1,
+    mean_interval: Annotated[
+        float | None,
+        typer.Option("--mean-interval", min=1.0, help="Override the schedule's mean steps between faults."),
+    ] = None,
+    model: Annotated[str, typer.Option("--model", help=MODEL_HELP)] = "medium",
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", min=1, help="Checkpoint cadence.")
+    ] = 100,
+    hang_floor_s: Annotated[
+        float,
+        typer.Option(
+            "--hang-floor-s", min=0.1, help="The agents' hang floor (small, so hangs resolve fast)."
+        ),
+    ] = 2.0,
+    spares: Annotated[int, typer.Option("--spares", min=0, help="Spare nodes.")] = 1,
+    torchrun: Annotated[
+        bool, typer.Option("--torchrun/--no-torchrun", help="Also run torchrun on the schedule's crashes.")
+    ] = True,
+    data: DataOpt = None,
+    work_dir: WorkDirOpt = None,
+    timeout_s: TimeoutOpt = 3600.0,
+    json_: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """ETTR, lost steps and recovery times of a job through a seeded fault schedule (70% crash,
+    12% hang, 8% slow rank, 10% silent corruption), against a fault-free run of the same job in
+    the same invocation, and torchrun on the same schedule's crashes."""
+    from diagnostics.bench.common import work_directory
+    from diagnostics.bench.goodput import bench_goodput
+
+    if schedule not in SCHEDULES and mean_interval is None:
+        raise UsageError(f"--schedule {schedule!r}: expected S1 or S2 (or pass --mean-interval)")
+    if model not in MODELS:
+        raise UsageError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
+    n_steps = steps or DEFAULT_STEPS.get(schedule, 2000)
+    command = command_line(
+        "bench goodput",
+        [
+            ("--schedule", schedule),
+            ("--steps", n_steps),
+            ("--seed", seed),
+            ("--mean-interval", mean_interval),
+            ("--model", None if model == "medium" else model),
+            ("--checkpoint-every", None if checkpoint_every == 100 else checkpoint_every),
+            ("--hang-floor-s", hang_floor_s),
+            ("--spares", None if spares == 1 else spares),
+            ("--no-torchrun", not torchrun),
+            ("--data", data),
+            ("--json", json_),
+            ("--out", out),
+        ],
+    )
+    with work_directory(work_dir, f"goodput-{schedule}") as wd:
+        result = bench_goodput(
+            schedule=schedule,
+            steps=n_steps,
+            seed=seed,
+            data=prepared_data(data, wd),
+            work_dir=wd,
+            command=command,
+            model=model,
+            checkpoint_every=checkpoint_every,
+            hang_floor_s=hang_floor_s,
+            spares=spares,
+            mean_interval=mean_interval,
+            torchrun=torchrun,
+            timeout_s=timeout_s,
+            progress=message,
+        )
+    report(result, json_=json_, out=out, table=goodput_table)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench report
+
+
+@app.command("report", epilog=EPILOG)
+@handle_errors
+def regenerate_report(
+    bench_dir: Annotated[
+        Path, typer.Option("--bench-dir", metavar="DIR", help="Where the benchmark JSON files are.")
+    ] = Path("docs/bench"),
+    out: Annotated[Path, typer.Option("--out", metavar="FILE", help="The markdown to write.")] = Path(
+        "docs/benchmarks.md"
+    ),
+) -> None:
+    """Regenerate docs/benchmarks.md (and its PNG figures, next to the JSON) from the benchmark
+    JSON files: each section shows the command above its tables."""
+    from diagnostics.bench.report import render
+
+    if not bench_dir.is_dir():
+        raise UsageError(f"--bench-dir {bench_dir}: not a directory")
+    text, figures = render(bench_dir, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    for f in figures:
+        message(f"wrote {f}")
+    message(f"wrote {out}")

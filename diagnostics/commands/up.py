@@ -179,7 +179,7 @@ def up(
         import sys
         import time
 
-        from diagnostics.bench import source_state
+        from diagnostics.bench.common import source_state
         from stanchion.files import write_json_atomic
 
         # What ran, where and when: a drill's JSON is a record (docs/bench/chaos-drill.json).

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from diagnostics import bench
-from diagnostics.bench import Cadence, Run
+from diagnostics.bench import common, integrity
+from diagnostics.bench import trainer as trainer_bench
+from diagnostics.bench.common import Cadence, Run
 from diagnostics.commands.bench import app, command_line
 from trainer.config import IntegrityConfig, replace, resolve
 
@@ -25,54 +28,54 @@ runner = CliRunner()
 
 
 def test_median_ratio_and_relative_change() -> None:
-    assert bench.median([3.0, 1.0, 2.0]) == 2.0
-    assert bench.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    assert common.median([3.0, 1.0, 2.0]) == 2.0
+    assert common.median([4.0, 1.0, 2.0, 3.0]) == 2.5
     with pytest.raises(ValueError):
-        bench.median([])
-    assert bench.ratio(3.0, 2.0) == 1.5
-    assert bench.ratio(1.0, 0.0) is None
-    assert bench.ratio(None, 2.0) is None
-    assert bench.relative_change(1.03, 1.0) == pytest.approx(0.03)
-    assert bench.relative_change(1.0, None) is None
+        common.median([])
+    assert common.ratio(3.0, 2.0) == 1.5
+    assert common.ratio(1.0, 0.0) is None
+    assert common.ratio(None, 2.0) is None
+    assert common.relative_change(1.03, 1.0) == pytest.approx(0.03)
+    assert common.relative_change(1.0, None) is None
 
 
 def test_summary_and_p10() -> None:
-    assert bench.summary([2.0, 9.0, 1.0]) == {
+    assert common.summary([2.0, 9.0, 1.0]) == {
         "median": 2.0,
         "p10": pytest.approx(1.2),
         "min": 1.0,
         "max": 9.0,
         "n": 3,
     }
-    assert bench.p10([float(x) for x in range(1, 12)]) == pytest.approx(2.0)
-    assert bench.p10([5.0]) == 5.0
+    assert common.p10([float(x) for x in range(1, 12)]) == pytest.approx(2.0)
+    assert common.p10([5.0]) == 5.0
 
 
 def test_stratified_mean_charges_rare_steps_their_share() -> None:
     # 19 ordinary steps (one a 50x outlier from a noisy neighbour) and 2 steps with an audit.
     by_class = {(): [1.0] * 18 + [50.0], ("audit",): [2.0, 2.2]}
-    assert bench.stratified_mean(by_class) == pytest.approx((19 * 1.0 + 2 * 2.1) / 21)
-    assert bench.stratified_mean({(): [1.0, 2.0, 30.0]}) == 2.0  # one class: the median
+    assert common.stratified_mean(by_class) == pytest.approx((19 * 1.0 + 2 * 2.1) / 21)
+    assert common.stratified_mean({(): [1.0, 2.0, 30.0]}) == 2.0  # one class: the median
 
 
 def test_periodic_overhead_is_relative_to_the_same_runs_ordinary_steps() -> None:
     by_class = {(): [1.0] * 18, ("fingerprint",): [1.5, 1.5]}
-    assert bench.periodic_overhead(by_class) == pytest.approx(2 * 0.5 / (20 * 1.0))
-    assert bench.periodic_overhead({(): [1.0, 1.0]}) == 0.0
-    assert bench.periodic_overhead({("fingerprint",): [1.0]}) is None  # K=1: no ordinary step
+    assert common.periodic_overhead(by_class) == pytest.approx(2 * 0.5 / (20 * 1.0))
+    assert common.periodic_overhead({(): [1.0, 1.0]}) == 0.0
+    assert common.periodic_overhead({("fingerprint",): [1.0]}) is None  # K=1: no ordinary step
 
 
 def test_sig_rounds_floats_in_nested_json() -> None:
-    assert bench.sig({"a": [1.234567, 2], "b": {"c": 0.000123456}, "d": "x"}) == {
+    assert common.sig({"a": [1.234567, 2], "b": {"c": 0.000123456}, "d": "x"}) == {
         "a": [1.235, 2],
         "b": {"c": 0.0001235},
         "d": "x",
     }
-    assert math.isnan(bench.sig(float("nan")))
+    assert math.isnan(common.sig(float("nan")))
 
 
 def test_interleaved_flips_the_order_every_round() -> None:
-    assert bench.interleaved(["a", "b", "c"], 3) == [
+    assert common.interleaved(["a", "b", "c"], 3) == [
         (0, "a"),
         (0, "b"),
         (0, "c"),
@@ -112,7 +115,7 @@ def test_step_time_stats_pool_runs_and_classes() -> None:
         Run("a", 0, ["x"], {1: 1.0, 2: 1.0, 3: 1.0, 4: 2.0}, wall_s=10.0),
         Run("a", 1, ["x"], {1: 1.2, 2: 1.2, 3: 1.2, 4: 2.4}, wall_s=11.0),
     ]
-    stats = bench.step_time_stats(runs, cadence)
+    stats = common.step_time_stats(runs, cadence)
     assert stats["steps_measured"] == 8
     assert stats["step_time_s"]["median"] == pytest.approx(1.2)
     assert stats["step_time_s"]["amortized"] == pytest.approx((6 * 1.1 + 2 * 2.2) / 8)
@@ -124,7 +127,7 @@ def test_step_time_stats_pool_runs_and_classes() -> None:
 def test_paired_ratios_compare_runs_of_the_same_round() -> None:
     base = [Run("b", 0, [], {1: 1.0}, 1.0), Run("b", 1, [], {1: 2.0}, 1.0)]
     runs = [Run("a", 1, [], {1: 3.0}, 1.0), Run("a", 0, [], {1: 1.1}, 1.0), Run("a", 2, [], {1: 1.0}, 1.0)]
-    assert bench.paired_ratios(runs, base) == [1.5, pytest.approx(1.1), None]
+    assert common.paired_ratios(runs, base) == [1.5, pytest.approx(1.1), None]
 
 
 def test_read_step_times_drops_warmup_and_keeps_the_newest_record(tmp_path: Path) -> None:
@@ -132,31 +135,31 @@ def test_read_step_times_drops_warmup_and_keeps_the_newest_record(tmp_path: Path
     progress.parent.mkdir(parents=True)
     records = [{"step": s, "step_time_s": 0.1 * s} for s in (1, 2, 3, 4)] + [{"step": 4, "step_time_s": 9.0}]
     progress.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert bench.read_step_times(tmp_path, warmup=2) == {3: pytest.approx(0.3), 4: 9.0}
-    assert bench.read_step_times(tmp_path / "missing", warmup=0) == {}
+    assert common.read_step_times(tmp_path, warmup=2) == {3: pytest.approx(0.3), 4: 9.0}
+    assert common.read_step_times(tmp_path / "missing", warmup=0) == {}
 
 
 # ---- FLOP accounting ------------------------------------------------------------------------
 
 
 def test_flop_utilization() -> None:
-    assert bench.model_flops_per_s(7e6, 1000.0) == 7e9
-    assert bench.flop_utilization(7e6, 1000.0, 14e9) == pytest.approx(0.5)
-    assert bench.flop_utilization(7e6, 1000.0, 0.0) is None
+    assert trainer_bench.model_flops_per_s(7e6, 1000.0) == 7e9
+    assert trainer_bench.flop_utilization(7e6, 1000.0, 14e9) == pytest.approx(0.5)
+    assert trainer_bench.flop_utilization(7e6, 1000.0, 0.0) is None
 
 
 def test_flops_per_token_is_the_models_own() -> None:
     from trainer.model import GPT
 
     cfg = resolve("tiny")
-    fpt, params = bench.flops_per_token(cfg, vocab_size=512)  # vocab 0 in the preset: from the data
+    fpt, params = trainer_bench.flops_per_token(cfg, vocab_size=512)  # vocab 0 in the preset: from the data
     model = GPT(replace(cfg.model, vocab_size=512))
     assert fpt == model.flops_per_token(cfg.data.seq_len)
     assert params == model.num_params(non_embedding=False)
 
 
 def test_matmul_flops_counts_two_n_cubed() -> None:
-    mm = bench.matmul_flops(32, threads=1, repeats=2)
+    mm = trainer_bench.matmul_flops(32, threads=1, repeats=2)
     assert mm["flops_per_s"] == pytest.approx(2 * 32**3 / mm["seconds"])
     assert (mm["n"], mm["threads"], mm["dtype"]) == (32, 1, "float32")
 
@@ -165,35 +168,35 @@ def test_matmul_flops_counts_two_n_cubed() -> None:
 
 
 def test_gpt2_is_reduced_on_a_cpu_and_says_so(tmp_path: Path) -> None:
-    plan = bench.trainer_plan("gpt2-124m", data=tmp_path, steps=None, nproc=2, cuda=False)
+    plan = trainer_bench.trainer_plan("gpt2-124m", data=tmp_path, steps=None, nproc=2, cuda=False)
     assert plan.sets["data.micro_batch_size"] == 1
     assert plan.sets["data.global_batch_size"] == 2
     assert plan.sets["data.seq_len"] == 256
     assert plan.sets["optim.warmup_steps"] == plan.steps == 20
     assert any("reduced for CPU" in n for n in plan.notes)
-    cfg = bench.resolve_flags(plan.flags)  # the trainer's own parser accepts the flags
+    cfg = common.resolve_flags(plan.flags)  # the trainer's own parser accepts the flags
     assert cfg.check_world(2) == 1
     assert cfg.checkpoint_every == 0
 
 
 def test_tiny_keeps_its_batch_unless_it_cannot_divide(tmp_path: Path) -> None:
-    plan = bench.trainer_plan("tiny", data=tmp_path, steps=None, nproc=2, cuda=False)
+    plan = trainer_bench.trainer_plan("tiny", data=tmp_path, steps=None, nproc=2, cuda=False)
     assert "data.global_batch_size" not in plan.sets and plan.steps == 100 and plan.warmup == 5
-    plan3 = bench.trainer_plan("tiny", data=tmp_path, steps=30, nproc=3, cuda=False)
+    plan3 = trainer_bench.trainer_plan("tiny", data=tmp_path, steps=30, nproc=3, cuda=False)
     assert plan3.sets["data.global_batch_size"] == 24
-    assert bench.resolve_flags(plan3.flags).check_world(3) == 1
+    assert common.resolve_flags(plan3.flags).check_world(3) == 1
 
 
 def test_a_gpu_runs_the_preset_in_bf16(tmp_path: Path) -> None:
-    plan = bench.trainer_plan("gpt2-124m", data=tmp_path, steps=None, nproc=8, cuda=True)
+    plan = trainer_bench.trainer_plan("gpt2-124m", data=tmp_path, steps=None, nproc=8, cuda=True)
     assert plan.sets["precision"] == "bf16"
     assert "data.micro_batch_size" not in plan.sets and "data.seq_len" not in plan.sets
-    assert bench.resolve_flags(plan.flags).precision == "bf16"
+    assert common.resolve_flags(plan.flags).precision == "bf16"
 
 
 def test_protection_settings_use_the_integrity_defaults() -> None:
     d = IntegrityConfig()
-    s = bench.protection_settings()
+    s = integrity.protection_settings()
     assert s["all_defaults"] == {
         "integrity.fingerprint_every": d.fingerprint_every,
         "integrity.audit_every": d.audit_every,
@@ -208,13 +211,13 @@ def test_protection_settings_use_the_integrity_defaults() -> None:
 
 
 def test_cadence_advice_names_the_dominant_protection() -> None:
-    assert bench.cadence_advice({"audit": 0.02}, 0.03) is None
-    advice = bench.cadence_advice({"fingerprint": 0.005, "audit": 0.07, "snapshot": 0.005}, 0.08)
+    assert integrity.cadence_advice({"audit": 0.02}, 0.03) is None
+    advice = integrity.cadence_advice({"fingerprint": 0.005, "audit": 0.07, "snapshot": 0.005}, 0.08)
     assert advice is not None and advice["dominant"] == "audit"
     # 0.07 at the default M = 80 must fit in 0.05 - 0.01: M = ceil(80 * 0.07 / 0.04) = 140.
     assert IntegrityConfig().audit_every == 80
     assert advice["suggested"] == {"integrity.audit_every": 140}
-    snap = bench.cadence_advice({"fingerprint": 0.0, "audit": 0.0, "snapshot": 0.08}, 0.08)
+    snap = integrity.cadence_advice({"fingerprint": 0.0, "audit": 0.0, "snapshot": 0.08}, 0.08)
     assert snap["suggested"]["integrity.snapshot_every"] % IntegrityConfig().fingerprint_every == 0
 
 
@@ -235,12 +238,12 @@ def test_command_line_renders_what_was_given() -> None:
 
 
 def test_envelope_shape() -> None:
-    env = bench.envelope(
+    env = common.envelope(
         "x",
         "stanchion bench x",
         {"k": 1},
         {"v": 1.23456789},
-        goals=[bench.goal("g", 0.5, "<= 1", True, "how")],
+        goals=[common.goal("g", 0.5, "<= 1", True, "how")],
         notes=["n"],
     )
     assert set(env) == {
@@ -262,13 +265,13 @@ def test_envelope_shape() -> None:
 
 
 def test_envelope_copies_the_headline_results_to_the_top_level() -> None:
-    env = bench.envelope(
+    env = common.envelope(
         "x", "c", {}, {"ettr": 0.912345, "steps": 200, "other": 1}, headline=("ettr", "steps")
     )
     assert (env["ettr"], env["steps"]) == (0.9123, 200) == (env["results"]["ettr"], env["results"]["steps"])
     assert "other" not in env
     with pytest.raises(KeyError, match="headline keys missing from the x results: lost_steps"):
-        bench.envelope("x", "c", {}, {"ettr": 1.0}, headline=("ettr", "lost_steps"))
+        common.envelope("x", "c", {}, {"ettr": 1.0}, headline=("ettr", "lost_steps"))
 
 
 def test_unknown_protection_is_a_usage_error(tmp_path: Path) -> None:
@@ -351,3 +354,18 @@ def test_integrity_quick_writes_the_documented_json(small_data: Path, tmp_path: 
         assert c["steps_measured"] == 5  # 6 steps, the first dropped as warm-up
     assert [g["met"] for g in data["goals"]] == [None, None]  # --quick measures nothing
     assert "running baseline round 0" in result.stderr
+
+
+def test_the_ddp_worker_runs_through_the_bench_packages_main() -> None:
+    """torchrun starts the baseline as `-m diagnostics.bench ddp-worker` (diagnostics/bench/__main__.py),
+    the command line the recorded JSON shows; without a worker name the entry point prints its usage."""
+    cmd = trainer_bench.ddp_command(["--steps", "5"], Path("RUN"), 2)
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    i = cmd.index("-m", 3)
+    assert cmd[i + 1 : i + 5] == ["diagnostics.bench", "ddp-worker", "--run-dir", "RUN"]
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-m", "diagnostics.bench"], capture_output=True, text=True, cwd=repo
+    )
+    assert out.returncode == 2
+    assert "ddp-worker" in out.stderr and "coordinator-client" in out.stderr

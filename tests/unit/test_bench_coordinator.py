@@ -13,10 +13,10 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from diagnostics import bench_coordinator as bc
+from diagnostics.bench import coordinator as bc
+from diagnostics.commands.bench import app
 
 CpuTimes = namedtuple("CpuTimes", "user system idle iowait")
 
@@ -240,13 +240,6 @@ def test_sim_agent_messages_pass_the_coordinators_validation() -> None:
 
 
 def test_a_short_real_run_over_mtls_and_plaintext(tmp_path: Path) -> None:
-    app = typer.Typer()
-
-    @app.callback()
-    def _group() -> None:
-        pass
-
-    bc.register(app)
     out = tmp_path / "coordinator.json"
     result = CliRunner().invoke(
         app,

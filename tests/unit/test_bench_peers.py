@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from diagnostics import bench_goodput as gp
-from diagnostics import bench_recovery as rc
-from diagnostics import bench_report as rp
+from diagnostics.bench import goodput as gp
+from diagnostics.bench import recovery as rc
+from diagnostics.bench import report as rp
 from diagnostics.commands.bench import app
 from stanchion.vocab import EventKind
 
@@ -139,7 +139,7 @@ def test_torchrun_detection_is_read_from_its_log() -> None:
 def test_both_sides_train_the_same_configuration() -> None:
     """The Stanchion job spec and the torchrun flags resolve to the same trainer config."""
     from coordinator.jobspec import parse as load_spec
-    from diagnostics.bench import resolve_flags
+    from diagnostics.bench.common import resolve_flags
     from trainer.config import replace
 
     for model in rc.MODELS:
@@ -320,6 +320,24 @@ def test_commentary_says_when_it_was_written_for_another_run() -> None:
     assert c.render({"finished_at": "2026-01-01T00:00:00+0000"}) == ["Text.", ""]
     stale = c.render({"finished_at": "2026-02-02T00:00:00+0000"})
     assert "written for the run" in stale[0] and stale[-2] == "Text."
+
+
+def test_the_reports_prose_is_its_markdown_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import datetime
+
+    text_dir = Path(rp.__file__).parent / "text"
+    assert (text_dir / "intro.md").read_text(encoding="utf-8") == rp.INTRO
+    assert rp.INTRO.startswith("# Benchmarks\n")
+    assert rp.MODEL_TEXT["tiny"].startswith("the `tiny` preset") and "\n" not in rp.MODEL_TEXT["tiny"]
+    commentaries = [p.stem for p in text_dir.glob("*.md") if p.read_text().startswith("<!-- written for:")]
+    assert len(commentaries) >= 5
+    for name in commentaries:  # the first line names the run: a finished_at stamp
+        c = rp.Commentary.load(name)
+        datetime.strptime(c.written_for, "%Y-%m-%dT%H:%M:%S%z")
+        assert not c.text.startswith("<!--") and c.text.strip()
+    monkeypatch.setattr(rp, "prose", lambda name: "No header.\n")
+    with pytest.raises(ValueError, match="written for"):
+        rp.Commentary.load("anything")
 
 
 def envelope(benchmark: str, results: dict, settings: dict | None = None, **kw: object) -> dict:

@@ -9,13 +9,14 @@ What runs, all real processes on this machine:
 - **The coordinator**: ``python -m diagnostics.cli coordinator serve --listen 127.0.0.1:0`` with its
   defaults (grpc.aio server, one controller queue, SQLite state, 10 s heartbeat timeout), mTLS from
   a fresh development PKI (``--tls``, the default) or ``--insecure``, and its /metrics endpoint.
-- **Simulated agents** in ``--client-procs`` processes (``python -m diagnostics.bench_coordinator
-  client``), asyncio + grpc.aio. The shape is the agent's own: unary ``Register`` once, then unary
-  ``Heartbeat`` every interval with directives piggybacked on the responses. Each simulated agent
-  has **its own channel and its own TCP (and TLS) connection** (a local subchannel pool per channel,
-  which grpc would otherwise share between channels of one process), and in TLS mode its own client
-  certificate (``agent-sim-NNNNN.pem``), because that is what the coordinator sees from real agents:
-  one connection, one handshake and one identity check per node. Payload per heartbeat: one
+- **Simulated agents** in ``--client-procs`` processes (``python -m diagnostics.bench
+  coordinator-client``, diagnostics/bench/__main__.py), asyncio + grpc.aio. The shape is the
+  agent's own: unary ``Register`` once, then unary ``Heartbeat`` every interval with directives
+  piggybacked on the responses. Each simulated agent has **its own channel and its own TCP (and
+  TLS) connection** (a local subchannel pool per channel, which grpc would otherwise share between
+  channels of one process), and in TLS mode its own client certificate (``agent-sim-NNNNN.pem``),
+  because that is what the coordinator sees from real agents: one connection, one handshake and
+  one identity check per node. Payload per heartbeat: one
   ``WorkerStatus`` per local rank (``--workers-per-node``, default 8: an 8-GPU node) in state
   TRAINING with an advancing step, the node's health verdict, the acked directive sequence, and with
   probability ``--event-rate`` one relayed event (a ~200-byte JSON detail; the coordinator stores
@@ -57,11 +58,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
-
-from diagnostics.output import JSON_HELP
+from typing import Any
 
 HEARTBEAT_TIMEOUT_S = 10.0  # the coordinator's default (coordinator/config.py); the benchmark keeps it
 RPC_TIMEOUT_S = 5.0  # the agent's default deadline per call (agent/config.py rpc_timeout_s)
@@ -242,7 +239,7 @@ def coordinator_goals(
     lost: int | None,
     max_age_s: float | None,
 ) -> list[dict[str, Any]]:
-    from diagnostics.bench import goal
+    from diagnostics.bench.common import goal
 
     at_scale = agents >= 1000
     p99_target = P99_FRACTION * interval_s * 1000
@@ -568,7 +565,7 @@ async def run_client(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 def client_main(argv: Sequence[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m diagnostics.bench_coordinator client SPEC.json", file=sys.stderr)
+        print("usage: python -m diagnostics.bench coordinator-client SPEC.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     if spec.get("nice"):
@@ -613,7 +610,7 @@ def _tail(path: Path, lines: int = 5) -> str:
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[Any], log: Path, what: str, timeout_s: float) -> None:
-    from diagnostics.bench import BenchError
+    from diagnostics.bench.common import BenchError
 
     deadline = time.monotonic() + timeout_s
     while not path.exists():
@@ -677,7 +674,7 @@ def run_point(
     """One measurement: a fresh coordinator, ``agents`` simulated agents, one measured window."""
     import psutil
 
-    from diagnostics.bench import REPO, BenchError, bench_env, median
+    from diagnostics.bench.common import REPO, BenchError, bench_env, median
 
     if agents < 1 or client_procs < 1 or seconds <= 0 or interval_s <= 0:
         raise ValueError("agents, client_procs, seconds and interval_s must be positive")
@@ -744,7 +741,7 @@ def run_point(
             log = work_dir / f"client-{i}.log"
             with log.open("wb") as f:
                 p = subprocess.Popen(
-                    [sys.executable, "-m", "diagnostics.bench_coordinator", "client", str(spec_path)],
+                    [sys.executable, "-m", "diagnostics.bench", "coordinator-client", str(spec_path)],
                     stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.PIPE, env=env, cwd=REPO,
                     start_new_session=True,
                 )  # fmt: skip
@@ -1038,7 +1035,7 @@ def bench_coordinator(
 ) -> dict[str, Any]:
     """Every point of :func:`plan_points`, one after the other; the JSON's results are the first
     (headline) point's, with every point summarised under ``points``."""
-    from diagnostics.bench import envelope
+    from diagnostics.bench.common import envelope
 
     if not agents:
         raise ValueError("at least one agent count")
@@ -1113,210 +1110,5 @@ def bench_coordinator(
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# The command
-
-
-def coordinator_table(result: dict[str, Any]) -> None:
-    from diagnostics.commands.bench import num, print_goals
-    from diagnostics.output import emit_table
-
-    r = result["results"]
-    emit_table(
-        [
-            "agents",
-            "transport",
-            "p50 ms",
-            "p99 ms",
-            "max ms",
-            "failures",
-            "heartbeats/s (offered)",
-            "coordinator cores",
-            "RSS MB",
-            "oldest age s",
-            "client lateness p99 ms",
-            "other cores",
-        ],
-        [
-            [
-                p["agents"],
-                "mTLS" if p["tls"] else "plaintext",
-                num(p["p50_ms"], ".3g"),
-                num(p["p99_ms"], ".3g"),
-                num(p["max_ms"], ".3g"),
-                f"{p['failures']} {p['failures_by_code'] or ''}".strip(),
-                f"{num(p['achieved_per_s'], '.0f')} ({num(p['offered_per_s'], '.0f')})",
-                num(p["coordinator_cores"], ".2f"),
-                num(p["coordinator_rss_mb_peak"], ".0f"),
-                num(p["heartbeat_age_s_max"], ".3g"),
-                num(p["client_lateness_p99_ms"], ".3g"),
-                num(p["other_cores"], ".2f"),
-            ]
-            for p in r["points"]
-        ],
-        title=f"Coordinator: simulated agents heartbeating every {result['settings']['interval_s']:g} s"
-        + (" in one job" if result["settings"]["job"] else ""),
-    )
-    print_goals(result)
-
-
-def register(app: typer.Typer) -> None:
-    """Add `coordinator` to the `stanchion bench` app."""
-    app.command("coordinator", epilog=EPILOG)(coordinator)
-
-
-EPILOG = (
-    "Exit codes: 0 ok (goals met or not: see the JSON's goals), 1 a benchmark run failed "
-    "(the message names its log), 2 usage error."
-)
-
-
-def coordinator(
-    agents: Annotated[
-        list[int] | None,
-        typer.Option(
-            "--agents",
-            metavar="N",
-            min=1,
-            help="Simulated agents (nodes); repeatable: one point per count, the first is the headline "
-            "(default 1000).",
-        ),
-    ] = None,
-    seconds: Annotated[float, typer.Option("--seconds", min=1.0, help="Measured seconds per point.")] = 30.0,
-    warmup_s: Annotated[
-        float, typer.Option("--warmup-s", min=0.0, help="Heartbeating before the measured window.")
-    ] = 5.0,
-    client_procs: Annotated[
-        int, typer.Option("--client-procs", min=1, help="Processes that run the simulated agents.")
-    ] = 2,
-    tls: Annotated[
-        bool,
-        typer.Option("--tls/--insecure", help="mTLS with a fresh development PKI (default), or plaintext."),
-    ] = True,
-    compare_insecure: Annotated[
-        bool,
-        typer.Option("--compare-insecure", help="With --tls: also run every point in plaintext, after it."),
-    ] = False,
-    job: Annotated[
-        bool,
-        typer.Option(
-            "--job/--no-job",
-            help="Submit one job spanning every agent once they registered, so that every heartbeat "
-            "carries that job's progress through the state machine (default), or leave them idle.",
-        ),
-    ] = True,
-    interval_s: Annotated[
-        float, typer.Option("--interval-s", min=0.01, help="Heartbeat interval of every agent.")
-    ] = 1.0,
-    workers_per_node: Annotated[
-        int, typer.Option("--workers-per-node", min=1, max=64, help="Worker statuses per heartbeat.")
-    ] = 8,
-    event_rate: Annotated[
-        float,
-        typer.Option("--event-rate", min=0.0, max=1.0, help="Chance that a heartbeat carries one event."),
-    ] = 0.02,
-    client_nice: Annotated[
-        int,
-        typer.Option(
-            "--client-nice",
-            min=0,
-            max=19,
-            help="Niceness of the client processes: >0 lets the coordinator take a core first, as if the "
-            "agents ran elsewhere.",
-        ),
-    ] = 0,
-    scrape_every_s: Annotated[
-        float, typer.Option("--scrape-every-s", min=0.5, help="Scrape the coordinator's /metrics this often.")
-    ] = 10.0,
-    work_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--work-dir", metavar="DIR", help="Keep the logs and state under DIR (default: a temporary dir)."
-        ),
-    ] = None,
-    timeout_s: Annotated[
-        float, typer.Option("--timeout-s", min=1.0, help="Give up on registration after this many seconds.")
-    ] = 300.0,
-    json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out", metavar="FILE", help="Also write the JSON to FILE (e.g. docs/bench/coordinator.json)."
-        ),
-    ] = None,
-) -> None:
-    """How many agents one coordinator process carries: a real coordinator process (grpc.aio,
-    mTLS by default) and simulated agents, each with its own connection, in --client-procs
-    processes. They register, then (by default) join one job spanning all of them and heartbeat at
-    a fixed rate with realistic payloads. Reports client-side heartbeat latency, heartbeats achieved
-    vs offered, failures by status code, the coordinator's CPU and RSS, and the heartbeat ages the
-    coordinator itself reports on /metrics."""
-    from diagnostics.bench import work_directory
-    from diagnostics.commands.bench import command_line, report
-    from diagnostics.output import handle_errors, message
-
-    counts = agents or [1000]
-
-    @handle_errors
-    def go() -> None:
-        command = command_line(
-            "bench coordinator",
-            [
-                ("--agents", counts),
-                ("--seconds", _g(seconds)),
-                ("--warmup-s", _g(warmup_s)),
-                ("--client-procs", client_procs),
-                ("--tls" if tls else "--insecure", True),
-                ("--compare-insecure", compare_insecure),
-                ("--job" if job else "--no-job", True),
-                ("--interval-s", _g(interval_s)),
-                ("--workers-per-node", workers_per_node),
-                ("--event-rate", _g(event_rate)),
-                ("--client-nice", client_nice or None),
-                ("--scrape-every-s", _g(scrape_every_s)),
-                ("--json", json_),
-                ("--out", out),
-            ],
-        )
-        with work_directory(work_dir, "coordinator") as wd:
-            result = bench_coordinator(
-                agents=counts,
-                seconds=seconds,
-                warmup_s=warmup_s,
-                client_procs=client_procs,
-                tls=tls,
-                compare_insecure=compare_insecure,
-                job=job,
-                interval_s=interval_s,
-                workers_per_node=workers_per_node,
-                event_rate=event_rate,
-                client_nice=client_nice,
-                scrape_every_s=scrape_every_s,
-                work_dir=wd,
-                command=command,
-                timeout_s=timeout_s,
-                progress=message,
-            )
-        report(result, json_=json_, out=out, table=coordinator_table)
-
-    go()
-
-
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f} ms"
-
-
-def _g(x: float) -> str:
-    return format(x, "g")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["client"]:
-        return client_main(argv[1:])
-    print("usage: python -m diagnostics.bench_coordinator client SPEC.json", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

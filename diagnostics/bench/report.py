@@ -1,22 +1,25 @@
 """`stanchion bench report`: docs/benchmarks.md and its figures, regenerated from docs/bench/*.json.
 
 Every section shows the command that produced its JSON above its tables, the tables generated from
-the JSON, and the hand-written explanations as fixed text. Commentary that quotes figures of one
-particular run carries the ``finished_at`` of the JSON it was written for: when the JSON is
-regenerated, the document says so above the commentary instead of silently pairing old words
-with new numbers. Figures (matplotlib, Agg backend) are written next to the JSON files.
+the JSON, and the hand-written explanations, which are Markdown files in diagnostics/bench/text/
+(:func:`prose`). Commentary that quotes figures of one particular run carries the ``finished_at``
+of the JSON it was written for (the first line of its file, ``<!-- written for: ... -->``): when
+the JSON is regenerated, the document says so above the commentary instead of silently pairing
+old words with new numbers. Figures (matplotlib, Agg backend) are written next to the JSON files.
 """
+
+from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 # The bisection JSON is written by `stanchion diag bisect`, which does not record its command.
 BISECT_COMMAND = "stanchion diag bisect --local-nodes 8 --defect 5 --json docs/bench/bisect.json"
@@ -116,6 +119,15 @@ def utc_minute(stamp: str) -> str:
     return t.strftime("%Y-%m-%d %H:%M UTC")
 
 
+def prose(name: str) -> str:
+    """The hand-written Markdown of diagnostics/bench/text/NAME.md, exactly as written (a few carry
+    ``{field}`` placeholders that their section fills in with ``str.format``)."""
+    return resources.files("diagnostics.bench").joinpath("text", f"{name}.md").read_text(encoding="utf-8")
+
+
+WRITTEN_FOR = re.compile(r"<!-- written for: (\S+) -->\n")
+
+
 @dataclass
 class Commentary:
     """Hand-written text about one recorded run; ``written_for`` is that JSON's ``finished_at``."""
@@ -123,6 +135,15 @@ class Commentary:
     written_for: str
     text: str
     key: str = "finished_at"  # the JSON field that identifies the run
+
+    @classmethod
+    def load(cls, name: str) -> Commentary:
+        """text/NAME.md, whose first line names the run: ``<!-- written for: FINISHED_AT -->``."""
+        body = prose(name)
+        m = WRITTEN_FOR.match(body)
+        if m is None:
+            raise ValueError(f"text/{name}.md: the first line must be <!-- written for: FINISHED_AT -->")
+        return cls(m.group(1), body[m.end() :])
 
     def render(self, d: Mapping[str, Any]) -> list[str]:
         out = []
@@ -152,56 +173,10 @@ class Report:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixed text (the earlier helper's explanations, kept as written)
+# Fixed text: the hand-written prose is diagnostics/bench/text/NAME.md, loaded by prose()
 
-INTRO = """\
-# Benchmarks
-
-Stanchion's speed goals are checked by benchmarks, not by timed tests. `stanchion bench <name>`
-runs one benchmark, prints a table (or JSON with `--json`) and writes the JSON with `--out FILE`;
-the JSON of the runs recorded here is in [`docs/bench/`](bench/). The code is
-`diagnostics/bench.py` (the trainer and integrity benchmarks, shared helpers),
-`diagnostics/bench_recovery.py`, `diagnostics/bench_goodput.py`, `diagnostics/bench_coordinator.py`
-and `diagnostics/commands/bench.py` (the commands). This page is
-generated from the JSON by `stanchion bench report` (`diagnostics/bench_report.py`): edit the
-generator, not this file.
-"""
-
-HOW_TO_READ = """\
-## How to read these figures
-
-The machines these figures come from are shared: other jobs may run on the same two cores (each
-JSON records the load average at the start and end of its run under
-`machine.load_average_1_5_15`). Every benchmark is therefore built to be
-compared *within one invocation*, never against a figure from another day:
-
-- **Side by side.** Peers (Stanchion and plain DDP; a protection on and off; Stanchion and
-  torchrun) run in the same invocation, in interleaved rounds whose order flips every round
-  (ABBA), so a slow drift in the machine's load does not favour whichever runs first.
-- **Medians and ratios.** Step times are rank 0's `step_time_s` from each run's progress records,
-  first steps dropped as warm-up; a configuration's figure is the median over all its measured
-  steps. Comparisons are ratios of medians.
-- **Several estimators, because periodic costs hide from medians.** Fingerprints (every K steps),
-  snapshots (every 20) and the audit (every M steps) cost nothing on most steps and something on a
-  few when K > 1, so a median of step times cannot see them. Each step is therefore classed by which
-  protections were due at it (the trainer's own rules), and the JSON reports:
-  - `median`: of all measured steps; `p10`: their 10th percentile (load only ever adds time, so the
-    fast tail is what it disturbs least; it also leaves out anything done every 10th step or rarer).
-  - `amortized`: the mean step time with each class of steps represented by its median.
-  - `overhead_within_run`: the extra time of a run's due steps over the *same run's* ordinary
-    steps, spread over all its steps (Σ n_class · (median_class − median_ordinary) / (n ·
-    median_ordinary)), median over the runs. Both sides of this comparison ran at the same time, so
-    it is the one figure here that the machine's load barely moves; it is blind to a cost paid on
-    every step, which only the cross-run figures can show.
-  - `overhead_median`, `overhead_p10`, `overhead_amortized`: the configuration against the
-    baseline runs (pooled over rounds); `overhead_per_round`: against the baseline run of the same
-    round. On this machine these cross-run figures move by ±20–60% between rounds: read them as
-    noise bounds, not as costs.
-
-Commands below are exactly those that produced the JSON, except that they also had
-`--work-dir /tmp/bench-work` (keeps each run's logs and progress files; the JSON's `command` leaves
-out options that cannot change a figure: `--work-dir`, `--timeout-s`).
-"""
+INTRO = prose("intro")
+HOW_TO_READ = prose("how_to_read")
 
 MACHINE_FIXED = [
     ("memory", "23.5 GiB"),
@@ -213,206 +188,15 @@ MACHINE_FIXED = [
     ),
 ]
 
-TRAINER_WHAT_RUNS = """\
-What runs, per preset, in 3 interleaved rounds:
-
-- **Stanchion**: the trainer's real CLI, `python -m trainer --nproc 2 --preset P --data D --steps N
-  --checkpoint-every 0 --set eval_batches=1 ...`, every protection at its default when the run was
-  recorded (fingerprints K = 20, audit M = 40, snapshots every 20, start-up determinism check, spike
-  and non-finite monitors; the defaults are now K = 1 and M = 80, see the integrity section). Checkpoints are off: a checkpoint's stall is not part of `step_time_s`.
-- **Plain DDP**: `torchrun --standalone --nproc-per-node 2 -m diagnostics.bench ddp-worker` with
-  the same trainer flags, parsed by the trainer's own parser: the same model class and seeded
-  weights, the same AdamW (foreach), LR schedule, batches (`trainer.data.get_batch`), gradient
-  accumulation and thread count, wrapped in `torch.nn.parallel.DistributedDataParallel` over gloo
-  with its defaults (bucketed all-reduce overlapped with backward), `clip_grad_norm_`, and the loss
-  read every step. Left out because they are what Stanchion adds: activation norms, per-layer grad
-  norms, the per-step control all-gather, fingerprints, audit, snapshots and deterministic algorithms.
-- **Presets on this CPU**: `tiny` as defined (~1.05M parameters with vocab 2048, 16 × 128 tokens
-  per step, 100 steps, first 5 dropped). `gpt2-124m` (123.7M parameters) is too slow for its own
-  batch on a CPU, so it runs **1 sequence per rank per step, global batch 2, seq_len 256** (512
-  tokens per step), 20 steps, first 5 dropped; step 20 checks fingerprints and takes a snapshot. The
-  JSON lists every change under `config.notes`. On a GPU the same command runs the presets' own
-  batch shapes on CUDA in bf16 (not measured yet).
-- **FLOP accounting**: `model FLOP/s = flops_per_token × tokens/s`, with `flops_per_token = 6N +
-  12·L·d·T` from `GPT.flops_per_token` (N counts every matmul parameter, the lm_head included).
-  The **matmul peak** is the median FLOP/s (2n³ per product) of a square fp32 2048 × 2048 matmul
-  with 1 torch thread, as each rank uses, measured in the same invocation before and after the
-  training runs (the higher of the two), times the 2 ranks. `of peak` is model FLOP/s over that
-  peak: a roofline-style ratio of what the training achieved to what the same cores reach on the
-  friendliest possible kernel, not a hardware-specification MFU.
-"""
-
-TRAINER_MEANING = Commentary(
-    "2026-11-27T12:53:48+0000",
-    """\
-What the figures mean:
-
-- **Same training on both sides.** With the same seed the two sides report the same mean loss to
-  the last bit at steps 1 and 2 (7.579043…, 7.217886…), then drift apart: the 7th digit differs at
-  step 10 and ~1% at step 50, as rounding differences do in training (DDP divides gradients by the
-  world size before summing, Stanchion after; the clipping norms are summed in different orders).
-- **tiny: Stanchion costs about 7% of step time over plain DDP** (per round 1–17%; p10 8%). About
-  3 points of that are the periodic protections (the within-run figure above, consistent with the
-  integrity benchmark); the rest is what runs every step: the control all-gather, per-layer grad
-  norms, activation norms, spike detector, the progress record, and the flat-buffer all-reduce.
-- **gpt2-124m (reduced batch): Stanchion is 1.1–1.3× slower than DDP on this machine, and the
-  rounds disagree** (0.90 to 2.51: two of Stanchion's three runs met the busiest minutes of the
-  invocation). An earlier run of the same command the same morning, at lower load, gave per-round
-  ratios of 1.05 / 1.14 / 0.59 (median 1.05); a single extra pair of 8-step runs right after this
-  one gave ≈ 1.26. What the difference is made of was measured apart (two gloo ranks, 124M
-  parameters, 1 thread, not a `stanchion bench` command yet): the flat-buffer all-reduce takes
-  ~1.0–1.35 s per step because it allocates a fresh 0.5 GB buffer every step, copies every gradient
-  into it and back, and cannot overlap the backward pass (plain DDP's bucketed all-reduce overlaps
-  it); per-layer grad norms take ~0.2–0.44 s because `x.float().pow(2).sum()` materialises a squared
-  copy of every gradient (a fused norm takes 0.04 s). With a batch of 512 tokens per step the
-  communication is a large share of the step; with real batch sizes (gradient accumulation, GPUs)
-  the all-reduce is amortised over much more compute.
-- **The snapshot step of gpt2-124m costs 1.3–4.3 s more than an ordinary step** (this run and the
-  earlier one): 1.48 GB of parameters and AdamW state copied into freshly allocated host tensors;
-  copying into preallocated buffers took ~1 s in isolation. At one snapshot per 20 steps that is
-  1.3–2.7% of step time here.
-- **Model FLOP/s are 27–36% of the matmul peak here**, depressed by the load: a quieter trial,
-  `stanchion bench trainer --preset tiny --steps 8 --rounds 1 --data /tmp/sotu-data` (6 steps
-  measured; JSON not kept), reached 60% (Stanchion) and 56% (DDP) of a 164 GFLOP/s peak.
-  The ratio compares a training step (attention, norms, the optimizer, communication, the Python
-  loop) with one large fp32 GEMM, so it is an upper-bound-style efficiency, not an MFU against a
-  data-sheet peak.
-""",
-)
-
-INTEGRITY_A = """\
-One 256 MiB fp32 tensor (seeded normal values); 7 timed repetitions after one warm-up, round-robin
-over the cases. GB/s = tensor bytes / median seconds (1 GB = 10⁹ bytes). The fingerprint is
-`trainer.fingerprint.tensor_fingerprint` (wrapping int64 sum of the raw bits); memcpy is
-`Tensor.copy_` into a preallocated, already-written tensor (each byte read once and written once);
-zlib.crc32 and hashlib.sha256 read the same bytes through the buffer protocol (single-threaded).
-"""
-
-INTEGRITY_A_MEANING = Commentary(
-    "2026-12-06T08:21:41+0000",
-    """\
-The fingerprint only reads, so it runs at about read bandwidth: 1.67× a copy that reads and writes,
-5.1× zlib.crc32 and 9.6× sha256 (Megatron-LM's replica check uses SHA-1). A second thread does not
-help on this machine: both figures are memory-bound and the other core was busy with another job
-during this run (the 2-thread figures are the noisiest here).
-""",
-)
-
-INTEGRITY_B = """\
-Real 2-rank runs of the `tiny` preset (1.05M parameters, 2,048 tokens per step, grad accumulation
-1), 120 steps each, the first 5 dropped (115 measured per run, 345 per configuration over 3 rounds),
-checkpoints off. The baseline turns every protection off:
-"""
-
-INTEGRITY_B_AFTER = """\
-and each configuration sets only its own keys on top of that (the JSON lists them under `sets`).
-A snapshot is taken only at a step whose fingerprint check passed, so snapshots cannot run alone:
-`snapshots_default` runs fingerprints (K = 1) and snapshots (every 20), and the snapshot's own cost
-is the difference from `fingerprint_default`. At the defaults `fingerprint_default` and
-`fingerprint_k1` are the same settings (K = 1); both are kept so that files from different dates
-compare, and the difference between them is the noise of the cross-run figures.
-"""
-
-INTEGRITY_B_MEANING = Commentary(
-    "2026-12-06T08:21:41+0000",
-    """\
-What the figures mean:
-
-- **All protections at their defaults cost 2.2% (median) to 3.2% (amortized)** against the baseline
-  in this run: within the 5% goal. With fingerprints every step there are no ordinary steps left
-  to compare within a run, so this is a cross-run figure, and cross-run figures here move by
-  several points: `fingerprint_default` and `fingerprint_k1`, the same settings, came out at 1.2%
-  and 5.7%, and an earlier run of the same command this morning, while other jobs shared the
-  machine, gave 6.2% for all defaults. The goal holds in this run with no margin this machine can
-  resolve. Every step took about 0.22 s here against 0.10 s on a quiet machine: another job shared
-  the CPU during the whole run.
-- **What a fingerprint check costs, measured apart**: reading the ~12.6 MB of parameters and AdamW
-  state (152 tensors) takes about 1.5 ms on this CPU, 1.5% of a quiet 0.1 s step, plus one small
-  all-gather. It is a fixed cost per step, so it shrinks with the step: at gpt2-124m scale the
-  state is 120× larger but the step far longer.
-- **The audit (every 80th step) is the one cost that can be measured within a run**: its due steps
-  took 0.449 s against ordinary steps of 0.23 s, 0.8% amortized, close to the 1/80 = 1.25% of one
-  extra forward and backward per 80 steps that it is by design.
-- **Snapshots** (a host copy of parameters and optimizer state every 20 steps) estimate at 5.1%
-  only as the difference of two cross-run figures, i.e. within the noise above; on a quiet machine
-  they measured about 0.9%.
-- **If the budget must hold with margin on a small model**, `integrity.fingerprint_every = 2` halves
-  the fingerprints' cost and delays a detection by at most one step (a heal then rolls back at most
-  two steps).
-- **Not in these figures**: the start-up determinism check (two forward/backward passes before step
-  1, a one-time cost visible only in `runs[].wall_s`), checkpoints (off here: a checkpoint's stall is
-  not part of `step_time_s`; it is reported as `checkpoint_stall_s`), and the per-step monitors
-  that cannot be turned off (non-finite guard, spike detector, per-layer grad norms, the control
-  all-gather), which the trainer benchmark charges to Stanchion against plain DDP.
-""",
-)
-
-RECOVERY_WHAT_RUNS = """\
-What runs, in alternating trials (ABBA order, one kill per trial):
-
-- **Stanchion**: a local cluster (`diagnostics/localcluster.py`: a coordinator, 2 nodes × 1 worker
-  and 1 spare node on 127.0.0.1, plaintext gRPC; TLS changes nothing on the recovery path but the
-  handshake of a new connection) trains a 2-rank data-parallel job. Once the job has completed the
-  kill step and rank 1's node has a warm standby again (the job's start took the previous one:
-  the steady state of a long job), rank 1's process gets SIGKILL. **Recovery** = first progress
-  record (any rank) of a newer generation − kill time. **Lost steps** = newest step completed
-  before the kill − the step the new generation resumed from (its `started` events' `resumed_step`;
-  `healed` says the state came from a live peer).
-- **torchrun**: `torchrun --standalone --nproc-per-node 2 --max-restarts 3 -m trainer` with the
-  same trainer flags (model, data, steps, checkpoint cadence) and
-  `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` (without it restarted gloo workers often read a stale
-  rendezvous store, a known torchrun/gloo problem). At the same step rank 1's process gets SIGKILL; torchrun
-  restarts both workers, which resume from the newest good checkpoint. **Recovery** = first progress
-  record written after the restarted processes' `started` event − kill time; **lost steps** = steps
-  completed before the kill − the checkpoint step resumed from.
-- **Phases**: `detected` is the coordinator's decision about the crash (Stanchion only; torchrun's
-  agent notices within its 0.1 s monitor interval); `restarted` is the recovered ranks' first
-  `started` event (process group formed, state restored); the first step follows.
-"""
-
-GOODPUT_WHAT_RUNS = """\
-What runs, in one invocation per schedule, on one local cluster (a coordinator, 2 nodes × 1 worker,
-1 spare node; plaintext gRPC; agents started with `--hang-floor-s 2`):
-
-1. **the fault-free job** of the configuration (the model named below, with its spike detector
-   off: spikes are real in a model this small and are not among the faults under test; checkpoints
-   every 100 steps): its median step time is ETTR's yardstick and its final fingerprint
-   (parameters and AdamW state) the golden one;
-2. **the faulted job**, same spec plus the schedule. Crashes (SIGKILL of the rank's process) and
-   hangs (SIGSTOP) are injected from outside when the job reaches their step, one at a time: a
-   fault due while the previous one is still recovering waits until every rank trains again. Slow
-   ranks (the trainer's `slow` fault: +50 ms per step for 20 steps) and silent corruption (one bit
-   flipped in a parameter or AdamW moment, bits 20–30) come from the job spec's fault schedule;
-3. **torchrun** (`--max-restarts`, `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`) with the same trainer
-   flags and the same schedule's **crashes only**: torchrun has no hang detection of its own (a hung
-   rank waits for the collective timeout), and a bit flip in one replica goes unnoticed without
-   Stanchion's coordinator.
-
-Schedules: `trainer.faults.generate_schedule` (Poisson arrivals, seeded; 70% crash, 12% hang, 8% slow
-rank, 10% silent corruption); **S1** one fault per 2,000 steps on average, **S2** one per 200. The
-recorded runs use seed 1 for both, chosen because its schedules contain every fault kind (seed 0's
-S2 schedule has no hang or bit flip); both schedules happen to draw more faults than their average
-(listed below), which makes the ETTR figures pessimistic for their nominal rates.
-
-Figures, all from rank 0's progress records:
-
-- **ETTR**: steps that survive × the fault-free run's median step time / wall time
-  from the start of step 1 to the end of the last step (detection, restart, restore and redone steps
-  included; job start-up and the final evaluation are not, and are the same with or without faults).
-- **ceiling**: the same formula on the fault-free run. On this shared machine a fault-free run's
-  mean step time is well above its median (other jobs' load comes in bursts), so even a run with no
-  fault scores below 1: that gap is the machine, not a fault.
-- **normalized** = ETTR / ceiling = fault-free wall / faulted wall: what the faults cost relative to
-  a clean run of the same job; it moves with any change of load between the two runs
-  (`median_step_drift` = the faulted run's median step / the fault-free run's).
-- **local**: seconds spent in steps that survived (each at its own measured time; steps inside a
-  slow-rank window at most the run's median) / the same wall time. Numerator and denominator come
-  from the same run, so load that differs between runs cancels; its fault-free ceiling is close to 1.
-- **lost steps**: rank 0's progress records − steps that survived; **recovery**: per crash or hang,
-  injection → first step of the recovered generation; per bit flip, the flip → first step after
-  the rollback.
-"""
-
+TRAINER_WHAT_RUNS = prose("trainer_what_runs")
+TRAINER_MEANING = Commentary.load("trainer_meaning")
+INTEGRITY_A = prose("integrity_a")
+INTEGRITY_A_MEANING = Commentary.load("integrity_a_meaning")
+INTEGRITY_B = prose("integrity_b")
+INTEGRITY_B_AFTER = prose("integrity_b_after")
+INTEGRITY_B_MEANING = Commentary.load("integrity_b_meaning")
+RECOVERY_WHAT_RUNS = prose("recovery_what_runs")
+GOODPUT_WHAT_RUNS = prose("goodput_what_runs")
 GPU_TEXT = NOT_MEASURED
 
 
@@ -840,12 +624,8 @@ def ettr_figure(rep: Report, runs: Sequence[Mapping[str, Any]], name: str) -> Pa
 # Recovery, coordinator, bisection, goodput
 
 
-# What each benchmark model (diagnostics/bench_recovery.py MODELS) is, in words.
-MODEL_TEXT = {
-    "tiny": "the `tiny` preset as defined (4 layers, d_model 128, seq_len 128, global batch 16)",
-    "small": "the integration tests' small model (2 layers, d_model 64, seq_len 32, global batch 4)",
-    "medium": "the `tiny` preset's shape (4 layers, d_model 128, seq_len 128) at global batch 4",
-}
+# What each benchmark model (diagnostics/bench/recovery.py MODELS) is, in words: text/model_NAME.md.
+MODEL_TEXT = {name: prose(f"model_{name}").rstrip("\n") for name in ("tiny", "small", "medium")}
 
 
 def model_text(settings: Mapping[str, Any]) -> str:
@@ -853,22 +633,8 @@ def model_text(settings: Mapping[str, Any]) -> str:
     return f"`{name}`: {MODEL_TEXT.get(name, 'see the JSON settings')}"
 
 
-RECOVERY_MEANING: Commentary | None = None  # set below once a recorded run exists to write about
-GOODPUT_MEANING: Commentary | None = Commentary(
-    written_for="2026-11-27T15:24:40+0000",
-    text="""\
-**What these runs say.** The DESIGN-formula goals (S1 ≥ 0.97, S2 ≥ 0.80) are not met on this
-machine: the fault-free run of the same job already scores only 0.93 (S1) and 0.89 (S2) by that
-formula, because on two shared cores the mean step is well above the median. On top of that ceiling
-the faults cost 0.06 (S1, 5 faults) and 0.13 (S2, 16 faults): mostly hang detection (the agents'
-2 s floor, about 2.3 s per hang) and the steps redone after a bit flip is caught (the rollback goes
-back to the last agreeing snapshot, up to K = 20 steps). Crashes cost about 0.3 s and no steps each.
-The time-local estimate, which the machine's load does not move, meets both goals (0.977, 0.874).
-Side by side in the same invocations, Stanchion's ETTR is 1.31× (S1) and 1.20× (S2) torchrun's,
-although torchrun faced only the crashes, and it lost 41 and 49 steps where torchrun lost 142 and
-342. Every final state is bit-identical to the fault-free run's.
-""",
-)
+RECOVERY_MEANING: Commentary | None = None  # Commentary.load("recovery_meaning") once one is written
+GOODPUT_MEANING: Commentary | None = Commentary.load("goodput_meaning")
 
 
 def recovery_section(rep: Report) -> list[str]:
@@ -1033,15 +799,8 @@ def bisection_section(rep: Report) -> list[str]:
     out += command_block(d.get("command", BISECT_COMMAND))
     n = len(d.get("suspects", []))
     bound = math.ceil(math.log2(n)) if n > 1 else 0
-    out += [
-        f"{n} agents on 127.0.0.1 with mTLS, one of them (`{', '.join(d.get('defective', [])) or 'none'}`) started "
-        "with `--simulate-defect persistent` (its matmuls return a wrong element); the coordinator runs the "
-        "deterministic trial (8 steps) on groups of nodes and compares the traces. `wall_s` counts "
-        "everything the command does: a fresh development CA and certificates, starting the coordinator "
-        f"and {n} agents, the bisection, and stopping them. The command records neither its command line, "
-        "its time nor the machine.",
-        "",
-    ]
+    defective = ", ".join(d.get("defective", [])) or "none"
+    out += [prose("bisection_what_runs").format(n=n, defective=defective), ""]
     out += table(
         [
             "state",
@@ -1080,14 +839,7 @@ def bisection_section(rep: Report) -> list[str]:
         )
     if rows:
         out += ["Rounds:", ""] + table(["round", "groups", "traces"], rows) + [""]
-    out += [
-        f"Verdict: {d.get('reason', '')}",
-        "",
-        "With groups of one node and a majority reference every node is tried at once, so one "
-        f"deterministic fault is named in a single round instead of the ⌈log₂ {n}⌉ = {bound} a halving search "
-        "needs; `--group-size` > 1 (to test links between nodes) trades trial parallelism for rounds.",
-        "",
-    ]
+    out += [f"Verdict: {d.get('reason', '')}", "", prose("bisection_group_size").format(n=n, bound=bound), ""]
     return out
 
 
@@ -1280,41 +1032,8 @@ def goodput_section(rep: Report) -> list[str]:
 # The document
 
 
-DRILL_TEXT = """\
-A long fire drill of the whole system on one machine: a coordinator, two agents and a spare on
-127.0.0.1 training the tiny model, with a seeded schedule of real faults of every kind (SIGKILLed and
-SIGSTOPped ranks, killed agents, a killed and restarted coordinator, bit flips, NaNs), about one
-every `--fault-every` steps, and once per round of six a second crash, agent or coordinator kill
-fired as soon as the job is recovering from the fault before it. At the end `stanchion up` checks
-its invariants: the job succeeded, no recovery (fault injected to the first step of a newer
-generation) exceeded the bound, and the final state fingerprint equals that of the same job run
-without faults on the same cluster right after.
-"""
-
-
-DRILL_MEANING = Commentary(
-    "2026-12-06T05:56:01+0000",
-    """\
-What the run shows:
-
-- **The final state equals the fault-free run's** (fingerprint `30c7aebee850636d` both), after 368
-  faults, 50 of them landing while the job was still recovering from the one before, and 201
-  generations.
-- **One recovery broke the 60 s bound.** At step 887 a hung rank on spare-0 was replaced in place
-  (generation 69); the agent of node-0 was killed while that generation formed, and the in-place
-  generation 70 never formed (spare-0's rank never reached the rendezvous). The first-step deadline,
-  derived from this job's slowest launch on the loaded machine, was 73 s; past it the recovery
-  escalated to new processes from the checkpoint of step 850 (generation 71), which trained at once.
-  The ladder did its work, but the derived deadline itself is above the bound this drill asks for,
-  and why spare-0's rank never joined generation 70 is not yet explained. Both recoveries of that
-  pair are the two over the bound (the table counts each fault of a pair).
-- **Redone steps** (1,029) are mostly the rollbacks of the 52 bit flips and 52 NaNs to the last
-  snapshot (snapshots every 20 steps) and the one escalation above.
-- **"Answered by a decision"** for NaNs counts decisions that name the NaN; a NaN whose rank was
-  replaced before it fired, or that fired during a replay already in progress, has none (the final
-  state shows that none went unanswered).
-""",
-)
+DRILL_TEXT = prose("drill_text")
+DRILL_MEANING = Commentary.load("drill_meaning")
 
 
 def drill_section(rep: Report) -> list[str]:
@@ -1407,31 +1126,3 @@ def render(bench_dir: Path, out: Path) -> tuple[str, list[Path]]:
     while "\n\n\n" in text:
         text = text.replace("\n\n\n", "\n\n")
     return text.rstrip() + "\n", rep.figures
-
-
-def register(app: typer.Typer) -> None:
-    from diagnostics.commands.bench import EPILOG
-    from diagnostics.output import handle_errors, message
-
-    @app.command("report", epilog=EPILOG)
-    @handle_errors
-    def report(
-        bench_dir: Annotated[
-            Path, typer.Option("--bench-dir", metavar="DIR", help="Where the benchmark JSON files are.")
-        ] = Path("docs/bench"),
-        out: Annotated[Path, typer.Option("--out", metavar="FILE", help="The markdown to write.")] = Path(
-            "docs/benchmarks.md"
-        ),
-    ) -> None:
-        """Regenerate docs/benchmarks.md (and its PNG figures, next to the JSON) from the benchmark
-        JSON files: each section shows the command above its tables."""
-        from diagnostics.errors import UsageError
-
-        if not bench_dir.is_dir():
-            raise UsageError(f"--bench-dir {bench_dir}: not a directory")
-        text, figures = render(bench_dir, out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        for f in figures:
-            message(f"wrote {f}")
-        message(f"wrote {out}")

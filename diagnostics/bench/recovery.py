@@ -16,7 +16,7 @@ completed in the new generation; lost work = steps computed and then thrown away
   every worker and the trainer resumes from its newest good checkpoint. Recovery is the first
   progress record written after the restarted processes' ``started`` event, minus the kill time.
 
-The two sides alternate in ABBA order (diagnostics/bench.py ``interleaved``). The pieces that
+The two sides alternate in ABBA order (diagnostics/bench/common.py ``interleaved``). The pieces that
 `bench goodput` shares live here too: the cluster, standby readiness, incremental progress tails,
 finding a live rank's pid, and :func:`measure_recovery`, the one definition of recovery and lost
 steps both benchmarks use.
@@ -33,11 +33,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
-
-from diagnostics.bench import (
+from diagnostics.bench.common import (
     QUICK_MODEL,
     REPO,
     BenchError,
@@ -59,7 +57,7 @@ from stanchion.waiting import wait_until
 NODES = ("node-0", "node-1")
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # torchrun's gloo stale-store bug
 RECOVERY_GOAL = 0.25  # Stanchion's median recovery at most a quarter of torchrun's
-# The integration tests' small model (diagnostics/bench.py QUICK_MODEL) keeps the spike detector
+# The integration tests' small model (diagnostics/bench/common.py QUICK_MODEL) keeps the spike detector
 # quiet as they do: spikes are real in a model this small, and they are not the fault under test.
 SMALL_QUIET = ("integrity.spike_loss_z=1e9", "integrity.spike_grad_z=1e9")
 
@@ -766,108 +764,3 @@ def bench_recovery(
             "trials",
         ),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# The command
-
-
-def recovery_table(result: dict[str, Any]) -> None:
-    from diagnostics.commands.bench import num, print_goals
-    from diagnostics.output import emit_table
-
-    r = result["results"]
-    emit_table(
-        ["system", "recovery s (median)", "min", "max", "lost steps (median)", "max", "trials"],
-        [
-            [
-                name,
-                num(r[name]["recovery_s"], ".3f"),
-                num(r[name]["recovery_s_min"], ".3f"),
-                num(r[name]["recovery_s_max"], ".3f"),
-                num(r[name]["lost_steps"], "g"),
-                num(r[name]["lost_steps_max"], "g"),
-                f"{r[name]['measured']}/{r[name]['trials']}",
-            ]
-            for name in ("stanchion", "torchrun")
-        ],
-        title=f"Recovery after SIGKILL of one rank; Stanchion / torchrun = {num(r['ratio'], '.3f')}",
-    )
-    print_goals(result)
-
-
-def register(app: typer.Typer) -> None:
-    from diagnostics.commands.bench import (
-        EPILOG,
-        DataOpt,
-        JsonOpt,
-        OutOpt,
-        TimeoutOpt,
-        WorkDirOpt,
-        command_line,
-        prepared_data,
-        report,
-    )
-    from diagnostics.output import handle_errors, message
-
-    @app.command("recovery", epilog=EPILOG)
-    @handle_errors
-    def recovery(
-        trials: Annotated[int, typer.Option("--trials", min=1, help="Kills per system (ABBA order).")] = 5,
-        model: Annotated[str, typer.Option("--model", help=MODEL_HELP)] = "tiny",
-        steps: Annotated[int, typer.Option("--steps", min=3, help="Steps per job.")] = 60,
-        checkpoint_every: Annotated[
-            int, typer.Option("--checkpoint-every", min=1, help="Checkpoint cadence of both sides.")
-        ] = 20,
-        kill_step: Annotated[
-            int, typer.Option("--kill-step", min=1, help="Kill rank 1 once this step is completed.")
-        ] = 25,
-        max_restarts: Annotated[
-            int, typer.Option("--max-restarts", min=1, help="torchrun --max-restarts.")
-        ] = 3,
-        data: DataOpt = None,
-        work_dir: WorkDirOpt = None,
-        timeout_s: TimeoutOpt = 600.0,
-        json_: JsonOpt = False,
-        out: OutOpt = None,
-    ) -> None:
-        """Kill-to-first-step recovery time and lost steps after SIGKILL of one rank: Stanchion (a
-        local cluster, 2 nodes x 1 worker + a spare) beside torchrun --max-restarts on the same
-        trainer, model, data and checkpoint cadence, in alternating trials."""
-        from diagnostics.bench import work_directory
-        from diagnostics.errors import UsageError
-
-        if model not in MODELS:
-            raise UsageError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
-        command = command_line(
-            "bench recovery",
-            [
-                ("--trials", trials),
-                ("--model", model),
-                ("--steps", steps),
-                ("--checkpoint-every", checkpoint_every),
-                ("--kill-step", kill_step),
-                ("--max-restarts", max_restarts),
-                ("--data", data),
-                ("--json", json_),
-                ("--out", out),
-            ],
-        )
-        with work_directory(work_dir, "recovery") as wd:
-            try:
-                result = bench_recovery(
-                    data=prepared_data(data, wd),
-                    work_dir=wd,
-                    command=command,
-                    trials=trials,
-                    model=model,
-                    steps=steps,
-                    checkpoint_every=checkpoint_every,
-                    kill_step=kill_step,
-                    max_restarts=max_restarts,
-                    timeout_s=timeout_s,
-                    progress=message,
-                )
-            except TimeoutError as e:  # a cluster that never got where the trial needed it
-                raise BenchError(str(e)) from None
-        report(result, json_=json_, out=out, table=recovery_table)

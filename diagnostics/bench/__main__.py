@@ -1,0 +1,35 @@
+"""Worker processes that the benchmarks start: ``python -m diagnostics.bench WORKER ARGS``.
+
+- ``ddp-worker TRAINER-FLAGS``: one rank of the plain-DDP baseline of `bench trainer`, run under
+  torchrun (:func:`diagnostics.bench.trainer.ddp_worker`, command built by ``ddp_command``);
+- ``coordinator-client SPEC.json``: one process of simulated agents of `bench coordinator`
+  (:func:`diagnostics.bench.coordinator.client_main`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+USAGE = (
+    "usage: torchrun --nproc-per-node N -m diagnostics.bench ddp-worker TRAINER-FLAGS\n"
+    "       python -m diagnostics.bench coordinator-client SPEC.json"
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ddp-worker"]:
+        from diagnostics.bench.trainer import ddp_worker
+
+        return ddp_worker(argv[1:])
+    if argv[:1] == ["coordinator-client"]:
+        from diagnostics.bench.coordinator import client_main
+
+        return client_main(argv[1:])
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
