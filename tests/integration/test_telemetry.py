@@ -5,7 +5,7 @@ One cluster, one short job with injected faults (a NaN loss and a parameter bit 
 detector counters move. What is proved:
 
 - `promtool check metrics` accepts the agent's and the coordinator's exposition without a word;
-- every metric DESIGN.md's Metrics section names is exported (trainer metrics by the agent, job and
+- every metric docs/metrics.md names is exported (trainer metrics by the agent, job and
   node metrics by the coordinator, GPU metrics by the agent's health collector over a fake NVML, since
   this machine has no GPU), with `job_id` (DESIGN's `job`, renamed: see docs/metrics.md) and `rank`;
 - `stanchion_nvml_up` is 0 here;
@@ -64,7 +64,7 @@ NAN_STEP = 8  # rank 1's loss becomes NaN: the non-finite guard skips the step, 
 FLIP_STEP = 13  # a parameter bit of rank 0 flips: the next fingerprint check (every 2 steps) disagrees
 NODES = ("node-0", "node-1")
 
-# DESIGN.md, "Metrics" (DESIGN's `job` label is `job_id` in the code; docs/metrics.md says why).
+# The metrics docs/metrics.md documents (the `job_id` label: docs/metrics.md says why).
 DESIGN_TRAINER = {
     "stanchion_train_step": {"job_id", "rank"},
     "stanchion_train_loss": {"job_id", "rank"},

@@ -1,16 +1,21 @@
 """Property-based tests of the job state machine (coordinator/machine.py).
 
-A Hypothesis rule-based state machine drives one job through random sequences of every event the
-controller can deliver, over a small cluster whose nodes get lost, come back, turn unhealthy, go
-silent, are cordoned, drained and uncordoned. Event arguments come from the job's current state (its
-members and ranks, its generation and sometimes an older one, steps near where its ranks train),
-time only moves forward, and each decision's job replaces the job, as the controller applies it
-(Cordon actions cordon the node in the cluster view). After every step:
+A Hypothesis rule-based state machine drives a job through random sequences of every event the
+controller can deliver (when it ends, and has absorbed a few more, the next job is submitted to the
+same cluster), over a small cluster whose nodes get lost, come back, turn unhealthy, go silent, are
+cordoned, drained and uncordoned. Event arguments come from the job's current state (its members and
+ranks, its generation and sometimes an older one, steps near where its ranks train, its pending
+rollback), time only moves forward, and each decision's job replaces the job, as the controller
+applies it (a Cordon action cordons the node in the cluster view). Each event is delivered where the
+controller would deliver it (see the callers of Controller._apply). After every decision:
 
 1. the generation never decreases, and a StartGeneration names a generation above the previous one;
 2. a StartGeneration never names a checkpoint the job records as bad, nor one after its own
-   rollback target, after a rollback target in flight, or after the onset of an alarm that is still
-   open (unresolved) or raised by that decision; a checkpoint marked bad stays bad;
+   rollback target, and its rollback target is at or before every target in flight (restore_to, a
+   pending rollback); it never names one after the onset of an alarm that is still open
+   (unresolved) or raised by that decision, and while an alarm is open every checkpoint after its
+   onset is bad (_raise_alarm, Alarm.taints); a checkpoint marked bad stays bad; a cancel asks for a
+   final checkpoint only of clean state;
 3. a decision that changes the job's state, generation, members, restarts, pending rollback, alarms
    or checkpoints, or that asks for any action, has a reason;
 4. a terminal job absorbs every event: same job, no actions, no reason;
@@ -23,8 +28,8 @@ time only moves forward, and each decision's job replaces the job, as the contro
 from __future__ import annotations
 
 import dataclasses
-import json
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -33,7 +38,6 @@ from coordinator import machine as m
 from coordinator.jobspec import JobSpec
 from coordinator.membership import NodeView
 
-JOB_ID = "j1"
 PRIMARIES = ("a", "b", "c")
 SPARES = ("s1", "s2")
 STATE_NAMES = frozenset(s.value for s in m.JobState)
@@ -41,8 +45,9 @@ STATE_NAMES = frozenset(s.value for s in m.JobState)
 # reconcile grace, a first-step deadline (30 s floor, 300 s cold start) or a rendezvous timeout.
 TICK_GAPS = st.sampled_from([0.5, 0.5, 2.5, 2.5, 11.0, 35.0, 320.0, 700.0])
 EVENT_GAP = 0.25
-LATE = 25  # decisions before the job may be cancelled or finish: most runs explore first
-DETECTOR_KINDS = ("spike", "nonfinite", "fingerprint_mismatch", "audit_mismatch")
+LATE = 25  # decisions before a job may be cancelled or finish: most runs explore first
+PROBES = 3  # events a terminal job absorbs before the next job is submitted (ticks go on)
+DETECTOR_KINDS = ("fingerprint_mismatch", "spike", "audit_mismatch", "nonfinite")
 
 
 @st.composite
@@ -81,12 +86,15 @@ def weighted(favoured: list, others: list, weight: int = 3) -> st.SearchStrategy
 class JobLifecycle(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.job: m.Job = m.new_job(JOB_ID, JobSpec(name="prop"), 0.0)
+        self.job: m.Job = m.new_job("j0", JobSpec(name="prop"), 0.0)
+        self.jobs = 0
         self.nodes: dict[str, NodeView] = {}
         self.now = 0.0
         self.trail: list[str] = []  # the decisions so far, for assertion messages
         self.relaunches = 0  # StartGeneration actions after the first launch
         self.terminal: m.Job | None = None  # the job as it first reached a terminal state
+        self.absorbed = 0  # events delivered to it since
+        self.since = 0  # decisions before this job was submitted
         self.epoch = 0  # the newest rollback request the ranks handled (their request_epoch)
         self.base = 0  # the step the ranks of the current generation trained up to
 
@@ -97,7 +105,8 @@ class JobLifecycle(RuleBasedStateMachine):
         """The cluster as ClusterView shows it: the members of an active job are busy with it."""
         busy = set(self.job.members) if self.job.state in m.ACTIVE else set()
         return {
-            n: dataclasses.replace(v, busy_with=JOB_ID if n in busy else "") for n, v in self.nodes.items()
+            n: dataclasses.replace(v, busy_with=self.job.job_id if n in busy else "")
+            for n, v in self.nodes.items()
         }
 
     def set_node(self, node_id: str, **flags) -> None:
@@ -124,7 +133,17 @@ class JobLifecycle(RuleBasedStateMachine):
                 self.base = self.start_step(old, a)
         if self.job.state in m.TERMINAL and self.terminal is None:
             self.terminal = self.job
+        self.absorbed += old.state in m.TERMINAL
         return d
+
+    def start_job(self, spec: JobSpec) -> None:
+        """Submit a job (the controller creates it, then applies Submitted)."""
+        self.jobs += 1
+        self.job = m.new_job(f"j{self.jobs}", spec, self.now)
+        self.relaunches = self.absorbed = self.epoch = self.base = 0
+        self.terminal = None
+        self.since = len(self.trail)
+        self.deliver(m.Submitted(), gap=0.0)
 
     def start_step(self, old: m.Job, a: m.StartGeneration) -> int:
         """Where the ranks of a new generation start training from."""
@@ -144,8 +163,18 @@ class JobLifecycle(RuleBasedStateMachine):
 
     # Plausible arguments ----------------------------------------------------------------------
 
+    def accepting(self) -> bool:
+        """Events go to a live job, and to a terminal one a few times (it must absorb them)."""
+        return self.job.state not in m.TERMINAL or self.absorbed < PROBES
+
     def launched_once(self) -> bool:
-        return self.job.generation >= 1 and bool(self.job.members)
+        return self.accepting() and self.job.generation >= 1 and bool(self.job.members)
+
+    def active(self) -> bool:
+        return self.job.state in m.ACTIVE
+
+    def late(self) -> bool:
+        return len(self.trail) - self.since >= LATE
 
     def draw_generation(self, data: st.DataObject) -> int:
         g = self.job.generation
@@ -178,8 +207,13 @@ class JobLifecycle(RuleBasedStateMachine):
         self.nodes.update({n: NodeView(n, spare=True) for n in SPARES[:spares]})
         if absent:  # a node that has not registered yet: the rendezvous waits, or times out
             self.set_node(absent, ready=False)
-        self.job = m.new_job(JOB_ID, spec, 0.0)
-        self.deliver(m.Submitted(), gap=0.0)
+        self.start_job(spec)
+
+    @precondition(lambda self: self.job.state in m.TERMINAL and self.absorbed >= 1)
+    @rule(spec=specs())
+    def submit_next(self, spec: JobSpec) -> None:
+        """The job ended: the next one is submitted to the same cluster."""
+        self.start_job(spec)
 
     @rule(gap=TICK_GAPS)
     def tick(self, gap: float) -> None:
@@ -199,16 +233,18 @@ class JobLifecycle(RuleBasedStateMachine):
         node = self.draw_member(data)
         self.deliver(m.PeerWaiting(node, self.draw_generation(data), self.draw_step(data, "step", 2)))
 
+    @precondition(active)
     @rule(data=st.data())
     def node_lost(self, data: st.DataObject) -> None:
         """The controller declares a node lost once, when its heartbeats stop."""
-        node = self.draw_member(data) if self.job.members else data.draw(st.sampled_from(sorted(self.nodes)))
+        node = self.draw_member(data)
         if not self.nodes[node].ready:
             return
         self.set_node(node, ready=False, heartbeat_age_s=10.0)
-        if self.job.state in m.ACTIVE and node in self.job.members:  # Controller.active_job_for
+        if node in self.job.members:  # Controller.active_job_for
             self.deliver(m.NodeLost(node, "last heartbeat 10.0s ago"))
 
+    @precondition(accepting)
     @rule(data=st.data())
     def node_registers(self, data: st.DataObject) -> None:
         """A node (re)registers: back after being lost, or an agent restarted under a live member."""
@@ -223,6 +259,7 @@ class JobLifecycle(RuleBasedStateMachine):
         if self.job.state in (m.JobState.PENDING, m.JobState.RECOVERING):
             self.deliver(m.NodeChanged(node))
 
+    @precondition(accepting)
     @rule(data=st.data())
     def node_health(self, data: st.DataObject) -> None:
         """A heartbeat changes a node's health verdict or its age (no event of its own)."""
@@ -232,6 +269,7 @@ class JobLifecycle(RuleBasedStateMachine):
         silent = data.draw(st.sampled_from([False, False, True]), label="silent")
         self.set_node(node, healthy=healthy, heartbeat_age_s=m.QUIET_S + 0.5 if silent else 0.0)
 
+    @precondition(accepting)
     @rule(data=st.data())
     def cordon_or_uncordon(self, data: st.DataObject) -> None:
         """An operator uncordons a node (a NodeChanged for jobs that wait) or cordons one (no event:
@@ -245,11 +283,12 @@ class JobLifecycle(RuleBasedStateMachine):
         else:
             self.set_node(data.draw(st.sampled_from(sorted(self.nodes)), label="node"), cordoned=True)
 
+    @precondition(active)
     @rule(data=st.data())
     def drain(self, data: st.DataObject) -> None:
-        node = self.draw_member(data) if self.job.members else data.draw(st.sampled_from(sorted(self.nodes)))
+        node = self.draw_member(data)
         self.set_node(node, cordoned=True, draining=True)
-        if self.job.state in m.ACTIVE and node in self.job.members:
+        if node in self.job.members:
             self.deliver(m.Drain(node, "maintenance"))
 
     @precondition(launched_once)
@@ -260,15 +299,14 @@ class JobLifecycle(RuleBasedStateMachine):
         # step the job had reached (a recovery catching up).
         ahead = data.draw(st.sampled_from([1, 4, 12, 30, None]), label="steps ahead")
         step = max(self.base, 1) + ahead if ahead is not None else max(self.job.step + 1, self.base)
-        gen = self.draw_generation(data)
-        if gen == self.job.generation:
-            self.base = max(self.base, step)
-        saved = data.draw(st.booleans(), label="checkpointed there")
-        self.deliver(m.Progress(node, gen, step))
-        if saved:  # the same heartbeat relays the checkpoint it wrote at that step
+        gen = self.job.generation  # the controller relays progress of the job's generation only
+        self.base = max(self.base, step)
+        if data.draw(st.sampled_from([True, False]), label="checkpointed there"):
+            # The heartbeat's events are relayed before its progress (Controller._do_heartbeat).
             self.deliver(
                 m.CheckpointCommitted(gen, step, f"/ck/{step}", f"fp{step}", request_epoch=self.epoch)
             )
+        self.deliver(m.Progress(node, gen, step))
 
     @precondition(launched_once)
     @rule(data=st.data())
@@ -288,15 +326,19 @@ class JobLifecycle(RuleBasedStateMachine):
             step = data.draw(st.integers(max(job.step - 15, 1), max(job.step, 1) + 1), label="old step")
         earlier = [a.data_index for a in job.anomalies[-3:]]
         data_index = data.draw(st.sampled_from([step - 1, *earlier, step + 7]), label="data_index")
+        ranks = range(max(job.world_size, 1))
         suspects = data.draw(
-            st.lists(st.integers(0, max(job.world_size, 1) - 1), max_size=2, unique=True).map(tuple),
-            label="suspect_ranks",
+            st.sampled_from([(ranks[-1],), (), (ranks[0],), tuple(ranks[:2])]), label="suspect_ranks"
         )
+        # The onset: right before the detection, a little or a long way back, or (where it matters
+        # most) just before one of the checkpoints the job holds, so that the window straddles it.
+        straddle = sorted({c.step - 1 for c in job.checkpoints[-3:] if 0 < c.step <= step})
         if kind in ("fingerprint_mismatch", "audit_mismatch"):
-            back = data.draw(st.sampled_from([1, 3, 8, 20, None]), label="onset back")
+            onsets = [step - 1, *straddle, step - 3, step - 8, step - 20, -1]
         else:
-            back = data.draw(st.sampled_from([None, None, 2]), label="onset back")
-        onset = -1 if back is None else max(step - back, 0)
+            onsets = [-1, -1, *straddle, step - 2]
+        onset = data.draw(st.sampled_from(onsets), label="onset_step")
+        onset = max(onset, 0) if onset != -1 else -1
         self.deliver(m.Detector(kind, self.draw_member(data), gen, step, data_index, suspects, onset, "prop"))
 
     @precondition(launched_once)
@@ -312,7 +354,7 @@ class JobLifecycle(RuleBasedStateMachine):
         epoch = data.draw(st.sampled_from(sorted({self.epoch, 0})), label="request_epoch")
         self.deliver(m.CheckpointCommitted(gen, step, f"/ck/{step}", f"fp{step}", verified, agree, "", epoch))
 
-    @precondition(lambda self: self.job.pending_rollback is not None)
+    @precondition(lambda self: self.accepting() and self.job.pending_rollback is not None)
     @rule(data=st.data())
     def rollback_done(self, data: st.DataObject) -> None:
         p = self.job.pending_rollback
@@ -322,14 +364,14 @@ class JobLifecycle(RuleBasedStateMachine):
         if d.job.pending_rollback is None:  # the ranks handled it: they train on from its step
             self.epoch, self.base = max(self.epoch, rid), to
 
-    @precondition(lambda self: self.job.pending_rollback is not None)
+    @precondition(lambda self: self.accepting() and self.job.pending_rollback is not None)
     @rule(data=st.data())
     def rollback_unavailable(self, data: st.DataObject) -> None:
         p = self.job.pending_rollback
         rid = data.draw(st.sampled_from([p.request_id] * 3 + list(range(1, p.request_id))), label="request")
         self.deliver(m.RollbackUnavailable(self.job.generation, rid))
 
-    @precondition(lambda self: self.launched_once() and len(self.trail) >= LATE)
+    @precondition(lambda self: self.launched_once() and self.late())
     @rule(data=st.data())
     def rank_finished(self, data: st.DataObject) -> None:
         # Ranks finish together: deliver every rank's event but the ones the draw leaves out.
@@ -342,20 +384,21 @@ class JobLifecycle(RuleBasedStateMachine):
             if r not in missing:
                 self.deliver(m.RankFinished(gen, r, "fp-final", 3.5))
 
-    @precondition(lambda self: len(self.trail) >= LATE)
+    @precondition(lambda self: self.accepting() and self.late())
     @rule(really=st.sampled_from([False, False, False, True]))
     def cancel(self, really: bool) -> None:
         if really:  # rarely, and late: a cancel ends the rest of the run
             self.deliver(m.Cancel())
 
-    @rule()
-    def coordinator_restarted(self) -> None:
+    @precondition(active)  # Controller.load applies it to the active jobs
+    @rule(down=st.sampled_from([1.0, 5.0, 40.0]))
+    def coordinator_restarted(self, down: float) -> None:
         for n in self.nodes:
             if self.nodes[n].ready:  # Controller.load: every node's last heartbeat is "now"
                 self.set_node(n, heartbeat_age_s=0.0)
-        self.deliver(m.CoordinatorRestarted())
+        self.deliver(m.CoordinatorRestarted(), gap=down)
 
-    @precondition(lambda self: self.job.reconcile_until is not None)
+    @precondition(lambda self: self.accepting() and self.job.reconcile_until is not None)
     @rule(data=st.data())
     def reported(self, data: st.DataObject) -> None:
         node = self.draw_member(data)
@@ -438,9 +481,18 @@ class JobLifecycle(RuleBasedStateMachine):
                     f"{s} names checkpoint step {rec.step}, after the onset {onset} of an unresolved alarm "
                     f"{self.where(old, event)}"
                 )
+        # on_cancel: a final checkpoint only of clean state (a cancelled job records no later
+        # checkpoint event, so one of steps about to be discarded could never be marked bad).
+        for stop in (a for a in d.actions if isinstance(a, m.StopWorkers) and a.checkpoint):
+            assert old.pending_rollback is None and old.restore_to < 0 and not onsets, (
+                f"{stop} asks for a final checkpoint of state a rollback target or an open alarm "
+                f"discards {self.where(old, event)}"
+            )
 
     def check_reason(self, old: m.Job, event, d: m.Decision) -> None:
-        """3. A decision that changes the job's state, generation or members says why."""
+        """3. A decision that changes the job's state, generation or members (or anything the
+        controller records or acts on) says why: the module's "a decision with an empty reason
+        changed nothing"."""
         new = d.job
         changed = [
             what
@@ -514,6 +566,18 @@ class JobLifecycle(RuleBasedStateMachine):
     # Checked on the job between steps
 
     @invariant()
+    def open_alarms_taint_later_checkpoints(self) -> None:
+        """2. Until an alarm is resolved, every checkpoint after its onset is bad (_raise_alarm marks
+        the ones it finds, Alarm.taints the ones committed later)."""
+        for a in self.job.alarms:
+            if is_open(a):
+                good = [c.step for c in self.job.checkpoints if c.good and c.step > a.onset_step]
+                assert not good, (
+                    f"checkpoints {good} are good although the unresolved alarm {a} reaches back to "
+                    f"step {a.onset_step}; recent:\n  " + "\n  ".join(self.trail[-8:])
+                )
+
+    @invariant()
     def generation_matches_launches(self) -> None:
         if self.job.generation:
             assert self.job.generation == self.relaunches + 1, (
@@ -528,12 +592,15 @@ class JobLifecycle(RuleBasedStateMachine):
             )
 
     @invariant()
-    def state_round_trips_by_name(self) -> None:
-        d = m.to_json(self.job)
-        assert isinstance(d["state"], str) and d["state"] == self.job.state.value
-        back = m.from_json(json.loads(json.dumps(d)), self.job.spec)
-        assert back.state is self.job.state and back == self.job, "the job does not survive a restart"
+    def state_is_named(self) -> None:
+        state = self.job.state
+        assert isinstance(state, m.JobState) and m.JobState(state.value) is state, f"state {state!r}"
+        assert state.value in STATE_NAMES, f"state {state!r} is not one of {sorted(STATE_NAMES)}"
 
+
+# A failure is shrunk for up to 5 minutes (Hypothesis' limit) before it is reported: past the suite's
+# 300 s timeout, which would hide the minimal example.
+pytestmark = pytest.mark.timeout(600)
 
 TestJobLifecycle = JobLifecycle.TestCase
 TestJobLifecycle.settings = settings(
