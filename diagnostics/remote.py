@@ -8,6 +8,8 @@ coordinator said INVALID_ARGUMENT), 3 not found, 4 coordinator unreachable, 5 no
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -88,6 +90,36 @@ class Remote:
             insecure=self.insecure,
             token=self.token() if not self.insecure else "",
         )
+
+
+# The connection options, declared once: every command decorated with `connects` shows them.
+_CONNECTION = (
+    ("coordinator", CoordinatorOpt, ""),
+    ("tls_dir", TlsDirOpt, ""),
+    ("insecure", InsecureOpt, False),
+    ("token_file", TokenFileOpt, ""),
+    ("timeout", TimeoutOpt, 10.0),
+)
+
+
+def connects(fn: Callable[..., T]) -> Callable[..., T]:
+    """For a command that calls a coordinator: ``fn`` takes ``r: Remote`` and declares no
+    connection options; its command line gets them (``--coordinator``, ``--tls-dir``, ``--insecure``,
+    ``--token-file``, ``--timeout``) and ``r`` is built from them."""
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "r"]
+    conn = [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a)
+        for n, a, d in _CONNECTION
+    ]
+
+    @functools.wraps(fn)
+    def command(**kw: Any) -> T:
+        return fn(r=remote(*(kw.pop(n) for n, _, _ in _CONNECTION)), **kw)
+
+    params = own + conn
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
 
 
 def remote(coordinator: str, tls_dir: str, insecure: bool, token_file: str, timeout: float = 10.0) -> Remote:

@@ -18,6 +18,7 @@ import typer
 
 from diagnostics.errors import EXIT_FAILURE, EXIT_OK
 from diagnostics.output import JSON_HELP, emit_json, emit_table, handle_errors, message
+from diagnostics.remote import CoordinatorOpt, InsecureOpt, TlsDirOpt, TokenFileOpt
 
 if TYPE_CHECKING:
     from agent.health import GpuSample, NodeHealth
@@ -316,12 +317,10 @@ def bisect(
         ),
     ] = "",
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900.0,
-    coordinator: Annotated[
-        str, typer.Option(envvar="STANCHION_COORDINATOR", help="Coordinator HOST:PORT.")
-    ] = "127.0.0.1:50051",
-    tls_dir: Annotated[str, typer.Option(envvar="STANCHION_TLS_DIR", help="mTLS directory.")] = "",
-    insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext gRPC.")] = False,
-    token_file: Annotated[str, typer.Option(envvar="STANCHION_TOKEN_FILE", help="Bearer token file.")] = "",
+    coordinator: CoordinatorOpt = "",
+    tls_dir: TlsDirOpt = "",
+    insecure: InsecureOpt = False,
+    token_file: TokenFileOpt = "",
 ) -> None:
     """Find the node that computes wrong numbers: deterministic trials on node groups, compared.
 

@@ -11,16 +11,7 @@ import typer
 
 from diagnostics.errors import EXIT_NOT_FOUND, CliError
 from diagnostics.output import JSON_HELP, emit_json, emit_table, handle_errors, message
-from diagnostics.remote import (
-    REMOTE_EPILOG,
-    CoordinatorOpt,
-    InsecureOpt,
-    TimeoutOpt,
-    TlsDirOpt,
-    TokenFileOpt,
-    call,
-    remote,
-)
+from diagnostics.remote import REMOTE_EPILOG, Remote, call, connects
 
 app = typer.Typer(help="Submit, watch, cancel and explain jobs.", no_args_is_help=True, rich_markup_mode=None)
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
@@ -54,14 +45,12 @@ HEADERS = ["job", "state", "gen", "step", "restarts", "nodes", "last decision"]
 
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
+@connects
 def submit(
     spec: Annotated[Path, typer.Argument(metavar="SPEC", help="A TOML job spec (see docs/jobs.md).")],
     json_: JsonOpt = False,
-    coordinator: CoordinatorOpt = "",
-    tls_dir: TlsDirOpt = "",
-    insecure: InsecureOpt = False,
-    token_file: TokenFileOpt = "",
-    timeout: TimeoutOpt = 10.0,
+    *,
+    r: Remote,
 ) -> None:
     """Submit a job; prints its id. Retrying the same submission never creates a second job."""
     from protos.stanchion.v1 import operator_pb2
@@ -71,9 +60,7 @@ def submit(
     except OSError as e:
         raise CliError(f"cannot read {spec}: {e}", exit_code=EXIT_NOT_FOUND) from None
     req = operator_pb2.SubmitJobRequest(spec_toml=text, request_id=uuid.uuid4().hex)
-    resp = call(
-        remote(coordinator, tls_dir, insecure, token_file, timeout), lambda s, kw: s.SubmitJob(req, **kw)
-    )
+    resp = call(r, lambda s, kw: s.SubmitJob(req, **kw))
     d = job_dict(resp.job)
     if json_:
         emit_json(d)
@@ -84,22 +71,17 @@ def submit(
 
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
+@connects
 def status(
     job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="Job id (default: the newest job).")] = "",
     json_: JsonOpt = False,
-    coordinator: CoordinatorOpt = "",
-    tls_dir: TlsDirOpt = "",
-    insecure: InsecureOpt = False,
-    token_file: TokenFileOpt = "",
-    timeout: TimeoutOpt = 10.0,
+    *,
+    r: Remote,
 ) -> None:
     """Show one job: state, generation, step, restarts, members and the latest decision."""
     from protos.stanchion.v1 import operator_pb2
 
-    resp = call(
-        remote(coordinator, tls_dir, insecure, token_file, timeout),
-        lambda s, kw: s.GetJob(operator_pb2.GetJobRequest(job_id=job_id), **kw),
-    )
+    resp = call(r, lambda s, kw: s.GetJob(operator_pb2.GetJobRequest(job_id=job_id), **kw))
     d = job_dict(resp.job)
     if json_:
         emit_json(d)
@@ -109,21 +91,12 @@ def status(
 
 @app.command("list", epilog=REMOTE_EPILOG)
 @handle_errors
-def list_(
-    json_: JsonOpt = False,
-    coordinator: CoordinatorOpt = "",
-    tls_dir: TlsDirOpt = "",
-    insecure: InsecureOpt = False,
-    token_file: TokenFileOpt = "",
-    timeout: TimeoutOpt = 10.0,
-) -> None:
+@connects
+def list_(json_: JsonOpt = False, *, r: Remote) -> None:
     """List every job the coordinator knows."""
     from protos.stanchion.v1 import operator_pb2
 
-    resp = call(
-        remote(coordinator, tls_dir, insecure, token_file, timeout),
-        lambda s, kw: s.ListJobs(operator_pb2.ListJobsRequest(), **kw),
-    )
+    resp = call(r, lambda s, kw: s.ListJobs(operator_pb2.ListJobsRequest(), **kw))
     rows = [job_dict(j) for j in resp.jobs]
     if json_:
         emit_json(rows)
@@ -133,22 +106,17 @@ def list_(
 
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
+@connects
 def cancel(
     job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="Job id.")],
     json_: JsonOpt = False,
-    coordinator: CoordinatorOpt = "",
-    tls_dir: TlsDirOpt = "",
-    insecure: InsecureOpt = False,
-    token_file: TokenFileOpt = "",
-    timeout: TimeoutOpt = 10.0,
+    *,
+    r: Remote,
 ) -> None:
     """Cancel a job: its ranks checkpoint and stop."""
     from protos.stanchion.v1 import operator_pb2
 
-    resp = call(
-        remote(coordinator, tls_dir, insecure, token_file, timeout),
-        lambda s, kw: s.CancelJob(operator_pb2.CancelJobRequest(job_id=job_id), **kw),
-    )
+    resp = call(r, lambda s, kw: s.CancelJob(operator_pb2.CancelJobRequest(job_id=job_id), **kw))
     d = job_dict(resp.job)
     if json_:
         emit_json(d)
@@ -158,24 +126,19 @@ def cancel(
 
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
+@connects
 def explain(
     job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="Job id (default: the newest job).")] = "",
     json_: JsonOpt = False,
-    coordinator: CoordinatorOpt = "",
-    tls_dir: TlsDirOpt = "",
-    insecure: InsecureOpt = False,
-    token_file: TokenFileOpt = "",
-    timeout: TimeoutOpt = 10.0,
+    *,
+    r: Remote,
 ) -> None:
     """Print every decision the coordinator made for a job, with its reason, and each bisection round."""
     from google.protobuf.json_format import MessageToDict
 
     from protos.stanchion.v1 import operator_pb2, types_pb2
 
-    resp = call(
-        remote(coordinator, tls_dir, insecure, token_file, timeout),
-        lambda s, kw: s.ExplainJob(operator_pb2.ExplainJobRequest(job_id=job_id), **kw),
-    )
+    resp = call(r, lambda s, kw: s.ExplainJob(operator_pb2.ExplainJobRequest(job_id=job_id), **kw))
     decisions = []
     for d in resp.decisions:
         decisions.append(
@@ -212,22 +175,17 @@ def explain(
 
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
+@connects
 def checkpoints(
     job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="Job id (default: the newest job).")] = "",
     json_: JsonOpt = False,
-    coordinator: CoordinatorOpt = "",
-    tls_dir: TlsDirOpt = "",
-    insecure: InsecureOpt = False,
-    token_file: TokenFileOpt = "",
-    timeout: TimeoutOpt = 10.0,
+    *,
+    r: Remote,
 ) -> None:
     """List a job's checkpoints as the coordinator judges them (good, or bad and why)."""
     from protos.stanchion.v1 import operator_pb2
 
-    resp = call(
-        remote(coordinator, tls_dir, insecure, token_file, timeout),
-        lambda s, kw: s.ListCheckpoints(operator_pb2.ListCheckpointsRequest(job_id=job_id), **kw),
-    )
+    resp = call(r, lambda s, kw: s.ListCheckpoints(operator_pb2.ListCheckpointsRequest(job_id=job_id), **kw))
     rows = [
         {"step": c.step, "path": c.path, "good": c.good, "reason": c.reason, "fingerprint": c.fingerprint}
         for c in resp.checkpoints
@@ -243,14 +201,12 @@ def checkpoints(
 
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
+@connects
 def events(
     job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="Job id (default: every job).")] = "",
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming new events.")] = False,
-    coordinator: CoordinatorOpt = "",
-    tls_dir: TlsDirOpt = "",
-    insecure: InsecureOpt = False,
-    token_file: TokenFileOpt = "",
-    timeout: TimeoutOpt = 10.0,
+    *,
+    r: Remote,
 ) -> None:
     """Print stored events as JSON lines (with --follow, keep streaming)."""
 
@@ -279,4 +235,4 @@ def events(
                 flush=True,
             )
 
-    call(remote(coordinator, tls_dir, insecure, token_file, timeout), stream)
+    call(r, stream)

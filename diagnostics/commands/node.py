@@ -8,16 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from diagnostics.output import JSON_HELP, emit_json, emit_table, handle_errors, message
-from diagnostics.remote import (
-    REMOTE_EPILOG,
-    CoordinatorOpt,
-    InsecureOpt,
-    TimeoutOpt,
-    TlsDirOpt,
-    TokenFileOpt,
-    call,
-    remote,
-)
+from diagnostics.remote import REMOTE_EPILOG, Remote, call, connects
 
 app = typer.Typer(help="List, cordon, uncordon and drain nodes.", no_args_is_help=True, rich_markup_mode=None)
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
@@ -46,21 +37,12 @@ def node_dict(n: Any) -> dict[str, Any]:
 
 @app.command("list", epilog=REMOTE_EPILOG)
 @handle_errors
-def list_(
-    json_: JsonOpt = False,
-    coordinator: CoordinatorOpt = "",
-    tls_dir: TlsDirOpt = "",
-    insecure: InsecureOpt = False,
-    token_file: TokenFileOpt = "",
-    timeout: TimeoutOpt = 10.0,
-) -> None:
+@connects
+def list_(json_: JsonOpt = False, *, r: Remote) -> None:
     """List registered nodes with state, health and the job each serves."""
     from protos.stanchion.v1 import operator_pb2
 
-    resp = call(
-        remote(coordinator, tls_dir, insecure, token_file, timeout),
-        lambda s, kw: s.ListNodes(operator_pb2.ListNodesRequest(), **kw),
-    )
+    resp = call(r, lambda s, kw: s.ListNodes(operator_pb2.ListNodesRequest(), **kw))
     rows = [node_dict(n) for n in resp.nodes]
     if json_:
         emit_json(rows)
@@ -105,46 +87,40 @@ def _op(kind: str, node_id: str, reason: str, json_: bool, r: Any) -> None:
 
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
+@connects
 def cordon(
     node_id: Annotated[str, typer.Argument(metavar="NODE_ID", help="Node id.")],
     reason: ReasonOpt = "",
     json_: JsonOpt = False,
-    coordinator: CoordinatorOpt = "",
-    tls_dir: TlsDirOpt = "",
-    insecure: InsecureOpt = False,
-    token_file: TokenFileOpt = "",
-    timeout: TimeoutOpt = 10.0,
+    *,
+    r: Remote,
 ) -> None:
     """No new work on this node; its current work continues."""
-    _op("cordon", node_id, reason, json_, remote(coordinator, tls_dir, insecure, token_file, timeout))
+    _op("cordon", node_id, reason, json_, r)
 
 
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
+@connects
 def uncordon(
     node_id: Annotated[str, typer.Argument(metavar="NODE_ID", help="Node id.")],
     json_: JsonOpt = False,
-    coordinator: CoordinatorOpt = "",
-    tls_dir: TlsDirOpt = "",
-    insecure: InsecureOpt = False,
-    token_file: TokenFileOpt = "",
-    timeout: TimeoutOpt = 10.0,
+    *,
+    r: Remote,
 ) -> None:
     """Make a cordoned or drained node eligible again."""
-    _op("uncordon", node_id, "", json_, remote(coordinator, tls_dir, insecure, token_file, timeout))
+    _op("uncordon", node_id, "", json_, r)
 
 
 @app.command(epilog=REMOTE_EPILOG)
 @handle_errors
+@connects
 def drain(
     node_id: Annotated[str, typer.Argument(metavar="NODE_ID", help="Node id.")],
     reason: ReasonOpt = "",
     json_: JsonOpt = False,
-    coordinator: CoordinatorOpt = "",
-    tls_dir: TlsDirOpt = "",
-    insecure: InsecureOpt = False,
-    token_file: TokenFileOpt = "",
-    timeout: TimeoutOpt = 10.0,
+    *,
+    r: Remote,
 ) -> None:
     """Cordon the node and move its job off it now (a new generation without it)."""
-    _op("drain", node_id, reason, json_, remote(coordinator, tls_dir, insecure, token_file, timeout))
+    _op("drain", node_id, reason, json_, r)
