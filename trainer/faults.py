@@ -36,6 +36,7 @@ import logging
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -252,7 +253,10 @@ class FaultInjector(FaultHooks):
             if f.kind == "freeze" and f.at == at and f.step == step and self._claim(f, step):
                 self._record(f, step)
                 log.warning("freezing (SIGSTOP) at step %d, %s", step, at)
-                os.kill(os.getpid(), signal.SIGSTOP)
+                # Directed at this thread, so this thread is the one that takes it, before it runs
+                # another instruction; a process-directed kill() may be taken by another thread while
+                # this one runs on into, say, the checkpoint's commit vote. SIGSTOP stops every thread.
+                signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
     def corrupt_loss(self, step: int, loss: torch.Tensor, data_index: int = -1) -> torch.Tensor:
         for f in self._due("nan", step, data_index):
