@@ -213,7 +213,9 @@ class FaultInjector(FaultHooks):
     def _record(self, f: Fault, step: int, **detail: Any) -> None:
         rec = {"fault": f.kind, "id": f.id, "step": step, **detail}
         self.fired.append(rec)
-        self._undrained.append(rec)
+        # "t": when it fired, not when the step ends and the event is written: a detector's event
+        # (and the coordinator's decision on it) can come before that, and must not look earlier.
+        self._undrained.append({**rec, "t": time.time()})
         log.warning("fault injected: %s", rec)
 
     def drain(self) -> list[dict[str, Any]]:
