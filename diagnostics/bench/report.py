@@ -120,8 +120,8 @@ def utc_minute(stamp: str) -> str:
 
 
 def prose(name: str) -> str:
-    """The hand-written Markdown of diagnostics/bench/text/NAME.md, exactly as written (a few carry
-    ``{field}`` placeholders that their section fills in with ``str.format``)."""
+    """The hand-written Markdown of diagnostics/bench/text/NAME.md, exactly as written (the bisection
+    texts name figures in braces, which their section fills in with ``str.format``)."""
     return resources.files("diagnostics.bench").joinpath("text", f"{name}.md").read_text(encoding="utf-8")
 
 
