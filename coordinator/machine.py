@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +91,8 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
 PEER_WAIT_GRACE_S = 2.0  # a rank waiting on a vanished peer, with no failure reported, for this long
 QUIET_S = 1.5  # ... and a member whose agent has been silent this long is taken for the vanished one
 RECONCILE_GRACE_S = 10.0  # after a coordinator restart: time for agents to report in
+PAST_GENERATIONS = 4  # superseded generations whose members are remembered for their late reports
+
 # The first-step deadline of a generation. Before the job has completed any launch: COLD_START_S
 # (spawning, building the model, the start-up determinism check). After: FIRST_STEP_FACTOR times the
 # slowest launch-to-first-step it has seen, never under FIRST_STEP_FLOOR_S (scheduler noise on a
@@ -204,6 +206,9 @@ class Job:
     # generation steps; a bisection's or a capacity wait's until the next launch): any restart before
     # then restores from at or before it. -1: none.
     restore_to: int = -1
+    # (generation, members) of the last few superseded generations: a late report of one of them
+    # names ranks by that generation's members, not the current one's.
+    past_members: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
     @property
     def last_good(self) -> CheckpointRecord | None:
@@ -214,10 +219,17 @@ class Job:
         good = [c for c in self.checkpoints if c.good and c.step <= step]
         return good[-1] if good else None
 
-    def node_of_rank(self, rank: int) -> str | None:
-        wpn = self.spec.workers_per_node
-        i = rank // wpn
-        return self.members[i] if 0 <= i < len(self.members) else None
+    def node_of_rank(self, rank: int, generation: int | None = None) -> str | None:
+        """The node that ran ``rank`` in ``generation`` (default: the current one); None if unknown."""
+        members = self.members
+        if generation is not None and generation != self.generation:
+            members = dict(self.past_members).get(generation, ())
+        i = rank // self.spec.workers_per_node
+        return members[i] if 0 <= i < len(members) else None
+
+    def suspects(self, ranks: Iterable[int], generation: int) -> tuple[str, ...]:
+        """The nodes that ran ``ranks`` in ``generation``, sorted."""
+        return tuple(sorted({n for r in ranks if (n := self.node_of_rank(r, generation)) is not None}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,6 +474,9 @@ def step(job: Job, event: Event, nodes: Mapping[str, NodeView], now: float) -> D
         raise AssertionError(
             f"illegal transition {job.state.value} -> {new.state.value} on {type(event).__name__}"
         )
+    if new.generation != job.generation and job.members:
+        past = (*job.past_members, (job.generation, job.members))[-PAST_GENERATIONS:]
+        new = dataclasses.replace(new, past_members=past)
     if new.state != job.state:
         new = dataclasses.replace(new, state_since=now)
     if decision.reason:
@@ -752,7 +767,7 @@ def on_detector(job: Job, ev: Detector, nodes: Mapping[str, NodeView], now: floa
     job, marks = _raise_alarm(job, ev)
     if ev.kind in (EventKind.NONFINITE, EventKind.SPIKE):
         return _replay_first(job, ev, nodes, now, marks)
-    suspects = tuple(sorted({n for r in ev.suspect_ranks if (n := job.node_of_rank(r)) is not None}))
+    suspects = job.suspects(ev.suspect_ranks, ev.generation)
     if ev.kind == EventKind.FINGERPRINT_MISMATCH:
         if suspects:
             cordons = tuple(
@@ -813,11 +828,16 @@ def _late_alarm(job: Job, ev: Detector, onset: int, nodes: Mapping[str, NodeView
     comes from an older generation, or from ranks the job stopped. Process events of such ranks are
     stale; an alarm is not: its onset window holds whatever generation inherited that state
     (survivors keep it, replacements heal from them). Checkpoints in the window are bad, and the
-    state must come back from at or before the onset."""
+    state must come back from at or before the onset, unless the report names the odd replica: as
+    for a fresh report, the majority's state at the check is then good once that replica is gone."""
     if ev.kind == EventKind.NONFINITE:
         return _noop(job)  # the poisoned update was never applied: nothing to undo
     job, marks = _raise_alarm(job, ev)
     why = f"{ev.kind} at step {ev.step} reported by generation {ev.generation} (onset after step {onset})"
+    # Ranks are numbered within the generation that reported them.
+    suspects = job.suspects(ev.suspect_ranks, ev.generation)
+    gone = bool(suspects) and not set(suspects) & set(job.members)
+    target = ev.step if gone and ev.kind == EventKind.FINGERPRINT_MISMATCH else onset
     if _stopped(job):
         target = min(onset, job.restore_to) if job.restore_to >= 0 else onset
         return Decision(
@@ -825,14 +845,14 @@ def _late_alarm(job: Job, ev: Detector, onset: int, nodes: Mapping[str, NodeView
             marks,
             f"{why}: its ranks are stopped; the next generation restores from step {target} or earlier",
         )
-    if job.launched is not None and 0 <= job.restore_to <= onset:
+    if job.launched is not None and 0 <= job.restore_to <= target and (gone or not suspects):
         new = dataclasses.replace(job, alarms=_resolve_alarms(job, generation=job.generation))
+        without = f" without {', '.join(suspects)}" if suspects else ""
         return Decision(
             new,
             marks,
-            f"{why}: generation {job.generation} already restores from step {job.restore_to} or earlier",
+            f"{why}: generation {job.generation} already restores{without} from step {job.restore_to} or earlier",
         )
-    suspects = tuple(sorted({n for r in ev.suspect_ranks if (n := job.node_of_rank(r)) is not None}))
     cordons = tuple(Cordon(n, f"{ev.kind} at step {ev.step} named it ({ev.detail})") for n in suspects)
     d = _restart(
         job,
@@ -840,9 +860,9 @@ def _late_alarm(job: Job, ev: Detector, onset: int, nodes: Mapping[str, NodeView
         nodes,
         now,
         exclude=suspects,
-        rollback_to=max(onset, 0),
+        rollback_to=max(target, 0),
         detail=f"{why}: generation {job.generation} may carry that state, so it restores from step "
-        f"{max(onset, 0)} or earlier",
+        f"{max(target, 0)} or earlier",
     )
     return dataclasses.replace(d, actions=marks + cordons + d.actions)
 
@@ -1356,5 +1376,6 @@ def from_json(d: dict[str, Any], spec: JobSpec) -> Job:
         "tried",
     ):
         d[key] = tuple(d.get(key, ()))
+    d["past_members"] = tuple((int(g), tuple(ms)) for g, ms in d.get("past_members", ()))
     known = {f.name for f in dataclasses.fields(Job)}
     return Job(**{k: v for k, v in d.items() if k in known})

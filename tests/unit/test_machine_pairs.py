@@ -651,3 +651,44 @@ def test_a_missed_deadline_always_climbs_the_ladder(scenario_name: str) -> None:
         assert (
             start.fresh_processes and start.resume != Resume.PEER and start.rollback_to == (sc.target or -1)
         )
+
+
+def test_a_late_detection_names_its_ranks_by_its_own_generations_members() -> None:
+    # Replica fingerprints at step 21 name rank 0 (node a): generation 2 replaces a with the spare,
+    # which takes rank 0. A second mismatch about the same divergence, written by generation 1 at
+    # step 22 before it stopped, still means node a: it must neither cordon the spare nor shrink
+    # the job, and generation 2 (without a, restoring from step 21) already answers it.
+    spec = dataclasses.replace(SPEC, nodes=3)
+    cluster = nodes("a", "b", "c", spares=("s",))
+    job = apply(running(cluster, spec), [m.Progress("a", 1, 1), m.Progress("a", 1, 21)], cluster, 1.0)
+    first = m.Detector(
+        EventKind.FINGERPRINT_MISMATCH,
+        "b",
+        1,
+        step=21,
+        suspect_ranks=(0,),
+        onset_step=20,
+        detail="rank 0 differs",
+    )
+    d = m.step(job, first, cluster, 3.0)
+    start = only(d.actions, m.StartGeneration)
+    assert "a" not in start.members and "s" in start.members and start.rollback_to == 21
+    assert d.job.node_of_rank(0) == "s"  # the spare took rank 0
+    late = m.Detector(
+        EventKind.FINGERPRINT_MISMATCH,
+        "c",
+        1,
+        step=22,
+        suspect_ranks=(0,),
+        onset_step=20,
+        detail="rank 0 differs",
+    )
+    d2 = m.step(d.job, late, cluster, 3.5)
+    assert not any(isinstance(a, (m.Cordon, m.StartGeneration)) for a in d2.actions), d2.reason
+    assert d2.job.members == d.job.members and d2.job.generation == 2
+    assert d2.job.restarts == d.job.restarts and "already" in d2.reason
+    # The same late report naming a rank whose node generation 2 still trains with is answered.
+    other = dataclasses.replace(late, suspect_ranks=(1,))  # node b in generation 1
+    d3 = m.step(d.job, other, cluster, 3.5)
+    assert only(d3.actions, m.Cordon).node_id == "b"
+    assert "b" not in only(d3.actions, m.StartGeneration).members
