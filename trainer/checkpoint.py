@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from stanchion.files import fsync_dir
 from stanchion.vocab import EventKind
 from trainer import manifest as mf
-from trainer.parallel import collective
+from trainer.parallel import CollectiveFailed, collective
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +139,15 @@ class CheckpointManager:
             self._pending = self._executor.submit(self._finish, fut, step, tmp, final, fields)
             self.in_flight_step = step
         else:
-            error: BaseException | None = None
-            try:
-                dcp.save(state, checkpoint_id=str(tmp), process_group=self.pg)
-            except CHECKPOINT_ERRORS as e:  # storage errors are reported; training goes on
-                error = e
-            self._finish(None, step, tmp, final, fields, error)
+            # In the foreground every rank waits on its peers here: marked as a collective so an
+            # agent sees a rank waiting on a stopped peer, not a rank stuck by itself.
+            with collective("writing a checkpoint"):
+                error: BaseException | None = None
+                try:
+                    dcp.save(state, checkpoint_id=str(tmp), process_group=self.pg)
+                except CHECKPOINT_ERRORS as e:  # storage errors are reported; training goes on
+                    error = e
+                self._finish(None, step, tmp, final, fields, error)
             self.last_stall_s = time.perf_counter() - t0
         return self.last_stall_s
 
@@ -173,7 +176,8 @@ class CheckpointManager:
             # (an all-gather rather than a MIN all-reduce, so the message can name the failed ranks)
             mine = torch.tensor([0 if error is not None else 1], dtype=torch.int64)
             oks = [torch.zeros_like(mine) for _ in range(dist.get_world_size(self.pg))]
-            dist.all_gather(oks, mine, group=self.pg)
+            with collective("the checkpoint's commit vote"):
+                dist.all_gather(oks, mine, group=self.pg)
             agreed = True
             if error is not None:
                 raise error
@@ -206,6 +210,8 @@ class CheckpointManager:
                 if removed:
                     log.info("retention removed %s", ", ".join(p.name for p in removed))
         except CHECKPOINT_ERRORS as e:  # a failed save must never stop training
+            if fut is None and isinstance(e, CollectiveFailed):
+                raise  # in the foreground, a lost peer: the caller's generation re-forms and saves again
             # The free space says at once whether a full disk is the cause (a short write can
             # surface as a serializer error rather than ENOSPC).
             free = shutil.disk_usage(self.root).free
@@ -218,7 +224,8 @@ class CheckpointManager:
 
     def wait(self) -> None:
         if self._pending is not None:
-            self._pending.result()
+            with collective("waiting for the checkpoint in flight"):  # its commit vote waits on peers
+                self._pending.result()
             self._pending = None
 
     def close(self) -> None:

@@ -27,6 +27,10 @@ One-shot faults (bitflip, nan, crash, hang) fire once per run: the firing rank r
 exclusive create in ``RUN_DIR/faults/``, so a replay after a rollback or restart sees a transient
 fault that does not recur. ``"repeat": true`` makes one fire at every pass over its step instead
 (a fault tied to the data, which the replay-first policy must classify as such).
+
+A fired fault becomes a ``fault_injected`` event with the time it fired. Those after which the rank
+does not go on (crash, hang, freeze) are written at once, before the process dies or stops; the
+others at the end of their step.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +56,7 @@ KINDS = ("bitflip", "compute", "nan", "crash", "hang", "freeze", "slow")
 FREEZE_POINTS = ("step", "checkpoint", "commit", "join")
 TARGETS = ("param", "optim", "grad", "activation")
 _ONE_SHOT = ("bitflip", "nan", "crash", "hang", "freeze")
+_FINAL = ("crash", "hang", "freeze")  # the process dies or stops where they fire
 
 
 @dataclass(frozen=True)
@@ -169,9 +174,19 @@ class FaultInjector(FaultHooks):
     """Fires the schedule's faults at the trainer's named hook points for one rank."""
 
     def __init__(
-        self, faults: Sequence[Fault], *, rank: int, seed: int, state_dir: Path | None, node: str = ""
+        self,
+        faults: Sequence[Fault],
+        *,
+        rank: int,
+        seed: int,
+        state_dir: Path | None,
+        node: str = "",
+        announce: Callable[[dict[str, Any]], None] | None = None,
     ):
+        """``announce`` receives, at once, the record of a fault after which this process does not
+        go on (crash, hang, freeze): such a record would never be drained at the end of its step."""
         self.all_faults = list(faults)
+        self.announce = announce
         self.node = node
         self.faults = [f for f in faults if f.applies_to(rank, node)]
         self.rank = rank
@@ -215,8 +230,12 @@ class FaultInjector(FaultHooks):
         self.fired.append(rec)
         # "t": when it fired, not when the step ends and the event is written: a detector's event
         # (and the coordinator's decision on it) can come before that, and must not look earlier.
-        self._undrained.append({**rec, "t": time.time()})
+        event = {**rec, "t": time.time()}
         log.warning("fault injected: %s", rec)
+        if f.kind in _FINAL and self.announce is not None:
+            self.announce(event)
+        else:
+            self._undrained.append(event)
 
     def drain(self) -> list[dict[str, Any]]:
         """Faults fired since the last call (the trainer turns them into events)."""

@@ -45,7 +45,7 @@ class LivenessThread(threading.Thread):
         blocked = list(parallel.current_collective)
         state = {"pid": os.getpid(), "time": time.time()}
         if blocked:
-            state["collective"], state["since"] = blocked[-1]
+            state["collective"], state["since"], _ = blocked[-1]
         tmp = self.path.with_name(f".{ALIVE_FILE}.tmp.{threading.get_ident()}")
         try:
             tmp.write_text(json.dumps(state))

@@ -210,6 +210,8 @@ class Trainer:
             try:
                 self.join(assignment)
                 outcome = self.train()
+                if outcome == "finished":
+                    self.conclude()
                 break
             except (CollectiveFailed, GenerationChange, Abandoned) as e:
                 if assignment is None or (self.cfg.parallel == "fsdp" and isinstance(e, CollectiveFailed)):
@@ -253,6 +255,7 @@ class Trainer:
                 seed=cfg.seed,
                 state_dir=self.opts.run_dir / "faults",
                 node=os.environ.get(contract.ENV_NODE_ID, ""),
+                announce=lambda fired: self.event(EventKind.FAULT_INJECTED, **fired),
             )
         else:  # a re-formed generation may give this process another rank
             self.fault_hooks.set_rank(rank)
@@ -918,11 +921,15 @@ class Trainer:
         self.event(EventKind.EVAL, step=self.cursor.step, val_loss=val)
         return val
 
+    def conclude(self) -> None:
+        """The end of training, inside the generation: its collectives can lose a peer like any
+        step's, and a re-formed generation (survivors keep their state) does this part again."""
+        self.final_val_loss = self.evaluate()
+        if self.cfg.checkpoint_every:
+            self.save_checkpoint(blocking=True)
+
     def finish(self, outcome: str) -> None:
         if outcome == "finished":
-            self.final_val_loss = self.evaluate()
-            if self.cfg.checkpoint_every:
-                self.save_checkpoint(blocking=True)
             self.ckpt.wait()
             self.event(
                 EventKind.FINISHED,

@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -223,14 +224,17 @@ def leave_group() -> None:
 
 
 # What this rank is blocked in, if anything: read by the liveness thread (trainer/liveness.py) so
-# an agent can tell a rank waiting on a peer from a rank that is itself stuck.
-current_collective: list[tuple[str, float]] = []
+# an agent can tell a rank waiting on a peer from a rank that is itself stuck. Entries are
+# (what, since, thread): a checkpoint's commit vote runs in a background thread while the main
+# thread enters and leaves its own collectives, so each thread removes exactly its own entry.
+current_collective: list[tuple[str, float, int]] = []
 
 
 @contextlib.contextmanager
 def collective(what: str) -> Iterator[None]:
     """Turn a distributed backend failure inside this block into CollectiveFailed."""
-    current_collective.append((what, time.time()))
+    entry = (what, time.time(), threading.get_ident())
+    current_collective.append(entry)
     try:
         yield
     except (CollectiveFailed, Abandoned):
@@ -238,7 +242,7 @@ def collective(what: str) -> Iterator[None]:
     except (RuntimeError, dist.DistError) as e:  # gloo raises RuntimeError("... Connection closed by peer")
         raise CollectiveFailed(f"{what}: {e}") from e
     finally:
-        current_collective.pop()
+        current_collective.remove(entry)
 
 
 def all_gather_rows(t: torch.Tensor, what: str) -> torch.Tensor:

@@ -98,6 +98,28 @@ def test_hung_rank_is_killed_by_its_agent_and_replaced(cluster: LocalCluster, go
     assert any("hung" in r for r in reasons(cluster, job_id))
 
 
+def test_a_rank_frozen_in_the_final_checkpoint_is_replaced_and_its_peers_keep_their_state(
+    cluster: LocalCluster, golden3: dict
+) -> None:
+    # Rank 2 stops in the checkpoint after the last step, which every rank writes in the foreground:
+    # its peers wait for it inside that checkpoint's collectives. They must be seen as waiting on a
+    # peer (not killed as hung themselves, which left no live state and restored an older checkpoint),
+    # and the end of training (evaluation, final checkpoint) is redone by the re-formed generation.
+    job_id = run_job(
+        cluster, "freeze-final", faults=[{"kind": "freeze", "step": STEPS, "rank": 2, "at": "checkpoint"}]
+    )
+    job = finish(cluster, job_id, timeout=180)
+    why = reasons(cluster, job_id)
+    assert job.final_fingerprint == golden3["fingerprint"], why
+    hung = [r for r in why if "hung" in r]
+    assert len(hung) == 1 and "rank 2 " in hung[0], why
+    mine = [e for e in cluster.events() if e.get("job_id") == job_id]
+    assert not [e for e in mine if e["event"] == EventKind.RESTORED], why
+    healed = [e["step"] for e in mine if e["event"] == EventKind.HEALED and e["generation"] == 2]
+    assert healed and set(healed) == {STEPS}, healed  # the replacement took the survivors' final state
+    assert STEPS in [e["step"] for e in mine if e["event"] == EventKind.CHECKPOINT_COMMITTED]
+
+
 @pytest.mark.parametrize("at", ["checkpoint", "commit"])
 def test_a_rank_frozen_while_an_async_checkpoint_is_in_flight_does_not_wedge_the_recovery(
     cluster: LocalCluster, golden3: dict, at: str

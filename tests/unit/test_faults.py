@@ -524,3 +524,49 @@ def test_a_fired_fault_records_when_it_fired_not_when_it_is_drained() -> None:
 def untimed(records: list[dict]) -> list[dict]:
     """Drained records without the firing time (tested on its own)."""
     return [{k: v for k, v in r.items() if k != "t"} for r in records]
+
+
+@pytest.mark.parametrize(
+    ("fault", "fire"),
+    [
+        (Fault(kind="crash", step=4), lambda inj: inj.begin_step(4, torch.nn.Linear(1, 1))),
+        (Fault(kind="hang", step=4), lambda inj: inj.hang_point(4)),
+        (Fault(kind="freeze", step=4, at="checkpoint"), lambda inj: inj.freeze_point(4, "checkpoint")),
+    ],
+    ids=["crash", "hang", "freeze"],
+)
+def test_a_fault_that_ends_the_process_is_announced_before_it_does(monkeypatch, fault, fire) -> None:
+    """Its record would otherwise wait for the end of a step that never ends: a benchmark or a
+    person reading the events would never learn when (or that) it fired."""
+    import os
+    import signal
+    import time
+
+    seen: list[str] = []
+
+    class Stopped(Exception):
+        pass
+
+    def end(*_args: object) -> None:  # SIGKILL, SIGSTOP, or the hang's endless sleep
+        seen.append("process ends")
+        raise Stopped
+
+    monkeypatch.setattr(os, "kill", end)
+    monkeypatch.setattr(signal, "pthread_kill", end)
+    monkeypatch.setattr(time, "sleep", end)
+    inj = FaultInjector(
+        [fault], rank=0, seed=0, state_dir=None, announce=lambda rec: seen.append(f"announced {rec['fault']}")
+    )
+    with pytest.raises(Stopped):
+        fire(inj)
+    assert seen == [f"announced {fault.kind}", "process ends"]
+    assert inj.drain() == []  # announced once, not again at a step's end
+
+
+def test_a_fault_the_rank_survives_waits_for_the_end_of_its_step(monkeypatch) -> None:
+    announced: list[dict] = []
+    inj = FaultInjector(
+        [Fault(kind="nan", step=3)], rank=0, seed=0, state_dir=None, announce=announced.append
+    )
+    inj.corrupt_loss(3, torch.tensor(1.0))
+    assert announced == [] and [r["fault"] for r in inj.drain()] == ["nan"]
