@@ -5,14 +5,17 @@ plaintext gRPC; agents with a small ``--hang-floor-s``):
 
 1. the **fault-free** job of the configuration: its median step time is ETTR's yardstick and its
    final fingerprint the golden one;
-2. the **faulted** job: the schedule's crashes (SIGKILL of the rank's process) and hangs (SIGSTOP:
-   the agent kills the rank once no step came within max(5 x median step, hang floor) and its
-   liveness file is stale) are injected from outside when the job reaches their step; slow ranks
-   (the trainer's ``slow`` fault) and silent corruption (a parameter or optimizer-state ``bitflip``,
-   caught by the replica fingerprints) go into the job spec's fault schedule;
+2. the **faulted** job: every fault of the schedule fires inside its rank at its step, from the
+   trainer's fault injector (the job spec's schedule), so a busy machine cannot delay one past its
+   step: a crash SIGKILLs the rank's process as its step starts, a hang SIGSTOPs the process (every
+   thread) inside its step, before the gradient all-reduce (the agent kills the rank once no step
+   came within max(5 x median step, hang floor) and its liveness file is stale), a slow rank sleeps
+   in each step of its window, and silent corruption flips a bit of a parameter or of optimizer
+   state (caught by the replica fingerprints). A fault that ends the process records when it fired
+   before it does;
 3. **torchrun** (``--max-restarts``, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``) on the same trainer
-   flags, with the same schedule's **crashes only** (torchrun has no hang detector, and a bit
-   flip in one replica goes unnoticed without Stanchion's coordinator).
+   flags, with the same schedule's **crashes only**, fired the same way (torchrun has no hang
+   detector, and a bit flip in one replica goes unnoticed without Stanchion's coordinator).
 
 Schedules (trainer/faults.py ``generate_schedule``: Poisson arrivals, seeded; mix 70% crash, 12%
 hang, 8% slow rank, 10% silent corruption): S1 one fault per 2,000 steps on average, S2 one per 200.
@@ -25,23 +28,21 @@ are the same with or without faults). The same formula applied to the fault-free
 steps from other load).
 """
 
+import json
 import os
-import signal
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from diagnostics.bench.common import BenchError, Progress, envelope, goal, median, ratio, shown, warmup_steps
 from diagnostics.bench.recovery import (
     NODES,
-    Tail,
     TorchrunJob,
     first_decision_after,
     job_records,
     job_spec,
-    live_rank_pid,
     measure_recovery,
     model_sets,
     start_cluster,
@@ -55,8 +56,7 @@ from stanchion.vocab import EventKind
 
 SCHEDULES = {"S1": 2000.0, "S2": 200.0}  # mean steps between faults
 MIX = {"crash": 0.70, "hang": 0.12, "slow": 0.08, "bitflip": 0.10}
-EXTERNAL = ("crash", "hang")  # injected from outside, by signal
-INTERNAL = ("slow", "bitflip")  # the trainer's injector, from the job spec
+ENDS_PROCESS = ("crash", "hang")  # a new generation recovers (the others are handled in place)
 ETTR_GOALS = {"S1": 0.97, "S2": 0.80}
 DEFAULT_STEPS = {"S1": 6000, "S2": 2000}
 DETECTED_BY = {"crash": ("crashed",), "hang": ("hung",), "bitflip": ("replica fingerprints", "nonfinite")}
@@ -81,11 +81,42 @@ def fault_step(f: Mapping[str, Any]) -> int:
     return int(f["step"] if "step" in f else f["from_step"])
 
 
-def split_schedule(faults: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(faults injected from outside by signal, faults the trainer injects from its schedule)."""
-    ext = sorted((dict(f) for f in faults if f["kind"] in EXTERNAL), key=fault_step)
-    internal = [dict(f) for f in faults if f["kind"] in INTERNAL]
-    return ext, internal
+def trainer_faults(faults: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The schedule as the trainer's fault injector takes it (trainer/faults.py), entry for entry
+    (an entry's position is its id in the ``fault_injected`` events): a hang is the process stopped
+    (SIGSTOP, every thread) inside its step, which only its agent's hang detection can end."""
+    return [
+        {"kind": "freeze", "at": "step", "step": f["step"], "rank": f["rank"]}
+        if f["kind"] == "hang"
+        else dict(f)
+        for f in faults
+    ]
+
+
+def fired_faults(
+    faults: Sequence[Mapping[str, Any]],
+    events: Sequence[Mapping[str, Any]],
+    kinds: Sequence[str] = ENDS_PROCESS,
+) -> list["Injection"]:
+    """The faults of ``kinds`` that fired, from the ranks' ``fault_injected`` events (the schedule
+    given to the trainer as ``trainer_faults(faults)``), in the order they fired."""
+    fired = {int(e["id"]): e for e in events if e.get("event") == EventKind.FAULT_INJECTED and "id" in e}
+    out = []
+    for i, f in enumerate(faults):
+        e = fired.get(i)
+        if f["kind"] not in kinds or e is None:
+            continue
+        how = "SIGKILLed itself as step {} began" if f["kind"] == "crash" else "SIGSTOPped itself in step {}"
+        out.append(
+            Injection(
+                dict(f),
+                step=int(e["step"]) - 1,
+                t=float(e["t"]),
+                generation=int(e.get("generation", 0)),
+                detail=f"rank {e.get('rank')} " + how.format(e["step"]),
+            )
+        )
+    return sorted(out, key=lambda i: i.t)
 
 
 def final_trajectory(records: Sequence[Mapping[str, Any]], rank: int = 0) -> dict[int, dict[str, Any]]:
@@ -170,12 +201,10 @@ def confidence_note(schedule: str, occurred: int, expected: float) -> str:
 @dataclass
 class Injection:
     fault: dict[str, Any]
-    step: int = 0  # the newest step completed when it was injected
+    step: int = 0  # the newest step completed when it fired
     t: float = 0.0
     generation: int = 0
-    pid: int = 0
     detail: str = ""
-    recovery: dict[str, Any] = field(default_factory=dict)
 
 
 def job_state(cluster: LocalCluster, job_id: str) -> Any | None:
@@ -186,64 +215,23 @@ def job_state(cluster: LocalCluster, job_id: str) -> Any | None:
 
 
 def run_stanchion_job(
-    cluster: LocalCluster,
-    spec: str,
-    external: Sequence[Mapping[str, Any]],
-    *,
-    timeout_s: float,
-    progress: Progress,
-    label: str,
-) -> tuple[str, Any, list[Injection]]:
-    """Submit ``spec``; inject ``external`` faults (SIGKILL / SIGSTOP of the rank's process) when
-    the job reaches their step, one at a time, each only after the previous one recovered (a
-    record of a newer generation) and with every rank training. Returns (job id, job, injections)."""
+    cluster: LocalCluster, spec: str, *, timeout_s: float, progress: Progress, label: str
+) -> tuple[str, Any]:
+    """Submit ``spec`` (its faults fire inside the ranks) and wait for the job to end, reporting its
+    progress every 500 steps. Returns (job id, job)."""
     wait_standbys(cluster, 120.0)
     job_id = cluster.submit(spec)
-    tail = Tail(cluster.run_root, "workers/*/w*/progress.jsonl")
-    pending = [dict(f) for f in external]
-    done: list[Injection] = []
     deadline = time.monotonic() + timeout_s
-    last_state_check = 0.0
-    newest: dict[int, dict[str, Any]] = {}  # rank -> newest record of this job
-    world = len(NODES)
     last_report = 0
-    while True:
-        for r in tail.poll():
-            if r.get("job_id") == job_id:
-                newest[int(r["rank"])] = r
-        now = time.monotonic()
-        if now > deadline:
-            raise BenchError(f"{label}: job {job_id} not finished after {timeout_s:.0f} s")
-        if now - last_state_check > 0.5:
-            last_state_check = now
-            job = job_state(cluster, job_id)
-            if job is not None and job.state in TERMINAL:
-                return job_id, job, done
-        if not newest:
-            time.sleep(0.01)
-            continue
-        gen = max(int(r["generation"]) for r in newest.values())
-        current = [r for r in newest.values() if int(r["generation"]) == gen]
-        step = max(int(r["step"]) for r in current)
-        if step >= last_report + 500:
-            last_report = step - step % 500
-            progress(f"  {label}: step {step}, generation {gen}")
-        healthy = len(current) == world and all(int(r.get("world_size", 0)) == world for r in current)
-        recovered = not done or gen > done[-1].generation
-        if pending and healthy and recovered and step >= fault_step(pending[0]):
-            f = pending.pop(0)
-            pid = live_rank_pid(cluster, job_id, int(f["rank"]), gen)
-            if pid is None:
-                pending.insert(0, f)
-                time.sleep(0.01)
-                continue
-            sig = signal.SIGKILL if f["kind"] == "crash" else signal.SIGSTOP
-            t = time.time()
-            os.kill(pid, sig)
-            inj = Injection(f, step, t, gen, pid, f"{sig.name} rank {f['rank']} (pid {pid})")
-            done.append(inj)
-            progress(f"  {label}: {f['kind']} at step {step} (scheduled {fault_step(f)}): {inj.detail}")
-        time.sleep(0.01)
+    while time.monotonic() < deadline:
+        job = job_state(cluster, job_id)
+        if job is not None and job.state in TERMINAL:
+            return job_id, job
+        if job is not None and job.step >= last_report + 500:
+            last_report = job.step - job.step % 500
+            progress(f"  {label}: step {job.step}, generation {job.generation}")
+        time.sleep(0.2)
+    raise BenchError(f"{label}: job {job_id} not finished after {timeout_s:.0f} s")
 
 
 def stanchion_recoveries(
@@ -362,46 +350,21 @@ def internal_recoveries(
 
 
 def run_torchrun_job(
-    run_dir: Path,
-    flags: Sequence[str],
-    crashes: Sequence[Mapping[str, Any]],
-    *,
-    timeout_s: float,
-    progress: Progress,
-) -> tuple[TorchrunJob, list[Injection], float]:
-    """torchrun with the schedule's crashes: SIGKILL the rank's process at its step, each after the
-    previous one recovered. Returns (the job, the injections, wall seconds of the launch)."""
-    job = TorchrunJob(run_dir, torchrun_command(flags, run_dir, max_restarts=len(crashes) + 3))
+    run_dir: Path, flags: Sequence[str], restarts: int, *, timeout_s: float
+) -> tuple[TorchrunJob, float]:
+    """torchrun on ``flags`` (their ``--faults`` schedule fires inside the ranks) allowing
+    ``restarts`` restarts. Returns (the job, wall seconds of the launch)."""
+    job = TorchrunJob(run_dir, torchrun_command(flags, run_dir, max_restarts=restarts))
     t_start = time.time()
     job.start()
-    done: list[Injection] = []
-    pending = [dict(f) for f in crashes]
-    deadline = time.monotonic() + timeout_s
     try:
-        while job.proc is not None and job.proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise BenchError(f"torchrun: not finished after {timeout_s:.0f} s", hint=f"see {job.log}")
-            job.poll()
-            assert job.progress is not None and job.events is not None
-            recs = job.progress.records
-            after_last = [r for r in recs if not done or r["t"] > done[-1].t]
-            recovered = (
-                not done or measure_recovery(recs, job.events.records, done[-1].t).first_step_t is not None
-            )
-            step = max((int(r["step"]) for r in after_last), default=0)
-            if pending and recovered and step >= fault_step(pending[0]):
-                f = pending.pop(0)
-                pid, t = job.kill_rank(int(f["rank"]))
-                done.append(Injection(f, step, t, 0, pid, f"SIGKILL rank {f['rank']} (pid {pid})"))
-                progress(f"  torchrun: crash at step {step} (scheduled {fault_step(f)}): SIGKILL pid {pid}")
-            time.sleep(0.01)
         code = job.wait(timeout_s)
     except BaseException:
         job.stop()
         raise
     if code != 0:
         raise job.failed(code)
-    return job, done, time.time() - t_start
+    return job, time.time() - t_start
 
 
 def finished_fingerprint(events: Sequence[Mapping[str, Any]]) -> str | None:
@@ -488,8 +451,8 @@ def bench_goodput(
     load_at_start = os.getloadavg()
     interval = mean_interval if mean_interval is not None else SCHEDULES[schedule]
     faults = goodput_schedule(schedule, seed, steps, mean_interval=interval)
-    external, internal = split_schedule(faults)
-    crashes = [f for f in external if f["kind"] == "crash"]
+    internal = [f for f in faults if f["kind"] not in ENDS_PROCESS]  # handled in place
+    crashes = [f for f in faults if f["kind"] == "crash"]
     sets = model_sets(model)
     data_name = "bench-data"
     progress(
@@ -504,10 +467,9 @@ def bench_goodput(
     try:
         progress(f"fault-free job, {steps} steps")
         t0 = time.time()
-        clean_id, clean_job, _ = run_stanchion_job(
+        clean_id, clean_job = run_stanchion_job(
             cluster,
             job_spec("clean", data_name, **common),
-            [],
             timeout_s=timeout_s,
             progress=progress,
             label="clean",
@@ -524,15 +486,14 @@ def bench_goodput(
             f"ETTR ceiling {clean['ettr']:.3f}, fingerprint {golden}"
         )
 
-        progress(f"faulted job: {len(external)} external faults, {len(internal)} in the trainer's schedule")
+        progress(f"faulted job: {len(faults)} faults")
         t0 = time.time()
-        spec = job_spec("faulted", data_name, faults=internal, **common)
-        fid, fjob, injections = run_stanchion_job(
-            cluster, spec, external, timeout_s=timeout_s, progress=progress, label="faulted"
-        )
+        spec = job_spec("faulted", data_name, faults=trainer_faults(faults), **common)
+        fid, fjob = run_stanchion_job(cluster, spec, timeout_s=timeout_s, progress=progress, label="faulted")
         faulted_total = time.time() - t0
         recs = job_records(cluster.progress(), fid)
         evs = job_records(cluster.events(), fid)
+        injections = fired_faults(faults, evs)
         decisions = list(cluster.explain(fid).decisions)
         state_name = "succeeded" if fjob.state == types_pb2.JOB_STATE_SUCCEEDED else f"state {fjob.state}"
         faulted: dict[str, Any] = {"job_id": fid, "state": state_name, "restarts": fjob.restarts}
@@ -571,12 +532,17 @@ def bench_goodput(
     tr: dict[str, Any] | None = None
     if torchrun:
         progress(f"torchrun: the schedule's {len(crashes)} crashes")
-        flags = trainer_args(data, steps=steps, checkpoint_every=checkpoint_every, sets=sets)
-        tjob, tinj, twall = run_torchrun_job(
-            work_dir / "torchrun", flags, crashes, timeout_s=timeout_s, progress=progress
-        )
+        crash_file = work_dir / "torchrun-faults.json"
+        crash_file.write_text(json.dumps(crashes))
+        flags = [
+            *trainer_args(data, steps=steps, checkpoint_every=checkpoint_every, sets=sets),
+            "--faults",
+            str(crash_file),
+        ]
+        tjob, twall = run_torchrun_job(work_dir / "torchrun", flags, len(crashes) + 3, timeout_s=timeout_s)
         assert tjob.progress is not None and tjob.events is not None
         trecs, tevs = tjob.progress.records, tjob.events.records
+        tinj = fired_faults(crashes, tevs)
         tr = run_summary(trecs, steps, median_clean)
         trec = [
             measure_recovery(trecs, tevs, i.t).as_dict(
@@ -704,10 +670,13 @@ def bench_goodput(
         "steps in a slow-rank window at most the run's median) / the same wall time: both from the same run, "
         "so other load cancels; ettr_own_median = steps x the run's own median step time / wall",
         "lost_steps = rank 0's progress records - steps that survived (steps computed then thrown away)",
-        "recovery_s: per crash or hang, injection -> first step of the recovered generation; per bit flip, "
-        "the fault firing -> first step after the rollback",
-        "crashes and hangs are injected one at a time: a fault whose step comes while the previous one is "
-        "still recovering waits until every rank trains again (injected_step >= scheduled_step)",
+        "recovery_s: per crash or hang, the fault firing -> first step of the recovered generation; per bit "
+        "flip, the fault firing -> first step after the rollback",
+        "every fault fires inside its rank at its scheduled step (the trainer's fault injector), whatever the "
+        "load: a crash SIGKILLs the process as its step begins, a hang SIGSTOPs it inside its step; each "
+        "writes when it fired before the process dies or stops (injected_step = the steps completed then)",
+        "steps_before = where the run stood when the fault fired (each rank's newest step, the highest); "
+        "lost_steps = steps_before - the step the recovered ranks resumed from",
         "torchrun runs the same schedule's crashes only (no hang detection of its own; a replica bit flip "
         "goes unnoticed there); its ETTR uses the same fault-free median (same trainer and model)",
         "the model's spike detector is off (integrity.spike_*_z=1e9), as in the integration tests: spikes "

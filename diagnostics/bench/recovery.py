@@ -71,7 +71,7 @@ class Recovery:
     """What one injected fault cost, from progress records and events (all times ``time.time()``)."""
 
     injected_t: float
-    steps_before: int  # the newest step completed before the fault
+    steps_before: int  # where the run stood at the fault: its newest completed step
     resume_step: int | None  # the step the recovered ranks resumed from
     resume_source: str  # peer, checkpoint, fresh or in_place (no new generation or process)
     restarted_t: float | None  # the recovered ranks' first `started` event
@@ -104,8 +104,15 @@ class Recovery:
 
 
 def newest_step_before(records: Iterable[Mapping[str, Any]], t: float) -> int:
-    """The highest step any rank completed at or before time ``t`` (0 before the first step)."""
-    return max((int(r["step"]) for r in records if r["t"] <= t), default=0)
+    """Where the run stood at time ``t``: the step of each rank's newest record at or before ``t``,
+    the highest over ranks (0 before the first step). A rank's newest record, not its highest step:
+    after a rollback or a restore the run stands at the step it went back to, and a later fault can
+    only lose the steps computed since."""
+    newest: dict[Any, Mapping[str, Any]] = {}
+    for r in records:
+        if r["t"] <= t and (r.get("rank") not in newest or r["t"] >= newest[r.get("rank")]["t"]):
+            newest[r.get("rank")] = r
+    return max((int(r["step"]) for r in newest.values()), default=0)
 
 
 def measure_recovery(
@@ -123,7 +130,7 @@ def measure_recovery(
     after the fault, and their first step is the first progress record after that event (a
     survivor may still finish a step just after the kill, before its launcher stops it). The step
     they resumed from is the smallest ``resumed_step`` of their ``started`` events;
-    ``steps_before`` counts any rank's records up to the fault.
+    ``steps_before`` is where the run stood at the fault (:func:`newest_step_before`).
     """
     before = newest_step_before(progress, injected_t)
     after = sorted((e for e in events if e["t"] > injected_t), key=lambda e: e["t"])

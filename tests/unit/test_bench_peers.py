@@ -40,6 +40,16 @@ def test_newest_step_before_counts_any_rank_up_to_the_time() -> None:
     assert rc.newest_step_before(records, 0.5) == 0
 
 
+def test_newest_step_before_is_where_the_run_stood_after_a_rollback() -> None:
+    # Both ranks reached step 30, were sent back to 20 and are at 24 again: a fault now can lose
+    # at most the 4 steps since, never the 10 computed before the rollback.
+    records = [rec(1.0, 30), rec(1.01, 30, rank=1)]
+    records += [rec(2.0 + i, 21 + i) for i in range(4)] + [rec(2.01 + i, 21 + i, rank=1) for i in range(4)]
+    assert rc.newest_step_before(records, 1.5) == 30
+    assert rc.newest_step_before(records, 5.5) == 24
+    assert rc.newest_step_before(records, 5.005) == 24  # rank 0 is one record ahead of rank 1
+
+
 def test_stanchion_recovery_is_the_first_record_of_a_newer_generation() -> None:
     progress = [rec(1.0, 24), rec(1.01, 24, rank=1), rec(2.0, 25), rec(2.01, 25, rank=1)]
     # Kill at 2.5; rank 0 of the old generation never finishes step 26; generation 2 heals at 25.
@@ -203,19 +213,41 @@ def test_schedules_are_seeded_poisson_with_the_benchmark_mix() -> None:
     assert len(custom) > len(s2)
 
 
-def test_split_schedule_sends_signals_for_crashes_and_hangs_only() -> None:
+def test_the_whole_schedule_fires_in_the_trainer_and_a_hang_is_a_stopped_process() -> None:
     faults = [
         {"kind": "crash", "step": 50, "rank": 1},
         {"kind": "slow", "rank": 0, "from_step": 10, "until_step": 30, "delay_s": 0.05},
         {"kind": "hang", "step": 20, "rank": 0},
         {"kind": "bitflip", "step": 40, "rank": 1, "target": "param", "bit": 24},
     ]
-    ext, internal = gp.split_schedule(faults)
-    assert [(f["kind"], f["step"]) for f in ext] == [("hang", 20), ("crash", 50)]
-    assert [f["kind"] for f in internal] == ["slow", "bitflip"]
+    spec = gp.trainer_faults(faults)
+    assert spec[2] == {"kind": "freeze", "at": "step", "step": 20, "rank": 0}
+    assert spec[:2] == faults[:2] and spec[3] == faults[3]  # positions are the ids in the events
     from trainer.faults import parse
 
-    parse(internal)  # the trainer accepts them as a schedule
+    parse(spec)  # the trainer accepts them as a schedule
+
+
+def test_fired_faults_come_from_the_ranks_events_in_the_order_they_fired() -> None:
+    faults = [
+        {"kind": "crash", "step": 50, "rank": 1},
+        {"kind": "hang", "step": 20, "rank": 0},
+        {"kind": "bitflip", "step": 40, "rank": 1, "target": "param", "bit": 24},
+        {"kind": "crash", "step": 70, "rank": 0},  # never fired: the job ended first
+    ]
+    events = [
+        ev(EventKind.FAULT_INJECTED, 9.0, rank=1, gen=3, id=0, step=50, fault="crash"),
+        ev(EventKind.FAULT_INJECTED, 4.0, rank=0, gen=1, id=1, step=20, fault="freeze"),
+        ev(EventKind.FAULT_INJECTED, 6.0, rank=1, gen=2, id=2, step=40, fault="bitflip"),
+        ev(EventKind.STARTED, 5.0, gen=2),
+    ]
+    fired = gp.fired_faults(faults, events)
+    assert [(i.fault["kind"], i.step, i.t, i.generation) for i in fired] == [
+        ("hang", 19, 4.0, 1),
+        ("crash", 49, 9.0, 3),
+    ]
+    assert fired[0].detail == "rank 0 SIGSTOPped itself in step 20"
+    assert fired[1].detail == "rank 1 SIGKILLed itself as step 50 began"
 
 
 def faulted_run() -> list[dict]:
