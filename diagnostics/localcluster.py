@@ -183,15 +183,20 @@ class LocalCluster:
         return self.start_agent(node_id)
 
     def _wait_file(self, path: Path, proc: Proc, wait_s: float) -> dict[str, Any]:
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
+        """The port file ``proc`` writes once it serves; RuntimeError at once if it exits first."""
+
+        def started() -> dict[str, Any] | None:
             if path.exists():
                 with contextlib.suppress(ValueError, OSError):
                     return json.loads(path.read_text())
             if not proc.alive():
                 raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}: {self.tail(proc)}")
-            time.sleep(0.05)
-        raise TimeoutError(f"{proc.name} did not start within {wait_s:.0f}s: {self.tail(proc)}")
+            return None
+
+        try:
+            return wait_until(started, wait_s, f"{proc.name} to start (its port file {path.name})")
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}: {self.tail(proc)}") from None
 
     def tail(self, proc: Proc, lines: int = 20) -> str:
         try:

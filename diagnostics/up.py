@@ -57,7 +57,9 @@ from pathlib import Path
 from typing import Any
 
 from diagnostics.localcluster import LocalCluster
+from stanchion.files import JsonlTail
 from stanchion.vocab import EventKind
+from stanchion.waiting import wait_until
 
 EXTERNAL = ("crash", "hang", "agent", "coordinator")  # faults `up` causes from outside the ranks
 INTERNAL = ("bitflip", "nan")  # faults the ranks' injector fires (the job spec's schedule)
@@ -353,33 +355,21 @@ def measure_recoveries(faults: list[Fault], records: list[dict[str, Any]]) -> No
 
 class _ProgressTail:
     """One job's progress records, read incrementally (a long run writes thousands): rank 0's latest, and
-    the newest generation any rank completed a step in."""
+    the newest generation any rank completed a step in. Each file is read by the kernel's
+    :class:`~stanchion.files.JsonlTail` (a torn last line waits for the next poll)."""
 
     def __init__(self, run_root: Path):
         self.run_root = run_root
-        self.offsets: dict[Path, int] = {}
+        self.tails: dict[Path, JsonlTail] = {}
         self.latest: dict[str, Any] | None = None
         self.generation = 0  # the newest generation with a completed step
 
     def poll(self, job_id: str) -> dict[str, Any] | None:
         for path in self.run_root.glob("workers/*/w*/progress.jsonl"):
-            offset = self.offsets.get(path, 0)
-            try:
-                with path.open("rb") as fh:
-                    fh.seek(0, 2)
-                    if fh.tell() < offset:
-                        offset = 0  # rewritten: start over
-                    fh.seek(offset)
-                    chunk = fh.read()
-            except OSError:
-                continue
-            end = chunk.rfind(b"\n") + 1  # complete lines only; a torn last line waits for the next poll
-            self.offsets[path] = offset + end
-            for line in chunk[:end].splitlines():
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue
+            tail = self.tails.get(path)
+            if tail is None:
+                tail = self.tails[path] = JsonlTail(path)
+            for r in tail.read():
                 if r.get("job_id") != job_id:
                     continue
                 self.generation = max(self.generation, int(r.get("generation", 0)))
@@ -893,23 +883,28 @@ class Up:
         self.say("fault-free reference run of the same job, to compare final states")
         started = time.time()
         job_id = self.cluster.submit(self.spec(golden=True))
-        deadline = time.monotonic() + 120 + 2 * max(summary["wall_seconds"], 60)
+        timeout_s = 120 + 2 * max(summary["wall_seconds"], 60)
         last_print = 0
-        job = None
-        while time.monotonic() < deadline:
+        job: Any = None
+
+        def finished() -> str | None:
+            """The reference job's final state once it has one; its progress on the way there."""
+            nonlocal job, last_print
             try:
                 job = self.cluster.job(job_id)
             except Exception:  # noqa: BLE001 - a transient RPC failure
-                time.sleep(0.5)
-                continue
+                return None
             state = types_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
             if state in ("succeeded", "failed", "cancelled"):
-                break
+                return state
             if job.step >= last_print + max(25, self.o.steps // 10):
                 last_print = job.step
                 self.say(f"reference step {job.step:>5}/{self.o.steps}  {state}")
-            time.sleep(0.5)
-        else:
+            return None
+
+        try:
+            state = wait_until(finished, timeout_s, "the fault-free reference run to end", interval_s=0.5)
+        except TimeoutError:
             state = "timed out"
         res: dict[str, Any] = {
             "fingerprint": summary["final_fingerprint"],

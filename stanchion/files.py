@@ -30,16 +30,29 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write-then-rename so a reader never sees half a file."""
+def write_json_atomic(
+    path: str | os.PathLike[str], data: Any, *, indent: int | None = None, durable: bool = False
+) -> None:
+    """Write-then-rename so a reader never sees half a file.
+
+    The content is fsynced before the rename, so the name never points at unwritten data. With
+    ``durable`` the directory is fsynced after the rename too, so the new file survives a power loss
+    or an OS crash (a commit marker such as a checkpoint manifest needs that). It is not the default:
+    most of these files (assignments, requests, port files, error files) hand state to another
+    process on the same running machine, which an OS crash would take down as well, and an agent
+    writes one assignment per worker on the recovery path, where an extra journal commit per file
+    would only add latency.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w") as f:
-        json.dump(data, f, sort_keys=True)
+        json.dump(data, f, indent=indent, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -73,7 +86,8 @@ def _records(lines: list[bytes]) -> Iterator[dict[str, Any]]:
 
 class JsonlTail:
     """Reads the records appended to a JSON-lines file since the last call (an agent's view of its
-    worker). A torn last line is kept back and completed by the next read."""
+    worker). A torn last line is kept back and completed by the next read; a file that became
+    shorter than what was read was rewritten, and is read again from its start."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -83,6 +97,8 @@ class JsonlTail:
     def read(self) -> list[dict[str, Any]]:
         try:
             with self.path.open("rb") as f:
+                if os.fstat(f.fileno()).st_size < self._offset:  # rewritten (shorter): start over
+                    self._offset, self._partial = 0, b""
                 f.seek(self._offset)
                 chunk = f.read()
         except FileNotFoundError:

@@ -23,6 +23,8 @@ def wait_until(
 
     Raises TimeoutError naming ``what`` after ``timeout_s``. Exceptions of the ``transient`` types
     (say, RPC errors while a server restarts) count as "not yet"; the last one is named in the error.
+    Any other exception propagates at once: a predicate gives up early by raising (say, when the
+    process it waits on has exited), and may do other work on each poll, such as reporting progress.
     """
     deadline = time.monotonic() + timeout_s
     last_error = ""

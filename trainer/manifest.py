@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stanchion.files import fsync_dir
+from stanchion.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,7 @@ def write_manifest(ckpt_dir: Path, fields: dict[str, Any]) -> dict[str, Any]:
             size, crc = file_crc32(p)
             files[str(p.relative_to(ckpt_dir))] = {"bytes": size, "crc32": crc}
     manifest = {"format": FORMAT, "time": time.time(), **fields, "files": files}
-    tmp = ckpt_dir / f".{MANIFEST}.tmp"
-    with tmp.open("w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_dir / MANIFEST)
-    fsync_dir(ckpt_dir)
+    write_json_atomic(ckpt_dir / MANIFEST, manifest, indent=1, durable=True)  # a commit survives a crash
     return manifest
 
 
@@ -141,9 +135,7 @@ def verify(ckpt_dir: str | os.PathLike[str], *, allow_marked_bad: bool = False) 
 
 
 def mark_bad(ckpt_dir: str | os.PathLike[str], reason: str) -> None:
-    from stanchion.files import write_json_atomic
-
-    write_json_atomic(Path(ckpt_dir) / BAD_MARKER, {"reason": reason, "time": time.time()})
+    write_json_atomic(Path(ckpt_dir) / BAD_MARKER, {"reason": reason, "time": time.time()}, durable=True)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diagnostics.errors import EXIT_FAILURE, CliError
+from stanchion.files import iter_jsonl
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
@@ -329,15 +330,12 @@ def bench_env(threads: int) -> dict[str, str]:
 
 def read_step_times(run_dir: Path, *, warmup: int) -> dict[int, float]:
     """``step_time_s`` by step from rank 0's progress.jsonl, steps 1..warmup dropped (the newest
-    record of a step wins, as after a rollback)."""
-    path = run_dir / "ranks" / "rank-00000" / "progress.jsonl"
+    record of a step wins, as after a rollback). The kernel's rule for JSON lines applies: a torn
+    last line (a rank killed mid-write) is not a record yet."""
     times: dict[int, float] = {}
-    with contextlib.suppress(FileNotFoundError), path.open() as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                if "step_time_s" in rec and rec["step"] > warmup:
-                    times[int(rec["step"])] = float(rec["step_time_s"])
+    for rec in iter_jsonl(run_dir / "ranks" / "rank-00000" / "progress.jsonl"):
+        if "step_time_s" in rec and rec["step"] > warmup:
+            times[int(rec["step"])] = float(rec["step_time_s"])
     return times
 
 

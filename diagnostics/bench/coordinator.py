@@ -571,10 +571,9 @@ def client_main(argv: Sequence[str]) -> int:
     if spec.get("nice"):
         os.nice(int(spec["nice"]))
     result = asyncio.run(run_client(spec))
-    out = Path(spec["result_file"])
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, out)
+    from stanchion.files import write_json_atomic
+
+    write_json_atomic(spec["result_file"], result)
     return 0
 
 
@@ -610,15 +609,21 @@ def _tail(path: Path, lines: int = 5) -> str:
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[Any], log: Path, what: str, timeout_s: float) -> None:
+    """Wait until ``proc`` (``what``) creates ``path``; give up at once if it exits."""
     from diagnostics.bench.common import BenchError
+    from stanchion.waiting import wait_until
 
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
+    def ready() -> bool:
+        if path.exists():
+            return True
         if proc.poll() is not None:
             raise BenchError(f"{what} exited with code {proc.returncode}: {_tail(log)}", hint=f"see {log}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what}: not ready after {timeout_s:.0f} s", hint=f"see {log}")
-        time.sleep(0.05)
+        return False
+
+    try:
+        wait_until(ready, timeout_s, f"{what} to create {path.name}")
+    except TimeoutError as e:
+        raise BenchError(f"{what}: not ready ({e})", hint=f"see {log}") from None
 
 
 def _established(pid: int, port: int) -> int | None:

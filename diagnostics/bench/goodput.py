@@ -53,6 +53,7 @@ from diagnostics.bench.recovery import (
 from diagnostics.localcluster import LocalCluster
 from protos.stanchion.v1 import types_pb2
 from stanchion.vocab import EventKind
+from stanchion.waiting import wait_until
 
 SCHEDULES = {"S1": 2000.0, "S2": 200.0}  # mean steps between faults
 MIX = {"crash": 0.70, "hang": 0.12, "slow": 0.08, "bitflip": 0.10}
@@ -221,17 +222,22 @@ def run_stanchion_job(
     progress every 500 steps. Returns (job id, job)."""
     wait_standbys(cluster, 120.0)
     job_id = cluster.submit(spec)
-    deadline = time.monotonic() + timeout_s
     last_report = 0
-    while time.monotonic() < deadline:
+
+    def ended() -> Any | None:
+        nonlocal last_report
         job = job_state(cluster, job_id)
         if job is not None and job.state in TERMINAL:
-            return job_id, job
+            return job
         if job is not None and job.step >= last_report + 500:
             last_report = job.step - job.step % 500
             progress(f"  {label}: step {job.step}, generation {job.generation}")
-        time.sleep(0.2)
-    raise BenchError(f"{label}: job {job_id} not finished after {timeout_s:.0f} s")
+        return None
+
+    try:
+        return job_id, wait_until(ended, timeout_s, f"job {job_id} to finish", interval_s=0.2)
+    except TimeoutError as e:
+        raise BenchError(f"{label}: {e}") from None
 
 
 def stanchion_recoveries(

@@ -139,6 +139,16 @@ def test_read_step_times_drops_warmup_and_keeps_the_newest_record(tmp_path: Path
     assert common.read_step_times(tmp_path / "missing", warmup=0) == {}
 
 
+def test_read_step_times_skips_a_torn_last_line_and_a_damaged_record(tmp_path: Path) -> None:
+    """A rank killed mid-write leaves an unterminated last line: the kernel's rule, not a crash."""
+    progress = tmp_path / "ranks" / "rank-00000" / "progress.jsonl"
+    progress.parent.mkdir(parents=True)
+    progress.write_text(
+        '{"step": 1, "step_time_s": 0.5}\nnot json\n{"step": 2, "step_time_s": 0.25}\n{"step": 3, "st'
+    )
+    assert common.read_step_times(tmp_path, warmup=0) == {1: 0.5, 2: 0.25}
+
+
 # ---- FLOP accounting ------------------------------------------------------------------------
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from collections import namedtuple
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from typer.testing import CliRunner
 
 from diagnostics.bench import coordinator as bc
 from diagnostics.commands.bench import app
+from diagnostics.errors import CliError
 
 CpuTimes = namedtuple("CpuTimes", "user system idle iowait")
 
@@ -234,6 +237,40 @@ def test_sim_agent_messages_pass_the_coordinators_validation() -> None:
     assert [e.seq for e in third.events] == [3] and third.acked_directive_seq == 41
     quiet = bc.SimAgent(8, 1, 0.0, random.Random(2)).request(1.0)
     assert not quiet.events and len(quiet.workers) == 1
+
+
+# ---- waiting for a child's ready file -----------------------------------------------------------
+
+
+def _child(tmp_path: Path, code: str) -> tuple[subprocess.Popen[bytes], Path]:
+    log = tmp_path / "child.log"
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT), log
+
+
+def test_wait_for_returns_once_the_file_exists_and_fails_at_once_when_the_child_exits(tmp_path: Path) -> None:
+    ready = tmp_path / "client-0.ready"
+    proc, log = _child(tmp_path, f"open({str(ready)!r}, 'w').close(); raise SystemExit(0)")
+    proc.wait()
+    bc._wait_for(ready, proc, log, "client 0", 60.0)  # the file wins over the exit
+    proc, log = _child(tmp_path, "print('no such flag'); raise SystemExit(2)")
+    proc.wait()
+    with pytest.raises(CliError, match=r"^client 1 exited with code 2: no such flag") as e:
+        bc._wait_for(tmp_path / "client-1.ready", proc, log, "client 1", 600.0)
+    assert e.value.hint == f"see {log}"
+
+
+def test_wait_for_times_out_naming_what_it_waited_for(tmp_path: Path) -> None:
+    proc, log = _child(tmp_path, "import time; time.sleep(120)")
+    try:
+        with pytest.raises(
+            CliError, match=r"^the coordinator: not ready \(timed out after 0s waiting for the"
+        ):
+            bc._wait_for(tmp_path / "coordinator.json", proc, log, "the coordinator", 0.1)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ---- one real run -----------------------------------------------------------------------------

@@ -213,6 +213,54 @@ def test_schedules_are_seeded_poisson_with_the_benchmark_mix() -> None:
     assert len(custom) > len(s2)
 
 
+class _FakeCluster:
+    """Answers GetJob from a script: an exception is a coordinator that did not answer."""
+
+    agents: dict[str, object] = {}  # no standbys to wait for
+
+    def __init__(self, answers: list[object]):
+        self.answers = answers
+        self.polls = 0
+
+    def submit(self, spec: str) -> str:
+        return "job-1"
+
+    def job(self, job_id: str) -> object:
+        assert job_id == "job-1"
+        answer = self.answers[min(self.polls, len(self.answers) - 1)]
+        self.polls += 1
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def _job(state: int, step: int, generation: int = 1) -> SimpleNamespace:
+    return SimpleNamespace(state=state, step=step, generation=generation)
+
+
+def test_a_goodput_job_is_awaited_to_its_end_reporting_every_500_steps() -> None:
+    from protos.stanchion.v1 import types_pb2
+
+    running, done = types_pb2.JOB_STATE_RUNNING, types_pb2.JOB_STATE_SUCCEEDED
+    end = _job(done, 1300, 2)
+    cluster = _FakeCluster(
+        [ConnectionError("busy"), _job(running, 600), _job(running, 700), _job(running, 1200, 2), end]
+    )
+    said: list[str] = []
+    job_id, job = gp.run_stanchion_job(cluster, "spec", timeout_s=600, progress=said.append, label="faulted")  # type: ignore[arg-type]
+    assert (job_id, job) == ("job-1", end)
+    assert said == ["  faulted: step 600, generation 1", "  faulted: step 1200, generation 2"]
+    assert cluster.polls == 5
+
+
+def test_a_goodput_job_that_does_not_end_in_time_is_a_bench_error_naming_it() -> None:
+    from protos.stanchion.v1 import types_pb2
+
+    cluster = _FakeCluster([_job(types_pb2.JOB_STATE_RUNNING, 10)])
+    with pytest.raises(gp.BenchError, match=r"^clean: timed out after 0s waiting for job job-1 to finish"):
+        gp.run_stanchion_job(cluster, "spec", timeout_s=0, progress=lambda _: None, label="clean")  # type: ignore[arg-type]
+
+
 def test_the_whole_schedule_fires_in_the_trainer_and_a_hang_is_a_stopped_process() -> None:
     faults = [
         {"kind": "crash", "step": 50, "rank": 1},

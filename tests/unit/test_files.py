@@ -119,3 +119,29 @@ def test_every_reader_applies_one_rule_to_a_torn_last_line_and_a_damaged_record(
     assert tail.read() == [{"a": 3}]
     assert list(iter_jsonl(path)) == [{"a": 1}, {"a": 2}, {"a": 3}]
     assert list(iter_jsonl(tmp_path / "missing.jsonl")) == []
+
+
+def test_write_json_atomic_indents_on_request_and_fsyncs_the_directory_only_when_durable(
+    tmp_path, monkeypatch
+):
+    import stanchion.files as files
+
+    synced: list[Path] = []
+    monkeypatch.setattr(files, "fsync_dir", lambda p: synced.append(Path(p)))
+    path = tmp_path / "m.json"
+    write_json_atomic(path, {"b": 1, "a": [2]}, indent=1)
+    assert path.read_text() == json.dumps({"b": 1, "a": [2]}, indent=1, sort_keys=True)
+    assert synced == []  # the default: a rename visible to other processes, not a durable one
+    write_json_atomic(path, {"c": 3}, durable=True)
+    assert read_json(path) == {"c": 3}
+    assert synced == [tmp_path]
+    assert sorted(os.listdir(tmp_path)) == ["m.json"]
+
+
+def test_tail_starts_over_when_the_file_was_rewritten_shorter(tmp_path):
+    path = tmp_path / "progress.jsonl"
+    path.write_bytes(b'{"step": 1}\n{"step": 2}\n{"st')
+    tail = JsonlTail(path)
+    assert tail.read() == [{"step": 1}, {"step": 2}]
+    path.write_bytes(b'{"step": 7}\n')  # replaced by a shorter file
+    assert tail.read() == [{"step": 7}]  # neither stuck past the end nor glued to the old torn line

@@ -45,6 +45,22 @@ def test_a_written_manifest_verifies(tmp_path):
     assert sorted(p.name for p in d.iterdir()) == [MANIFEST, "model.bin", "shard"]  # no temporary left
 
 
+def test_the_manifest_keeps_its_bytes_and_its_commit_is_durable(tmp_path, monkeypatch):
+    """The shared atomic writer writes what the manifest always was (indent 1, sorted keys), so
+    checkpoints committed before still verify; the directory is fsynced once the manifest is in it."""
+    import stanchion.files as files
+
+    synced: list[tuple[Path, bool]] = []
+    monkeypatch.setattr(files, "fsync_dir", lambda p: synced.append((Path(p), (Path(p) / MANIFEST).exists())))
+    d = make_ckpt(tmp_path, 40, replicas_agree=True)
+    written = json.loads((d / MANIFEST).read_text())
+    assert (d / MANIFEST).read_text() == json.dumps(written, indent=1, sort_keys=True)
+    assert synced == [(d, True)]
+    mark_bad(d, "loss spike")
+    assert [p for p, _ in synced] == [d, d]  # the verdict is as durable as the commit
+    assert verify(d, allow_marked_bad=True).ok
+
+
 def test_a_marker_present_at_write_time_is_not_listed(tmp_path):
     d = make_ckpt(tmp_path, 1, committed=False)
     (d / BAD_MARKER).write_text("{}")

@@ -38,3 +38,16 @@ def test_backoff_doubles_up_to_its_cap_with_bounded_jitter_and_resets() -> None:
         assert 0.8 * want <= got <= 1.2 * want, (got, want)
     b.reset()
     assert 0.08 <= b.next() <= 0.12
+
+
+def test_a_predicate_gives_up_early_by_raising_and_may_report_on_each_poll() -> None:
+    polls: list[int] = []
+
+    def watched_process_ok() -> None:
+        polls.append(len(polls))
+        if len(polls) == 3:
+            raise RuntimeError("the process exited with 1")
+
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        wait_until(watched_process_ok, 60, "the process", interval_s=0)
+    assert polls == [0, 1, 2]  # stopped at the third poll, long before the deadline
