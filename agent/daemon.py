@@ -29,7 +29,7 @@ from protos.stanchion.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from stanchion import sdnotify
 from stanchion.files import write_json_atomic
 from stanchion.net import bind_grpc, bind_http
-from stanchion.vocab import EventKind
+from stanchion.vocab import AgentEventKind, EventKind, ExitReason
 from stanchion.waiting import Backoff
 from trainer import manifest
 
@@ -185,13 +185,13 @@ class Agent:
         if kind == EventKind.CHECKPOINT_COMMITTED:
             v = await asyncio.to_thread(manifest.verify, rec.get("path", ""))
             detail.update(verified=v.ok, verify_reason=v.reason)
-        if kind == "worker_exited":
+        if kind == AgentEventKind.WORKER_EXITED:
             log.warning(
                 "[node %s] w%05d (rank %d) exited: %s", self.cfg.node_id, w.wid, w.rank, rec.get("summary")
             )
             if w.slot is None:
                 await self.group.ensure_standbys()
-                if rec.get("reason") != "standby_lost":
+                if rec.get("reason") != ExitReason.STANDBY_LOST:
                     return
         gen = rec.get("generation", w.generation)
         self.emit(
@@ -367,7 +367,7 @@ class Agent:
                 self.group.generation,
             )
             self.emit(
-                "stale_directive",
+                AgentEventKind.STALE_DIRECTIVE,
                 job_id=d.job_id,
                 generation=d.generation,
                 detail={"kind": kind, "current_generation": self.group.generation},
@@ -394,7 +394,7 @@ class Agent:
         except ValueError as e:  # a directive this node refuses (for example a path outside its directories)
             log.error("[node %s] refused %s directive: %s", self.cfg.node_id, kind, e)
             self.emit(
-                "directive_rejected",
+                AgentEventKind.DIRECTIVE_REJECTED,
                 job_id=d.job_id,
                 generation=d.generation,
                 detail={"kind": kind, "error": str(e)},
@@ -402,7 +402,7 @@ class Agent:
         except Exception as e:  # noqa: BLE001 - report it and keep heartbeating; never wedge the node
             log.exception("[node %s] %s directive failed", self.cfg.node_id, kind)
             self.emit(
-                "directive_failed",
+                AgentEventKind.DIRECTIVE_FAILED,
                 job_id=d.job_id,
                 generation=d.generation,
                 detail={"kind": kind, "error": f"{type(e).__name__}: {e}"},
@@ -425,7 +425,9 @@ class Agent:
                     self.health[0] != types_pb2.HEALTH_VERDICT_UNSPECIFIED
                     or verdict != types_pb2.HEALTH_VERDICT_HEALTHY
                 ):
-                    self.emit("health", detail={"verdict": result.verdict, "reason": result.reason})
+                    self.emit(
+                        AgentEventKind.HEALTH, detail={"verdict": result.verdict, "reason": result.reason}
+                    )
                 self.health = (verdict, result.reason)
             sdnotify.watchdog()  # this loop does real work each round: a wedged agent stops pinging
             await asyncio.sleep(min(self.cfg.health_interval_s, (sdnotify.watchdog_interval_s() or 1e9)))

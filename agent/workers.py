@@ -32,7 +32,15 @@ from agent.config import AgentConfig
 from agent.metrics import TrainingMetrics
 from protos.stanchion.v1 import agent_pb2, types_pb2
 from stanchion.files import JsonlTail, write_json_atomic
-from stanchion.vocab import FORWARDED, LEFT_GENERATION, EventKind, Resume
+from stanchion.vocab import (
+    CLEAN_EXITS,
+    FORWARDED,
+    LEFT_GENERATION,
+    AgentEventKind,
+    EventKind,
+    ExitReason,
+    Resume,
+)
 from trainer import contract, liveness
 from trainer.contract import Assignment, Request, WorkerPaths
 
@@ -351,7 +359,7 @@ class WorkerGroup:
                     w.state = types_pb2.WORKER_STATE_TRAINING
                 self.metrics.observe_progress(w.job_id, w.rank, rec)
             if not w.alive:
-                out.append(("worker_exited", w, self._classify_exit(w)))
+                out.append((AgentEventKind.WORKER_EXITED, w, self._classify_exit(w)))
                 self.workers.remove(w)
                 continue
             hung = self._hang_reason(w, now)
@@ -430,40 +438,36 @@ class WorkerGroup:
         code = w.proc.returncode
         detail: dict[str, Any] = {"exit_code": code, "pid": w.proc.pid, "worker": w.wid, "slot": w.slot}
         if w.hung:
-            reason, summary = "hang", "killed by the agent: no progress"
+            reason, summary = ExitReason.HANG, "killed by the agent: no progress"
         elif code == contract.EXIT_OK:
             reason, summary = (
-                ("finished" if w.state == types_pb2.WORKER_STATE_EXITED else "stopped"),
+                (ExitReason.FINISHED if w.state == types_pb2.WORKER_STATE_EXITED else ExitReason.STOPPED),
                 "exit 0",
             )
         elif code == contract.EXIT_SUPERSEDED:
-            reason, summary = "superseded", "left: not part of the new generation"
+            reason, summary = ExitReason.SUPERSEDED, "left: not part of the new generation"
         elif code == contract.EXIT_CONFIG:
-            reason, summary = "config", self._last_error_line(w) or "configuration rejected"
+            reason, summary = ExitReason.CONFIG, self._last_error_line(w) or "configuration rejected"
         elif code is not None and code < 0:
-            reason, summary = "crash", f"signal {signal.Signals(-code).name}"
+            reason, summary = ExitReason.CRASH, f"signal {signal.Signals(-code).name}"
         else:
-            reason, summary = "crash", f"exit {code}"
+            reason, summary = ExitReason.CRASH, f"exit {code}"
         try:
             err = json.loads(w.paths.error.read_text())
             summary += f": {err.get('error', '')}"[:500]
         except (OSError, ValueError):
             pass
-        if w.stopping and reason == "crash":
-            reason = "stopped"  # we asked it to go
-        if w.slot is None and reason == "crash":
-            reason = "standby_lost"
+        if w.stopping and reason == ExitReason.CRASH:
+            reason = ExitReason.STOPPED  # we asked it to go
+        if w.slot is None and reason == ExitReason.CRASH:
+            reason = ExitReason.STANDBY_LOST
         detail.update(reason=reason, summary=summary)
         if w.reassigned_at and not w.hung:
             # A survivor assigned to a newer generation that dies before re-forming fails that
             # generation: reported under its own old one, the coordinator would take it for stale and
             # wait out the first-step deadline. (A hung one's slot is handed to a standby instead.)
             detail["generation"] = self.generation
-        w.state = (
-            types_pb2.WORKER_STATE_EXITED
-            if reason in ("finished", "stopped", "superseded")
-            else types_pb2.WORKER_STATE_FAILED
-        )
+        w.state = types_pb2.WORKER_STATE_EXITED if reason in CLEAN_EXITS else types_pb2.WORKER_STATE_FAILED
         return detail
 
     def _last_error_line(self, w: Worker) -> str:

@@ -27,7 +27,14 @@ from coordinator.membership import NodeView
 from coordinator.store import Store
 from protos.stanchion.v1 import agent_pb2, types_pb2
 from stanchion.settings import ConfigError
-from stanchion.vocab import DETECTORS, EventKind
+from stanchion.vocab import (
+    DETECTORS,
+    FAILED_EXITS,
+    AgentEventKind,
+    CoordinatorEventKind,
+    EventKind,
+    ExitReason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +277,7 @@ class Controller:
                     (
                         job_id,
                         "",
-                        "decision",
+                        CoordinatorEventKind.DECISION,
                         new.generation,
                         new.step,
                         -1,
@@ -398,9 +405,8 @@ class Controller:
         rec.cordoned, rec.draining, rec.reason = cordoned, draining, reason
         state = "draining" if draining else ("cordoned" if cordoned else "ready")
         self.store.upsert_node(node_id, rec.inventory, state, reason, self.clock())
-        self.store.add_events(
-            [(rec.job_id, node_id, "node_" + state, 0, 0, -1, self.clock(), {"reason": reason})]
-        )
+        kind = CoordinatorEventKind(f"node_{state}")  # node_cordoned, node_draining or node_ready
+        self.store.add_events([(rec.job_id, node_id, kind, 0, 0, -1, self.clock(), {"reason": reason})])
         return rec
 
     def active_job_for(self, node_id: str) -> str | None:
@@ -432,7 +438,9 @@ class Controller:
                 rec.lost = True
                 age = now - rec.last_seen
                 log.warning("node %s lost: last heartbeat %.1fs ago", rec.node_id, age)
-                self.store.add_events([(rec.job_id, rec.node_id, "node_lost", 0, 0, -1, now, {"age_s": age})])
+                self.store.add_events(
+                    [(rec.job_id, rec.node_id, CoordinatorEventKind.NODE_LOST, 0, 0, -1, now, {"age_s": age})]
+                )
                 job_id = self.active_job_for(rec.node_id)
                 if job_id:
                     self._apply(
@@ -509,7 +517,7 @@ class Controller:
                 (
                     "",
                     req.node_id,
-                    "node_registered",
+                    CoordinatorEventKind.NODE_REGISTERED,
                     0,
                     0,
                     -1,
@@ -529,7 +537,11 @@ class Controller:
             self._apply(
                 job_id,
                 m.WorkerFailed(
-                    req.node_id, job.generation, -1, "crash", "its agent restarted, and its ranks with it"
+                    req.node_id,
+                    job.generation,
+                    -1,
+                    ExitReason.CRASH,
+                    "its agent restarted, and its ranks with it",
                 ),
                 "agent restarted",
             )
@@ -569,7 +581,7 @@ class Controller:
                         (
                             rec.job_id,
                             rec.node_id,
-                            "node_unhealthy",
+                            CoordinatorEventKind.NODE_UNHEALTHY,
                             0,
                             0,
                             -1,
@@ -653,7 +665,7 @@ class Controller:
                         (
                             job_id,
                             rec.node_id,
-                            "controller_error",
+                            CoordinatorEventKind.CONTROLLER_ERROR,
                             e.generation,
                             e.step,
                             e.rank,
@@ -663,13 +675,13 @@ class Controller:
                     ]
                 )
 
-    def _machine_event(self, node_id: str, e: types_pb2.Event, d: dict[str, Any]) -> Any:
+    def _machine_event(self, node_id: str, e: types_pb2.Event, d: dict[str, Any]) -> m.Event | None:
         kind = e.kind
-        if kind == "worker_exited":
-            reason = d.get("reason", "crash")
-            if reason in ("crash", "hang", "config"):
-                return m.WorkerFailed(node_id, e.generation, e.rank, reason, d.get("summary", ""))
-            return None
+        if kind == AgentEventKind.WORKER_EXITED:
+            reason = str(d.get("reason", ExitReason.CRASH))  # free-form JSON: maybe not a string
+            if reason in FAILED_EXITS:
+                return m.WorkerFailed(node_id, e.generation, e.rank, ExitReason(reason), d.get("summary", ""))
+            return None  # a clean exit, or a standby's
         if kind == EventKind.COLLECTIVE_FAILED:
             return m.PeerWaiting(node_id, e.generation, e.step)
         if kind in (EventKind.JOINING, EventKind.STARTED):

@@ -42,7 +42,14 @@ from typing import Any
 from coordinator.jobspec import JobSpec
 from coordinator.membership import NodeView, choose_members
 from stanchion.settings import ConfigError
-from stanchion.vocab import DETECTOR_RESTART_REASON, EventKind, RestartReason, Resume
+from stanchion.vocab import (
+    DETECTOR_RESTART_REASON,
+    EXIT_RESTART_REASON,
+    EventKind,
+    ExitReason,
+    RestartReason,
+    Resume,
+)
 
 
 class JobState(str, enum.Enum):
@@ -251,7 +258,7 @@ class WorkerFailed:
     node_id: str
     generation: int
     rank: int
-    kind: str  # "crash", "hang" or "config"
+    kind: ExitReason  # one of FAILED_EXITS: crash, hang or config
     detail: str = ""
 
 
@@ -672,11 +679,13 @@ def on_tick(job: Job, event: Tick, nodes: Mapping[str, NodeView], now: float) ->
 def on_worker_failed(job: Job, ev: WorkerFailed, nodes: Mapping[str, NodeView], now: float) -> Decision:
     if job.state not in ACTIVE or ev.generation != job.generation or _stopped(job):
         return _noop(job)  # stale, or ranks the job already stopped (and counted the restart of)
-    if ev.kind == "config":
+    if ev.kind == ExitReason.CONFIG:
         return _fail(job, f"the trainer rejected its configuration on {ev.node_id}: {ev.detail}")
-    what = "hung" if ev.kind == "hang" else "crashed"
+    what = "hung" if ev.kind == ExitReason.HANG else "crashed"
     who = f"rank {ev.rank} on {ev.node_id}" if ev.rank >= 0 else f"the ranks on {ev.node_id}"
-    return _restart(job, RestartReason(ev.kind), nodes, now, exclude=(), detail=f"{who} {what}: {ev.detail}")
+    return _restart(
+        job, EXIT_RESTART_REASON[ev.kind], nodes, now, exclude=(), detail=f"{who} {what}: {ev.detail}"
+    )
 
 
 def on_peer_waiting(job: Job, ev: PeerWaiting, nodes: Mapping[str, NodeView], now: float) -> Decision:

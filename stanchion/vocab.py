@@ -1,4 +1,4 @@
-"""The protocol's vocabularies: event kinds, restart reasons and resume modes, named once.
+"""The protocol's vocabularies: event kinds, exit and restart reasons and resume modes, named once.
 
 Each is a string enum: a member equals its plain string value (``EventKind.STARTED == "started"``,
 with the same hash, so a string read from a file or off the wire finds a member in a set or dict),
@@ -89,6 +89,34 @@ FORWARDED = frozenset(
 LEFT_GENERATION = frozenset({EventKind.COLLECTIVE_FAILED, EventKind.GENERATION_CHANGE, EventKind.ABANDONED})
 
 
+class AgentEventKind(Vocab):
+    """The ``kind`` of an event an agent reports of its own, beside the trainer events it relays
+    (:data:`FORWARDED`; the two share the field, so no value is in both). The coordinator stores them
+    all and acts on ``worker_exited``."""
+
+    WORKER_EXITED = "worker_exited"  # a rank's process ended; ``reason`` in the detail is an ExitReason
+    HEALTH = "health"  # the node's health verdict changed (detail: ``verdict``, ``reason``)
+    STALE_DIRECTIVE = "stale_directive"  # a directive of an older generation was ignored
+    DIRECTIVE_REJECTED = "directive_rejected"  # a directive this node refuses (a path outside its dirs)
+    DIRECTIVE_FAILED = "directive_failed"  # applying a directive raised
+
+
+class CoordinatorEventKind(Vocab):
+    """The ``kind`` of an event the coordinator records of its own in a job's event log (beside the
+    events agents report), which ``stanchion job events`` streams. No value is an agent's or a rank's."""
+
+    DECISION = "decision"  # the state machine changed the job (detail: reason, from, to, actions)
+    NODE_REGISTERED = "node_registered"  # an agent registered
+    NODE_LOST = "node_lost"  # a node's heartbeats stopped (detail: ``age_s``)
+    NODE_UNHEALTHY = "node_unhealthy"  # a node's agent reported the verdict unhealthy
+    # An operator cordoned, drained or uncordoned a node: ``node_`` and the node's new state.
+    NODE_CORDONED = "node_cordoned"
+    NODE_DRAINING = "node_draining"
+    NODE_READY = "node_ready"
+    CONTROLLER_ERROR = "controller_error"  # a reported event could not be applied (see the coordinator log)
+    BISECTION_DONE = "bisection_done"  # a bisection ended (detail: the run)
+
+
 class RestartReason(Vocab):
     """Why the coordinator started a new generation: a job's ``restarts_by_reason`` keys and the
     ``reason`` label of ``stanchion_job_restarts_total`` (exported for every member, 0 until counted)."""
@@ -109,6 +137,34 @@ class RestartReason(Vocab):
     RECONCILE = "reconcile"  # after a coordinator restart, members did not report the generation
     BISECTION = "bisection"  # a bisection named the faulty nodes; the job resumes without them
     FIRST_STEP_TIMEOUT = "first_step_timeout"  # a generation missed its first-step deadline
+
+
+class ExitReason(Vocab):
+    """Why a rank's process ended, as its agent classifies it: the ``reason`` in the detail of a
+    ``worker_exited`` event (:class:`AgentEventKind`) and the kind of the coordinator's ``WorkerFailed``.
+
+    Not a subset of :class:`RestartReason`: ``crash`` and ``hang`` are both (a failed rank restarts the
+    job for that reason, :data:`EXIT_RESTART_REASON`), the others end no generation or, ``config``,
+    fail the job.
+    """
+
+    FINISHED = "finished"  # exit 0 after training every step
+    STOPPED = "stopped"  # exit 0 otherwise, or any exit after the agent asked it to stop
+    SUPERSEDED = "superseded"  # left: not part of the new generation (``contract.EXIT_SUPERSEDED``)
+    CONFIG = "config"  # the trainer rejected its configuration (``contract.EXIT_CONFIG``): the job fails
+    CRASH = "crash"  # an error exit or a signal
+    HANG = "hang"  # the agent killed it: no progress
+    STANDBY_LOST = "standby_lost"  # a standby rank (no slot yet) died; the agent starts another
+
+
+# The exits of a rank that ended cleanly (its state is EXITED; the others are FAILED).
+CLEAN_EXITS = frozenset({ExitReason.FINISHED, ExitReason.STOPPED, ExitReason.SUPERSEDED})
+
+# The exits the coordinator acts on (``WorkerFailed``): a crash or a hang restarts, a bad config fails the job.
+FAILED_EXITS = frozenset({ExitReason.CRASH, ExitReason.HANG, ExitReason.CONFIG})
+
+# The restart reason of a failed rank's exit that ends in a new generation.
+EXIT_RESTART_REASON = {ExitReason.CRASH: RestartReason.CRASH, ExitReason.HANG: RestartReason.HANG}
 
 
 # The restart reason of a detector's response that ends in a new generation.

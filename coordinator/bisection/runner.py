@@ -19,6 +19,7 @@ from typing import Any
 from coordinator import machine as m
 from coordinator.bisection.planner import BisectConfig, Round, TrialResult, Verdict, plan
 from protos.stanchion.v1 import agent_pb2
+from stanchion.vocab import CoordinatorEventKind
 from trainer.trial import trace_key
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,9 @@ class Bisector:
                 node_id, cordoned=True, reason=f"bisection {run.bisection_id} named it: {v.reason}"[:500]
             )
         self._save(run)
-        self.c.store.add_events([(run.job_id, "", "bisection_done", 0, 0, -1, time.time(), run.to_json())])
+        self.c.store.add_events(
+            [(run.job_id, "", CoordinatorEventKind.BISECTION_DONE, 0, 0, -1, time.time(), run.to_json())]
+        )
         if run.job_id and run.job_id in self.c.jobs and self.c.jobs[run.job_id].state is m.JobState.BISECTING:
             self.c._apply(
                 run.job_id, m.BisectionDone(run.bisection_id, tuple(v.faulty), v.reason), "bisection done"

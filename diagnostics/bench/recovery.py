@@ -51,7 +51,7 @@ from diagnostics.bench.common import (
 from diagnostics.localcluster import LocalCluster
 from protos.stanchion.v1 import types_pb2
 from stanchion.files import read_jsonl
-from stanchion.vocab import EventKind
+from stanchion.vocab import EventKind, Resume
 from stanchion.waiting import wait_until
 
 NODES = ("node-0", "node-1")
@@ -73,7 +73,9 @@ class Recovery:
     injected_t: float
     steps_before: int  # where the run stood at the fault: its newest completed step
     resume_step: int | None  # the step the recovered ranks resumed from
-    resume_source: str  # peer, checkpoint, fresh or in_place (no new generation or process)
+    # A Resume value (peer, checkpoint, fresh), or the bench's own: none (no recovery seen) or an
+    # in-place one (no new generation or process).
+    resume_source: str
     restarted_t: float | None  # the recovered ranks' first `started` event
     first_step_t: float | None  # their first completed step
     generation: int | None = None  # the generation that recovered (Stanchion)
@@ -162,7 +164,11 @@ def measure_recovery(
         return Recovery(injected_t, before, None, "none", None, first_t, gen)
     resume = min(int(e.get("resumed_step", e.get("step", 0))) for e in group)
     kinds = {e.get("event") for e in related}
-    source = "peer" if EventKind.HEALED in kinds else "checkpoint" if EventKind.RESTORED in kinds else "fresh"
+    source = Resume.FRESH
+    if EventKind.HEALED in kinds:
+        source = Resume.PEER
+    elif EventKind.RESTORED in kinds:
+        source = Resume.CHECKPOINT
     return Recovery(injected_t, before, resume, source, min(e["t"] for e in group), first_t, gen)
 
 

@@ -37,6 +37,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from coordinator import machine as m
 from coordinator.jobspec import JobSpec
 from coordinator.membership import NodeView
+from stanchion.vocab import DETECTORS, EventKind, ExitReason
 
 PRIMARIES = ("a", "b", "c")
 SPARES = ("s1", "s2")
@@ -47,7 +48,7 @@ TICK_GAPS = st.sampled_from([0.5, 0.5, 2.5, 2.5, 11.0, 35.0, 320.0, 700.0])
 EVENT_GAP = 0.25
 LATE = 25  # decisions before a job may be cancelled or finish: most runs explore first
 PROBES = 3  # events a terminal job absorbs before the next job is submitted (ticks go on)
-DETECTOR_KINDS = ("fingerprint_mismatch", "spike", "audit_mismatch", "nonfinite")
+DETECTOR_KINDS = sorted(DETECTORS)  # sampled_from needs an order
 
 
 @st.composite
@@ -223,7 +224,10 @@ class JobLifecycle(RuleBasedStateMachine):
     @rule(data=st.data())
     def worker_failed(self, data: st.DataObject) -> None:
         node = self.draw_member(data)
-        kind = data.draw(st.sampled_from(["crash"] * 12 + ["hang"] * 6 + ["config"]), label="kind")
+        kind = data.draw(
+            st.sampled_from([ExitReason.CRASH] * 12 + [ExitReason.HANG] * 6 + [ExitReason.CONFIG]),
+            label="kind",
+        )
         rank = data.draw(st.sampled_from([self.draw_rank(data), -1]), label="rank or node")
         self.deliver(m.WorkerFailed(node, self.draw_generation(data), rank, kind, "property test"))
 
@@ -254,7 +258,9 @@ class JobLifecycle(RuleBasedStateMachine):
         self.set_node(node, ready=True, heartbeat_age_s=0.0)
         if not was_lost and self.job.state in m.ACTIVE and node in self.job.members:
             self.deliver(
-                m.WorkerFailed(node, self.job.generation, -1, "crash", "its agent restarted, and its ranks")
+                m.WorkerFailed(
+                    node, self.job.generation, -1, ExitReason.CRASH, "its agent restarted, and its ranks"
+                )
             )
         if self.job.state in (m.JobState.PENDING, m.JobState.RECOVERING):
             self.deliver(m.NodeChanged(node))
@@ -333,7 +339,7 @@ class JobLifecycle(RuleBasedStateMachine):
         # The onset: right before the detection, a little or a long way back, or (where it matters
         # most) just before one of the checkpoints the job holds, so that the window straddles it.
         straddle = sorted({c.step - 1 for c in job.checkpoints[-3:] if 0 < c.step <= step})
-        if kind in ("fingerprint_mismatch", "audit_mismatch"):
+        if kind in (EventKind.FINGERPRINT_MISMATCH, EventKind.AUDIT_MISMATCH):
             onsets = [step - 1, *straddle, step - 3, step - 8, step - 20, -1]
         else:
             onsets = [-1, -1, *straddle, step - 2]

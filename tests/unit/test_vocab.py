@@ -5,12 +5,35 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from support import REPO
 
+from agent.config import AgentConfig
+from agent.workers import Worker, WorkerGroup
+from coordinator.config import CoordinatorConfig
+from coordinator.controller import Controller
+from coordinator.machine import WorkerFailed
+from coordinator.store import Store
 from protos.stanchion.v1 import agent_pb2, types_pb2
-from stanchion.vocab import DETECTOR_RESTART_REASON, DETECTORS, FORWARDED, EventKind, RestartReason, Resume
+from stanchion.vocab import (
+    CLEAN_EXITS,
+    DETECTOR_RESTART_REASON,
+    DETECTORS,
+    EXIT_RESTART_REASON,
+    FAILED_EXITS,
+    FORWARDED,
+    AgentEventKind,
+    CoordinatorEventKind,
+    EventKind,
+    ExitReason,
+    RestartReason,
+    Resume,
+)
+from trainer import contract
+from trainer.contract import WorkerPaths
 
 WIRE = {
     EventKind: {
@@ -24,6 +47,12 @@ WIRE = {
         "drain", "collective_failed", "reconcile", "bisection", "first_step_timeout",
     },
     Resume: {"fresh", "checkpoint", "peer"},
+    AgentEventKind: {"worker_exited", "health", "stale_directive", "directive_rejected", "directive_failed"},
+    CoordinatorEventKind: {
+        "decision", "node_registered", "node_lost", "node_unhealthy", "node_cordoned", "node_draining",
+        "node_ready", "controller_error", "bisection_done",
+    },
+    ExitReason: {"finished", "stopped", "superseded", "config", "crash", "hang", "standby_lost"},
 }  # fmt: skip
 
 
@@ -34,7 +63,17 @@ def test_the_values_on_the_wire_are_unchanged(vocab) -> None:
         assert m.name.lower() == m.value  # the name says the value
 
 
-@pytest.mark.parametrize("member", [EventKind.FINGERPRINT_MISMATCH, RestartReason.NODE_LOST, Resume.PEER])
+@pytest.mark.parametrize(
+    "member",
+    [
+        EventKind.FINGERPRINT_MISMATCH,
+        RestartReason.NODE_LOST,
+        Resume.PEER,
+        AgentEventKind.WORKER_EXITED,
+        CoordinatorEventKind.NODE_LOST,
+        ExitReason.STANDBY_LOST,
+    ],
+)
 def test_a_member_is_its_string_everywhere(member) -> None:
     value = member.value
     assert member == value and value == member and hash(member) == hash(value)
@@ -81,3 +120,57 @@ def test_the_documented_restart_reasons_are_the_enum() -> None:
     )
     documented = set(re.findall(r"`([a-z_]+)`", line.split("`reason`", 1)[1]))
     assert documented == {r.value for r in RestartReason}
+
+
+def test_event_kinds_name_one_event_each() -> None:
+    """Trainer, agent and coordinator events share the ``kind`` field of an event (and the event log)."""
+    trainer, agent, coordinator = (
+        {k.value for k in v} for v in (EventKind, AgentEventKind, CoordinatorEventKind)
+    )
+    assert not trainer & agent and not trainer & coordinator and not agent & coordinator
+
+
+def test_exit_reasons() -> None:
+    # Every exit is clean, a failure the coordinator acts on, or a standby's (the agent replaces it).
+    assert CLEAN_EXITS | FAILED_EXITS | {ExitReason.STANDBY_LOST} == set(ExitReason)
+    assert not CLEAN_EXITS & FAILED_EXITS
+    # Not a subset of the restart reasons: crash and hang restart for that reason, a bad config fails.
+    assert {r.value for r in ExitReason} & {r.value for r in RestartReason} == {"crash", "hang"}
+    assert set(EXIT_RESTART_REASON) == FAILED_EXITS - {ExitReason.CONFIG}
+    assert all(k.value == v.value for k, v in EXIT_RESTART_REASON.items())
+
+
+@pytest.mark.parametrize(
+    ("code", "hung", "slot", "stopping", "reason", "failed"),
+    [
+        (1, False, 0, False, ExitReason.CRASH, True),
+        (-9, False, 0, False, ExitReason.CRASH, True),
+        (-9, True, 0, False, ExitReason.HANG, True),
+        (contract.EXIT_CONFIG, False, 0, False, ExitReason.CONFIG, True),
+        (contract.EXIT_OK, False, 0, False, ExitReason.STOPPED, False),
+        (contract.EXIT_SUPERSEDED, False, 0, False, ExitReason.SUPERSEDED, False),
+        (1, False, 0, True, ExitReason.STOPPED, False),
+        (1, False, None, False, ExitReason.STANDBY_LOST, False),
+    ],
+)
+def test_the_agent_and_the_controller_agree_on_exits(
+    tmp_path: Path, code: int, hung: bool, slot: int | None, stopping: bool, reason: ExitReason, failed: bool
+) -> None:
+    """An exit the agent classifies travels as its value in the event's JSON detail, and the controller
+    turns exactly the failures into a WorkerFailed of that reason."""
+    group = WorkerGroup(AgentConfig(node_id="node-a", insecure=True, run_root=str(tmp_path / "runs")))
+    proc = SimpleNamespace(returncode=code, pid=4242)
+    w = Worker(0, proc, WorkerPaths(tmp_path / "w00000"), 0.0, slot=slot, hung=hung, stopping=stopping)  # type: ignore[arg-type]
+    detail = group._classify_exit(w)
+    assert detail["reason"] is reason
+    event = types_pb2.Event(
+        kind=AgentEventKind.WORKER_EXITED, generation=1, rank=0, detail_json=json.dumps(detail, default=str)
+    )
+    event = types_pb2.Event.FromString(event.SerializeToString())  # off the wire: plain strings
+    assert event.kind == "worker_exited" and f'"reason": "{reason.value}"' in event.detail_json
+    controller = Controller(CoordinatorConfig(insecure=True), Store(":memory:"))
+    ev = controller._machine_event("node-a", event, json.loads(event.detail_json))
+    if not failed:
+        assert ev is None
+        return
+    assert isinstance(ev, WorkerFailed) and ev.kind is reason and ev.rank == 0
