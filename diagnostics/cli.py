@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -67,11 +68,36 @@ def main_callback(
         os.environ["STANCHION_DEBUG"] = "1"
 
 
+class Command(typer.core.TyperCommand):
+    """Every `stanchion` command: a required argument shows in the usage line as Click writes it,
+    ``SPEC`` (an optional one as ``[JOB_ID]``), where Typer 0.29 writes ``{SPEC}``."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            for piece in param.get_usage_pieces(ctx):
+                if param.param_type_name == "argument" and param.required:
+                    piece = re.sub(r"^\{(.*)\}", r"\1", piece)
+                pieces.append(piece)
+        return pieces
+
+
+def use_command_class(group: typer.Typer) -> None:
+    """Make :class:`Command` the class of every command under ``group`` that has Typer's default."""
+    for info in group.registered_commands:
+        if info.cls in (None, typer.core.TyperCommand):
+            info.cls = Command
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            use_command_class(sub.typer_instance)
+
+
 for _module, _name in GROUPS:
     app.add_typer(importlib.import_module(f"diagnostics.commands.{_module}").app, name=_name)
 for _module, _attr, _name in COMMANDS:
     _cmd = getattr(importlib.import_module(f"diagnostics.commands.{_module}"), _attr)
     app.command(_name, **getattr(_cmd, "command_settings", {}))(_cmd)
+use_command_class(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,9 +14,10 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from stanchion.files import JsonlWriter
 from stanchion.settings import ConfigError, merge, parse_assignments
@@ -28,48 +29,102 @@ log = logging.getLogger("trainer")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """argparse's help with the usage line every `stanchion` command prints: "Usage: ..."."""
+    """argparse's help laid out as every other `stanchion` command's (Typer's): "Usage: PROG
+    [OPTIONS]", an "Options:" section, metavars such as ``<int>`` and ``[default: ...]``. The two
+    hooks overridden below are those argparse's own MetavarTypeHelpFormatter and
+    ArgumentDefaultsHelpFormatter override."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
 
     def add_usage(self, usage: Any, actions: Any, groups: Any, prefix: str | None = None) -> None:
         super().add_usage(usage, actions, groups, "Usage: " if prefix is None else prefix)
 
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        kind = {int: "int", float: "float", Path: "path"}.get(action.type, "str")  # type: ignore[arg-type]
+        return f"<{kind}>"
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default != []
+        if shown and action.default != argparse.SUPPRESS and "%(default)" not in text:
+            text += "  [default: %(default)s]"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, ``error: ... (hint: see 'PROG --help')``, and exit code 2, as for
+    every other `stanchion` command; argparse would print the whole usage first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            contract.EXIT_CONFIG,  # 2, the CLI's usage-error code too
+            f"error: {message} (hint: see '{self.prog} --help')\n",
+        )
+
+
+def _indented(text: str) -> str:
+    """A paragraph wrapped and indented as Typer prints a command's help and epilog."""
+    return textwrap.fill(" ".join(text.split()), width=78, initial_indent="  ", subsequent_indent="  ")
+
 
 def parser(prog: str = "trainer") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=prog,
-        description="Deterministic, resumable GPT pretraining on torch.distributed.",
-        epilog=__doc__.split("\n\n", 2)[2],
+        usage="%(prog)s [OPTIONS]",
+        description=_indented("Deterministic, resumable GPT pretraining on torch.distributed."),
+        epilog=_indented(__doc__.split("\n\n", 2)[2]),
         formatter_class=_HelpFormatter,
+        add_help=False,
     )
-    p.add_argument("--preset", default=None, help="model/data/optimizer preset: tiny, gpt2-124m, llama-1b")
-    p.add_argument("--config", type=Path, default=None, help="a TOML file of config keys (trainer/config.py)")
-    p.add_argument(
+    opts = p.add_argument_group("Options")
+    opts.add_argument("-h", "--help", action="help", help="Show this message and exit.")
+    opts.add_argument(
+        "--preset", default=None, help="Model, data and optimizer preset: tiny, gpt2-124m, llama-1b."
+    )
+    opts.add_argument(
+        "--config", type=Path, default=None, help="A TOML file of config keys (trainer/config.py)."
+    )
+    opts.add_argument(
         "--set",
         dest="sets",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one config key, e.g. --set model.n_layer=6 (repeatable)",
+        help="Override one config key, e.g. --set model.n_layer=6 (repeatable).",
     )
-    p.add_argument("--data", type=Path, default=None, help="a directory written by `stanchion data prepare`")
-    p.add_argument("--run-dir", type=Path, default=None, help="checkpoints and per-rank files go here")
-    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (fixes the LR schedule)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (0: none)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument(
-        "--faults", type=Path, default=None, help="a JSON fault-injection schedule (trainer/faults.py)"
+    opts.add_argument(
+        "--data", type=Path, default=None, help="A directory written by `stanchion data prepare`."
     )
-    p.add_argument(
-        "--resume", default="auto", help="auto (newest good checkpoint), none, or a checkpoint path"
+    opts.add_argument("--run-dir", type=Path, default=None, help="Checkpoints and per-rank files go here.")
+    opts.add_argument(
+        "--steps", type=int, default=None, help="Total optimizer steps (fixes the LR schedule)."
     )
-    p.add_argument("--sample", type=int, default=0, metavar="N", help="print N sampled lines after training")
-    p.add_argument(
+    opts.add_argument(
+        "--checkpoint-every", type=int, default=None, help="Steps between checkpoints (0: none)."
+    )
+    opts.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seed of the initial weights, the batch order and injected faults.",
+    )
+    opts.add_argument(
+        "--faults", type=Path, default=None, help="A JSON fault-injection schedule (trainer/faults.py)."
+    )
+    opts.add_argument(
+        "--resume", default="auto", help="auto (newest good checkpoint), none, or a checkpoint path."
+    )
+    opts.add_argument(
+        "--sample", type=int, default=0, metavar="N", help="Print N sampled lines after training."
+    )
+    opts.add_argument(
         "--nproc",
         type=int,
         default=1,
-        help="spawn N local ranks (stanchion train only; torchrun does its own)",
+        help="Spawn N local ranks (stanchion train only; torchrun does its own).",
     )
-    p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
+    opts.add_argument("--json", action="store_true", help="Print the final summary as JSON on stdout.")
     return p
 
 

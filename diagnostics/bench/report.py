@@ -572,7 +572,7 @@ def ettr_figure(rep: Report, runs: Sequence[Mapping[str, Any]], name: str) -> Pa
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [p[0] for p in pts]
     for key, label, style in (
-        ("ettr", "Stanchion ETTR (DESIGN formula)", "o-"),
+        ("ettr", "Stanchion ETTR", "o-"),
         ("ettr_local", "Stanchion ETTR, time-local", "s--"),
         ("ettr_fault_free", "fault-free ceiling (same formula, no faults)", "x:"),
         ("torchrun_ettr", "torchrun ETTR, crashes only", "^-"),
@@ -917,7 +917,7 @@ def goodput_section(rep: Report) -> list[str]:
             "faults",
             "median step ms",
             "wall s",
-            "ETTR (DESIGN)",
+            "ETTR",
             "ETTR (local)",
             "lost steps",
             "crash recovery s (median)",

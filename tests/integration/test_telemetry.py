@@ -7,7 +7,7 @@ detector counters move. What is proved:
 - `promtool check metrics` accepts the agent's and the coordinator's exposition without a word;
 - every metric docs/metrics.md names is exported (trainer metrics by the agent, job and
   node metrics by the coordinator, GPU metrics by the agent's health collector over a fake NVML, since
-  this machine has no GPU), with `job_id` (DESIGN's `job`, renamed: see docs/metrics.md) and `rank`;
+  this machine has no GPU), with `job_id` (not `job`, which Prometheus reserves: see docs/metrics.md) and `rank`;
 - `stanchion_nvml_up` is 0 here;
 - Prometheus's answer for `stanchion_train_loss{rank="0"}` equals, exactly, the loss the rank wrote in
   its progress record of the step Prometheus reports;
@@ -65,7 +65,7 @@ FLIP_STEP = 13  # a parameter bit of rank 0 flips: the next fingerprint check (e
 NODES = ("node-0", "node-1")
 
 # The metrics docs/metrics.md documents (the `job_id` label: docs/metrics.md says why).
-DESIGN_TRAINER = {
+DOCUMENTED_TRAINER = {
     "stanchion_train_step": {"job_id", "rank"},
     "stanchion_train_loss": {"job_id", "rank"},
     "stanchion_train_grad_norm": {"job_id", "rank"},
@@ -77,7 +77,7 @@ DESIGN_TRAINER = {
     "stanchion_audit_mismatches_total": {"job_id", "rank"},
     "stanchion_checkpoint_stall_seconds": {"job_id", "rank"},
 }
-DESIGN_GPU = {
+DOCUMENTED_GPU = {
     "stanchion_gpu_temperature_celsius": {"gpu", "UUID"},
     "stanchion_gpu_power_watts": {"gpu", "UUID"},
     "stanchion_gpu_utilization_ratio": {"gpu", "UUID"},
@@ -87,7 +87,7 @@ DESIGN_GPU = {
     "stanchion_gpu_remapped_rows_total": {"gpu", "UUID"},
     "stanchion_gpu_info": {"gpu", "UUID"},
 }
-DESIGN_COORDINATOR = {
+DOCUMENTED_COORDINATOR = {
     "stanchion_job_state": {"job_id", "state"},
     "stanchion_job_restarts_total": {"job_id", "reason"},
     "stanchion_recovery_seconds": {"job_id"},  # histogram
@@ -444,8 +444,8 @@ def test_both_daemons_export_their_build_info(telemetry: Telemetry) -> None:
         assert (labels["component"], labels["version"]) == (component, __version__)
 
 
-def _assert_design_names(samples: Samples, design: dict[str, set[str]], where: str, **match: str) -> None:
-    for name, labels in design.items():
+def _assert_documented(samples: Samples, documented: dict[str, set[str]], where: str, **match: str) -> None:
+    for name, labels in documented.items():
         names = [name + s for s in _SUFFIXES] if name in HISTOGRAMS else [name]
         for n in names:
             series = [lv for lv, _ in samples.get(n, []) if all(lv.get(k) == v for k, v in match.items())]
@@ -455,25 +455,25 @@ def _assert_design_names(samples: Samples, design: dict[str, set[str]], where: s
                 assert not missing, f"{n}{lv} on the {where} lacks the labels {sorted(missing)}"
 
 
-def test_every_design_metric_is_exported(telemetry: Telemetry) -> None:
+def test_every_documented_metric_is_exported(telemetry: Telemetry) -> None:
     t = telemetry
     for rank in (0, 1):
         node = t.rank_node(rank)
         agent = parse(t.agents[node])
-        _assert_design_names(agent, DESIGN_TRAINER, f"agent {node}", job_id=t.job_id, rank=str(rank))
+        _assert_documented(agent, DOCUMENTED_TRAINER, f"agent {node}", job_id=t.job_id, rank=str(rank))
         # The small model has two blocks: one activation norm per layer.
         layers = {
             lv["layer"] for lv, _ in agent["stanchion_train_activation_norm"] if lv["rank"] == str(rank)
         }
         assert layers == {"0", "1"}
-    _assert_design_names(parse(t.coordinator), DESIGN_COORDINATOR, "coordinator")
+    _assert_documented(parse(t.coordinator), DOCUMENTED_COORDINATOR, "coordinator")
     coordinator = parse(t.coordinator)
     for name in ("stanchion_job_state", "stanchion_job_restarts_total", "stanchion_goodput_ratio"):
         assert any(lv.get("job_id") == t.job_id for lv, _ in coordinator[name]), name
     assert {lv["node"] for lv, _ in coordinator["stanchion_node_heartbeat_age_seconds"]} == set(NODES)
     assert value(coordinator, "stanchion_nodes", state="ready") == len(NODES)
     assert 0 < value(coordinator, "stanchion_goodput_ratio", job_id=t.job_id) <= 1
-    _assert_design_names(parse(t.gpu), DESIGN_GPU, "health collector over a fake NVML")
+    _assert_documented(parse(t.gpu), DOCUMENTED_GPU, "health collector over a fake NVML")
 
 
 def test_nvml_is_down_on_this_machine_and_up_over_the_fake(telemetry: Telemetry) -> None:

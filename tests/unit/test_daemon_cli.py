@@ -4,6 +4,7 @@ that is taken is one line naming the flag, with exit code 5."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 import subprocess
 import sys
@@ -59,19 +60,34 @@ def held_port() -> socket.socket:
     return s
 
 
-@pytest.mark.parametrize("flag", ["--listen", "--metrics-port"])
-def test_a_port_in_use_is_one_line_naming_the_flag_and_exit_code_5(tmp_path: Path, flag: str) -> None:
+# What `setup_logging` writes before the bind: "2026-12-06 20:24:16,299 INFO name message".
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING) ")
+
+
+@pytest.mark.parametrize(
+    ("daemon", "flag"),
+    [("coordinator", "--listen"), ("coordinator", "--metrics-port"), ("agent", "--health-port")],
+)
+def test_a_port_in_use_is_one_line_naming_the_flag_and_exit_code_5(
+    tmp_path: Path, daemon: str, flag: str
+) -> None:
     with held_port() as s:
         port = s.getsockname()[1]
-        args = ["--insecure", "--state-db", str(tmp_path / "c.db"), "--listen", "127.0.0.1:0"]
-        args += ["--listen", f"127.0.0.1:{port}"] if flag == "--listen" else ["--metrics-port", str(port)]
+        if daemon == "coordinator":
+            args = ["--insecure", "--state-db", str(tmp_path / "c.db"), "--listen", "127.0.0.1:0"]
+        else:  # nothing listens on port 1: the agent fails on its health port before it gets there
+            args = ["--insecure", "--node-id", "n0", "--coordinator", "127.0.0.1:1"]
+            args += ["--run-root", str(tmp_path / "runs")]
+        args += [flag, f"127.0.0.1:{port}" if flag == "--listen" else str(port)]
         r = subprocess.run(
-            [sys.executable, "-m", "diagnostics.cli", "coordinator", "serve", *args],
+            [sys.executable, "-m", "diagnostics.cli", daemon, "serve", *args],
             capture_output=True,
             text=True,
             timeout=60,
         )
     assert r.returncode == 5, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and flag in lines[0] and str(port) in lines[0], r.stderr
-    assert "Traceback" not in r.stderr and "Errno" not in r.stderr, r.stderr
+    # All of stderr: the daemon's own log lines, then the error and nothing else (gRPC's C core
+    # logs a failed bind on descriptor 2 as "E1206 ... add_port.cc:83] Failed to add port ...").
+    rest = [line for line in r.stderr.splitlines() if not LOG_LINE.match(line)]
+    assert len(rest) == 1 and rest[0].startswith(f"error: {flag} "), r.stderr
+    assert str(port) in rest[0] and "Traceback" not in r.stderr and "Errno" not in r.stderr, r.stderr
