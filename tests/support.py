@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -230,14 +231,24 @@ def reset_cluster(c: Any, n_nodes: int) -> None:
     from protos.stanchion.v1 import operator_pb2, types_pb2
 
     ready, cordoned = types_pb2.NODE_STATE_READY, types_pb2.NODE_STATE_CORDONED
+    restarted: dict[str, float] = {}
     for n in list(c.agents):
         if not c.agents[n].alive():
+            restarted[n] = time.time()
             c.restart_agent(n)
-    c.wait(
-        lambda: all(x.state in (ready, cordoned) for x in c.nodes()) and len(c.nodes()) >= n_nodes,
-        60,
-        "nodes ready",
-    )
+
+    def settled() -> bool:
+        # A node whose agent was just restarted still shows READY until its heartbeat times out:
+        # wait until the new agent has been heard from, or the next job lands on a node whose ranks
+        # the coordinator then counts as crashed when that agent registers.
+        nodes = c.nodes()
+        return (
+            len(nodes) >= n_nodes
+            and all(x.state in (ready, cordoned) for x in nodes)
+            and all(x.last_heartbeat_time >= restarted.get(x.node_id, 0.0) for x in nodes)
+        )
+
+    c.wait(settled, 60, "nodes ready, each restarted agent heard from")
     for n in c.nodes():
         if n.state != ready:
             c.rpc("UncordonNode", operator_pb2.UncordonNodeRequest(node_id=n.node_id))
