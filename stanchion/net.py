@@ -42,10 +42,10 @@ def bind_grpc(add_port: Callable[[], int], flag: str, address: str) -> int:
         try:
             port = add_port()
         except RuntimeError as e:  # grpcio >= 1.60 raises "Failed to bind to address ..."
-            held.drop(_CORE_BIND_FAILURE)
+            held.failed = True
             raise AddressInUse(flag, address, str(e).split(";")[0]) from None
-        if port == 0:  # older grpcio returns 0
-            held.drop(_CORE_BIND_FAILURE)
+        held.failed = port == 0  # older grpcio returns 0
+        if held.failed:
             raise AddressInUse(flag, address)
     return port
 
@@ -55,12 +55,7 @@ _CORE_BIND_FAILURE = re.compile(rb"^[EW]\d{4} .*(add_port|Failed to add port|Fai
 
 
 class _Held:
-    def __init__(self) -> None:
-        self.pattern: re.Pattern[bytes] | None = None
-
-    def drop(self, pattern: re.Pattern[bytes]) -> None:
-        """Leave out the held lines that match ``pattern`` when passing them on."""
-        self.pattern = pattern
+    failed = False  # the bind failed: C core's lines about it are left out when passing stderr on
 
 
 @contextlib.contextmanager
@@ -82,7 +77,7 @@ def _stderr_held() -> Iterator[_Held]:
             os.close(saved)
             buf.seek(0)
             lines = buf.read().splitlines(keepends=True)
-            kept = [line for line in lines if held.pattern is None or not held.pattern.search(line)]
+            kept = [line for line in lines if not (held.failed and _CORE_BIND_FAILURE.search(line))]
             if kept:
                 os.write(2, b"".join(kept))
 

@@ -386,11 +386,6 @@ def live_rank(cluster: LocalCluster, job_id: str, rank: int, generation: int) ->
     return None
 
 
-def live_rank_pid(cluster: LocalCluster, job_id: str, rank: int, generation: int) -> int | None:
-    found = live_rank(cluster, job_id, rank, generation)
-    return None if found is None else found[0]
-
-
 def job_records(records: Iterable[Mapping[str, Any]], job_id: str) -> list[dict[str, Any]]:
     return [dict(r) for r in records if r.get("job_id") == job_id]
 
