@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from stanchion.identity import NODE_ID_RE
 from stanchion.settings import option, require
+
+BUILTIN_ENTRYPOINT = "trainer"  # the built-in trainer (`python -m trainer`): always allowed, never remapped
+ENTRYPOINT_HINT = "agent serve --entrypoint NAME=MODULE_OR_SCRIPT"
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,19 @@ class AgentConfig:
     insecure: bool = option(False, "Plaintext gRPC: for local experiments only.")
     token_file: str = option("", "A file holding this agent's bearer token.")
     standby: int = option(1, "Pre-warmed standby ranks to keep ready.")
+    # Programs a job spec may name besides the built-in trainer: "NAME=TARGET", TARGET a script
+    # (.py, stored absolute) or a dotted module. A spec names only NAME; this node decides what it runs.
+    entrypoints: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "flag": "--entrypoint",
+            "metavar": "NAME=MODULE_OR_SCRIPT",
+            "help": (
+                'A program job specs may run with entrypoint = "NAME": a .py script or a dotted module, '
+                "given the job's args. Repeatable; 'trainer' (the built-in trainer) is always allowed."
+            ),
+        },
+    )
     hang_factor: float = 5.0  # no step within factor x median step time ...
     hang_floor_s: float = option(30.0, "A rank with no step for at least this long may be hung.")
     startup_timeout_s: float = 300.0  # first step of a generation must come within this
@@ -62,6 +79,7 @@ class AgentConfig:
             "TLS is the default: pass --tls-dir DIR (see `stanchion certs init`), or --insecure for plaintext",
         )
         require(0 <= self.standby <= 8, "standby", "must be between 0 and 8")
+        object.__setattr__(self, "entrypoints", _check_entrypoints(self.entrypoints))
         require(
             self.hang_factor >= 1 and self.hang_floor_s > 0,
             "hang_factor",
@@ -73,6 +91,10 @@ class AgentConfig:
             ok = kind == "persistent" and not p or kind == "intermittent" and _is_prob(p)
             require(ok, "simulate_defect", "expected 'persistent' or 'intermittent:P' with 0 < P <= 1")
 
+    def entrypoint_targets(self) -> dict[str, str]:
+        """NAME -> TARGET of the programs this node allows besides the built-in trainer."""
+        return {name: target for name, _, target in (e.partition("=") for e in self.entrypoints)}
+
     def defect_faults(self) -> list[dict]:
         """The simulated defect as a fault schedule for this node's ranks (the integrity issue's compute fault)."""
         if not self.simulate_defect:
@@ -81,6 +103,46 @@ class AgentConfig:
         return [
             {"kind": "compute", "rank": -1, "from_step": 0, "prob": 1.0 if kind == "persistent" else float(p)}
         ]
+
+
+def _check_entrypoints(items: tuple[str, ...]) -> tuple[str, ...]:
+    """Validate ``NAME=TARGET`` entries; scripts become absolute paths (the agent's working directory
+    does not matter once it runs)."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        name, sep, target = item.partition("=")
+        name, target = name.strip(), target.strip()
+        require(
+            bool(sep) and bool(name) and bool(target),
+            "entrypoint",
+            f"{item!r}: expected NAME=MODULE_OR_SCRIPT, e.g. --entrypoint own=train.py or lm=mypkg.train",
+        )
+        require(
+            bool(NODE_ID_RE.match(name)),
+            "entrypoint",
+            f"{name!r} is not a name: use 1-63 letters, digits, '.', '_' or '-', starting alphanumeric",
+        )
+        require(
+            name != BUILTIN_ENTRYPOINT,
+            "entrypoint",
+            f"{BUILTIN_ENTRYPOINT!r} is reserved for the built-in trainer; give your program another name",
+        )
+        require(name not in seen, "entrypoint", f"{name!r} is given twice; give each program one name")
+        seen.add(name)
+        if target.endswith(".py"):
+            path = Path(target).expanduser()
+            require(path.is_file(), "entrypoint", f"{name}={target}: no such file {str(path.absolute())!r}")
+            target = str(path.absolute())
+        else:
+            require(
+                all(part.isidentifier() for part in target.split(".")),
+                "entrypoint",
+                f"{name}={target}: {target!r} is neither a .py script nor a dotted Python module name "
+                "(e.g. mypkg.train)",
+            )
+        out.append(f"{name}={target}")
+    return tuple(out)
 
 
 def _is_prob(text: str) -> bool:

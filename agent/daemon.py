@@ -29,9 +29,9 @@ from protos.stanchion.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from stanchion import sdnotify
 from stanchion.files import write_json_atomic
 from stanchion.net import bind_grpc, bind_http
+from stanchion.sdk import manifest
 from stanchion.vocab import AgentEventKind, EventKind, ExitReason
 from stanchion.waiting import Backoff
-from trainer import manifest
 
 log = logging.getLogger(__name__)
 

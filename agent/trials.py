@@ -20,7 +20,7 @@ from typing import Any
 
 from protos.stanchion.v1 import agent_pb2
 from stanchion.files import write_json_atomic
-from trainer import contract
+from stanchion.sdk import contract
 
 log = logging.getLogger(__name__)
 

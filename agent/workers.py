@@ -10,6 +10,12 @@ The agent watches each rank through the files it writes (progress, events, liven
 its exit status, classifies exits (error file, exit code, signal), and detects hangs: no step
 within max(hang_factor x median step time, hang_floor_s), with a stale liveness file or outside a
 collective. A rank blocked in a collective with a fresh liveness file is waiting on a peer, not hung.
+
+What a rank runs (its *program*) is the built-in trainer unless a job names an entrypoint that this
+agent's configuration maps to a script or module of the user's (``--entrypoint NAME=TARGET``). A
+program built on the SDK (``stanchion.join()``) is a standby exactly like the trainer, so the pool
+works the same; it holds standbys of one program at a time, the current job's, and retires idle
+ones of another. A job names only the entrypoint: the argv comes from this node's configuration.
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.config import AgentConfig
+from agent.config import BUILTIN_ENTRYPOINT, ENTRYPOINT_HINT, AgentConfig
 from agent.metrics import TrainingMetrics
 from protos.stanchion.v1 import agent_pb2, types_pb2
 from stanchion.files import JsonlTail, write_json_atomic
+from stanchion.sdk import contract, liveness
+from stanchion.sdk.contract import Assignment, Request, WorkerPaths
 from stanchion.vocab import (
     CLEAN_EXITS,
     FORWARDED,
@@ -41,12 +49,11 @@ from stanchion.vocab import (
     ExitReason,
     Resume,
 )
-from trainer import contract, liveness
-from trainer.contract import Assignment, Request, WorkerPaths
 
 log = logging.getLogger(__name__)
 
 LIVENESS_STALE_S = 3.0
+BUILTIN_PROGRAM: tuple[str, ...] = ("-m", "trainer")  # argv after the interpreter: the built-in trainer
 
 
 @dataclass
@@ -71,6 +78,7 @@ class Worker:
     exit_code: int | None = None
     progress_tail: JsonlTail | None = None
     events_tail: JsonlTail | None = None
+    program: tuple[str, ...] = BUILTIN_PROGRAM  # its argv after the Python executable
 
     def __post_init__(self) -> None:
         self.progress_tail = JsonlTail(self.paths.progress)
@@ -99,6 +107,9 @@ class WorkerGroup:
         self.faults_path: Path | None = None
         self.metrics = TrainingMetrics()  # the Prometheus relay of the ranks' progress
         self._reslot: list[Worker] = []
+        # What new ranks and standbys run: the current job's program (the built-in trainer until a
+        # job names another entrypoint).
+        self.program: tuple[str, ...] = BUILTIN_PROGRAM
 
     def _first_wid(self) -> int:
         existing = (
@@ -135,13 +146,14 @@ class WorkerGroup:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        program = self.program
         log_file = open(paths.root / "output.log", "ab")  # noqa: SIM115 - handed to the child process
         try:
-            # An argv list, never a shell: nothing from a job spec reaches the command line.
+            # An argv list, never a shell. The program is the built-in trainer or one this agent's own
+            # configuration names; a job spec contributes only its entrypoint name and arguments.
             proc = await asyncio.create_subprocess_exec(
                 self.python,
-                "-m",
-                "trainer",
+                *program,
                 env=env,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
@@ -150,15 +162,62 @@ class WorkerGroup:
             )
         finally:
             log_file.close()
-        w = Worker(wid, proc, paths, time.time())
+        w = Worker(wid, proc, paths, time.time(), program=program)
         self.workers.append(w)
-        log.info("spawned standby w%05d (pid %d)", wid, proc.pid)
+        log.info("spawned standby w%05d (pid %d): %s", wid, proc.pid, " ".join(program))
         return w
 
     async def ensure_standbys(self) -> None:
-        idle = [w for w in self.workers if w.alive and w.slot is None and not w.stopping]
-        for _ in range(self.cfg.standby - len(idle)):
+        for _ in range(self.cfg.standby - len(self._idle(self.program))):
             await self.spawn()
+
+    def _idle(self, program: tuple[str, ...] | None = None) -> list[Worker]:
+        """Standbys: alive, without a slot and not asked to stop (of ``program`` when given)."""
+        return [
+            w
+            for w in self.workers
+            if w.alive and w.slot is None and not w.stopping and (program is None or w.program == program)
+        ]
+
+    def resolve_program(self, entrypoint: str, args: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
+        """The argv after the interpreter for a job's entrypoint and args. An entrypoint this node's
+        configuration does not name is refused (ValueError): a job spec never chooses a command."""
+        name = entrypoint or BUILTIN_ENTRYPOINT  # a coordinator that predates entrypoints sends ""
+        if name == BUILTIN_ENTRYPOINT:
+            if args:
+                raise ValueError(
+                    "the built-in trainer takes no args: its settings travel in the job's [trainer]"
+                )
+            return BUILTIN_PROGRAM
+        targets = self.cfg.entrypoint_targets()
+        target = targets.get(name)
+        if target is None:
+            allowed = ", ".join([BUILTIN_ENTRYPOINT, *targets])
+            raise ValueError(
+                f"entrypoint {name!r} is not allowed on node {self.cfg.node_id}; allowed: {allowed} "
+                f"({ENTRYPOINT_HINT})"
+            )
+        if target.endswith(".py"):
+            if not Path(target).is_file():
+                raise ValueError(
+                    f"entrypoint {name!r}: its script {target} no longer exists on node {self.cfg.node_id}"
+                )
+            return (target, *args)
+        return ("-m", target, *args)
+
+    def _use_program(self, program: tuple[str, ...]) -> None:
+        """Make ``program`` the one new ranks and standbys run; idle standbys of another one are
+        stopped (SIGTERM: a standby waiting for its assignment exits 0; SIGKILL after the grace)."""
+        if program != self.program:
+            log.info("program: %s (was %s)", " ".join(program), " ".join(self.program))
+        self.program = program
+        for w in self._idle():
+            if w.program != program:
+                log.info("stopping standby w%05d: it runs %s", w.wid, " ".join(w.program))
+                w.stopping = True  # its exit is a stop we asked for, not a lost standby
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(signal.SIGTERM)
+                asyncio.get_running_loop().call_later(self.cfg.stop_grace_s, self._kill_if_alive, w)
 
     # -- directives -----------------------------------------------------------------------------
     def _prepare_job(self, job_id: str, start: agent_pb2.StartWorkers) -> Path:
@@ -200,21 +259,22 @@ class WorkerGroup:
     async def start_generation(self, d: agent_pb2.Directive) -> None:
         s = d.start
         resume = Resume(s.resume)  # an unknown mode is refused before anything changes
+        program = self.resolve_program(s.entrypoint, tuple(s.args))  # so is an entrypoint not allowed here
         if d.job_id != self.job_id:
             await self.stop_job_workers("a new job")
             self.job_id = d.job_id
         run_dir = self._prepare_job(d.job_id, s)
+        self._use_program(program)
         self.generation = d.generation
         checkpoint = self.checkpoint_path(d.job_id, s.checkpoint)
         world = s.num_nodes * s.workers_per_node
         for slot in range(s.workers_per_node):
             w = self._worker_for_slot(slot)
-            if w is not None and s.fresh_processes:
+            if w is not None and (s.fresh_processes or w.program != program):
                 # An in-place recovery failed: this process may be wedged anywhere. Kill it now (it
                 # holds no state the new generation uses) and give its slot to a new process.
-                log.warning(
-                    "w%05d (rank %d) replaced by a new process: %s", w.wid, w.rank, "recovery escalated"
-                )
+                why = "recovery escalated" if s.fresh_processes else "it runs another program"
+                log.warning("w%05d (rank %d) replaced by a new process: %s", w.wid, w.rank, why)
                 w.stopping = True
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.kill()
@@ -260,7 +320,7 @@ class WorkerGroup:
         return None
 
     def _take_standby(self) -> Worker | None:
-        idle = [w for w in self.workers if w.alive and w.slot is None and not w.stopping]
+        idle = self._idle(self.program)  # only standbys of the current program
         idle.sort(key=lambda w: (not w.ready, w.wid))  # warm ones first
         return idle[0] if idle else None
 

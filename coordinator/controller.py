@@ -377,6 +377,8 @@ class Controller:
                     faults_json=faults_json,
                     rollback_to=a.rollback_to,
                     fresh_processes=a.fresh_processes,
+                    entrypoint=job.spec.entrypoint,
+                    args=list(job.spec.args),
                 ),
             )
         for node_id in a.previous_members:
@@ -686,7 +688,7 @@ class Controller:
             return m.PeerWaiting(node_id, e.generation, e.step)
         if kind in (EventKind.JOINING, EventKind.STARTED):
             # Reached the generation's rendezvous (started: and formed it).
-            return m.RankJoined(node_id, e.generation, e.rank)
+            return m.RankJoined(node_id, e.generation, e.rank, bool(d.get("in_place", True)))
         if kind in DETECTORS:
             key = (e.job_id, e.generation, kind, e.step, int(d.get("request_epoch", 0)))
             if key in self._seen_detectors:  # every rank reports the same detection
@@ -719,7 +721,7 @@ class Controller:
         if kind == EventKind.ROLLBACK_UNAVAILABLE:
             return m.RollbackUnavailable(e.generation, int(d.get("request_id", 0)))
         if kind == EventKind.FINISHED:
-            return m.RankFinished(e.generation, e.rank, d.get("fingerprint", ""), d.get("val_loss"))
+            return m.RankFinished(e.generation, e.rank, d.get("fingerprint", ""), d.get("val_loss"), e.step)
         return None
 
     def _do_bisect(self, req: Any) -> dict[str, Any]:

@@ -13,9 +13,18 @@ steps = 300
 path = "data/sotu"         # relative to the agents' data root
 ```
 
-A spec is data only: it cannot name a command, arguments or an output directory (agents choose the
-run directory under their own run root), and paths must stay inside the agents' data root. The
-fault schedule is a test and chaos facility: a list validated entry by entry.
+Your own training program instead of the built-in trainer::
+
+    name = "mine"
+    nodes = 2
+    entrypoint = "own"           # a name each agent maps to a module or script (--entrypoint own=...)
+    args = ["--lr", "3e-4"]      # passed to that program; no [trainer] table
+
+A spec is data only: it cannot name a command or an output directory (agents choose the run
+directory under their own run root), and paths must stay inside the agents' data root. It names an
+entrypoint, and each agent's own configuration decides what that name runs (an agent refuses a name
+it was not given); ``args`` are arguments of that program, never a command line. The fault schedule
+is a test and chaos facility: a list validated entry by entry.
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ from trainer import config as trainer_config
 
 NAME_RE = NODE_ID_RE  # job names follow the node-id rules
 MAX_SPEC_BYTES = 64 * 1024
+TRAINER = "trainer"  # the built-in trainer's entrypoint name (agents reserve it)
+MAX_ARGS = 256
+MAX_ARG_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,10 @@ class JobSpec:
     )
     bisect_on_suspect: bool = True
     faults: tuple[dict[str, Any], ...] = ()
+    # The program the ranks run: "trainer" (the built-in one, configured by [trainer]) or a name each
+    # agent maps to a module or script of its own (agent serve --entrypoint NAME=MODULE_OR_SCRIPT).
+    entrypoint: str = TRAINER
+    args: tuple[str, ...] = ()  # that program's arguments (never a command: the agent picks the program)
     trainer: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -80,6 +96,44 @@ class JobSpec:
         require(1 <= self.skip_batches <= 100_000, "skip_batches", "must be between 1 and 100000")
         require(self.hardware_horizon_steps >= 1, "hardware_horizon_steps", "must be >= 1")
         require(len(self.faults) <= 10_000, "faults", "at most 10000 entries")
+        require(
+            isinstance(self.entrypoint, str) and bool(NAME_RE.match(self.entrypoint)),
+            "entrypoint",
+            f"{self.entrypoint!r} is not a name: use 1-63 letters, digits, '.', '_' or '-', starting "
+            f"alphanumeric ({TRAINER!r} for the built-in trainer, or a name the agents map to your "
+            "program with `agent serve --entrypoint NAME=MODULE_OR_SCRIPT`)",
+        )
+        require(
+            len(self.args) <= MAX_ARGS,
+            "args",
+            f"at most {MAX_ARGS} entries, got {len(self.args)}; pass a config file instead",
+        )
+        for i, arg in enumerate(self.args):
+            require(isinstance(arg, str), f"args[{i}]", f"expected a string, got {arg!r}")
+            require(
+                len(arg) <= MAX_ARG_CHARS,
+                f"args[{i}]",
+                f"at most {MAX_ARG_CHARS} characters, got {len(arg)}; pass a file name instead",
+            )
+            require("\x00" not in arg, f"args[{i}]", "contains a NUL character, which no argument can hold")
+        if self.builtin:
+            require(
+                not self.args,
+                "args",
+                "the built-in trainer takes no args: set its options in [trainer], or name your own "
+                'program with entrypoint = "NAME"',
+            )
+        else:
+            require(
+                not self.trainer,
+                "trainer",
+                "only the built-in trainer reads [trainer]; pass your program's settings in args",
+            )
+
+    @property
+    def builtin(self) -> bool:
+        """The job runs the built-in trainer (configured by [trainer]), not a program of its own."""
+        return self.entrypoint == TRAINER
 
     def train_config(self) -> trainer_config.TrainConfig:
         """The resolved trainer config (validated; unknown keys name themselves)."""
@@ -93,6 +147,9 @@ class JobSpec:
             raise ConfigError(_under_trainer(str(e))) from None
 
     def config_json(self) -> str:
+        """The resolved trainer config for the ranks; "{}" for a program of the job's own."""
+        if not self.builtin:
+            return "{}"
         return json.dumps(trainer_config.to_dict(self.train_config()), sort_keys=True)
 
     def world_size(self, nodes: int) -> int:
@@ -108,13 +165,15 @@ def parse(text: str) -> JobSpec:
     except settings.tomllib.TOMLDecodeError as e:
         raise ConfigError(f"spec: not valid TOML: {e}") from None
     if "faults" in data:
-        from trainer import faults
+        from stanchion.sdk import faults
 
         try:
             faults.parse(data["faults"])
         except ValueError as e:
             raise ConfigError(str(e)) from None
     spec = settings.build(JobSpec, data)
+    if not spec.builtin:  # a program of the job's own: [trainer], its data path and layout do not apply
+        return spec
     cfg = spec.train_config()
     check_data_path(cfg.data.path)
     for n in range(spec.min_nodes, spec.nodes + 1):  # the full size must divide; smaller ones may not
@@ -163,10 +222,15 @@ def to_toml(spec: JobSpec) -> str:
         "bisect_on_suspect",
     ):
         lines.append(f"{key} = {json.dumps(getattr(spec, key))}")
+    if not spec.builtin:
+        lines.append(f"entrypoint = {json.dumps(spec.entrypoint)}")
+    if spec.args:
+        lines.append(f"args = {_toml_value(list(spec.args))}")
     if spec.faults:
         lines.append(f"faults = {_toml_value(list(spec.faults))}")
-    lines.append("")
-    _table(lines, "trainer", spec.trainer)
+    if spec.builtin or spec.trainer:
+        lines.append("")
+        _table(lines, "trainer", spec.trainer)
     return "\n".join(lines) + "\n"
 
 
@@ -192,4 +256,8 @@ def _toml_value(v: Any) -> str:
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if v is None:
         return '""'
+    if isinstance(v, str):
+        # A TOML basic string: JSON's escapes are TOML's, but not JSON's surrogate pairs for characters
+        # beyond the BMP, so keep those literal; DEL must be escaped in TOML and JSON leaves it.
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     return json.dumps(v)

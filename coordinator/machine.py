@@ -208,6 +208,10 @@ class Job:
     first_step_s: tuple[float, ...] = ()  # launch -> first step of recent generations that worked
     joined_ranks: tuple[int, ...] = ()  # ranks of the current generation that formed its group
     rung: int = 0  # escalation rung of the recovery in progress (RUNGS)
+    # Whether the job's ranks can re-form their group in place and heal a replacement from a peer.
+    # A program whose model is sharded on a device mesh (FSDP2) says it cannot when it starts: its
+    # recoveries restore a checkpoint instead of planning a heal the survivors cannot take part in.
+    in_place: bool = True
     tried: tuple[str, ...] = ()  # the plans of the recovery in progress, for a final failure's reason
     # A rollback target no training generation has applied yet (a restart's rollback_to until its
     # generation steps; a bisection's or a capacity wait's until the next launch): any restart before
@@ -294,6 +298,7 @@ class RankJoined:
     node_id: str
     generation: int
     rank: int
+    in_place: bool = True  # False: its program cannot re-form in place (FSDP's mesh), see Job.in_place
 
 
 @dataclass(frozen=True)
@@ -339,6 +344,7 @@ class RankFinished:
     rank: int
     fingerprint: str = ""
     val_loss: float | None = None
+    step: int = 0  # the step it finished at (progress reports may not have caught up with a fast job)
 
 
 @dataclass(frozen=True)
@@ -496,6 +502,8 @@ def _noop(job: Job) -> Decision:
 
 
 def _fits(spec: JobSpec) -> Any:
+    if not spec.builtin:  # a program of the job's own: its layout is its business
+        return lambda n: True
     try:
         cfg = spec.train_config()
     except ConfigError:
@@ -627,8 +635,10 @@ def _escalate(job: Job, nodes: Mapping[str, NodeView], now: float) -> Decision:
 
 
 def on_rank_joined(job: Job, ev: RankJoined, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    if not ev.in_place and job.in_place:
+        job = dataclasses.replace(job, in_place=False)  # true of the program, whatever its generation
     if ev.generation != job.generation or job.state not in ACTIVE or ev.rank in job.joined_ranks:
-        return _noop(job)
+        return Decision(job)
     return Decision(dataclasses.replace(job, joined_ranks=tuple(sorted((*job.joined_ranks, ev.rank)))))
 
 
@@ -1076,6 +1086,7 @@ def on_rank_finished(job: Job, ev: RankFinished, nodes: Mapping[str, NodeView], 
     new = dataclasses.replace(
         job,
         finished_ranks=finished,
+        step=max(job.step, ev.step),
         final_fingerprint=ev.fingerprint or job.final_fingerprint,
         final_val_loss=ev.val_loss if ev.val_loss is not None else job.final_val_loss,
     )
@@ -1252,10 +1263,12 @@ def _restart(
         return Decision(new)
     survivors = [m for m in choice.members if m in current]
     cfg_parallel = _parallel(spec)
-    fresh = job.rung >= 1  # an in-place recovery already failed: new processes from a checkpoint
+    # New processes from a checkpoint: an in-place recovery already failed, or the program cannot
+    # re-form in place (its survivors would only fail on their broken groups).
+    fresh = job.rung >= 1 or not job.in_place
     resume = (
         Resume.PEER
-        if survivors and cfg_parallel == "ddp" and not force_checkpoint and not fresh
+        if survivors and cfg_parallel == "ddp" and job.in_place and not force_checkpoint and not fresh
         else Resume.CHECKPOINT
     )
     if rollback_to >= 0:

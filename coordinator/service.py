@@ -117,6 +117,8 @@ def job_proto(job: m.Job) -> types_pb2.Job:
 
 
 def _steps_total(job: m.Job) -> int:
+    if not job.spec.builtin:  # a program of the job's own: its step count is in its args
+        return 0
     try:
         return job.spec.train_config().steps
     except ConfigError:

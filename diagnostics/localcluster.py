@@ -57,6 +57,9 @@ class LocalCluster:
     agent_launch: dict[str, tuple[dict[str, str] | None, list[str] | None]] = field(default_factory=dict)
     host: str = "127.0.0.1"  # the coordinator's listen address
     node_ids: list[str] = field(default_factory=list)
+    # Programs the agents allow jobs to run besides the built-in trainer: NAME -> a .py script or a
+    # dotted module (each becomes `agent serve --entrypoint NAME=TARGET`).
+    entrypoints: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
@@ -105,6 +108,14 @@ class LocalCluster:
 
     def _security(self, role_args: list[str] | None = None) -> list[str]:
         return ["--tls-dir", str(self.tls_dir)] if self.tls else ["--insecure"]
+
+    def _entrypoint_args(self) -> list[str]:
+        out = []
+        for name, target in (self.entrypoints or {}).items():
+            if target.endswith(".py"):  # the agent resolves it against its own working directory: pin it
+                target = str(Path(target).absolute())
+            out += ["--entrypoint", f"{name}={target}"]
+        return out
 
     def start_coordinator(self, *, wait_s: float = 60.0) -> None:
         port_file = self.root / "coordinator.json"
@@ -166,6 +177,7 @@ class LocalCluster:
             "--port-file",
             str(port_file),
             *self._security(),
+            *self._entrypoint_args(),
             *(["--spare"] if spare else []),
             *(extra or []),
         ]
@@ -249,15 +261,13 @@ class LocalCluster:
 
     def _kill_stray_ranks(self) -> None:
         """Ranks die with their agent (PR_SET_PDEATHSIG); this catches any that outlived it, by the
-        pids they recorded in their own liveness files."""
+        pids they recorded in their own liveness files. A pid counts only while its environment still
+        names that worker directory (the built-in trainer or a job's own program alike)."""
         for alive in self.run_root.glob("workers/*/w*/alive.json"):
             with contextlib.suppress(OSError, ValueError, KeyError, ProcessLookupError, PermissionError):
                 pid = int(json.loads(alive.read_text())["pid"])
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                if (
-                    b"trainer" in cmdline
-                    and str(alive.parent).encode() in Path(f"/proc/{pid}/environ").read_bytes()
-                ):
+                worker_dir = f"STANCHION_WORKER_DIR={alive.parent}".encode()
+                if worker_dir in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
                     os.kill(pid, signal.SIGKILL)
 
     def __enter__(self) -> LocalCluster:

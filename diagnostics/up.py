@@ -120,6 +120,24 @@ class UpOptions:
     faults_source: str = ""
     recovery_bound_s: float = 60.0
     golden: bool = True  # compare the final state with a fault-free run (runs with faults only)
+    entrypoint: str = ""  # a user's SDK program (a .py file or a module) instead of the built-in trainer
+    entry_args: tuple[str, ...] = ()  # its arguments (``--steps N`` is appended)
+
+
+ENTRYPOINT_NAME = "user"  # what the local agents call the program given to --entrypoint
+
+
+def entrypoint_target(text: str) -> str:
+    """``--entrypoint``'s program as an agent's allow-list takes it: an absolute script path or a
+    module name."""
+    if text.endswith(".py"):
+        path = Path(text).resolve()
+        if not path.is_file():
+            raise ScheduleError(f"--entrypoint {text}: no such file")
+        return str(path)
+    if not all(part.isidentifier() for part in text.split(".")):
+        raise ScheduleError(f"--entrypoint {text}: expected a .py file or a dotted module name")
+    return text
 
 
 # -- schedules (pure) ----------------------------------------------------------------------------------
@@ -382,12 +400,18 @@ class Up:
     def __init__(self, opts: UpOptions, console: Any):
         self.o = opts
         self.console = console
+        target = entrypoint_target(opts.entrypoint) if opts.entrypoint else ""
+        if target and opts.sets:
+            raise ScheduleError(
+                "--set changes the built-in trainer's config: pass your program's own flags instead"
+            )
         self.cluster = LocalCluster(
             opts.run_dir,
             tls=opts.tls,
             hang_floor_s=opts.hang_floor_s,
             stop_grace_s=15.0,
             heartbeat_timeout_s=10.0,
+            entrypoints={ENTRYPOINT_NAME: target} if target else None,
         )
         self.nodes = [f"node-{i}" for i in range(opts.nodes)]
         self.spares = [f"spare-{i}" for i in range(opts.spares)]
@@ -399,7 +423,8 @@ class Up:
         # The layout must fit before anything starts (a bad --set or a batch that does not divide over
         # the nodes names its key here, not as a refused submission after every daemon started).
         self.faults: list[Fault] = []
-        self._job_spec(()).train_config().check_world(opts.nodes * opts.workers_per_node)
+        if not opts.entrypoint:
+            self._job_spec(()).train_config().check_world(opts.nodes * opts.workers_per_node)
         if opts.faults is not None:
             self.faults = list(opts.faults)
         elif opts.chaos is not None:
@@ -409,7 +434,7 @@ class Up:
                 self.nodes,
                 kinds=opts.chaos_kinds,
                 fault_every=opts.fault_every,
-                check_every=self._job_spec(()).train_config().integrity.fingerprint_every,
+                check_every=self._check_every(),
                 recovery_faults=opts.recovery_faults,
             )
         self.internal = [f for f in self.faults if f.kind in INTERNAL]  # in job-spec order (their ids)
@@ -422,8 +447,19 @@ class Up:
         self.tail = _ProgressTail(self.cluster.run_root)
 
     # -- setting up ---------------------------------------------------------------------------------
-    def prepare_data(self) -> Path:
+    def _check_every(self) -> int:
+        """Steps between replica fingerprint checks (a bit flip is seen at the next one)."""
+        if self.o.entrypoint:  # a user's program: the guard's default
+            from stanchion.sdk.protections import Protections
+
+            return Protections().fingerprint_every
+        return self._job_spec(()).train_config().integrity.fingerprint_every
+
+    def prepare_data(self) -> Path | None:
         from trainer.data import prepare
+
+        if self.o.entrypoint:
+            return None  # the program brings its own data
 
         out = self.cluster.data_root / self.data_name
         if not (out / "meta.json").exists():
@@ -448,6 +484,9 @@ class Up:
             horizon = nan_horizon(self.faults)
             if horizon is not None:
                 extra["hardware_horizon_steps"] = horizon
+        if self.o.entrypoint:
+            extra.update(entrypoint=ENTRYPOINT_NAME, args=(*self.o.entry_args, "--steps", str(self.o.steps)))
+            trainer = {}
         return JobSpec(
             name=name,
             nodes=self.o.nodes,
@@ -469,7 +508,8 @@ class Up:
             elif f.kind == "bitflip":
                 faults.append({"kind": "bitflip", "step": f.step, "rank": rank, "target": "param", "bit": 24})
         spec = self._job_spec(tuple(faults), name="golden" if golden else "demo", golden=golden)
-        spec.train_config()  # a bad --set names its key before anything starts
+        if not self.o.entrypoint:
+            spec.train_config()  # a bad --set names its key before anything starts
         text = to_toml(spec)
         if len(text.encode()) > MAX_SPEC_BYTES:
             raise ScheduleError(
@@ -504,7 +544,7 @@ class Up:
         )
 
     def say(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, markup=False)  # reasons quote errors: "[...]"
 
     def describe_schedule(self) -> str:
         if not self.faults:
@@ -533,8 +573,9 @@ class Up:
         self.cluster.wait_warm()
         self.job_id = self.cluster.submit(spec)
         self.started = time.time()
+        what = self.o.entrypoint or f"the {self.o.preset} preset"
         self.say(
-            f"job {self.job_id}: {self.o.steps} steps of the {self.o.preset} preset on {self.o.nodes} node(s)"
+            f"job {self.job_id}: {self.o.steps} steps of {what} on {self.o.nodes} node(s)"
             + self.describe_schedule()
         )
         job = self.watch()
@@ -740,8 +781,15 @@ class Up:
         finished = [e for e in self.cluster.events(EventKind.FINISHED) if e.get("job_id") == self.job_id]
         if finished:
             val = finished[-1].get("val_loss")
-        detected = self._detected(decisions)
-        meta = json.loads((self.cluster.data_root / self.data_name / "meta.json").read_text())
+        alarms = [
+            e
+            for kind in (EventKind.NONFINITE, EventKind.FINGERPRINT_MISMATCH)
+            for e in self.cluster.events(kind)
+            if e.get("job_id") == self.job_id
+        ]
+        detected = self._detected(decisions, alarms)
+        meta_path = self.cluster.data_root / self.data_name / "meta.json"
+        meta = {} if self.o.entrypoint else json.loads(meta_path.read_text())
         out = {
             "job_id": self.job_id,
             "state": types_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower(),
@@ -810,13 +858,16 @@ class Up:
         }
         ckpts = sorted((self.cluster.run_root / self.job_id / "checkpoints").glob("step-*"))
         out["samples"] = []
-        if self.o.samples and ckpts and out["state"] == "succeeded":
+        if self.o.samples and ckpts and out["state"] == "succeeded" and not self.o.entrypoint:
             from trainer.sample import sample_lines
 
             out["samples"] = sample_lines(ckpts[-1], self.o.samples)
         return out
 
-    def _detected(self, decisions: list[Any]) -> list[dict[str, Any]]:
+    def _detected(self, decisions: list[Any], alarms: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+        """Each fault and whether the system saw it: a coordinator decision answering it or, for a
+        NaN or a bit flip, the ranks' own detector event (``alarms``) when a rollback already under
+        way for an earlier alarm replays past it, so that no decision of its own was needed."""
         signs = {
             "crash": ("crashed",),
             "hang": ("hung",),
@@ -826,26 +877,47 @@ class Up:
             "nan": ("nonfinite",),
             "bitflip": ("replica fingerprints",),
         }
-        # A fault's answer comes before the next fault's injection (the next one waits for the job to get
-        # over it); the second fault during a recovery comes after the first one's answer by construction.
-        times = sorted(f.injected_at for f in self.faults if f.injected_at is not None)
+
+        # A fault's answer comes before the next fault of its family is injected (the next external
+        # fault waits for the job to get over it; the second fault during a recovery comes after the
+        # first one's answer by construction). The ranks fire NaNs and bit flips themselves, on their
+        # own schedule, so one may land while an external fault is being answered: the families'
+        # signs never overlap, so each is only bounded by faults of its own family.
+        def family(kind: str) -> str:
+            return "external" if kind in EXTERNAL else kind
+
         out = []
         for f in self.faults:
             if f.kind in EXTERNAL and f.injected_at is None:
                 continue  # the job finished before its turn came
             since = f.injected_at if f.injected_at is not None else 0.0  # an unfired trainer fault: any time
-            until = next((t for t in times if t > since), math.inf)
+            times = [
+                g.injected_at
+                for g in self.faults
+                if g.injected_at is not None and family(g.kind) == family(f.kind) and g.injected_at > since
+            ]
+            until = min(times, default=math.inf)
             if f.kind == "bitflip":
                 until = math.inf  # seen at the next fingerprint check, which may come after a NaN
             hits = [
-                d for d in decisions if since <= d.time < until and any(s in d.reason for s in signs[f.kind])
+                d.reason
+                for d in decisions
+                if since <= d.time < until and any(s in d.reason for s in signs[f.kind])
             ]
+            if not hits and f.kind in INTERNAL:
+                event = {"nan": EventKind.NONFINITE, "bitflip": EventKind.FINGERPRINT_MISMATCH}[f.kind]
+                hits = [
+                    f"detected by rank {a.get('rank')}: {a['event']} at step {a.get('step')} "
+                    "(no decision of its own: the coordinator was answering an earlier alarm)"
+                    for a in alarms
+                    if a.get("event") == event and a.get("step", -1) >= f.step and a.get("t", 0) >= since
+                ]
             out.append(
                 {
                     "kind": f.kind,
                     "step": f.step,
                     "detected": bool(hits),
-                    "decision": hits[0].reason[:200] if hits else "",
+                    "decision": hits[0][:200] if hits else "",
                 }
             )
         return out

@@ -4,11 +4,14 @@ import logging
 import os
 import sys
 
-from trainer.checkpoint import blocked_by_abandoned_checkpoint
+from stanchion.sdk.checkpoint import blocked_by_abandoned_checkpoint
 from trainer.cli import main
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except SystemExit as e:  # the guard leaves this way when superseded or stopped while waiting
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
     if blocked_by_abandoned_checkpoint():
         # A checkpoint abandoned with a broken generation may still block in a collective until the
         # group's timeout; the interpreter would join its thread at exit. Nothing of it is needed.

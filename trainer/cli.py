@@ -19,10 +19,9 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
-from stanchion.files import JsonlWriter
+from stanchion.sdk import contract
+from stanchion.sdk.runtime import die_with_parent, wait_as_standby
 from stanchion.settings import ConfigError, merge, parse_assignments
-from stanchion.vocab import EventKind
-from trainer import contract
 from trainer.config import TrainConfig, resolve
 
 log = logging.getLogger("trainer")
@@ -110,7 +109,7 @@ def parser(prog: str = "trainer") -> argparse.ArgumentParser:
         help="Seed of the initial weights, the batch order and injected faults.",
     )
     opts.add_argument(
-        "--faults", type=Path, default=None, help="A JSON fault-injection schedule (trainer/faults.py)."
+        "--faults", type=Path, default=None, help="A JSON fault-injection schedule (stanchion/sdk/faults.py)."
     )
     opts.add_argument(
         "--resume", default="auto", help="auto (newest good checkpoint), none, or a checkpoint path."
@@ -171,19 +170,6 @@ def setup_logging() -> None:
     )
 
 
-def die_with_parent() -> None:
-    """An agent-managed rank must not outlive its agent (systemd kills the unit's cgroup the same way)."""
-    parent = os.environ.get(contract.ENV_PARENT_PID)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, 9)  # SIGKILL
-    if os.getppid() != int(parent):  # the agent died before prctl took effect
-        os._exit(1)
-
-
 def main(argv: list[str] | None = None, prog: str = "trainer") -> int:
     die_with_parent()
     args = parser(prog).parse_args(argv)
@@ -192,7 +178,7 @@ def main(argv: list[str] | None = None, prog: str = "trainer") -> int:
         return standby(args)
     try:
         cfg = resolve_config(args)
-        from trainer.parallel import env_topology
+        from stanchion.sdk.parallel import env_topology
 
         world = env_topology()[1]
         if not os.environ.get(contract.ENV_STANDBY):
@@ -221,15 +207,9 @@ def standby(args: argparse.Namespace) -> int:
     # The first optimizer construction imports torch._dynamo (about a second): do it while idle.
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], foreach=True)
     paths = contract.WorkerPaths(Path(os.environ[contract.ENV_WORKER_DIR]))
-    paths.control.mkdir(parents=True, exist_ok=True)
-    JsonlWriter(paths.events).write(
-        {"event": EventKind.STANDBY, "pid": os.getpid(), "rank": -1, "generation": -1, "step": 0}
-    )
-    assignment = paths.wait_for_assignment(-1, give_up=lambda: bool(stop))
-    if assignment is None or assignment.stop:
-        return contract.EXIT_SUPERSEDED
-    if stop:
-        return contract.EXIT_OK
+    assignment = wait_as_standby(paths, lambda: bool(stop))
+    if assignment is None:
+        return contract.EXIT_OK if stop else contract.EXIT_SUPERSEDED
     try:
         cfg = resolve_config(args, env={contract.ENV_CONFIG: assignment.config})
     except (ConfigError, ValueError) as e:
@@ -243,25 +223,21 @@ def standby(args: argparse.Namespace) -> int:
 
 
 def run_rank(cfg: TrainConfig, args: argparse.Namespace, first_assignment: Any = None) -> int:
-    from trainer import faults
+    from stanchion.sdk import faults
     from trainer.loop import RunOptions, Trainer
 
     run_dir = Path(args.run_dir or os.environ.get(contract.ENV_RUN_DIR) or "runs/default")
-    worker_dir = Path(
-        os.environ.get(contract.ENV_WORKER_DIR)
-        or run_dir / "ranks" / f"rank-{int(os.environ.get('RANK', '0')):05d}"
-    )
     faults_path = args.faults or (
         Path(os.environ[contract.ENV_FAULTS]) if os.environ.get(contract.ENV_FAULTS) else None
     )
     try:
-        schedule = faults.load(faults_path) if faults_path else None
+        if faults_path:
+            faults.load(faults_path)  # a bad schedule is a usage error, before any group forms
         trainer = Trainer(
             cfg,
             RunOptions(
                 run_dir=run_dir,
-                worker_dir=worker_dir,
-                faults=schedule,
+                faults=faults_path,
                 resume=args.resume,
                 first_assignment=first_assignment,
                 sample_lines=args.sample,
@@ -275,13 +251,15 @@ def run_rank(cfg: TrainConfig, args: argparse.Namespace, first_assignment: Any =
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return contract.EXIT_CONFIG
+    except SystemExit:  # the guard's exits: superseded (3), or stopped while waiting (0)
+        raise
     except BaseException as e:  # noqa: BLE001 - a crash is reported as data, then the process exits 1
         if isinstance(e, KeyboardInterrupt):
             raise
         trainer.write_error(e)
         traceback.print_exc()
         return contract.EXIT_ERROR
-    if args.json and (trainer.topo is None or trainer.topo.is_main):
+    if args.json and trainer.is_main:
         print(json.dumps(summary(trainer), sort_keys=True))
     return code
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stanchion import settings
+from stanchion.sdk.protections import Protections
 from stanchion.settings import ConfigError, require
 
 
@@ -128,49 +129,6 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class IntegrityConfig:
-    # K: replica fingerprints of parameters and optimizer state; 0 disables. Every step by default: a
-    # corruption is caught at the step it lands, before its gradients reach any all-reduce, and a
-    # replica lost to a crash never takes unseen damage with it (healing then loses no step; with
-    # K > 1 a heal first goes back to the last agreement, up to K steps).
-    fingerprint_every: int = 1
-    audit_every: int = 80  # M: ring recomputation audit; 0 disables
-    snapshot_every: int = 20  # in-memory snapshot cadence (taken after a fingerprint check passed)
-    snapshots_kept: int = 2
-    spike_window: int = 50  # trailing steps for the robust z-score
-    spike_min_history: int = 20
-    spike_loss_z: float = 8.0
-    spike_grad_z: float = 10.0
-    # Floor on the z-score's scale as a fraction of the window median (trainer.monitors.DEFAULT_REL_FLOOR):
-    # on a quiet window a spike must also exceed the median by more than spike_*_z * this, relatively.
-    spike_rel_floor: float = 0.02
-    flight_records: int = 200  # progress records each rank keeps for the flight recorder
-    startup_check: bool = True  # replay the first step twice and compare fingerprints (determinism proof)
-    # What a rank does itself on a fingerprint mismatch: "report" (the coordinator decides) or
-    # "rollback" in place to the newest agreed snapshot (for runs without a coordinator).
-    on_mismatch: Literal["report", "rollback"] = "report"
-
-    def __post_init__(self) -> None:
-        for key in ("fingerprint_every", "audit_every", "snapshot_every"):
-            require(getattr(self, key) >= 0, f"integrity.{key}", "must be >= 0 (0 disables)")
-        require(self.snapshots_kept >= 1, "integrity.snapshots_kept", "must be >= 1")
-        require(self.spike_window >= 3, "integrity.spike_window", "must be >= 3")
-        require(
-            3 <= self.spike_min_history <= self.spike_window,
-            "integrity.spike_min_history",
-            "must be between 3 and integrity.spike_window",
-        )
-        require(self.spike_loss_z > 0, "integrity.spike_loss_z", "must be > 0")
-        require(self.spike_grad_z > 0, "integrity.spike_grad_z", "must be > 0")
-        require(
-            0 < self.spike_rel_floor < 1,
-            "integrity.spike_rel_floor",
-            "must be > 0 and < 1 (a fraction of the median)",
-        )
-        require(self.flight_records >= 1, "integrity.flight_records", "must be >= 1")
-
-
-@dataclass(frozen=True)
 class TrainConfig:
     preset: str = "tiny"
     seed: int = 1337
@@ -189,7 +147,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    integrity: IntegrityConfig = field(default_factory=IntegrityConfig)
+    integrity: Protections = field(default_factory=Protections)
 
     def __post_init__(self) -> None:
         require(self.steps > 0, "steps", "must be > 0")

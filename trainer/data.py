@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stanchion.files import fsync_dir
+from stanchion.sdk.skips import data_index, normalize_windows  # noqa: F401 - re-exported for the trainer
 
 if TYPE_CHECKING:
     import torch
@@ -391,33 +392,6 @@ class TokenData:
 
 # ---------------------------------------------------------------------------------------------
 # Sampling: pure functions of (seed, step, rank, micro-step)
-
-
-def normalize_windows(skip_windows: Iterable[Sequence[int]]) -> tuple[tuple[int, int], ...]:
-    """Skipped windows as a canonical tuple: sorted by start, windows with the same start merged by
-    adding their lengths, zero-length windows dropped. Each window is one event ("at step start,
-    skip length batches"), so recording the same skip twice skips twice: the trainer owns the list
-    and stores it with each checkpoint."""
-    merged: dict[int, int] = {}
-    for window in skip_windows:
-        start, length = (int(v) for v in window)
-        if start < 0 or length < 0:
-            raise DataError(f"skip window {tuple(window)}: start and length must be >= 0")
-        if length:
-            merged[start] = merged.get(start, 0) + length
-    return tuple(sorted(merged.items()))
-
-
-def data_index(step: int, skip_windows: Iterable[Sequence[int]] = ()) -> int:
-    """The data position of optimizer step ``step`` when windows ``(start_step, length)`` are skipped.
-
-    PaLM-style: when training reaches step ``start`` the data jumps ahead by ``length`` batches and
-    carries on from there, so ``d(s) = s + sum(length for start, length in windows if start <= s)``.
-    Steps before every window read the data they always did; the order of windows does not matter.
-    """
-    if step < 0:
-        raise DataError(f"step: {step} must be >= 0")
-    return step + sum(length for start, length in normalize_windows(skip_windows) if start <= step)
 
 
 def global_batch_offsets(

@@ -139,8 +139,6 @@ class GPT(nn.Module):
         cos, sin = _rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim/2)
         self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, head_dim/2)
-        self.track_activations = True
-        self.activation_norms: list[torch.Tensor] = []
         self.init_weights(0)
 
     # ---- initialisation -------------------------------------------------------------------------
@@ -198,14 +196,9 @@ class GPT(nn.Module):
         if idx.size(1) > self.cfg.max_seq_len:  # a shape check, not a data-dependent branch
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, head_dim/2)
-        # Cleared in place rather than reassigned, so torch.compile sees a list mutation.
-        self.activation_norms.clear()
         x = self.tok_emb(idx)  # (B, T, d_model)
         for block in self.blocks:
             x = block(x, cos, sin)  # (B, T, d_model)
-            if self.track_activations:
-                # A 0-d tensor, not .item(): .item() is a host sync on every block of every step.
-                self.activation_norms.append(x.detach().float().pow(2).mean().sqrt())
         x = self.norm_f(x)
         # Upcast before the loss: under bf16 autocast the logits come out in bf16, and softmax
         # over a large vocabulary loses too much precision there.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer import manifest as mf
+from stanchion.sdk import manifest as mf
 
 
 def load_model(ckpt_dir: str | Path):  # noqa: ANN201 - returns (GPT, TrainConfig); torch imported lazily

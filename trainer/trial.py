@@ -42,12 +42,12 @@ def run_trial(
     import torch
     import torch.distributed as dist
 
+    from stanchion.sdk.faults import FaultInjector
+    from stanchion.sdk.fingerprint import digest, fingerprints
+    from stanchion.sdk.parallel import GradSync
     from trainer.config import ModelConfig, OptimConfig
-    from trainer.faults import FaultInjector
-    from trainer.fingerprint import digest, fingerprints
     from trainer.model import GPT
     from trainer.optim import build_optimizer
-    from trainer.parallel import GradSync
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -94,14 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     if TRIAL_BATCH % args.group_size:
         print(f"error: --group-size must divide {TRIAL_BATCH}", file=sys.stderr)
         return 2
-    from trainer.cli import die_with_parent
+    from stanchion.sdk.runtime import die_with_parent
 
     die_with_parent()
     import datetime
 
     import torch.distributed as dist
 
-    from trainer import faults as faultlib
+    from stanchion.sdk import faults as faultlib
 
     t0 = time.time()
     result: dict[str, Any]

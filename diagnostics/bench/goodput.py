@@ -17,7 +17,7 @@ plaintext gRPC; agents with a small ``--hang-floor-s``):
    flags, with the same schedule's **crashes only**, fired the same way (torchrun has no hang
    detector, and a bit flip in one replica goes unnoticed without Stanchion's coordinator).
 
-Schedules (trainer/faults.py ``generate_schedule``: Poisson arrivals, seeded; mix 70% crash, 12%
+Schedules (stanchion/sdk/faults.py ``generate_schedule``: Poisson arrivals, seeded; mix 70% crash, 12%
 hang, 8% slow rank, 10% silent corruption): S1 one fault per 2,000 steps on average, S2 one per 200.
 
 ETTR: steps that survive x the fault-free run's median step time / wall time,
@@ -72,7 +72,7 @@ def goodput_schedule(
     name: str, seed: int, steps: int, *, world_size: int = len(NODES), mean_interval: float | None = None
 ) -> list[dict[str, Any]]:
     """The seeded fault schedule of ``name`` (S1, S2, or any name with ``mean_interval``)."""
-    from trainer.faults import generate_schedule
+    from stanchion.sdk.faults import generate_schedule
 
     interval = mean_interval if mean_interval is not None else SCHEDULES[name]
     return generate_schedule(seed, steps=steps, world_size=world_size, mean_interval=interval, mix=MIX)
@@ -83,7 +83,7 @@ def fault_step(f: Mapping[str, Any]) -> int:
 
 
 def trainer_faults(faults: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The schedule as the trainer's fault injector takes it (trainer/faults.py), entry for entry
+    """The schedule as the trainer's fault injector takes it (stanchion/sdk/faults.py), entry for entry
     (an entry's position is its id in the ``fault_injected`` events): a hang is the process stopped
     (SIGSTOP, every thread) inside its step, which only its agent's hang detection can end."""
     return [

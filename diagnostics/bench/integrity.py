@@ -46,7 +46,7 @@ def checksum_throughput(nbytes: int, *, repeats: int, threads: Sequence[int] = (
 
     import torch
 
-    from trainer.fingerprint import tensor_fingerprint
+    from stanchion.sdk.fingerprint import tensor_fingerprint
 
     gen = torch.Generator().manual_seed(0)
     src = torch.empty(nbytes // 4, dtype=torch.float32).normal_(generator=gen)  # (n,) fp32
@@ -84,10 +84,10 @@ def checksum_throughput(nbytes: int, *, repeats: int, threads: Sequence[int] = (
 
 
 def protection_settings() -> dict[str, dict[str, Any]]:
-    """name -> integrity settings of each measured configuration (defaults from IntegrityConfig)."""
-    from trainer.config import IntegrityConfig
+    """name -> integrity settings of each measured configuration (defaults from Protections)."""
+    from stanchion.sdk.protections import Protections
 
-    d = IntegrityConfig()
+    d = Protections()
     off = {
         "integrity.fingerprint_every": 0,
         "integrity.audit_every": 0,
@@ -119,7 +119,7 @@ def cadence_advice(
 ) -> dict[str, Any] | None:
     """When ``total`` exceeds ``budget``: the protection that dominates and the cadence at which it
     would fit, assuming a periodic cost scales as 1 / cadence. None when within budget."""
-    from trainer.config import IntegrityConfig
+    from stanchion.sdk.protections import Protections
 
     if total is None or total <= budget:
         return None
@@ -128,7 +128,7 @@ def cadence_advice(
         return {"dominant": None, "advice": "no per-protection cost could be measured"}
     name = max(known, key=lambda k: known[k])
     key = {"fingerprint": "fingerprint_every", "audit": "audit_every", "snapshot": "snapshot_every"}[name]
-    cadence = getattr(IntegrityConfig(), key)
+    cadence = getattr(Protections(), key)
     room = budget - (total - known[name])
     if room <= 0:
         return {
@@ -138,7 +138,7 @@ def cadence_advice(
         }
     new = math.ceil(cadence * known[name] / room)
     if name == "snapshot":  # effective only at fingerprint steps: keep it a multiple of K
-        k = IntegrityConfig().fingerprint_every
+        k = Protections().fingerprint_every
         new = k * math.ceil(new / k)
     return {
         "dominant": name,

@@ -139,12 +139,12 @@ def ddp_worker(argv: Sequence[str]) -> int:
     from torch.nn.parallel import DistributedDataParallel
 
     from stanchion.files import JsonlWriter
+    from stanchion.sdk.parallel import env_topology, pick_device
     from trainer.cli import parser
     from trainer.config import replace
     from trainer.data import TokenData, get_batch
     from trainer.model import GPT
     from trainer.optim import build_optimizer, lr_at, set_lr
-    from trainer.parallel import env_topology, pick_device
 
     args = parser().parse_args(list(argv))
     cfg = resolve_flags(list(argv))
@@ -157,7 +157,6 @@ def ddp_worker(argv: Sequence[str]) -> int:
     model_cfg = cfg.model if cfg.model.vocab_size else replace(cfg.model, vocab_size=data.vocab_size)
     model = GPT(model_cfg)
     model.init_weights(cfg.seed)
-    model.track_activations = False
     model.to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     opt = build_optimizer(model, cfg.optim, device_type=device.type)

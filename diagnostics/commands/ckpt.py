@@ -31,7 +31,7 @@ def list_(
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """List a run's checkpoints, newest last, with whether each verifies."""
-    from trainer import manifest as mf
+    from stanchion.sdk import manifest as mf
 
     rows: list[dict[str, Any]] = []
     for entry in mf.scan(_root(run_dir)):
@@ -72,7 +72,7 @@ def verify(
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Check the commit marker and every file's size and CRC-32."""
-    from trainer import manifest as mf
+    from stanchion.sdk import manifest as mf
 
     v = mf.verify(path)
     if json_:
@@ -93,7 +93,7 @@ def inspect(
     json_: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Print a checkpoint's manifest: step, fingerprint, config, data cursor, files."""
-    from trainer import manifest as mf
+    from stanchion.sdk import manifest as mf
 
     try:
         m = mf.read_manifest(path)

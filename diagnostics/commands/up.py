@@ -22,6 +22,7 @@ EPILOG = (
 
 @handle_errors
 def up(
+    ctx: typer.Context,
     nodes: Annotated[int, typer.Option(help="Training nodes (agents) to start.")] = 2,
     spares: Annotated[int, typer.Option(help="Spare nodes that replace lost ones.")] = 1,
     workers_per_node: Annotated[int, typer.Option(help="Trainer ranks per node.")] = 1,
@@ -93,8 +94,18 @@ def up(
         list[str] | None, typer.Option("--set", help="Trainer config override KEY=VALUE (repeatable).")
     ] = None,
     samples: Annotated[int, typer.Option(help="Lines of text to sample from the final model.")] = 3,
+    entrypoint: Annotated[
+        str | None,
+        typer.Option(
+            "--entrypoint",
+            metavar="PATH_OR_MODULE",
+            help="Run your own program built on the Stanchion SDK (a .py file or a module) instead of "
+            "the built-in trainer. Arguments after the options are passed to it, then --steps N.",
+        ),
+    ] = None,
 ) -> None:
-    """Run the whole system on this machine: coordinator, agents and a pretraining job."""
+    """Run the whole system on this machine: coordinator, agents and a pretraining job (the built-in
+    trainer, or your own program with --entrypoint)."""
     from rich.console import Console
 
     from diagnostics.errors import EXIT_FAILURE, EXIT_NOT_FOUND, CliError, UsageError
@@ -103,6 +114,11 @@ def up(
     from stanchion.settings import parse_assignments
     from trainer.data import CorpusUnavailable
 
+    if ctx.args and entrypoint is None:
+        raise UsageError(
+            f"unexpected argument {ctx.args[0]!r}",
+            hint="arguments after the options go to an --entrypoint program",
+        )
     if chaos is not None and no_chaos:
         raise UsageError("--chaos and --no-chaos exclude each other")
     if faults_file is not None and (chaos is not None or no_chaos):
@@ -151,6 +167,8 @@ def up(
         faults_source=str(faults_file) if faults_file is not None else "",
         recovery_bound_s=recovery_bound_s,
         golden=golden,
+        entrypoint=entrypoint or "",
+        entry_args=tuple(ctx.args),
     )
     try:
         u = Up(opts, console)
@@ -275,4 +293,8 @@ def _fault_rows(summary: dict) -> list[tuple[str, str]]:
     return rows
 
 
-up.command_settings = {"epilog": EPILOG}  # type: ignore[attr-defined]
+up.command_settings = {  # type: ignore[attr-defined]
+    "epilog": EPILOG,
+    # `stanchion up --entrypoint prog.py --lr 0.1`: what Typer does not know goes to the program.
+    "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
+}

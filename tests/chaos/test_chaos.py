@@ -217,7 +217,7 @@ def test_a_full_disk_during_a_checkpoint_fails_atomically_and_training_continues
         assert committed and committed[0]["step"] == 10
         done = [e for e in events if e["event"] == EventKind.FINISHED][-1]
         assert done["fingerprint"] == golden2["fingerprint"]  # training was never disturbed
-        from trainer import manifest as mf
+        from stanchion.sdk import manifest as mf
 
         for entry in mf.scan(ckpt):  # nothing half-written counts as committed
             assert (not entry.committed) or mf.verify(entry.path).ok

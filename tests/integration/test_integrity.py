@@ -18,9 +18,9 @@ from support import (
     trainer_cmd,
 )
 
+from stanchion.sdk import manifest as mf
 from stanchion.vocab import EventKind
 from stanchion.waiting import wait_until
-from trainer import manifest as mf
 
 
 def write_faults(path: Path, entries: list[dict]) -> Path:

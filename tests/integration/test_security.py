@@ -997,7 +997,12 @@ def test_job_specs_that_traverse_paths_or_inject_arguments_are_refused(
         ("backslashes", with_path('"..\\\\..\\\\etc"'), "trainer.data.path:"),
         ("no data path", no_path, "trainer.data.path: required"),
         ("a command", spec_toml("evil", top='command = "rm -rf /"'), "unknown key 'command'"),
-        ("arguments", spec_toml("evil", top='args = ["--run-dir", "/"]'), "unknown key 'args'"),
+        (
+            "arguments",
+            spec_toml("evil", top='args = ["--run-dir", "/"]'),
+            "args: the built-in trainer takes no args",
+        ),
+        ("a program path", spec_toml("evil", top='entrypoint = "/bin/sh"'), "entrypoint:"),
         ("an environment", spec_toml("evil", top='env = { LD_PRELOAD = "/tmp/x.so" }'), "unknown key 'env'"),
         ("a run directory", spec_toml("evil", top='run_dir = "/etc"'), "unknown key 'run_dir'"),
         (
@@ -1057,7 +1062,7 @@ def test_job_specs_that_traverse_paths_or_inject_arguments_are_refused(
 
 @pytest.fixture
 def workers(tmp_path: Path) -> WorkerGroup:
-    from agent.workers import WorkerGroup  # imports torch (through trainer.liveness): only here
+    from agent.workers import WorkerGroup  # imports torch (through stanchion.sdk.liveness): only here
 
     cfg = AgentConfig(
         node_id="node-a", insecure=True, run_root=str(tmp_path / "runs"), data_root=str(tmp_path / "data")

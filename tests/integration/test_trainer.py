@@ -22,9 +22,9 @@ from support import (
     trainer_cmd,
 )
 
+from stanchion.sdk import manifest as mf
 from stanchion.vocab import EventKind
 from stanchion.waiting import wait_until
-from trainer import manifest as mf
 
 
 def test_exact_resume_after_sigkill_of_the_whole_group(small_data: Path, tmp_path: Path) -> None:

@@ -136,7 +136,12 @@ def test_up_survives_its_chaos_schedule_and_reports_every_fault(tmp_path: Path) 
     assert s["final_fingerprint"]
     # No orphans: nothing `up` started outlives it. The daemons name the run dir on their command
     # line; standbys and ranks (`python -m trainer`) carry their worker dir under it in the environment.
-    run_dir = (tmp_path / "up").as_posix().encode()
+    assert not leftovers(tmp_path / "up")
+
+
+def leftovers(run_dir: Path) -> list[tuple[str, list[bytes]]]:
+    """Processes that name ``run_dir`` on their command line or in their environment."""
+    needle = run_dir.as_posix().encode()
     left = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -145,6 +150,94 @@ def test_up_survives_its_chaos_schedule_and_reports_every_fault(tmp_path: Path) 
             seen = (proc / "cmdline").read_bytes() + b"\0" + (proc / "environ").read_bytes()
         except OSError:
             continue  # exited meanwhile
-        if run_dir in seen:
+        if needle in seen:
             left.append((proc.name, seen.split(b"\0")[:4]))
-    assert not left, left
+    return left
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_up_runs_a_users_own_program_through_its_chaos_schedule(tmp_path: Path) -> None:
+    """The SDK's example under agents: every fault detected, no step lost to a crash, a hang or a
+    killed agent while a replica lives (the replacement heals from it), and the final state equals
+    the fault-free run's."""
+    steps = 200
+    r = subprocess.run(
+        [sys.executable, "-m", "diagnostics.cli", "up", "--entrypoint", "examples/own_loop.py"]
+        + ["--nodes", "2", "--spares", "1", "--steps", str(steps), "--chaos", "3"]
+        + ["--run-dir", str(tmp_path / "up"), "--json", str(tmp_path / "summary.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=580,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["state"] == "succeeded" and s["steps_completed"] == steps
+    assert s["invariants_ok"] is True, s["invariants"]
+    assert (
+        s["invariants"]["final_state_matches_fault_free"]["fault_free_fingerprint"] == s["final_fingerprint"]
+    )
+    assert sorted(f["kind"] for f in s["faults_injected"]) == sorted(
+        ["agent", "bitflip", "coordinator", "crash", "hang", "nan"]
+    )
+    undetected = [f for f in s["faults_detected"] if not f["detected"]]
+    assert not undetected, undetected
+    assert s["final_val_loss"] is not None and s["samples"] == []
+    # Rank 0's records, generation by generation: each new generation starts at the step after the
+    # last one its predecessor completed (healed from a live replica, nothing redone); only the
+    # in-place rollbacks of the NaN and the bit flip redo steps.
+    records = [
+        json.loads(line)
+        for f in (tmp_path / "up" / "runs" / "workers").glob("*/w*/progress.jsonl")
+        for line in f.read_text().splitlines()
+    ]
+    rank0 = sorted(
+        (r for r in records if r["job_id"] == s["job_id"] and r["rank"] == 0),
+        key=lambda r: (r["generation"], r["t"]),
+    )
+    firsts = {}
+    lasts = {}
+    for rec in rank0:
+        firsts.setdefault(rec["generation"], rec["step"])
+        lasts[rec["generation"]] = max(lasts.get(rec["generation"], 0), rec["step"])
+    generations = sorted(firsts)
+    assert len(generations) >= 4  # the crash, the agent and the hang each made one
+    for before, after in zip(generations, generations[1:], strict=False):
+        assert firsts[after] > lasts[before], (before, lasts[before], after, firsts[after])
+    assert not leftovers(tmp_path / "up")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(
+    ("program", "kinds", "in_place"),
+    [
+        # bounded: two kinds each, 60 steps (the own loop above runs every kind)
+        (["examples/nanogpt.py"], "crash,bitflip", True),
+        (["examples/fsdp2.py", "--replicate", "1"], "crash,nan", False),
+    ],
+)
+def test_up_runs_the_other_examples_through_their_faults(tmp_path: Path, program, kinds, in_place) -> None:
+    """nanoGPT-shaped (heals in place) and plain FSDP2 (new processes from a checkpoint, its ranks
+    having said they cannot re-form in place): faults detected, final state equal to the fault-free
+    run's."""
+    r = subprocess.run(
+        [sys.executable, "-m", "diagnostics.cli", "up", "--entrypoint", *program]
+        + ["--steps", "60", "--chaos", "5", "--chaos-kinds", kinds, "--insecure"]
+        + ["--run-dir", str(tmp_path / "up"), "--json", str(tmp_path / "summary.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=380,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["state"] == "succeeded" and s["steps_completed"] == 60 and s["invariants_ok"] is True, s
+    assert sorted(f["kind"] for f in s["faults_injected"]) == sorted(kinds.split(","))
+    assert all(f["detected"] for f in s["faults_detected"]), s["faults_detected"]
+    reasons = " ".join(f["decision"] for f in s["faults_detected"])
+    assert ("heal the replacement from a live peer" in reasons) is in_place, reasons
+    assert not leftovers(tmp_path / "up")

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from trainer.audit import audit_verdict, digest_of, grad_digest
+from stanchion.sdk.audit import audit_verdict, digest_of, grad_digest
 
 
 def ring(world: int, bad: set[int], rng: random.Random) -> tuple[list[int], list[int]]:

@@ -19,7 +19,8 @@ from diagnostics.bench import common, integrity
 from diagnostics.bench import trainer as trainer_bench
 from diagnostics.bench.common import Cadence, Run
 from diagnostics.commands.bench import app, command_line
-from trainer.config import IntegrityConfig, replace, resolve
+from stanchion.sdk.protections import Protections
+from trainer.config import replace, resolve
 
 runner = CliRunner()
 
@@ -103,7 +104,7 @@ def test_cadence_follows_the_trainers_rules() -> None:
 
 def test_cadence_of_a_config() -> None:
     cfg = resolve("tiny")
-    d = IntegrityConfig()
+    d = Protections()
     assert Cadence.of(cfg, 2) == Cadence(d.fingerprint_every, d.audit_every, d.snapshot_every)
     assert Cadence.of(cfg, 1).audit_every == 0  # the audit needs a neighbour
     assert Cadence.of(replace(cfg, parallel="fsdp"), 2).audit_every == 0  # no whole local gradient
@@ -205,7 +206,7 @@ def test_a_gpu_runs_the_preset_in_bf16(tmp_path: Path) -> None:
 
 
 def test_protection_settings_use_the_integrity_defaults() -> None:
-    d = IntegrityConfig()
+    d = Protections()
     s = integrity.protection_settings()
     assert s["all_defaults"] == {
         "integrity.fingerprint_every": d.fingerprint_every,
@@ -225,10 +226,10 @@ def test_cadence_advice_names_the_dominant_protection() -> None:
     advice = integrity.cadence_advice({"fingerprint": 0.005, "audit": 0.07, "snapshot": 0.005}, 0.08)
     assert advice is not None and advice["dominant"] == "audit"
     # 0.07 at the default M = 80 must fit in 0.05 - 0.01: M = ceil(80 * 0.07 / 0.04) = 140.
-    assert IntegrityConfig().audit_every == 80
+    assert Protections().audit_every == 80
     assert advice["suggested"] == {"integrity.audit_every": 140}
     snap = integrity.cadence_advice({"fingerprint": 0.0, "audit": 0.0, "snapshot": 0.08}, 0.08)
-    assert snap["suggested"]["integrity.snapshot_every"] % IntegrityConfig().fingerprint_every == 0
+    assert snap["suggested"]["integrity.snapshot_every"] % Protections().fingerprint_every == 0
 
 
 # ---- output ---------------------------------------------------------------------------------

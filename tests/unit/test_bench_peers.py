@@ -271,7 +271,7 @@ def test_the_whole_schedule_fires_in_the_trainer_and_a_hang_is_a_stopped_process
     spec = gp.trainer_faults(faults)
     assert spec[2] == {"kind": "freeze", "at": "step", "step": 20, "rank": 0}
     assert spec[:2] == faults[:2] and spec[3] == faults[3]  # positions are the ids in the events
-    from trainer.faults import parse
+    from stanchion.sdk.faults import parse
 
     parse(spec)  # the trainer accepts them as a schedule
 

@@ -5,8 +5,8 @@ import traceback
 
 from torch.distributed.checkpoint import CheckpointException
 
+from stanchion.sdk.checkpoint import describe_error
 from stanchion.vocab import EventKind
-from trainer.checkpoint import describe_error
 
 
 def test_dcp_failures_are_described_one_line_per_rank_with_the_cause() -> None:
@@ -43,8 +43,8 @@ def test_a_checkpoint_in_flight_when_the_group_breaks_is_abandoned_at_once_and_n
     import torch
     import torch.distributed as dist
 
-    from trainer import checkpoint as ck
-    from trainer import manifest as mf
+    from stanchion.sdk import checkpoint as ck
+    from stanchion.sdk import manifest as mf
 
     stuck: concurrent.futures.Future = concurrent.futures.Future()  # DCP's upload, blocked
     monkeypatch.setattr(ck.dcp, "async_save", lambda *a, **k: stuck)

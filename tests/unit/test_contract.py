@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 from stanchion.files import write_json_atomic
+from stanchion.sdk.contract import Assignment, Request, WorkerPaths
 from stanchion.vocab import Resume
-from trainer.contract import Assignment, Request, WorkerPaths
 
 
 def assignment(generation: int, **changes) -> Assignment:

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trainer.control import Agreement, Cadence, Control
+from stanchion.sdk.control import Agreement, Cadence, Control
 
 i64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
@@ -45,7 +45,7 @@ def test_the_agreement_is_what_every_rank_acts_on() -> None:
 
 
 def test_ranks_out_of_step_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    import trainer.control as control
+    import stanchion.sdk.control as control
 
     def gathered(t: torch.Tensor, what: str) -> torch.Tensor:
         other = t.clone()

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from agent.config import AgentConfig
 from coordinator.config import CoordinatorConfig
-from diagnostics.daemon_cli import serve_command
+from diagnostics.daemon_cli import flag_of, serve_command
 
 
 def flags_of(cls: type) -> set[str]:
@@ -29,8 +29,14 @@ def flags_of(cls: type) -> set[str]:
 
 @pytest.mark.parametrize("cls", [CoordinatorConfig, AgentConfig])
 def test_every_documented_field_is_a_flag_and_nothing_else_is(cls: type) -> None:
-    documented = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(cls) if "help" in f.metadata}
+    documented = {flag_of(f) for f in dataclasses.fields(cls) if "help" in f.metadata}
     assert documented and flags_of(cls) == documented | {"--config", "--port-file"}
+    # A flag is its field's name unless the field names it (a repeatable one reads in the singular).
+    named = {f.name: f.metadata["flag"] for f in dataclasses.fields(cls) if "flag" in f.metadata}
+    assert all(
+        flag_of(f) == "--" + f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.name not in named
+    )
+    assert named == ({"entrypoints": "--entrypoint"} if cls is AgentConfig else {})
 
 
 def test_flags_override_the_environment_which_overrides_the_file(tmp_path: Path, monkeypatch) -> None:

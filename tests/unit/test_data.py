@@ -224,9 +224,9 @@ def test_data_index_skips_windows_palm_style() -> None:
     assert [data_index(s, both) for s in (9, 10, 19, 20, 21)] == [9, 15, 24, 28, 29]
     assert data_index(25, [(10, 2), (10, 3), (20, 3), (30, 0)]) == data_index(25, both)
     assert normalize_windows([(20, 3), (10, 2), (10, 3), (30, 0)]) == ((10, 5), (20, 3))
-    with pytest.raises(DataError):
+    with pytest.raises(ValueError, match="step: -1 must be >= 0"):
         data_index(-1)
-    with pytest.raises(DataError):
+    with pytest.raises(ValueError, match=r"skip window \(2, -1\)"):
         data_index(3, [(2, -1)])
 
 

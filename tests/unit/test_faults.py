@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import faults
-from trainer.faults import Fault, FaultInjector, flip_bit, generate_schedule, parse
+from stanchion.sdk import faults
+from stanchion.sdk.faults import Fault, FaultInjector, flip_bit, generate_schedule, parse
 
 pytestmark = pytest.mark.skipif(sys.byteorder != "little", reason="bit positions assume little-endian")
 
@@ -394,6 +394,22 @@ def test_a_grad_bitflip_touches_one_gradient_element(seed):
     assert changed == [(rec["tensor"], rec["index"])]
 
 
+def test_a_bitflip_never_picks_a_tensor_this_rank_holds_none_of():
+    """Under FSDP a small tensor's shard on a rank may be empty: the flip lands in one it holds."""
+    model = torch.nn.Module()
+    model.empty = torch.nn.Parameter(torch.empty(0))  # what a 1-element bias's shard is on rank 1
+    model.full = torch.nn.Parameter(torch.zeros(8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for seed in range(16):
+        model.full.data.zero_()
+        inj = FaultInjector(
+            parse([{"kind": "bitflip", "step": 1, "bit": 3}]), rank=0, seed=seed, state_dir=None
+        )
+        inj.corrupt_state(1, model, opt)
+        (fired,) = inj.drain()
+        assert fired["tensor"] == "full" and int(model.full.data.view(torch.int32).count_nonzero()) == 1
+
+
 def test_a_bitflip_naming_a_missing_tensor_is_an_error():
     model = linear_model(0)
     inj = FaultInjector(
@@ -420,7 +436,7 @@ cfg = resolve("tiny", overrides={
     "optim": {"warmup_steps": 1},
     "integrity": {"fingerprint_every": 0, "audit_every": 0, "snapshot_every": 0},
 })
-trainer = Trainer(cfg, RunOptions(run_dir=run, worker_dir=run / "rank-0", faults=None))
+trainer = Trainer(cfg, RunOptions(run_dir=run, faults=None))
 rc = trainer.run()
 print(json.dumps({
     "rc": rc,
@@ -467,7 +483,7 @@ def test_fault_injection_is_off_without_a_schedule_and_installs_nothing(small_da
 FREEZER = r"""
 import sys, threading
 from pathlib import Path
-from trainer.faults import Fault, FaultInjector
+from stanchion.sdk.faults import Fault, FaultInjector
 
 out = Path(sys.argv[1])
 inj = FaultInjector([Fault(kind="freeze", step=10, at="commit")], rank=0, seed=0, state_dir=None)

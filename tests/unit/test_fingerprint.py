@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.fingerprint import (
+from stanchion.sdk.fingerprint import (
     compare_replicas,
     digest,
     fingerprints,

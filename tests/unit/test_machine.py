@@ -52,6 +52,20 @@ def test_rendezvous_timeout_fails_with_too_few_nodes() -> None:
     assert d.job.state is m.JobState.FAILED and "at least 3" in d.reason
 
 
+def test_a_program_that_cannot_re_form_in_place_restarts_from_a_checkpoint() -> None:
+    """A rank whose model is sharded on a mesh says so when it starts; the job's recoveries then
+    restore a checkpoint instead of planning a heal from survivors that cannot take part in one."""
+    cluster = nodes("a", "b")
+    job = running(cluster)
+    job = m.step(job, m.RankJoined("a", 1, 0, in_place=False), cluster, 1.0).job
+    assert job.in_place is False and job.joined_ranks == (0,)
+    d = m.step(job, m.WorkerFailed("b", 1, rank=1, kind="crash", detail="signal SIGKILL"), cluster, 5.0)
+    (start,) = d.actions
+    assert start.resume == Resume.CHECKPOINT and "restoring checkpoint" in d.reason
+    assert start.fresh_processes  # the survivors are replaced at once, not left to fail on their group
+    assert m.from_json(m.to_json(d.job), SPEC).in_place is False  # survives a coordinator restart
+
+
 def test_crash_restarts_with_peer_healing_and_keeps_ranks() -> None:
     cluster = nodes("a", "b")
     job = running(cluster)
@@ -237,6 +251,16 @@ def test_all_ranks_finished_succeeds_and_cancel_stops() -> None:
     d = m.step(running(cluster), m.Cancel(), cluster, 1.0)
     assert d.job.state is m.JobState.CANCELLED and d.actions[0].checkpoint is True
     assert m.step(d.job, m.WorkerFailed("a", 1, 0, "crash"), cluster, 2.0).job.state is m.JobState.CANCELLED
+
+
+def test_a_finished_job_reports_the_step_its_ranks_finished_at() -> None:
+    """A fast job finishes between two progress reports: the finish event's step is the job's."""
+    cluster = nodes("a", "b")
+    job = dataclasses.replace(running(cluster), step=153)
+    job = m.step(job, m.RankFinished(1, 0, "abc", 3.2, 200), cluster, 1.0).job
+    assert job.step == 200
+    d = m.step(job, m.RankFinished(1, 1, "abc", 3.2, 200), cluster, 1.0)
+    assert d.job.state is m.JobState.SUCCEEDED and d.job.step == 200
 
 
 def test_coordinator_restart_reconciles_without_restarting() -> None:

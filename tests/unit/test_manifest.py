@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import manifest
-from trainer.manifest import (
+from stanchion.sdk import manifest
+from stanchion.sdk.manifest import (
     BAD_MARKER,
     MANIFEST,
     apply_retention,

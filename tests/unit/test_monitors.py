@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from trainer.config import ConfigError, IntegrityConfig, resolve
-from trainer.monitors import DEFAULT_REL_FLOOR, SpikeDetector, group_norms, robust_z
+from stanchion.sdk.monitors import DEFAULT_REL_FLOOR, SpikeDetector, group_norms, robust_z
+from stanchion.sdk.protections import Protections
+from trainer.config import ConfigError, resolve
 
 
 def test_robust_z_on_a_known_window():
@@ -257,7 +258,7 @@ def test_the_floor_is_a_setting_of_the_detector():
 
 
 def test_the_config_floor_defaults_to_the_detectors_and_is_validated():
-    assert IntegrityConfig().spike_rel_floor == DEFAULT_REL_FLOOR == detector().rel_floor
+    assert Protections().spike_rel_floor == DEFAULT_REL_FLOOR == detector().rel_floor
     assert (
         resolve("tiny", overrides={"integrity": {"spike_rel_floor": 0.05}}).integrity.spike_rel_floor == 0.05
     )
@@ -269,7 +270,7 @@ def test_the_config_floor_defaults_to_the_detectors_and_is_validated():
 
 def default_detector() -> SpikeDetector:
     """A detector with the shipped integrity settings."""
-    ic = IntegrityConfig()
+    ic = Protections()
     return SpikeDetector(
         window=ic.spike_window,
         min_history=ic.spike_min_history,
@@ -302,7 +303,7 @@ def test_a_quiet_series_is_never_flagged_however_small_its_mad(seed):
 
     @hypothesis_seed(seed)
     @_PROPERTY_SETTINGS
-    @given(quiet_series(0.05, min_size=IntegrityConfig().spike_min_history + 1))  # at least one verdict
+    @given(quiet_series(0.05, min_size=Protections().spike_min_history + 1))  # at least one verdict
     def check(case):
         level, moves = case
         d = default_detector()
@@ -315,7 +316,7 @@ def test_a_quiet_series_is_never_flagged_however_small_its_mad(seed):
 def test_a_genuine_spike_is_always_flagged_after_min_history(seed):
     """On a window within 1% of a level c (MAD sigma <= 0.03 c, floor <= 0.0202 c), a loss 25% above
     the median scores z >= 0.2475 / 0.0297 > 8 and a doubled grad norm z >= 0.99 / 0.0297 > 10."""
-    min_history = IntegrityConfig().spike_min_history
+    min_history = Protections().spike_min_history
 
     @hypothesis_seed(seed)
     @_PROPERTY_SETTINGS

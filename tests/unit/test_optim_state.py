@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
+from stanchion.sdk.fingerprint import state_digest
 from trainer.config import ModelConfig, OptimConfig
-from trainer.fingerprint import state_digest
 from trainer.model import GPT
 from trainer.optim import build_optimizer, reset_state
 

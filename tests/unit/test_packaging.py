@@ -32,7 +32,7 @@ def test_cli_version_help_and_usage_errors() -> None:
 def test_light_modules_do_not_import_torch() -> None:
     """The CLI, the config and the trainer contract stay importable without paying for torch."""
     code = (
-        "import sys, diagnostics.cli, trainer.config, trainer.contract, stanchion.settings;"
+        "import sys, diagnostics.cli, trainer.config, stanchion.sdk.contract, stanchion.settings;"
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)

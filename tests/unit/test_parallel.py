@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from trainer.contract import Assignment
-from trainer.parallel import Abandoned, CollectiveFailed, form_group
+from stanchion.sdk.contract import Assignment
+from stanchion.sdk.parallel import Abandoned, CollectiveFailed, form_group
 
 
 def dead_address() -> tuple[str, int]:
@@ -81,8 +81,8 @@ def test_a_peer_that_dies_after_arriving_costs_the_formation_timeout_not_the_col
 
 PEER = r"""
 import dataclasses, sys
-from trainer.contract import Assignment
-from trainer.parallel import form_group
+from stanchion.sdk.contract import Assignment
+from stanchion.sdk.parallel import form_group
 import torch, torch.distributed as dist
 port = int(sys.argv[1])
 a = Assignment(generation=4, rank=1, world_size=2, local_rank=0, local_world_size=1,

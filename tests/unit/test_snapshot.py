@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.snapshot import SnapshotRing
+from stanchion.sdk.snapshot import SnapshotRing
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -343,3 +343,64 @@ def test_a_layout_that_does_not_fit_is_refused_before_anything_starts(tmp_path) 
     with pytest.raises(ConfigError, match=r"global_batch_size: 16 sequences do not divide over 3"):
         Up(UpOptions(run_dir=tmp_path / "up", nodes=3), console=None)
     assert not (tmp_path / "up" / "logs").exists() or not any((tmp_path / "up" / "logs").iterdir())
+
+
+def test_a_nan_fired_while_the_coordinator_restarts_does_not_hide_the_restarts_answer():
+    """A fast job's rank fires its NaN between the coordinator's kill and its answer: each fault is
+    matched to its own kind of decision, bounded only by the next fault of its own family."""
+    from types import SimpleNamespace
+
+    from diagnostics.up import Fault, Up
+
+    faults = [
+        Fault("coordinator", 79, injected_at=100.0),
+        Fault("nan", 104, injected_at=100.5),
+        Fault("crash", 150, injected_at=110.0),
+        Fault("crash", 170, injected_at=120.0),
+    ]
+    decisions = [
+        SimpleNamespace(time=101.0, reason="coordinator restarted: waiting up to 10s for members"),
+        SimpleNamespace(time=101.1, reason="nonfinite at step 104: rolling back in place"),
+        SimpleNamespace(time=110.5, reason="rank 0 on node-0 crashed: signal SIGKILL"),
+    ]
+    seen = Up._detected(SimpleNamespace(faults=faults), decisions)
+    assert [(f["kind"], f["detected"]) for f in seen] == [
+        ("coordinator", True),
+        ("nan", True),
+        ("crash", True),
+        ("crash", False),  # the first crash's answer came before it: it was not seen
+    ]
+
+
+def test_a_reason_quoting_an_error_in_brackets_is_printed_as_it_is():
+    """Decision reasons quote backend errors such as "[/__w/pytorch/.../pair.cc:537] Connection
+    closed": they are text, never console markup."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from diagnostics.up import Up
+
+    out = io.StringIO()
+    text = "rank 1 crashed: [/__w/pytorch/gloo/pair.cc:537] Connection closed by peer [bold]"
+    Up.say(SimpleNamespace(console=Console(file=out, width=300)), text)
+    assert out.getvalue() == text + "\n"
+
+
+def test_a_bit_flip_seen_by_the_ranks_while_an_earlier_rollback_is_pending_counts_as_detected():
+    from types import SimpleNamespace
+
+    from diagnostics.up import Fault, Up
+
+    faults = [Fault("nan", 52, injected_at=10.0), Fault("bitflip", 61, injected_at=11.0)]
+    decisions = [SimpleNamespace(time=12.0, reason="nonfinite at step 52: rolling back in place")]
+    alarms = [
+        {"event": "fingerprint_mismatch", "step": 60, "rank": 0, "t": 10.9},  # before the flip: not it
+        {"event": "fingerprint_mismatch", "step": 61, "rank": 1, "t": 11.1},
+    ]
+    fake = SimpleNamespace(faults=faults)
+    assert [f["detected"] for f in Up._detected(fake, decisions)] == [True, False]
+    nan, flip = Up._detected(fake, decisions, alarms)
+    assert nan["detected"] and flip["detected"]
+    assert flip["decision"].startswith("detected by rank 1: fingerprint_mismatch at step 61")

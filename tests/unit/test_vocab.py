@@ -18,6 +18,8 @@ from coordinator.controller import Controller
 from coordinator.machine import WorkerFailed
 from coordinator.store import Store
 from protos.stanchion.v1 import agent_pb2, types_pb2
+from stanchion.sdk import contract
+from stanchion.sdk.contract import WorkerPaths
 from stanchion.vocab import (
     CLEAN_EXITS,
     DETECTOR_RESTART_REASON,
@@ -32,8 +34,6 @@ from stanchion.vocab import (
     RestartReason,
     Resume,
 )
-from trainer import contract
-from trainer.contract import WorkerPaths
 
 WIRE = {
     EventKind: {

@@ -60,7 +60,7 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, directives: _Optional[_Iterable[_Union[Directive, _Mapping]]] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class StartWorkers(_message.Message):
-    __slots__ = ("node_rank", "num_nodes", "workers_per_node", "master_addr", "master_port", "resume", "checkpoint", "skip_windows", "config_json", "faults_json", "rollback_to", "fresh_processes")
+    __slots__ = ("node_rank", "num_nodes", "workers_per_node", "master_addr", "master_port", "resume", "checkpoint", "skip_windows", "config_json", "faults_json", "rollback_to", "fresh_processes", "entrypoint", "args")
     NODE_RANK_FIELD_NUMBER: _ClassVar[int]
     NUM_NODES_FIELD_NUMBER: _ClassVar[int]
     WORKERS_PER_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,8 @@ class StartWorkers(_message.Message):
     FAULTS_JSON_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_TO_FIELD_NUMBER: _ClassVar[int]
     FRESH_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
     node_rank: int
     num_nodes: int
     workers_per_node: int
@@ -85,7 +87,9 @@ class StartWorkers(_message.Message):
     faults_json: str
     rollback_to: int
     fresh_processes: bool
-    def __init__(self, node_rank: _Optional[int] = ..., num_nodes: _Optional[int] = ..., workers_per_node: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., resume: _Optional[str] = ..., checkpoint: _Optional[str] = ..., skip_windows: _Optional[_Iterable[_Union[_types_pb2.SkipWindow, _Mapping]]] = ..., config_json: _Optional[str] = ..., faults_json: _Optional[str] = ..., rollback_to: _Optional[int] = ..., fresh_processes: _Optional[bool] = ...) -> None: ...
+    entrypoint: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_rank: _Optional[int] = ..., num_nodes: _Optional[int] = ..., workers_per_node: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., resume: _Optional[str] = ..., checkpoint: _Optional[str] = ..., skip_windows: _Optional[_Iterable[_Union[_types_pb2.SkipWindow, _Mapping]]] = ..., config_json: _Optional[str] = ..., faults_json: _Optional[str] = ..., rollback_to: _Optional[int] = ..., fresh_processes: _Optional[bool] = ..., entrypoint: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StopWorkers(_message.Message):
     __slots__ = ("reason", "checkpoint")

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.config import TrainConfig
-from trainer.parallel import all_gather_rows
+from stanchion.sdk.parallel import all_gather_rows
 
 
 def float_bits(x: float) -> int:
@@ -135,14 +134,3 @@ class Cadences:
     audit: Cadence
     checkpoint: Cadence
     eval: Cadence
-
-    @classmethod
-    def of(cls, cfg: TrainConfig) -> Cadences:
-        i = cfg.integrity
-        return cls(
-            fingerprint=Cadence(i.fingerprint_every),
-            snapshot=Cadence(i.snapshot_every),
-            audit=Cadence(i.audit_every),
-            checkpoint=Cadence(cfg.checkpoint_every),
-            eval=Cadence(cfg.eval_every),
-        )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.fingerprint import tensor_fingerprint
+from stanchion.sdk.fingerprint import tensor_fingerprint
 
 _MASK = (1 << 64) - 1
 

@@ -29,9 +29,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from stanchion.files import fsync_dir
+from stanchion.sdk import manifest as mf
+from stanchion.sdk.parallel import CollectiveFailed, collective
 from stanchion.vocab import EventKind
-from trainer import manifest as mf
-from trainer.parallel import CollectiveFailed, collective
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Two ways to form a group:
 
 - **torchrun / `stanchion train`**: the standard ``env://`` contract, once per process.
-- **Stanchion agents**: an :class:`~trainer.contract.Assignment` names the generation, the rank and
+- **Stanchion agents**: an :class:`~stanchion.sdk.contract.Assignment` names the generation, the rank and
   the agent-hosted TCPStore. Every generation uses its own key prefix in that store, so a restarted
   rank can never read a previous generation's addresses (the stale-store bug torchrun has with gloo),
   and a surviving rank can leave a broken group and join the next one without restarting its process.
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors  # for the state broadcast
 
-from trainer.contract import Assignment
+from stanchion.sdk.contract import Assignment
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def leave_group() -> None:
             dist.destroy_process_group()
 
 
-# What this rank is blocked in, if anything: read by the liveness thread (trainer/liveness.py) so
+# What this rank is blocked in, if anything: read by the liveness thread (stanchion/sdk/liveness.py) so
 # an agent can tell a rank waiting on a peer from a rank that is itself stuck. Entries are
 # (what, since, thread): a checkpoint's commit vote runs in a background thread while the main
 # thread enters and leaves its own collectives, so each thread removes exactly its own entry.

@@ -296,7 +296,7 @@ class FaultInjector(FaultHooks):
         for f in self._flips(step, "param"):
             self._flip_one(f, step, list(model.named_parameters()))
         for f in self._flips(step, "optim"):
-            from trainer.fingerprint import named_state
+            from stanchion.sdk.fingerprint import named_state
 
             named = [
                 (n, t) for n, t in named_state(model, optimizer) if n.startswith("optim/") and t.numel() > 1
@@ -322,7 +322,9 @@ class FaultInjector(FaultHooks):
                 raise ValueError(f"fault {f.id}: no tensor named {f.tensor!r}")
             name, t = matches[0]
         else:
-            name, t = named[rng.randrange(len(named))]
+            # Under FSDP a small tensor's shard on this rank may be empty: pick among those it holds.
+            held = [(n, t) for n, t in named if (t.to_local() if hasattr(t, "to_local") else t).numel()]
+            name, t = held[rng.randrange(len(held))]
         local = t.to_local() if hasattr(t, "to_local") else t
         index = f.index if f.index is not None else rng.randrange(local.numel())
         import torch

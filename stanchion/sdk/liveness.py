@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from trainer import parallel
+from stanchion.sdk import parallel
 
 ALIVE_FILE = "alive.json"
 

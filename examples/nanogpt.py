@@ -1,0 +1,171 @@
+"""A nanoGPT-shaped training script with Stanchion: examples/nanogpt_plain.py plus the SDK (docs/sdk.md
+shows the diff between the two).
+
+    torchrun --standalone --nproc-per-node 2 examples/nanogpt.py --max-iters 200
+    stanchion up --entrypoint examples/nanogpt.py --nodes 2 --spares 1 --steps 200 --chaos 3
+
+Byte-level language model on a text file (default: this repository's README), a small GPT with
+causal self-attention, AdamW, a cosine learning-rate schedule with warm-up, gradient accumulation
+and clipping, torch DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import stanchion
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd: int, n_head: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int):
+        super().__init__()
+        self.block_size = block_size
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd)
+        self.h = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "README.md")
+    p.add_argument("--out-dir", default="runs/nanogpt")
+    p.add_argument("--max-iters", "--steps", dest="max_iters", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=64)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--warmup-iters", type=int, default=20)
+    p.add_argument("--min-lr", type=float, default=1e-4)
+    p.add_argument("--eval-interval", type=int, default=100)
+    p.add_argument("--seed", type=int, default=1337)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(args.seed)
+    model = GPT(256, args.block_size, args.n_layer, args.n_head, args.n_embd)
+    rt = stanchion.join(run_dir=args.out_dir, seed=args.seed)
+    rank, world = rt.rank, rt.world_size
+    master = rt.is_main
+    device = rt.device
+
+    data = torch.frombuffer(bytearray(args.data.read_bytes()), dtype=torch.uint8).long()
+    split = int(0.9 * len(data))
+    train_data, val_data = data[:split], data[split:]
+
+    def get_batch(which: str, index: int, rank: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d = train_data if which == "train" else val_data
+        g = torch.Generator().manual_seed(zlib.crc32(f"{args.seed}/{which}/{index}/{rank}/{micro}".encode()))
+        ix = torch.randint(len(d) - args.block_size - 1, (args.batch_size,), generator=g)
+        x = torch.stack([d[i : i + args.block_size] for i in ix])
+        y = torch.stack([d[i + 1 : i + 1 + args.block_size] for i in ix])
+        return x.to(device), y.to(device)
+
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.1)
+
+    def get_lr(it: int) -> float:
+        if it < args.warmup_iters:
+            return args.learning_rate * (it + 1) / args.warmup_iters
+        ratio = (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
+        return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(ratio, 1.0))) * (
+            args.learning_rate - args.min_lr
+        )
+
+    @torch.no_grad()
+    def estimate_loss() -> float:
+        model.eval()
+        losses = torch.stack([model(*get_batch("val", i, rank, 0))[1] for i in range(4)]).mean()
+        model.train()
+        with stanchion.collective("evaluation all-reduce"):
+            dist.all_reduce(losses)
+        return float(losses) / world
+
+    guard = stanchion.guard(
+        rt,
+        model,
+        optimizer,
+        steps=args.max_iters,
+        batch_at=lambda index, r, micro: get_batch("train", index, r, micro),
+        loss_fn=lambda m, batch: m(*batch)[1],
+        evaluate=estimate_loss,
+        eval_every=args.eval_interval,
+        checkpoint_every=args.eval_interval,
+        grad_clip=1.0,
+        tokens_per_step=args.batch_size * args.block_size * args.grad_accum * world,
+    )
+    t0 = time.time()
+    for iter_num in guard:
+        with guard.step() as s:
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(iter_num)
+            for micro_step in range(args.grad_accum):
+                X, Y = get_batch("train", s.data_index, rank, micro_step)
+                _, loss = model(X, Y)
+                s.backward(loss, accum=args.grad_accum)
+        if master and s.committed and iter_num % 50 == 0:
+            print(f"iter {iter_num}: loss {s.loss:.4f}, {time.time() - t0:.1f}s")
+        guard.maybe_checkpoint()
+    if guard.finish() == "finished" and master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        torch.save(model.state_dict(), os.path.join(args.out_dir, "ckpt.pt"))
+        print(f"finished {args.max_iters} iterations: val loss {guard.final_val_loss:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The SDK's public surface and its pure parts; the guard's refusals in a one-rank process of their
+own (a process group and SIGTERM handler must not leak into other tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from support import REPO, env
+
+from stanchion.sdk.guard import decode_state, encode_state, replica_groups, top_level_groups
+
+
+def run_python(code: str, tmp_path) -> subprocess.CompletedProcess[str]:
+    e = env(STANCHION_RUN_DIR=str(tmp_path / "run"))
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        e.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=e, cwd=REPO
+    )
+
+
+def test_import_stanchion_loads_torch_only_when_the_sdk_is_used(tmp_path):
+    p = run_python(
+        "import sys, stanchion\n"
+        "before = 'torch' in sys.modules\n"
+        "join, guard = stanchion.join, stanchion.guard\n"
+        "print(before, 'torch' in sys.modules, join.__module__, guard.__module__)\n",
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["False", "True", "stanchion.sdk.runtime", "stanchion.sdk.guard"]
+
+
+def test_an_unknown_name_is_an_attribute_error():
+    import stanchion
+
+    with pytest.raises(AttributeError, match="has no attribute 'gaurd'"):
+        stanchion.gaurd  # noqa: B018
+
+
+def test_replica_groups_follow_the_replicate_dimension():
+    mesh = [[0, 1, 2], [3, 4, 5]]  # 2 replicas x 3 shards
+    assert replica_groups(mesh, ["replicate", "shard"], "replicate") == [[0, 3], [1, 4], [2, 5]]
+    assert replica_groups([[0, 2], [1, 3]], ["shard", "replicate"], "replicate") == [[0, 2], [1, 3]]
+    assert replica_groups([0, 1, 2, 3], ["shard"], None) == [[0], [1], [2], [3]]
+    with pytest.raises(ValueError, match=r"replicate_dim='dp'.*\['replicate', 'shard'\]"):
+        replica_groups(mesh, ["replicate", "shard"], "dp")
+
+
+def test_registered_state_round_trips_through_a_manifest():
+    plain = {"scheduler.0": {"last_epoch": 7, "base_lrs": [0.1], "_last_lr": [0.05]}}
+    assert encode_state(plain) == {"json": plain}
+    assert decode_state(json.loads(json.dumps(encode_state(plain)))) == plain
+    with_tensor = {"ema": {"shadow": torch.arange(4.0)}, "pos": {"n": float("nan")}}
+    encoded = json.loads(json.dumps(encode_state(with_tensor)))
+    assert set(encoded) == {"torch"}
+    back = decode_state(encoded)
+    assert torch.equal(back["ema"]["shadow"], torch.arange(4.0)) and back["pos"]["n"] != back["pos"]["n"]
+
+
+def test_default_norm_groups_are_the_top_level_children():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    assert top_level_groups(model) == {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}
+
+
+REFUSALS = r"""
+import json, torch, stanchion
+model = torch.nn.Linear(2, 2)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+rt = stanchion.join()
+errors = {}
+def attempt(name, fn):
+    try:
+        fn()
+        errors[name] = None
+    except (TypeError, ValueError) as e:
+        errors[name] = f"{type(e).__name__}: {e}"
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+attempt("ddp", lambda: stanchion.guard(rt, ddp, opt, steps=3))
+attempt("optimizers", lambda: stanchion.guard(rt, model, [opt], steps=3))
+attempt("steps", lambda: stanchion.guard(rt, model, opt, steps=0))
+attempt("audit", lambda: stanchion.guard(rt, model, opt, steps=3, batch_at=lambda i, r, m: None))
+attempt("state", lambda: stanchion.guard(rt, model, opt, steps=3, state={"loader": object()}))
+print(json.dumps(errors))
+"""
+
+
+def test_the_guard_refuses_what_it_cannot_protect_and_says_why(tmp_path):
+    p = run_python(REFUSALS, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    errors = json.loads(p.stdout.strip().splitlines()[-1])
+    assert errors["ddp"].startswith("TypeError: guard(model=...): pass the module itself")
+    assert "re-forming" in errors["ddp"]
+    assert (
+        errors["optimizers"]
+        == "TypeError: guard(optimizer=...): expected one torch.optim.Optimizer, got list"
+    )
+    assert errors["steps"] == "ValueError: guard(steps=0): must be > 0"
+    assert errors["audit"].startswith("ValueError: guard(): pass batch_at and loss_fn together")
+    assert errors["state"] == (
+        "TypeError: guard(state={'loader': ...}): needs state_dict() and load_state_dict()"
+    )
+
+
+PARENT = r"""
+import os, subprocess, sys, time
+env = dict(os.environ, STANCHION_PARENT_PID=str(os.getpid()), STANCHION_STANDBY="1",
+           STANCHION_WORKER_DIR=sys.argv[1])
+child = subprocess.Popen([sys.executable, "-c", "import stanchion; stanchion.join()"], env=env)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_standby_of_a_users_program_dies_with_its_agent(tmp_path):
+    """A rank waiting in join() (and one training after it) must not outlive the agent that started
+    it: an orphan would train on beside the replacement the coordinator starts."""
+    import os
+    import signal
+
+    from stanchion.files import read_jsonl
+    from stanchion.waiting import wait_until
+
+    worker = tmp_path / "w0"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(worker)], stdout=subprocess.PIPE, text=True, env=env(), cwd=REPO
+    )
+    child = 0
+    try:
+        child = int(parent.stdout.readline())
+        wait_until(
+            lambda: any(e["event"] == "standby" for e in read_jsonl(worker / "events.jsonl")),
+            60,
+            "the program's standby to announce itself",
+        )
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=30)
+
+        def gone() -> bool:
+            try:
+                with open(f"/proc/{child}/stat") as f:
+                    return f.read().split(") ", 1)[1].startswith("Z")  # exited, not yet reaped
+            except FileNotFoundError:
+                return True
+
+        wait_until(gone, 30, "the standby to die with its parent")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if child:  # stop the standby if the feature under test failed to (it names its worker dir)
+            with contextlib.suppress(OSError):
+                if str(worker).encode() in Path(f"/proc/{child}/environ").read_bytes():
+                    os.kill(child, signal.SIGKILL)
