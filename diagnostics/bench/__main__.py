@@ -2,6 +2,9 @@
 
 - ``ddp-worker TRAINER-FLAGS``: one rank of the plain-DDP baseline of `bench trainer`, run under
   torchrun (:func:`diagnostics.bench.trainer.ddp_worker`, command built by ``ddp_command``);
+- ``sdk-worker --mode plain|guarded --run-dir DIR ...``: one rank of `bench sdk`, a user's own loop
+  plain or under the guard, run under torchrun (:mod:`diagnostics.bench.sdk_worker`, command built
+  by :func:`diagnostics.bench.sdk.sdk_command`);
 - ``coordinator-client SPEC.json``: one process of simulated agents of `bench coordinator`
   (:func:`diagnostics.bench.coordinator.client_main`).
 """
@@ -13,6 +16,7 @@ from collections.abc import Sequence
 
 USAGE = (
     "usage: torchrun --nproc-per-node N -m diagnostics.bench ddp-worker TRAINER-FLAGS\n"
+    "       torchrun --nproc-per-node N -m diagnostics.bench sdk-worker --mode plain|guarded --run-dir DIR\n"
     "       python -m diagnostics.bench coordinator-client SPEC.json"
 )
 
@@ -23,6 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from diagnostics.bench.trainer import ddp_worker
 
         return ddp_worker(argv[1:])
+    if argv[:1] == ["sdk-worker"]:
+        from diagnostics.bench.sdk_worker import main as sdk_worker
+
+        return sdk_worker(argv[1:])
     if argv[:1] == ["coordinator-client"]:
         from diagnostics.bench.coordinator import client_main
 

@@ -248,6 +248,138 @@ def trainer(
 
 
 # ---------------------------------------------------------------------------------------------
+# bench sdk
+
+
+def sdk_table(result: dict[str, Any]) -> None:
+    r = result["results"]
+    rows = []
+    for name, c in r["configs"].items():
+        vs = c.get("vs_plain") or {}
+        per_round = vs.get("ratio_per_round") or []
+        rows.append(
+            [
+                name,
+                num(c["step_time_s"]["median"]),
+                num(c["step_time_s"]["p10"]),
+                num(c["step_time_s"]["amortized"]),
+                c["steps_measured"],
+                num(r["ratio"] if name == "guarded" else vs.get("ratio_median"), ".4f"),
+                num(vs.get("ratio_p10"), ".3f"),
+                num(vs.get("ratio_amortized"), ".3f"),
+                " / ".join(num(x, ".3f") or "-" for x in per_round),
+                num(vs.get("ratio_median_of_rounds"), ".3f"),
+            ]
+        )
+    m, s = r["model"], result["settings"]
+    emit_table(
+        [
+            "config",
+            "step s",
+            "p10 s",
+            "amortized s",
+            "steps",
+            "÷ plain",
+            "p10",
+            "amortized",
+            "per round",
+            "of rounds",
+        ],
+        rows,
+        title=f"SDK on a user's loop: {m['params'] / 1e6:.2f}M-parameter MLP, {m['sequences_per_step_per_rank']} "
+        f"sequences per rank per step, {s['nproc']} ranks, {s['rounds']} rounds of {s['steps']} steps",
+    )
+    print_goals(result)
+
+
+@app.command("sdk", epilog=EPILOG)
+@handle_errors
+def sdk(
+    steps: Annotated[
+        int, typer.Option("--steps", min=2, help="Optimizer steps per run (100: step 80 runs the audit).")
+    ] = 100,
+    nproc: Annotated[
+        int, typer.Option("--nproc", min=2, help="Ranks per run (at least 2: the guard compares replicas).")
+    ] = 2,
+    rounds: Annotated[
+        int, typer.Option("--rounds", min=1, help="Interleaved rounds of every configuration, ABBA order.")
+    ] = 3,
+    dim: Annotated[int, typer.Option("--dim", min=1, help="Embedding width per context token.")] = 32,
+    hidden: Annotated[int, typer.Option("--hidden", min=1, help="Width of the hidden layers.")] = 512,
+    layers: Annotated[int, typer.Option("--layers", min=1, help="Linear layers before the head.")] = 4,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Sequences per rank per micro-batch.")
+    ] = 512,
+    accum: Annotated[int, typer.Option("--accum", min=1, help="Micro-batches per optimizer step.")] = 2,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="Torch threads per rank.")] = 1,
+    variants: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--variant",
+            metavar="KEY=N[,KEY=N]",
+            help="Also run the guarded loop with these protections changed (repeatable; KEY one of "
+            "fingerprint_every, audit_every, snapshot_every; 0 disables), e.g. fingerprint_every=10.",
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        int,
+        typer.Option("--checkpoint-every", min=0, help="Guarded runs: checkpoint every N steps (0: off)."),
+    ] = 0,
+    work_dir: WorkDirOpt = None,
+    timeout_s: TimeoutOpt = 900.0,
+    json_: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """The SDK's per-step cost on a user's own loop: the same program plain and under the guard.
+
+    A self-contained user program (diagnostics/bench/sdk_worker.py: an MLP language model on
+    deterministic synthetic batches, AdamW, an LR schedule, gradient clipping) runs under torchrun as
+    a plain DistributedDataParallel loop and adopting Stanchion as examples/own_loop.py does
+    (stanchion.join + stanchion.guard, every protection at its default, checkpoints off), in
+    interleaved rounds. Reports each configuration's median step time (rank 0, warm-up dropped), the
+    top-level ratio = guarded median / plain median, the per-round paired ratios, and the goal
+    ratio <= 1.03. --variant adds guarded configurations with single protections changed."""
+    from diagnostics.bench.common import work_directory
+    from diagnostics.bench.sdk import ModelSize, bench_sdk, configurations
+
+    configurations(variants or [])  # a bad --variant is a usage error before anything runs
+    size = ModelSize(dim=dim, hidden=hidden, layers=layers, batch_size=batch_size, accum=accum)
+    defaults = ModelSize()
+    command = command_line(
+        "bench sdk",
+        [
+            ("--steps", steps),
+            ("--nproc", nproc),
+            ("--rounds", rounds),
+            *(
+                (f"--{key.replace('_', '-')}", None if value == getattr(defaults, key) else value)
+                for key, value in vars(size).items()
+            ),
+            ("--threads", None if threads == 1 else threads),
+            ("--variant", variants or None),
+            ("--checkpoint-every", checkpoint_every or None),
+            ("--json", json_),
+            ("--out", out),
+        ],
+    )
+    with work_directory(work_dir, "sdk") as wd:
+        result = bench_sdk(
+            steps=steps,
+            nproc=nproc,
+            rounds=rounds,
+            size=size,
+            variants=variants or [],
+            threads=threads,
+            checkpoint_every=checkpoint_every,
+            work_dir=wd,
+            command=command,
+            timeout_s=timeout_s,
+            progress=message,
+        )
+    report(result, json_=json_, out=out, table=sdk_table)
+
+
+# ---------------------------------------------------------------------------------------------
 # bench integrity
 
 

@@ -51,6 +51,7 @@ from stanchion.sdk.audit import audit_verdict, digest_of, grad_digest
 from stanchion.sdk.checkpoint import CheckpointManager
 from stanchion.sdk.contract import Assignment
 from stanchion.sdk.control import Agreement, Cadence, Cadences, Control
+from stanchion.sdk.faults import FaultHooks
 from stanchion.sdk.monitors import SpikeDetector, group_norms
 from stanchion.sdk.parallel import (
     Abandoned,
@@ -135,7 +136,16 @@ class Step:
         if self._losses == 0:
             loss = g.rt.fault_hooks.corrupt_loss(self.number, loss, self.data_index)
             self._accum = accum
-        (loss / accum).backward()
+        # The last micro-batch's backward pass completes the gradients: their all-reduce starts
+        # bucket by bucket while it runs.
+        sync = g.grad_sync if g.overlap and self._losses + 1 == accum else None
+        if sync is not None:
+            sync.arm()
+        try:
+            (loss / accum).backward()
+        finally:
+            if sync is not None:
+                sync.disarm()
         detached = loss.detach().double()
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
         if self._losses == 0 and g._audit_due(self.number):
@@ -245,6 +255,9 @@ class Guard:
         self.params = list(model.parameters())
         self.layer_groups = dict(layer_groups) if layer_groups else top_level_groups(model)
         self.grad_sync = GradSync(self.params) if mesh is None else None
+        # Overlap the all-reduce with the backward pass, except when faults are injected into the
+        # local gradients before it (chaos runs): the buckets, hence the sums, are the same either way.
+        self.overlap = self.grad_sync is not None and type(rt.fault_hooks) is FaultHooks
         self.cursor = Cursor()
         self.has_state = False  # trained or restored in this process: may serve as a healing source
         self.snapshots = SnapshotRing(p.snapshots_kept)
@@ -296,6 +309,8 @@ class Guard:
         if self._broken is not None or self.outcome:
             raise RuntimeError("guard.step(): use it inside `for step in guard:`, once per iteration")
         self.optimizer.zero_grad(set_to_none=True)  # a step cut short may have left some
+        if self.grad_sync is not None:
+            self.grad_sync.reset()
         s = Step(self, self.cursor.step)
         self._act_norms = []
         self.rt.fault_hooks.begin_step(s.number, self.model)

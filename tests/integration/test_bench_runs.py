@@ -120,3 +120,52 @@ def test_bench_goodput_runs_a_fault_schedule_and_ends_on_the_golden_state(
     # torchrun ran the same schedule's crashes, and ended on the same state too
     assert [f["kind"] for f in r["torchrun"]["faults"]] == ["crash", "crash"]
     assert r["torchrun"]["final_matches_golden"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_sdk_runs_a_users_loop_plain_and_guarded(tmp_path: Path) -> None:
+    """One round of 6 steps of a tiny model in each mode (~20 s): the JSON's shape, and a headline
+    ratio that is exactly the quotient of the two medians recorded in it."""
+    data = run_bench(
+        [
+            "sdk",
+            "--steps",
+            "6",
+            "--rounds",
+            "1",
+            "--dim",
+            "8",
+            "--hidden",
+            "32",
+            "--layers",
+            "2",
+            "--batch-size",
+            "4",
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        tmp_path / "sdk.json",
+    )
+    r = data["results"]
+    assert data["benchmark"] == "sdk"
+    assert data["command"].startswith("stanchion bench sdk --steps 6 --nproc 2 --rounds 1 --dim 8")
+    for key in ("ratio", "plain_median_s", "guarded_median_s", "ratio_per_round", "ratio_median_of_rounds"):
+        assert data[key] == r[key], key
+    plain, guarded = r["configs"]["plain"], r["configs"]["guarded"]
+    assert data["plain_median_s"] == plain["step_time_s"]["median"] > 0
+    assert data["guarded_median_s"] == guarded["step_time_s"]["median"] > 0
+    assert data["ratio"] == guarded["step_time_s"]["median"] / plain["step_time_s"]["median"]  # exactly
+    assert len(data["ratio_per_round"]) == 1 and data["ratio_median_of_rounds"] == data["ratio_per_round"][0]
+    assert plain["steps_measured"] == guarded["steps_measured"] == 5  # step 1 dropped as warm-up
+    assert plain["protections"] is None and guarded["protections"]["fingerprint_every"] == 1
+    assert guarded["counters"] == {
+        "nonfinite": 0,
+        "spikes": 0,
+        "fingerprint_mismatches": 0,
+        "audit_mismatches": 0,
+    }
+    assert r["model"]["params"] == 256 * 8 + (32 * 8 * 32 + 32) + (32 * 32 + 32) + (32 * 256 + 256)
+    [g] = data["goals"]
+    assert g["value"] == data["ratio"] and g["target"] == "<= 1.03" and g["met"] is (data["ratio"] <= 1.03)
+    assert data["settings"]["configs"] == ["plain", "guarded"] and data["settings"]["nproc"] == 2

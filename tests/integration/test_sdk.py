@@ -90,11 +90,12 @@ def test_a_flipped_bit_rolls_back_in_place_and_ends_on_the_fault_free_state(tmp_
 def test_a_crash_under_torchrun_resumes_from_the_checkpoint_bit_exactly(tmp_path, fault_free):
     run = tmp_path / "run"
     faults = schedule(tmp_path, {"kind": "crash", "step": 15, "rank": 1})
-    crashed = guarded(run, "--checkpoint-every", "10", faults=faults)
+    # Checkpoints committed before the next step: the one of step 10 exists when step 15 crashes.
+    crashed = guarded(run, "--checkpoint-every", "10", "--sync-checkpoints", faults=faults)
     assert crashed.returncode != 0
     assert not events(run, 0, EventKind.FINISHED)
     # The same command again (the crash is one-shot): it resumes from step 10's checkpoint.
-    out = result(guarded(run, "--checkpoint-every", "10", faults=faults))
+    out = result(guarded(run, "--checkpoint-every", "10", "--sync-checkpoints", faults=faults))
     (restored,) = [e for e in events(run, 1, EventKind.RESTORED)]
     assert restored["step"] == 10
     assert out["last_epoch"] == fault_free["last_epoch"] and out["fingerprint"] == fault_free["fingerprint"]
@@ -125,17 +126,20 @@ def test_the_nanogpt_scripts_train_to_the_end_under_plain_torchrun(tmp_path, scr
 
 def test_the_fsdp2_example_trains_and_resumes_bit_exactly(tmp_path):
     """HSDP (2 replicas of 1 shard): a crash ends the torchrun job; the same command resumes from
-    the sharded checkpoint and ends on the uninterrupted run's state. (Plain FSDP runs under agents
+    the newest sharded checkpoint and ends on the uninterrupted run's state. (Plain FSDP runs under agents
     in test_up.py.)"""
     script = REPO / "examples" / "fsdp2.py"
     common = ("--replicate", "2", "--steps", "30", "--checkpoint-every", "10")
     golden = torchrun(script, *common, "--run-dir", str(tmp_path / "golden"))
     assert golden.returncode == 0, golden.stderr[-4000:]
     assert "finished at step 30" in golden.stdout
-    faults = schedule(tmp_path, {"kind": "crash", "step": 15, "rank": 1})
+    faults = schedule(tmp_path, {"kind": "crash", "step": 25, "rank": 1})
     run = tmp_path / "run"
     assert torchrun(script, *common, "--run-dir", str(run), STANCHION_FAULTS=str(faults)).returncode != 0
+    # Checkpoints are asynchronous: step 10's has had 15 steps to commit, step 20's 5.
+    committed = [e["step"] for e in events(run, 0, EventKind.CHECKPOINT_COMMITTED)]
+    assert committed in ([10], [10, 20]), committed
     resumed = torchrun(script, *common, "--run-dir", str(run), STANCHION_FAULTS=str(faults))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert [e["step"] for e in events(run, 0, EventKind.RESTORED)] == [10]
+    assert [e["step"] for e in events(run, 0, EventKind.RESTORED)] == committed[-1:]
     assert final_fingerprint(run, 0) == final_fingerprint(run, 1) == final_fingerprint(tmp_path / "golden", 0)

@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--protections", default="{}")
     p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--sync-checkpoints", action="store_true", help="commit each before the next step")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -52,6 +53,7 @@ def main() -> None:
         loss_fn=loss_fn,
         protections=stanchion.Protections(**json.loads(args.protections)),
         checkpoint_every=args.checkpoint_every,
+        async_checkpoint=not args.sync_checkpoints,
         tokens_per_step=8 * CONTEXT * rt.world_size,
     )
     committed = {}
