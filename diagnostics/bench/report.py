@@ -197,6 +197,8 @@ INTEGRITY_B_AFTER = prose("integrity_b_after")
 INTEGRITY_B_MEANING = Commentary.load("integrity_b_meaning")
 RECOVERY_WHAT_RUNS = prose("recovery_what_runs")
 GOODPUT_WHAT_RUNS = prose("goodput_what_runs")
+SDK_WHAT_RUNS = prose("sdk_what_runs")
+SDK_MEANING = Commentary.load("sdk_meaning")
 GPU_TEXT = NOT_MEASURED
 
 
@@ -329,6 +331,60 @@ def trainer_section(rep: Report) -> list[str]:
     if due_lines:
         out += ["Stanchion's due steps, within its own runs: " + "; ".join(due_lines) + ".", ""]
     return out + TRAINER_MEANING.render(d)
+
+
+SDK_RUNS = ("sdk.json", "sdk-large.json")  # the recorded size, then 4x its batch
+
+
+def sdk_config_label(name: str) -> str:
+    if name == "plain":
+        return "plain (DDP)"
+    if name == "guarded":
+        return "**guarded, all defaults**"
+    return "guarded, " + ", ".join(f"`{kv}`" for kv in name.removeprefix("guarded ").split(","))
+
+
+def sdk_section(rep: Report) -> list[str]:
+    out = ["## SDK: a user's own loop, guarded beside plain DDP", ""]
+    runs = [d for d in (rep.load(name) for name in SDK_RUNS) if d is not None]
+    if not runs:
+        return out + [NOT_MEASURED, ""]
+    out += [SDK_WHAT_RUNS.strip(), ""]
+    for d in runs:
+        r, m = d["results"], d["results"]["model"]
+        out += command_block(d["command"])
+        out += [
+            finished_line(d)
+            + f" Model: {params_text(m['params'])} parameters, {m['sequences_per_step_per_rank']:,} sequences "
+            f"of {m['context']} tokens per rank and step ({m['batch_size']} × {m['accum']} micro-batches).",
+            "",
+        ]
+        rows = []
+        for name, c in r["configs"].items():
+            st, vs = c["step_time_s"], c.get("vs_plain") or {}
+            per_round = " / ".join(fmt(x, ".4g") for x in vs.get("ratio_per_round", [])) or "–"
+            rows.append(
+                [
+                    sdk_config_label(name),
+                    fmt(st["median"], ".4g"),
+                    fmt(st["p10"], ".4g"),
+                    fmt(vs.get("ratio_median"), ".4g") if vs else "–",
+                    per_round,
+                    fmt(vs.get("ratio_median_of_rounds"), ".4g") if vs else "–",
+                ]
+            )
+        out += table(
+            ["configuration", "median step s", "p10 s", "÷ plain (median)", "per round", "median of rounds"],
+            rows,
+        )
+        out += [
+            "",
+            f"**ratio = guarded ÷ plain median step time = {fmt(r['guarded_median_s'], '.4g')} / "
+            f"{fmt(r['plain_median_s'], '.4g')} = {d['ratio']:.4f}**",
+            "",
+        ]
+        out += goals_lines(d)
+    return out + SDK_MEANING.render(runs[0])
 
 
 def integrity_section(rep: Report) -> list[str]:
@@ -1104,6 +1160,10 @@ def render(bench_dir: Path, out: Path) -> tuple[str, list[Path]]:
         d = rep.load(f"{name}.json")
         if d is not None:
             docs[name] = d
+    for label, name in (("sdk", "sdk.json"), ("sdk, 4x batch", "sdk-large.json")):
+        d = rep.load(name)
+        if d is not None:
+            docs[label] = d
     for d in goodput_docs(rep):
         docs[f"goodput {d['results']['schedule']}"] = d
     parts: list[str] = [INTRO]
@@ -1112,6 +1172,7 @@ def render(bench_dir: Path, out: Path) -> tuple[str, list[Path]]:
     parts += machine_section(docs)
     sections: list[Callable[[Report], list[str]]] = [
         trainer_section,
+        sdk_section,
         integrity_section,
         recovery_section,
         goodput_section,

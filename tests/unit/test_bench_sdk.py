@@ -159,3 +159,26 @@ def test_the_worker_the_bench_and_the_command_share_one_default_size() -> None:
     for key, value in vars(sdk.ModelSize()).items():
         assert getattr(args, key) == value == cli[key].default, key
     assert args.steps == cli["steps"].default
+
+
+def test_the_report_renders_both_recorded_sdk_runs_with_their_exact_ratio(tmp_path):
+    """docs/benchmarks.md's SDK section comes from docs/bench/sdk*.json: each run's table and its
+    ratio line, the quotient of the medians the JSON records."""
+    import json
+    from pathlib import Path
+
+    from diagnostics.bench import report
+
+    bench = Path(__file__).resolve().parents[2] / "docs" / "bench"
+    text, _ = report.render(bench, tmp_path / "benchmarks.md")
+    section = text.split("## SDK: a user's own loop, guarded beside plain DDP", 1)[1].split("\n## ", 1)[0]
+    for name in report.SDK_RUNS:
+        d = json.loads((bench / name).read_text())
+        r = d["results"]
+        assert d["command"] in section
+        assert (
+            f"= {report.fmt(r['guarded_median_s'], '.4g')} / {report.fmt(r['plain_median_s'], '.4g')} "
+            f"= {d['ratio']:.4f}**" in section
+        )
+        assert d["ratio"] == r["guarded_median_s"] / r["plain_median_s"]
+    assert section.count("| plain (DDP) |") == 2
