@@ -156,6 +156,7 @@ def main() -> None:
         os.makedirs(args.out_dir, exist_ok=True)
         torch.save(model.module.state_dict(), os.path.join(args.out_dir, "ckpt.pt"))
         print(f"finished {args.max_iters} iterations: val loss {val:.4f}")
+    dist.barrier()  # no rank tears its group down while DDP's reducer on another still uses it
     dist.destroy_process_group()
 
 
