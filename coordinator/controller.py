@@ -684,6 +684,11 @@ class Controller:
             if reason in FAILED_EXITS:
                 return m.WorkerFailed(node_id, e.generation, e.rank, ExitReason(reason), d.get("summary", ""))
             return None  # a clean exit, or a standby's
+        if kind == AgentEventKind.DIRECTIVE_REJECTED and d.get("kind") == "start":
+            # The node refuses the job's launch (a program it does not allow, a path outside its
+            # directories): none of its ranks will ever join, and waiting for the first-step deadline
+            # would only escalate and leave a healthy node out. The job fails, naming the refusal.
+            return m.WorkerFailed(node_id, e.generation, -1, ExitReason.CONFIG, str(d.get("error", ""))[:500])
         if kind == EventKind.COLLECTIVE_FAILED:
             return m.PeerWaiting(node_id, e.generation, e.step)
         if kind in (EventKind.JOINING, EventKind.STARTED):

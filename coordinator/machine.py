@@ -690,7 +690,7 @@ def on_worker_failed(job: Job, ev: WorkerFailed, nodes: Mapping[str, NodeView], 
     if job.state not in ACTIVE or ev.generation != job.generation or _stopped(job):
         return _noop(job)  # stale, or ranks the job already stopped (and counted the restart of)
     if ev.kind == ExitReason.CONFIG:
-        return _fail(job, f"the trainer rejected its configuration on {ev.node_id}: {ev.detail}")
+        return _fail(job, f"{ev.node_id} rejected the job's configuration: {ev.detail}")
     what = "hung" if ev.kind == ExitReason.HANG else "crashed"
     who = f"rank {ev.rank} on {ev.node_id}" if ev.rank >= 0 else f"the ranks on {ev.node_id}"
     return _restart(

@@ -59,7 +59,7 @@ def reasons(c: LocalCluster, job_id: str) -> list[str]:
     return [d.reason for d in c.explain(job_id).decisions]
 
 
-DOCUMENTED_FAILURES = ("giving up", "rendezvous timed out", "rejected its configuration")
+DOCUMENTED_FAILURES = ("giving up", "rendezvous timed out", "rejected the job's configuration")
 ENDED = (types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED)
 
 

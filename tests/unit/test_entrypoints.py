@@ -427,3 +427,37 @@ def test_a_trainer_job_after_a_program_job_retires_the_programs_standbys(tmp_pat
     for code in (0, -signal.SIGTERM):  # exit 0 while waiting, or the signal itself while importing
         lm_standby.proc.returncode = code
         assert group._classify_exit(lm_standby)["reason"] == ExitReason.STOPPED
+
+
+def test_a_node_refusing_the_jobs_program_fails_the_job_at_once_naming_why() -> None:
+    """A refused start never produces a rank: the job fails with the node's error as its reason
+    instead of escalating past a first-step deadline and leaving a healthy node out."""
+    import json as _json
+
+    from coordinator import machine as m
+    from coordinator.config import CoordinatorConfig
+    from coordinator.controller import Controller
+    from coordinator.store import Store
+    from protos.stanchion.v1 import types_pb2
+    from stanchion.vocab import AgentEventKind, ExitReason
+
+    error = "entrypoint 'own' is not allowed on node node-b; allowed: trainer (agent serve --entrypoint NAME=MODULE_OR_SCRIPT)"
+    controller = Controller(CoordinatorConfig(insecure=True), Store(":memory:"))
+
+    def rejected(kind: str) -> object:
+        detail = {"kind": kind, "error": error}
+        ev = types_pb2.Event(
+            kind=AgentEventKind.DIRECTIVE_REJECTED, generation=1, detail_json=_json.dumps(detail)
+        )
+        return controller._machine_event("node-b", ev, detail)
+
+    assert rejected("rollback") is None  # only a refused launch means no rank will come
+    failed = rejected("start")
+    assert failed == m.WorkerFailed("node-b", 1, -1, ExitReason.CONFIG, error)
+    spec = jobspec.parse('name = "own"\nnodes = 2\nentrypoint = "own"\n')
+    nodes = {n: m.NodeView(n, store_port=1000 + i) for i, n in enumerate(("node-a", "node-b"))}
+    job = m.step(m.new_job("j", spec, 0.0), m.Submitted(), nodes, 0.0).job
+    d = m.step(job, failed, nodes, 1.0)
+    assert d.job.state is m.JobState.FAILED and d.reason.endswith(
+        f"node-b rejected the job's configuration: {error}"
+    )
