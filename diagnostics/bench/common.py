@@ -394,6 +394,22 @@ def stop_session(proc: subprocess.Popen[Any]) -> None:
     proc.wait()
 
 
+def torchrun(nproc: int, *program: str, max_restarts: int | None = None) -> list[str]:
+    """``python -m torch.distributed.run --standalone`` on ``nproc`` ranks running ``program``
+    (``-m MODULE ...`` or a script and its arguments): every bench's peer and worker launch."""
+    restarts = ["--max-restarts", str(max_restarts)] if max_restarts is not None else []
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        *restarts,
+        *program,
+    ]
+
+
 def shown(cmd: Sequence[str]) -> str:
     """A command for people and JSON: ``python`` for this interpreter's path."""
     return shlex.join(["python" if i == 0 and c == sys.executable else c for i, c in enumerate(cmd)])

@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from diagnostics.bench.common import (
     median,
     ratio,
     shown,
+    torchrun,
 )
 from diagnostics.localcluster import LocalCluster
 from protos.stanchion.v1 import types_pb2
@@ -465,21 +465,7 @@ def stanchion_trial(
 def torchrun_command(
     flags: Sequence[str], run_dir: Path, *, nproc: int = 2, max_restarts: int = 3
 ) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        "--max-restarts",
-        str(max_restarts),
-        "-m",
-        "trainer",
-        "--run-dir",
-        str(run_dir),
-        *flags,
-    ]
+    return torchrun(nproc, "-m", "trainer", "--run-dir", str(run_dir), *flags, max_restarts=max_restarts)
 
 
 @dataclass

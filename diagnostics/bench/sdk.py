@@ -22,7 +22,6 @@ plain_median_s`` holds exactly for anyone reading the file (:func:`with_exact_ra
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -41,6 +40,7 @@ from diagnostics.bench.common import (
     run_measured,
     shown,
     step_time_stats,
+    torchrun,
     warmup_steps,
 )
 from diagnostics.errors import UsageError
@@ -157,13 +157,8 @@ def sdk_command(
     checkpoint_every: int = 0,
 ) -> list[str]:
     """torchrun running the worker (diagnostics/bench/sdk_worker.py) on ``nproc`` ranks."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
+    return torchrun(
+        nproc,
         "-m",
         "diagnostics.bench",
         "sdk-worker",
@@ -174,7 +169,7 @@ def sdk_command(
         *size.flags(),
         f"--threads={threads}",
         f"--checkpoint-every={checkpoint_every}",
-    ]
+    )
 
 
 def comparison(runs: Sequence[Run], plain_runs: Sequence[Run], cadence: Cadence) -> dict[str, Any]:

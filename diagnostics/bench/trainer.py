@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from diagnostics.bench.common import (
     step_time_stats,
     timed,
     torch_threads,
+    torchrun,
     trainer_flags,
     warmup_steps,
     warmup_within,
@@ -104,20 +104,7 @@ def flops_per_token(cfg: TrainConfig, vocab_size: int) -> tuple[float, int]:
 
 def ddp_command(flags: Sequence[str], run_dir: Path, nproc: int) -> list[str]:
     """torchrun running :func:`ddp_worker` on ``nproc`` ranks, through this package's ``__main__``."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        "-m",
-        "diagnostics.bench",
-        "ddp-worker",
-        "--run-dir",
-        str(run_dir),
-        *flags,
-    ]
+    return torchrun(nproc, "-m", "diagnostics.bench", "ddp-worker", "--run-dir", str(run_dir), *flags)
 
 
 def data_vocab(data: Path) -> int:
