@@ -45,10 +45,13 @@ def fingerprints(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[str], 
     names, values = [], []
     for name, t in named:
         names.append(name)
-        values.append(tensor_fingerprint(t).to("cpu"))
+        values.append(tensor_fingerprint(t))
     if not values:
         return names, torch.zeros(0, dtype=torch.int64)
-    return names, torch.stack(values)
+    devices = {v.device for v in values}
+    if len(devices) == 1:  # one copy to the host for all of them, not one synchronisation per tensor
+        return names, torch.stack(values).cpu()
+    return names, torch.stack([v.cpu() for v in values])
 
 
 def named_state(
@@ -76,6 +79,14 @@ def digest(values: torch.Tensor | Sequence[int]) -> str:
     for v in values:
         h.update(int(v).to_bytes(8, "little", signed=True))
     return h.hexdigest()[:16]
+
+
+def folded(values: torch.Tensor | Sequence[int]) -> int:
+    """A fingerprint vector folded into one signed 64-bit integer (its :func:`digest`), small enough
+    to travel in the per-step agreement: equal vectors fold equal, and unequal ones fold unequal
+    but with probability 2^-64."""
+    v = int(digest(values), 16)
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str:

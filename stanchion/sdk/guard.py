@@ -14,7 +14,9 @@
 Leaving the ``with`` block commits the step, in this order: the rank's gradients are audited when
 due (a neighbour's micro-batch recomputed), averaged across data-parallel ranks, and every rank
 agrees in one small all-gather on the loss, on non-finite values, on stop and rollback requests and
-on the audit digests. A step with a non-finite value anywhere is skipped by every rank; otherwise
+on the audit digests. Both start during the last micro-batch's backward pass where they can: the
+gradient buckets as they fill, the agreement (except on audit steps) as soon as that micro-batch's
+loss exists. A step with a non-finite value anywhere is skipped by every rank; otherwise
 the gradients are clipped and the optimizer (and the registered schedulers) step. Then the periodic
 checks: replica fingerprints of parameters and optimizer state, a snapshot, an evaluation.
 
@@ -83,6 +85,16 @@ BatchAt = Callable[[int, int, int], Any]  # (data index, data-parallel rank, mic
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]  # (model, batch) -> scalar loss
 
 
+@dataclass(frozen=True)
+class PendingCheck:
+    """Fingerprints of the state after ``step``, compared through the next step's agreement."""
+
+    step: int
+    names: list[str]
+    values: torch.Tensor  # int64 on the host, one per tensor (stanchion/sdk/fingerprint.py)
+    folded: int  # what the agreement carries
+
+
 @dataclass
 class Cursor:
     """Everything besides tensors that defines where training is (broadcast when healing)."""
@@ -127,6 +139,7 @@ class Step:
         self._loss_sum: torch.Tensor | None = None
         self._audit_own = 0
         self._accum = 1
+        self._agreement: Callable[[], Agreement] | None = None  # started before the last backward pass
         self._t0 = time.perf_counter()
 
     def backward(self, loss: torch.Tensor, accum: int = 1) -> None:
@@ -136,9 +149,20 @@ class Step:
         if self._losses == 0:
             loss = g.rt.fault_hooks.corrupt_loss(self.number, loss, self.data_index)
             self._accum = accum
+        if self._agreement is not None:  # a backward pass after the last one: agree again at the end
+            self._agreement()
+            self._agreement = None
+        detached = loss.detach().double()
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        self._losses += 1
+        last = self._losses == accum
+        audit_due = g._audit_due(self.number)
+        if last and not audit_due:
+            # Everything the agreement needs is known now: its all-gather runs during this backward pass.
+            self._agreement = Agreement.start(g.control(self, self.local_loss()), g.rt.device)
         # The last micro-batch's backward pass completes the gradients: their all-reduce starts
         # bucket by bucket while it runs.
-        sync = g.grad_sync if g.overlap and self._losses + 1 == accum else None
+        sync = g.grad_sync if g.overlap and last else None
         if sync is not None:
             sync.arm()
         try:
@@ -146,14 +170,12 @@ class Step:
         finally:
             if sync is not None:
                 sync.disarm()
-        detached = loss.detach().double()
-        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
-        if self._losses == 0 and g._audit_due(self.number):
+        if self._losses == 1 and audit_due:
             self._audit_own = grad_digest(g.params)
-        self._losses += 1
 
-    def local_loss(self) -> float:
-        return float(self._loss_sum) / self._losses if self._losses else 0.0
+    def local_loss(self) -> torch.Tensor:
+        """This rank's mean micro-batch loss so far, in float64, where it was computed."""
+        return self._loss_sum / self._losses
 
     def __enter__(self) -> Step:
         return self
@@ -275,6 +297,7 @@ class Guard:
         self.outcome = ""  # "finished" or "stopped" once the loop has ended
         self._broken: BaseException | None = None  # the generation failed: re-form before going on
         self._in_step: Step | None = None
+        self._pending_check: PendingCheck | None = None  # fingerprints awaiting the next agreement
         self._act_norms: list[torch.Tensor] = []
         self._act_hooks = [
             m.register_forward_hook(self._activation_hook(i)) for i, m in enumerate(activations or ())
@@ -297,8 +320,8 @@ class Guard:
                 return
             if self.cursor.step >= self.steps:
                 try:
-                    self._conclude()
-                    self.outcome = "finished"
+                    if self._conclude():
+                        self.outcome = "finished"
                 except (*_REFORM, GenerationChange) as e:
                     self._fail(e)
                 continue
@@ -420,6 +443,7 @@ class Guard:
 
     def teardown_generation(self) -> None:
         """Leave a broken generation at once: a checkpoint in flight is abandoned, not awaited."""
+        self._pending_check = None  # its verdict would have come in this generation's agreement
         if self.ckpt is not None:
             step = self.ckpt.abandon()
             if step is not None:
@@ -606,18 +630,26 @@ class Guard:
         """The rest of the step once the user's gradients exist (see the module's docstring)."""
         hooks, step_no = self.rt.fault_hooks, s.number
         audit_due = self._audit_due(step_no)
-        audit_next = self.recompute_neighbour(s) if audit_due else 0
+        audit_next = self.recompute_neighbour(s) if audit_due else None
         hooks.corrupt_grads(step_no, self.model)
         hooks.hang_point(step_no)
         if self.grad_sync is not None:
             self.grad_sync.all_reduce_mean(self.rt.world_size)
-        agreed = self.agree(s, audit_due, audit_next)
+        agreed = self.agree(s, audit_next)
         s.loss = agreed.loss
+        # The previous step's fingerprints travelled in this agreement: if the replicas disagreed,
+        # the state this step would update is already wrong (see settle_check).
+        mismatch = self.settle_check(agreed)
+        roll_back = mismatch and self.protections.on_mismatch == "rollback"
         sq, labels, grad_norm = self.grad_norms()
         record = self.new_record(s, grad_norm)
         force_check = False  # replicas diverged under the audit: check fingerprints this step
         if agreed.nonfinite_ranks or not math.isfinite(grad_norm):
             self.skip_step(record, agreed.nonfinite_ranks, grad_norm)
+            s.committed = False
+        elif roll_back:  # not applied: the rollback below returns to agreed state
+            self.optimizer.zero_grad(set_to_none=True)
+            record["skipped"] = True
             s.committed = False
         else:
             self.clip(grad_norm)
@@ -631,7 +663,10 @@ class Guard:
             sched.step()
         self.cursor.step = step_no
         self.cursor.tokens += self.tokens_per_step
-        self.periodic_checks(step_no, force_check)
+        if roll_back:
+            self.rollback_mismatch()
+        else:
+            self.periodic_checks(step_no, force_check)
         if agreed.newest_request > self.cursor.request_id:
             self.handle_request(agreed.newest_request, agreed)
         self.finish_record(record, s, sq, labels)
@@ -654,22 +689,30 @@ class Guard:
             p.grad = g
         return digest
 
-    def agree(self, s: Step, audit_due: bool, audit_next: int) -> Agreement:
-        rt = self.rt
-        mine = Control(
+    def control(self, s: Step, loss: float | torch.Tensor, audit_next: int | None = None) -> Control:
+        """This rank's row of the step's agreement (``audit_next``: on audit steps only)."""
+        rt, audit_due = self.rt, audit_next is not None
+        return Control(
             step_index=s.index,
-            loss=s.local_loss(),
+            loss=loss,
             stop=rt.stop_requested,
             request=self.newest_request_id(),
             next_generation=rt.newest_assignment_generation() if rt.managed else -1,
             audit_own=s._audit_own,
-            audit_next=audit_next,
+            audit_next=audit_next or 0,
             # On audit steps, the parameters the gradients came from: an audit between replicas whose
             # parameters already differ says nothing about compute (the fingerprint check names them).
             param_digest=digest_of(self.params) if audit_due else 0,
+            state_digest=self._pending_check.folded if self._pending_check else 0,
         )
-        agreed = Agreement.gather(mine, rt.device)
-        if agreed.newest_generation > rt.generation:
+
+    def agree(self, s: Step, audit_next: int | None) -> Agreement:
+        if s._agreement is not None:
+            agreed = s._agreement()
+        else:
+            loss = s.local_loss() if s._losses else 0.0
+            agreed = Agreement.gather(self.control(s, loss, audit_next), self.rt.device)
+        if agreed.newest_generation > self.rt.generation:
             # A newer generation exists (membership change): everyone leaves at this step, before
             # applying it, and rejoins with the state it has (the step is recomputed there).
             self.optimizer.zero_grad(set_to_none=True)
@@ -739,18 +782,44 @@ class Guard:
             )
 
     def periodic_checks(self, step_no: int, force_check: bool) -> None:
-        """Fingerprints when due (and before every checkpoint); a snapshot only of agreed state."""
+        """Fingerprints when due (and before every checkpoint); a snapshot only of agreed state.
+
+        When nothing waits on the verdict (no snapshot, checkpoint or audit alarm at this step),
+        the fingerprints are folded into the next step's agreement instead of an all-gather of
+        their own: the verdict then comes one step later, before that step is applied."""
         c = self.cadence
-        if c.fingerprint.due(step_no) or c.checkpoint.due(step_no) or force_check:
-            if self.check_fingerprints(reason="periodic"):
-                if c.snapshot.due(step_no):
-                    self.take_snapshot()
-            elif self.protections.on_mismatch == "rollback":  # every rank saw the same comparison
-                self.rollback(
-                    contract.Request(
-                        id=self.cursor.request_id, kind="rollback", reason="fingerprint mismatch"
-                    )
-                )
+        if not (c.fingerprint.due(step_no) or c.checkpoint.due(step_no) or force_check):
+            return
+        if self.rt.world_size > 1 and not (
+            c.snapshot.due(step_no) or c.checkpoint.due(step_no) or force_check
+        ):
+            names, values = fingerprint.fingerprints(fingerprint.named_state(self.model, self.optimizer))
+            self._pending_check = PendingCheck(step_no, names, values, fingerprint.folded(values))
+            return
+        if self.check_fingerprints(reason="periodic"):
+            if c.snapshot.due(step_no):
+                self.take_snapshot()
+        elif self.protections.on_mismatch == "rollback":  # every rank saw the same comparison
+            self.rollback_mismatch()
+
+    def settle_check(self, agreed: Agreement) -> bool:
+        """The verdict on the fingerprints folded into this step's agreement: True when replicas
+        disagree (the event is out). Every rank holds a pending check at the same steps, and reads
+        the same agreement, so all of them take the same branch and its all-gather lines up."""
+        pending, self._pending_check = self._pending_check, None
+        if pending is None:
+            return False
+        if all(agreed.states_agree(g) for g in self.replica_groups() if len(g) > 1):
+            self.cursor.last_agreed_step = pending.step
+            return False
+        # Someone differs: the whole vectors name the odd rank and the tensors.
+        rows = all_gather_rows(pending.values.to(self.rt.device), "fingerprint all-gather")
+        return not self.judge_fingerprints(pending.step, pending.names, rows, reason="periodic")
+
+    def rollback_mismatch(self) -> None:
+        self.rollback(
+            contract.Request(id=self.cursor.request_id, kind="rollback", reason="fingerprint mismatch")
+        )
 
     def finish_record(self, record: dict[str, Any], s: Step, sq: torch.Tensor, labels: list[str]) -> None:
         for fired in self.rt.fault_hooks.drain():
@@ -800,12 +869,18 @@ class Guard:
 
     def check_fingerprints(self, *, reason: str) -> bool:
         """All-gather fingerprints of parameters and optimizer state; compare replicas exactly."""
+        self._pending_check = None  # this check supersedes one waiting for the next agreement
         step = self.cursor.step
         if self.rt.world_size == 1:
             self.cursor.last_agreed_step = step
             return True
         names, values = fingerprint.fingerprints(fingerprint.named_state(self.model, self.optimizer))
         rows = all_gather_rows(values.to(self.rt.device), "fingerprint all-gather")
+        return self.judge_fingerprints(step, names, rows, reason=reason)
+
+    def judge_fingerprints(self, step: int, names: list[str], rows: torch.Tensor, *, reason: str) -> bool:
+        """Compare each replica group's rows of fingerprints of the state after ``step``; an event
+        names the odd ranks and tensors when they differ."""
         for group in self.replica_groups():
             if len(group) < 2:
                 continue
@@ -882,6 +957,7 @@ class Guard:
         )
 
     def _restore_snapshot(self, snap: Any) -> None:
+        self._pending_check = None  # a check of the state left behind
         extra = self.snapshots.restore(snap, self.model, self.optimizer)
         self._load_extra(extra, keep_decisions=True)
         for group, saved in zip(self.optimizer.param_groups, extra.get("hyper", ()), strict=False):
@@ -937,13 +1013,19 @@ class Guard:
         self.rt.event(EventKind.EVAL, step=self.cursor.step, val_loss=val)
         return val
 
-    def _conclude(self) -> None:
+    def _conclude(self) -> bool:
         """The end of training, inside the generation: its collectives can lose a peer like any
-        step's, and a re-formed generation (survivors keep their state) does this part again."""
+        step's, and a re-formed generation (survivors keep their state) does this part again.
+        Returns False when the last step's replica check rolled the run back: it goes on."""
+        if self._pending_check is not None:  # no next step brings its verdict: check now
+            self.periodic_checks(self.cursor.step, force_check=True)
+            if self.cursor.step < self.steps:
+                return False
         self.final_val_loss = self.evaluate()
         if self.cadence.checkpoint.every:
             self.save_checkpoint(blocking=True)
         self.ckpt.wait()
+        return True
 
 
 def replica_groups(mesh: Any, dim_names: Sequence[str], replicate_dim: str | None) -> list[list[int]]:

@@ -247,11 +247,25 @@ def collective(what: str) -> Iterator[None]:
 
 def all_gather_rows(t: torch.Tensor, what: str) -> torch.Tensor:
     """Gather a 1-D tensor from every rank into a (world, n) tensor on the CPU."""
+    return start_all_gather_rows(t, what)()
+
+
+def start_all_gather_rows(t: torch.Tensor, what: str) -> Callable[[], torch.Tensor]:
+    """Start gathering a 1-D tensor from every rank; the function returned waits for the result
+    and gives the (world, n) tensor on the CPU. Waiting includes the copy to the host, which is
+    where a collective on an accelerator actually completes, so a failure surfaces inside
+    :func:`collective` either way."""
     world = dist.get_world_size()
     out = [torch.empty_like(t) for _ in range(world)]
     with collective(what):
-        dist.all_gather(out, t)
-    return torch.stack(out).cpu()
+        work = dist.all_gather(out, t, async_op=True)
+
+    def result() -> torch.Tensor:
+        with collective(what):
+            work.wait()
+            return torch.stack(out).cpu()
+
+    return result
 
 
 class GradSync:
@@ -273,19 +287,19 @@ class GradSync:
     compares its throughput with torch DDP.
     """
 
-    MIN_BUCKET_BYTES = 1 << 20
-    MAX_BUCKET_BYTES = 25 << 20
+    FIRST_BUCKET_BYTES = 1 << 20
+    BUCKET_BYTES = 25 << 20
 
     def __init__(self, params: list[torch.nn.Parameter]):
         self.params = [p for p in params if p.requires_grad]
-        total = sum(p.numel() * p.element_size() for p in self.params)
-        # At most about eight buckets for a small model (something to overlap), DDP's 25 MiB for a large one.
-        cap = min(self.MAX_BUCKET_BYTES, max(self.MIN_BUCKET_BYTES, total // 8))
+        # DDP's sizes: a small first bucket (the last layers' gradients, ready first) starts
+        # communicating early; the rest go in large buckets, since every all-reduce has a fixed cost.
         self.buckets: list[list[int]] = []
         size = 0
         for i in reversed(range(len(self.params))):
             p = self.params[i]
             last = self.buckets[-1] if self.buckets else None
+            cap = self.FIRST_BUCKET_BYTES if len(self.buckets) == 1 else self.BUCKET_BYTES
             if last is None or size >= cap or self.params[last[0]].dtype != p.dtype:
                 self.buckets.append([])
                 size = 0

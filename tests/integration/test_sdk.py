@@ -81,7 +81,9 @@ def test_a_flipped_bit_rolls_back_in_place_and_ends_on_the_fault_free_state(tmp_
     for rank in (0, 1):
         (mismatch,) = events(tmp_path / "run", rank, EventKind.FINGERPRINT_MISMATCH)
         (rollback,) = events(tmp_path / "run", rank, EventKind.ROLLBACK)
-        assert mismatch["step"] == 10 and rollback["from_step"] == 10 and rollback["step"] == 0
+        # Step 10's fingerprints travel in step 11's agreement: step 11 is not applied, and the run
+        # returns to the newest agreed snapshot.
+        assert mismatch["step"] == 10 and rollback["from_step"] == 11 and rollback["step"] == 0
     # The replay restored the scheduler and the optimizer's learning rate with the weights.
     assert (out["lr"], out["last_epoch"]) == (fault_free["lr"], fault_free["last_epoch"])
     assert out["fingerprint"] == fault_free["fingerprint"]
