@@ -261,6 +261,7 @@ class Guard:
         self.evaluate_fn = evaluate
         self.mesh = mesh
         self.replicate_dim = replicate_dim
+        self._shard_group: dist.ProcessGroup | None = None  # formed at the first gradient norm (HSDP)
         self.protections = p
         self.cadence = Cadences(
             fingerprint=Cadence(p.fingerprint_every),
@@ -723,9 +724,22 @@ class Guard:
         """Per-layer-group squared gradient norms, their labels, and the global norm."""
         sq, labels = group_norms(self.model, self.layer_groups)
         if self.mesh is not None:
+            # Sharded: sum the shards' squares over one replica's ranks, so that each shard counts
+            # once (summed over the whole world, HSDP's R replicas made the norm sqrt(R) too large).
             with collective("layer norm all-reduce"):
-                dist.all_reduce(sq)
+                dist.all_reduce(sq, group=self.shard_group())
         return sq, labels, float(sq.sum().sqrt())
+
+    def shard_group(self) -> dist.ProcessGroup | None:
+        """The ranks of this rank's replica (None: the whole world, under plain FSDP)."""
+        if self.replicate_dim is None:
+            return None
+        if self._shard_group is None:  # every rank gets here at the same step: the groups form together
+            mesh, names = self.mesh.mesh.tolist(), list(self.mesh.mesh_dim_names)
+            self._shard_group, _ = dist.new_subgroups_by_enumeration(
+                shard_groups(mesh, names, self.replicate_dim)
+            )
+        return self._shard_group
 
     def new_record(self, s: Step, grad_norm: float) -> dict[str, Any]:
         return {
@@ -1041,6 +1055,14 @@ def replica_groups(mesh: Any, dim_names: Sequence[str], replicate_dim: str | Non
         )
     axis = list(dim_names).index(replicate_dim)
     return [[int(r) for r in row] for row in ranks.movedim(axis, -1).reshape(-1, ranks.shape[axis])]
+
+
+def shard_groups(mesh: Any, dim_names: Sequence[str], replicate_dim: str) -> list[list[int]]:
+    """The complement of :func:`replica_groups`: for each position along ``replicate_dim``, the
+    ranks of that one replica, which together hold every shard once."""
+    ranks = torch.tensor(mesh)
+    axis = list(dim_names).index(replicate_dim)
+    return [[int(r) for r in ranks.select(axis, i).flatten()] for i in range(ranks.shape[axis])]
 
 
 def top_level_groups(model: torch.nn.Module) -> dict[str, list[str]]:

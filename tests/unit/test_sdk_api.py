@@ -13,7 +13,7 @@ import pytest
 import torch
 from support import REPO, env
 
-from stanchion.sdk.guard import decode_state, encode_state, replica_groups, top_level_groups
+from stanchion.sdk.guard import decode_state, encode_state, replica_groups, shard_groups, top_level_groups
 
 
 def run_python(code: str, tmp_path) -> subprocess.CompletedProcess[str]:
@@ -51,6 +51,19 @@ def test_replica_groups_follow_the_replicate_dimension():
     assert replica_groups([0, 1, 2, 3], ["shard"], None) == [[0], [1], [2], [3]]
     with pytest.raises(ValueError, match=r"replicate_dim='dp'.*\['replicate', 'shard'\]"):
         replica_groups(mesh, ["replicate", "shard"], "dp")
+
+
+def test_shard_groups_are_one_replica_each_and_cover_every_rank_once():
+    mesh = [[0, 1, 2], [3, 4, 5]]
+    assert shard_groups(mesh, ["replicate", "shard"], "replicate") == [[0, 1, 2], [3, 4, 5]]
+    assert shard_groups([[0, 2], [1, 3]], ["shard", "replicate"], "replicate") == [[0, 1], [2, 3]]
+    cube = torch.arange(8).reshape(2, 2, 2).tolist()  # (shard, replicate, tp)
+    groups = shard_groups(cube, ["shard", "replicate", "tp"], "replicate")
+    assert groups == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    # Each shard group meets each replica group in exactly one rank.
+    for g in groups:
+        for r in replica_groups(cube, ["shard", "replicate", "tp"], "replicate"):
+            assert len(set(g) & set(r)) == 1
 
 
 def test_registered_state_round_trips_through_a_manifest():
