@@ -37,6 +37,7 @@ class EventKind(Vocab):
     HEALED = "healed"  # state received from a live data-parallel peer
     HEAL_ROLLBACK = "heal_rollback"  # before healing, went back to a snapshot whose fingerprints agreed
     NONDETERMINISTIC = "nondeterministic"  # the start-up replay did not reproduce bit for bit
+    NUMERICS_CHANGED = "numerics_changed"  # resumed under other precision/determinism settings
     NONFINITE = "nonfinite"  # detector: a non-finite loss or gradient norm; the step was skipped
     SPIKE = "spike"  # detector: loss or gradient norm far outside its recent window
     FINGERPRINT_MISMATCH = "fingerprint_mismatch"  # detector: replicas' state fingerprints differ
@@ -82,6 +83,7 @@ FORWARDED = frozenset(
         EventKind.EVAL,
         EventKind.FAULT_INJECTED,
         EventKind.NONDETERMINISTIC,
+        EventKind.NUMERICS_CHANGED,
     }
 )
 

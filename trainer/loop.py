@@ -126,6 +126,7 @@ class Trainer:
             initial_state=self._initial_state,
             config=to_dict(cfg),
             resume=self.opts.resume,
+            precision="bf16" if cfg.precision == "bf16" and rt.device.type == "cuda" else "fp32",
         )
         for index in guard:
             with guard.step() as s:

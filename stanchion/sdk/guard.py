@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from stanchion.sdk import contract, fingerprint
+from stanchion.sdk import contract, fingerprint, numerics
 from stanchion.sdk.audit import audit_verdict, digest_of, grad_digest
 from stanchion.sdk.checkpoint import CheckpointManager
 from stanchion.sdk.contract import Assignment
@@ -227,6 +227,7 @@ class Guard:
         initial_state: Callable[[], None] | None = None,
         config: Mapping[str, Any] | None = None,
         resume: str = "auto",
+        precision: str | None = None,
     ):
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise TypeError(
@@ -261,6 +262,7 @@ class Guard:
         self.evaluate_fn = evaluate
         self.mesh = mesh
         self.replicate_dim = replicate_dim
+        self.precision = precision  # what loss_fn computes in ("bf16" under autocast): recorded, compared
         self._shard_group: dist.ProcessGroup | None = None  # formed at the first gradient norm (HSDP)
         self.protections = p
         self.cadence = Cadences(
@@ -581,6 +583,18 @@ class Guard:
                 f"{manifest['fingerprint']}: refusing to train on it"
             )
         self.rt.event(EventKind.RESTORED, path=str(path), step=self.cursor.step, fingerprint=digest)
+        changed = numerics.differences(manifest.get("numerics", {}), self.numerics())
+        if changed:
+            log.warning(
+                "resumed from %s under other numerics (%s): the run goes on, but no longer bit-exact "
+                "with the one that wrote the checkpoint",
+                path,
+                "; ".join(changed),
+            )
+            self.rt.event(EventKind.NUMERICS_CHANGED, path=str(path), step=self.cursor.step, changed=changed)
+
+    def numerics(self) -> dict[str, Any]:
+        return numerics.settings(self.rt.device, self.params, self.precision)
 
     def _host_copy(self) -> dict[str, Any]:
         return {
@@ -1012,6 +1026,7 @@ class Guard:
             "world_size": self.rt.world_size,
             "parallel": "ddp" if self.mesh is None else "fsdp",
             "generation": self.rt.generation,
+            "numerics": self.numerics(),
         }
         if self.state:
             fields["state"] = encode_state({k: v.state_dict() for k, v in self.state.items()})
@@ -1101,6 +1116,7 @@ def guard(rt: Runtime, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     ``async_checkpoint``, ``grad_clip``, ``tokens_per_step``, ``layer_groups``, ``activations``
     (modules whose output RMS is recorded), ``initial_state`` (a function that re-initialises the
     model and optimizer; default: a host copy is kept), ``config`` (stored in every manifest),
-    ``resume`` (torchrun only: "auto", "none" or a checkpoint path).
+    ``resume`` (torchrun only: "auto", "none" or a checkpoint path), ``precision`` (what
+    ``loss_fn`` computes in, e.g. "bf16": recorded with the other numerics of every checkpoint).
     """
     return Guard(rt, model, optimizer, **options)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from stanchion.files import JsonlWriter, write_json_atomic
-from stanchion.sdk import contract
+from stanchion.sdk import contract, numerics
 from stanchion.sdk.contract import Assignment, WorkerPaths
 from stanchion.sdk.faults import FaultHooks, FaultInjector, load
 from stanchion.sdk.liveness import LivenessThread
@@ -308,6 +308,7 @@ def join(
     """
     env = os.environ
     die_with_parent()  # before anything waits: a rank started by an agent dies with it
+    numerics.prepare_environment(env)  # before any device library starts (stanchion/sdk/numerics.py)
     stop: list[bool] = []
     if assignment is None and env.get(contract.ENV_STANDBY) == "1" and env.get(contract.ENV_WORKER_DIR):
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))

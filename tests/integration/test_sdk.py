@@ -100,7 +100,21 @@ def test_a_crash_under_torchrun_resumes_from_the_checkpoint_bit_exactly(tmp_path
     out = result(guarded(run, "--checkpoint-every", "10", "--sync-checkpoints", faults=faults))
     (restored,) = [e for e in events(run, 1, EventKind.RESTORED)]
     assert restored["step"] == 10
+    assert not events(run, 1, EventKind.NUMERICS_CHANGED)  # the same settings: the same run
     assert out["last_epoch"] == fault_free["last_epoch"] and out["fingerprint"] == fault_free["fingerprint"]
+
+
+def test_a_resume_under_other_numerics_trains_on_and_names_what_changed(tmp_path):
+    run = tmp_path / "run"
+    result(torchrun(PROGRAM, "--run-dir", str(run), "--steps", "10", "--checkpoint-every", "10"))
+    resumed = torchrun(
+        PROGRAM, "--run-dir", str(run), "--steps", "20", "--checkpoint-every", "10", "--threads", "2"
+    )
+    assert result(resumed)["step"] == 20
+    for rank in (0, 1):
+        (changed,) = events(run, rank, EventKind.NUMERICS_CHANGED)
+        assert changed["step"] == 10 and changed["changed"] == ["threads: 1 -> 2"]
+    assert "under other numerics (threads: 1 -> 2)" in resumed.stderr
 
 
 def test_the_docs_show_the_nanogpt_diff_as_it_is():

@@ -37,7 +37,7 @@ from stanchion.vocab import (
 
 WIRE = {
     EventKind: {
-        "standby", "joining", "started", "restored", "healed", "heal_rollback", "nondeterministic",
+        "standby", "joining", "started", "restored", "healed", "heal_rollback", "nondeterministic", "numerics_changed",
         "nonfinite", "spike", "fingerprint_mismatch", "audit_mismatch", "rollback", "rollback_unavailable",
         "checkpoint_committed", "checkpoint_skipped", "checkpoint_failed", "checkpoint_abandoned",
         "collective_failed", "generation_change", "abandoned", "fault_injected", "eval", "finished", "stopped",
