@@ -63,6 +63,7 @@ from stanchion.sdk.parallel import (
     broadcast_training_state,
     collective,
     new_group,
+    wait,
 )
 from stanchion.sdk.protections import Protections
 from stanchion.sdk.runtime import Runtime, Superseded
@@ -740,8 +741,10 @@ class Guard:
         if self.mesh is not None:
             # Sharded: sum the shards' squares over one replica's ranks, so that each shard counts
             # once (summed over the whole world, HSDP's R replicas made the norm sqrt(R) too large).
+            group = self.shard_group()
             with collective("layer norm all-reduce"):
-                dist.all_reduce(sq, group=self.shard_group())
+                work = dist.all_reduce(sq, group=group, async_op=True)
+            wait(work, "layer norm all-reduce")
         return sq, labels, float(sq.sum().sqrt())
 
     def shard_group(self) -> dist.ProcessGroup | None:

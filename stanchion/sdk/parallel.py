@@ -217,10 +217,21 @@ def _device_id(device: torch.device) -> torch.device | None:
 
 
 def leave_group() -> None:
-    """Tear down the default group; safe to call on a broken group."""
-    if dist.is_initialized():
-        with contextlib.suppress(Exception):
+    """Tear down the default group; safe to call on a broken group.
+
+    NCCL: the communicators are aborted (``_abort_process_group``, torch's API for this), which
+    ends collectives stuck on the device; destroying them would wait for those. gloo: destroyed;
+    an operation still blocked on a silent peer holds this until that peer's connection closes,
+    which its agent ensures by killing a rank it finds hung.
+    """
+    if not dist.is_initialized():
+        return
+    with contextlib.suppress(Exception):
+        if dist.get_backend() == "nccl":
+            dist.distributed_c10d._abort_process_group()
+        else:
             dist.destroy_process_group()
+    _forget_failed_group()
 
 
 # What this rank is blocked in, if anything: read by the liveness thread (stanchion/sdk/liveness.py) so
@@ -245,6 +256,81 @@ def collective(what: str) -> Iterator[None]:
         current_collective.remove(entry)
 
 
+def prepare_environment(env: dict[str, str] | os._Environ[str] = os.environ) -> None:
+    """NCCL settings read when a process group starts (unless the environment names them).
+
+    ``TORCH_NCCL_ASYNC_ERROR_HANDLING=0``: torch's NCCL watchdog must not tear the process down on a
+    peer's error or a timeout (its default): the rank itself gives the collective up (:func:`wait`),
+    aborts the communicator (:func:`leave_group`) and re-forms in place with its state.
+    """
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+
+
+# How long one wait on a collective blocks before the rank looks up (whether to give it up).
+WAIT_SLICE_S = 0.1
+NCCL_POLL_S = 0.0002  # NCCL: the host polls the collective's CUDA event this often
+
+
+@dataclass
+class WaitPolicy:
+    """When a rank gives up on a collective in flight (set for each generation by the runtime)."""
+
+    timeout_s: float = 300.0  # the job's collective timeout
+    # A collective is only given up once it has waited this long: a planned membership change is
+    # agreed at a step boundary, which every rank reaches within milliseconds of the others.
+    grace_s: float = 1.0
+    # Why to give up now (None: keep waiting). Under an agent: a newer assignment exists, i.e. the
+    # coordinator has already decided the next generation because a peer is gone.
+    abandon: Callable[[], str | None] = lambda: None
+
+
+wait_policy = WaitPolicy()
+
+
+def wait(work: Any, what: str) -> None:
+    """Wait for an asynchronous collective to complete, inside the failure boundary.
+
+    Why not ``work.wait()``: with NCCL it returns at once (it only orders the current stream after
+    the collective) and a collective whose peer is gone never completes, so a survivor would block in
+    whatever touched the result next, outside any boundary, until the watchdog killed it. Here the
+    wait is bounded and is given up, as :class:`CollectiveFailed`, when the job's timeout passes or
+    the policy says the generation is over. The caller then leaves the group (:func:`leave_group`
+    aborts an NCCL communicator, which frees kernels stuck on the device) and re-forms in place.
+    """
+    start = time.monotonic()
+    deadline = start + wait_policy.timeout_s
+    with collective(what):
+        while not _completed(work):
+            why = wait_policy.abandon() if time.monotonic() - start >= wait_policy.grace_s else None
+            if why:
+                raise CollectiveFailed(f"{what}: given up: {why}")
+            if time.monotonic() > deadline:
+                raise CollectiveFailed(f"{what}: not complete after {wait_policy.timeout_s:g} s")
+        work.wait()  # raises the backend's error if it failed
+
+
+def _completed(work: Any) -> bool:
+    """Whether ``work`` is done, after blocking for at most about one slice."""
+    if work.is_completed():
+        return True
+    if _polls():  # NCCL: wait(timeout) would spin and may tear the communicator down on a timeout
+        end = time.monotonic() + WAIT_SLICE_S
+        while time.monotonic() < end:
+            time.sleep(NCCL_POLL_S)
+            if work.is_completed():
+                return True
+        return False
+    try:  # gloo: a wait that wakes at completion; on a timeout it raises, and the work stays waitable
+        work.wait(timeout=datetime.timedelta(seconds=WAIT_SLICE_S))
+    except RuntimeError:  # timed out (still pending), or failed (then work.wait() raises the error)
+        return bool(work.is_completed())
+    return True
+
+
+def _polls() -> bool:
+    return dist.is_initialized() and dist.get_backend() == "nccl"
+
+
 def all_gather_rows(t: torch.Tensor, what: str) -> torch.Tensor:
     """Gather a 1-D tensor from every rank into a (world, n) tensor on the CPU."""
     return start_all_gather_rows(t, what)()
@@ -261,8 +347,8 @@ def start_all_gather_rows(t: torch.Tensor, what: str) -> Callable[[], torch.Tens
         work = dist.all_gather(out, t, async_op=True)
 
     def result() -> torch.Tensor:
+        wait(work, what)
         with collective(what):
-            work.wait()
             return torch.stack(out).cpu()
 
     return result
@@ -361,14 +447,13 @@ class GradSync:
         if world_size == 1:
             self.reset()
             return
-        with collective("gradient all-reduce"):
-            for b in self._stale:  # let the stale ones finish, then start them again
-                self._pending.pop(b).wait()
-            for b in range(len(self.buckets)):
-                if b not in self._pending:
-                    self._start(b)
-            for work in self._pending.values():
-                work.wait()
+        for b in self._stale:  # let the stale ones finish, then start them again
+            wait(self._pending.pop(b), "gradient all-reduce")
+        for b in range(len(self.buckets)):
+            if b not in self._pending:
+                self._start(b)
+        for work in self._pending.values():
+            wait(work, "gradient all-reduce")
         self._pending.clear()
         self._stale.clear()
         with torch.no_grad():
@@ -422,7 +507,8 @@ def _broadcast_flat(tensors: list[torch.Tensor], src: int) -> None:
     for (_dtype, _device), group in sorted(by_key.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
         flat = _flatten_dense_tensors(group)
         with collective("broadcasting the training state"):
-            dist.broadcast(flat, src=src)
+            work = dist.broadcast(flat, src=src, async_op=True)
+        wait(work, "broadcasting the training state")
         if dist.get_rank() != src:
             with torch.no_grad():
                 for t, v in zip(group, _unflatten_dense_tensors(flat, group), strict=True):

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from stanchion.files import JsonlWriter, write_json_atomic
-from stanchion.sdk import contract, numerics
+from stanchion.sdk import contract, numerics, parallel
 from stanchion.sdk.contract import Assignment, WorkerPaths
 from stanchion.sdk.faults import FaultHooks, FaultInjector, load
 from stanchion.sdk.liveness import LivenessThread
@@ -185,14 +185,18 @@ class Runtime:
             self.job_id = a.job_id
             self.fault_hooks.freeze_point(a.generation, "join")
             self.event(EventKind.JOINING, rank=a.rank, generation=a.generation)
+        superseded = lambda: a is not None and self.paths.latest_assignment(a.generation) is not None  # noqa: E731
         self.topo = form_group(
             a,
             device_kind=self.device_kind,
             timeout_s=self.collective_timeout_s,
-            abandon=lambda: (
-                self.stop_requested
-                or (a is not None and self.paths.latest_assignment(a.generation) is not None)
-            ),
+            abandon=lambda: self.stop_requested or superseded(),
+        )
+        # A collective of this generation is given up once the agent assigns a newer one: the
+        # coordinator decided it because a peer is gone, so the collective can never complete.
+        parallel.wait_policy.timeout_s = self.collective_timeout_s
+        parallel.wait_policy.abandon = lambda: (
+            f"generation {a.generation} was superseded (a newer assignment arrived)" if superseded() else None
         )
         return self.topo
 
@@ -309,6 +313,7 @@ def join(
     env = os.environ
     die_with_parent()  # before anything waits: a rank started by an agent dies with it
     numerics.prepare_environment(env)  # before any device library starts (stanchion/sdk/numerics.py)
+    parallel.prepare_environment(env)  # NCCL: a survivor lives to re-form
     stop: list[bool] = []
     if assignment is None and env.get(contract.ENV_STANDBY) == "1" and env.get(contract.ENV_WORKER_DIR):
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
