@@ -399,7 +399,7 @@ class Guard:
             self.rt.event(EventKind.COLLECTIVE_FAILED, error=str(e)[:500], has_state=self.has_state)
         else:
             self.rt.event(EventKind.GENERATION_CHANGE, step=self.cursor.step, has_state=self.has_state)
-        self.teardown_generation()
+        self.teardown_generation(broken=not isinstance(e, GenerationChange))
         self._broken = e
 
     def _reform(self) -> None:
@@ -445,8 +445,9 @@ class Guard:
         except (*_REFORM, GenerationChange) as e:
             self._fail(e)
 
-    def teardown_generation(self) -> None:
-        """Leave a broken generation at once: a checkpoint in flight is abandoned, not awaited."""
+    def teardown_generation(self, *, broken: bool = False) -> None:
+        """Leave the generation; a broken one at once: a checkpoint in flight is abandoned, not
+        awaited, and collectives still in flight are not waited for (see ``leave_group``)."""
         self._pending_check = None  # its verdict would have come in this generation's agreement
         if self.ckpt is not None:
             step = self.ckpt.abandon()
@@ -455,7 +456,7 @@ class Guard:
                     EventKind.CHECKPOINT_ABANDONED, step=step, reason="the group broke while it was in flight"
                 )
             self.ckpt = None
-        self.rt.leave()
+        self.rt.leave(broken=broken)
 
     # ------------------------------------------------------------------------------------------
     # Restoring state for a generation

@@ -216,22 +216,57 @@ def _device_id(device: torch.device) -> torch.device | None:
     return device if device.type == "cuda" else None
 
 
-def leave_group() -> None:
-    """Tear down the default group; safe to call on a broken group.
+def leave_group(*, broken: bool = False) -> None:
+    """Tear down the default group (and every other); safe to call on a broken group.
 
     NCCL: the communicators are aborted (``_abort_process_group``, torch's API for this), which
-    ends collectives stuck on the device; destroying them would wait for those. gloo: destroyed;
-    an operation still blocked on a silent peer holds this until that peer's connection closes,
-    which its agent ensures by killing a rank it finds hung.
+    ends collectives stuck on the device; destroying them would wait for those. gloo, ``broken``
+    (a collective failed or was given up): the groups are forgotten at once and shut down by a
+    background thread, because ``destroy_process_group`` joins gloo's worker threads first, and one
+    may stay blocked until the collective timeout: of two operations in flight when a peer died, the
+    one a live peer still expects can sit queued behind the one that failed, on both sides, so
+    each survivor's shutdown waits for the other's. gloo after a clean end: destroyed.
     """
     if not dist.is_initialized():
         return
     with contextlib.suppress(Exception):
         if dist.get_backend() == "nccl":
             dist.distributed_c10d._abort_process_group()
+        elif broken:
+            groups = _forget_groups()
+            threading.Thread(target=_shut_down, args=(groups,), name="stanchion-leave", daemon=True).start()
         else:
             dist.destroy_process_group()
     _forget_failed_group()
+
+
+def _forget_groups() -> list[dist.ProcessGroup]:
+    """What ``destroy_process_group()`` does to torch's bookkeeping after shutting the groups down,
+    without the shutdown (torch has no public way to leave without waiting; pinned torch 2.13).
+    Returns the groups, newest first, for :func:`_shut_down`."""
+    c10d = dist.distributed_c10d
+    w = c10d._world
+    groups = sorted(w.pg_names, key=lambda g: w.pg_names[g], reverse=True)
+    c10d._update_default_pg(None)
+    for table in (
+        w.pg_map,
+        w.pg_names,
+        w.pg_group_ranks,
+        w.pg_backend_config,
+        w.pg_to_tag,
+        w.tags_to_pg,
+        w.pg_coalesce_state,
+    ):
+        table.clear()
+    c10d._unregister_all_process_groups()
+    w.group_count = 0
+    return groups
+
+
+def _shut_down(groups: list[dist.ProcessGroup]) -> None:
+    for g in groups:
+        with contextlib.suppress(Exception):
+            g.shutdown()
 
 
 # What this rank is blocked in, if anything: read by the liveness thread (stanchion/sdk/liveness.py) so

@@ -213,7 +213,7 @@ class Runtime:
                     raise
                 kind = EventKind.ABANDONED if isinstance(e, Abandoned) else EventKind.COLLECTIVE_FAILED
                 self.event(kind, reason=str(e)[:500], has_state=False)
-                self.leave()
+                self.leave(broken=True)
                 if self.stop_requested:
                     raise SystemExit(contract.EXIT_OK) from None
                 try:
@@ -221,9 +221,10 @@ class Runtime:
                 except Superseded:
                     raise SystemExit(contract.EXIT_SUPERSEDED) from None
 
-    def leave(self) -> None:
-        """Leave the group (safe on a broken one). ``topo`` keeps naming the generation left."""
-        leave_group()
+    def leave(self, *, broken: bool = False) -> None:
+        """Leave the group (``broken``: without waiting for collectives still in flight). ``topo``
+        keeps naming the generation left."""
+        leave_group(broken=broken)
 
     def newest_assignment_generation(self) -> int:
         a = self.paths.latest_assignment(self.topo.generation if self.topo else -1)

@@ -1,5 +1,6 @@
 """A survivor gives a collective up when its generation is superseded, even while the peer it waits
-for is alive but silent (its connections open, so the backend itself would wait for its timeout)."""
+for is alive but silent (its connections open, so the backend itself would wait for its timeout),
+and leaves the broken group without waiting for that collective."""
 
 from __future__ import annotations
 
@@ -38,3 +39,6 @@ def test_a_collective_waiting_on_a_silent_peer_is_given_up_on_a_newer_assignment
     # assignment could end the wait, inside the failure boundary.
     assert result["raised"] == "step control all-gather: given up: a newer assignment arrived"
     assert result["collective_left"] is True
+    # It left the broken group without waiting for the all-gather still blocked in it, and formed
+    # a new group, all before the silent peer was released.
+    assert result["reformed"] == [1.0, 1.0]

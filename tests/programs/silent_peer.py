@@ -1,7 +1,8 @@
 """Run by tests/integration/test_silent_peer.py under torchrun on 2 gloo ranks: rank 1 stays alive but
 never joins the collective (a frozen peer); rank 0 waits in the step's agreement all-gather (it
 touches WAITING first) until the test drops the FLAG file that stands for a newer assignment, then
-must raise CollectiveFailed. Rank 1 exits when RELEASE exists.
+must raise CollectiveFailed, leave the broken group at once and form a new one. Rank 1 exits when
+RELEASE exists (which rank 0 touches only after all that).
 """
 
 from __future__ import annotations
@@ -29,8 +30,16 @@ result = parallel.start_all_gather_rows(torch.zeros(3, dtype=torch.int64), "step
 waiting.touch()
 try:
     result()
-    print(json.dumps({"raised": None}), flush=True)
+    raised = None
 except parallel.CollectiveFailed as e:
-    print(json.dumps({"raised": str(e), "collective_left": not parallel.current_collective}), flush=True)
+    raised = str(e)
+# Leave the broken group while its all-gather is still blocked on the silent peer, and form a new
+# one: a destroy that waited for that operation would not return before the peer is released.
+parallel.leave_group(broken=True)
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+x = torch.ones(2)
+dist.all_reduce(x)
+out = {"raised": raised, "collective_left": not parallel.current_collective, "reformed": x.tolist()}
+print(json.dumps(out), flush=True)
 release.touch()
-os._exit(0)  # the peer exits on its own; nothing to tear down here
+os._exit(0)
