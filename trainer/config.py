@@ -142,6 +142,9 @@ class TrainConfig:
     hsdp_replicate: int = 1  # fsdp only: replica groups (HSDP); shards per group = world / replicate
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast applies on CUDA only
     compile: bool = False
+    # Recompute each block's activations in the backward pass instead of keeping them: less memory
+    # for about one more forward pass of compute; the gradients are bit-identical.
+    activation_checkpointing: bool = False
     threads: int = 1  # torch intra-op threads per rank on CPU, fixed so results are reproducible
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -58,6 +58,7 @@ class Trainer:
         torch.use_deterministic_algorithms(True, warn_only=True)
         # Build the model now, before any group exists: a standby rank is warm when it is called.
         self.model = GPT(cfg.model)
+        self.model.activation_checkpointing = cfg.activation_checkpointing
         self.model.init_weights(cfg.seed)
         self.train_model: torch.nn.Module = self.model  # what runs forward (compiled, FSDP-wrapped)
         self.optimizer: torch.optim.Optimizer | None = None

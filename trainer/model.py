@@ -20,6 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from trainer.config import ModelConfig
 
@@ -130,6 +131,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.activation_checkpointing = False  # set by the trainer (TrainConfig.activation_checkpointing)
         self.norm_f = _norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -197,8 +199,12 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, head_dim/2)
         x = self.tok_emb(idx)  # (B, T, d_model)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cos, sin)  # (B, T, d_model)
+            if recompute:  # non-reentrant: works under FSDP2 and with forward hooks
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)  # (B, T, d_model)
         x = self.norm_f(x)
         # Upcast before the loss: under bf16 autocast the logits come out in bf16, and softmax
         # over a large vocabulary loses too much precision there.

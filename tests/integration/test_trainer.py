@@ -207,6 +207,20 @@ def fault_free(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return run
 
 
+def test_activation_checkpointing_trains_the_same_run_to_the_last_bit(
+    small_data: Path, tmp_path: Path, fault_free: Path
+) -> None:
+    """Blocks recomputed in the backward pass give the same gradients, so the same run: every
+    step's loss and the final state equal the run that kept its activations."""
+    run = tmp_path / "run"
+    extra = [*ROLLBACK_ARGS, "--set", "activation_checkpointing=true"]
+    r = run_trainer(trainer_cmd(small_data, run, nproc=2, steps=ROLLBACK_STEPS, extra=extra))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert losses_by_step(run) == losses_by_step(fault_free)
+    assert final_fingerprint(run) == final_fingerprint(fault_free)
+    assert not events(run, 0, EventKind.NONDETERMINISTIC)
+
+
 def assert_replayed_exactly(run: Path, clean: Path, to_step: int) -> None:
     for rank in range(2):
         rollbacks = events(run, rank, EventKind.ROLLBACK)
