@@ -57,9 +57,13 @@ class Trainer:
         torch.set_num_threads(cfg.threads)
         torch.use_deterministic_algorithms(True, warn_only=True)
         # Build the model now, before any group exists: a standby rank is warm when it is called.
-        self.model = GPT(cfg.model)
-        self.model.activation_checkpointing = cfg.activation_checkpointing
+        # On the meta device, then materialised and initialised once: building it directly would
+        # draw every parameter twice more (the modules' default init, then GPT's own), on one thread.
+        with torch.device("meta"):
+            self.model = GPT(cfg.model)
+        self.model.to_empty(device="cpu")
         self.model.init_weights(cfg.seed)
+        self.model.activation_checkpointing = cfg.activation_checkpointing
         self.train_model: torch.nn.Module = self.model  # what runs forward (compiled, FSDP-wrapped)
         self.optimizer: torch.optim.Optimizer | None = None
         self.rt: Runtime | None = None

@@ -141,7 +141,8 @@ class GPT(nn.Module):
         cos, sin = _rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim/2)
         self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, head_dim/2)
-        self.init_weights(0)
+        if not self.tok_emb.weight.is_meta:  # built on the meta device: init_weights after to_empty
+            self.init_weights(0)
 
     # ---- initialisation -------------------------------------------------------------------------
 
