@@ -140,7 +140,9 @@ class TrainConfig:
     eval_batches: int = 8
     parallel: Literal["ddp", "fsdp"] = "ddp"
     hsdp_replicate: int = 1  # fsdp only: replica groups (HSDP); shards per group = world / replicate
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast applies on CUDA only
+    # bf16: under FSDP, FSDP2's mixed precision (bf16 compute, fp32 reduction and master weights) on
+    # any device; under DDP, autocast on CUDA only (fp32 on a CPU)
+    precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     # Recompute each block's activations in the backward pass instead of keeping them: less memory
     # for about one more forward pass of compute; the gradients are bit-identical.

@@ -131,7 +131,7 @@ class Trainer:
             initial_state=self._initial_state,
             config=to_dict(cfg),
             resume=self.opts.resume,
-            precision="bf16" if cfg.precision == "bf16" and rt.device.type == "cuda" else "fp32",
+            precision=self.precision,
         )
         for index in guard:
             with guard.step() as s:
@@ -156,9 +156,16 @@ class Trainer:
             )
         else:
             mesh = init_device_mesh(rt.device.type, (rt.world_size,), mesh_dim_names=("shard",))
+        # bf16 under FSDP: FSDP2's mixed precision (parameters gathered and computed in bf16,
+        # gradients reduced in fp32 into fp32 master weights), on any device; see self.precision.
+        mp = {}
+        if self.cfg.precision == "bf16":
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
         for block in self.model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+            fully_shard(block, mesh=mesh, **mp)
+        fully_shard(self.model, mesh=mesh, **mp)
         return mesh
 
     def _initial_state(self) -> None:
@@ -190,8 +197,15 @@ class Trainer:
             _, loss = self.train_model(*batch)
         return loss
 
+    @property
+    def precision(self) -> str:
+        """What the forward and backward passes compute in: bf16 through FSDP's mixed-precision
+        policy (any device), or through autocast under DDP (CUDA only); fp32 otherwise."""
+        bf16 = self.cfg.precision == "bf16" and (self.cfg.parallel == "fsdp" or self.rt.device.type == "cuda")
+        return "bf16" if bf16 else "fp32"
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.cfg.precision == "bf16" and self.rt.device.type == "cuda":
+        if self.precision == "bf16" and self.cfg.parallel == "ddp":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

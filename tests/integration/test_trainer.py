@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,31 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0(small_data: P
     assert events(run, 1, EventKind.STOPPED)[-1]["step"] == step  # both ranks stopped at the same step
     assert committed_steps(run) == [step]
     assert mf.verify(run / "checkpoints" / f"step-{step:08d}").ok
+
+
+def test_fsdp_in_bf16_computes_in_bf16_and_resumes_exactly(small_data: Path, tmp_path: Path) -> None:
+    """precision=bf16 under FSDP is FSDP2's mixed precision, on a CPU too: a different run from
+    fp32 (from the first step's loss on), deterministic, resumable to the last bit, and recorded."""
+    fsdp = ["--set", "parallel=fsdp", "--checkpoint-every", "5"]
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    for run, extra in ((fp32, fsdp), (bf16, [*fsdp, "--set", "precision=bf16"])):
+        r = run_trainer(trainer_cmd(small_data, run, nproc=2, steps=10, extra=extra))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert losses_by_step(bf16)[1] != losses_by_step(fp32)[1]
+    assert all(math.isfinite(v) for v in losses_by_step(bf16).values())
+    manifest = mf.read_manifest(bf16 / "checkpoints/step-00000010")
+    assert manifest["numerics"]["precision"] == "bf16"
+    assert manifest["numerics"]["param_dtypes"] == ["float32"]  # fp32 master weights
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(bf16 / "checkpoints", resumed / "checkpoints")
+    shutil.rmtree(resumed / "checkpoints/step-00000010")
+    r = run_trainer(
+        trainer_cmd(small_data, resumed, nproc=2, steps=10, extra=[*fsdp, "--set", "precision=bf16"])
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not events(resumed, 0, EventKind.NUMERICS_CHANGED)
+    assert final_fingerprint(resumed) == final_fingerprint(bf16)
 
 
 def test_torch_compile_trains_the_same_model(small_data: Path, tmp_path: Path) -> None:
