@@ -128,6 +128,7 @@ class WorkerGroup:
         env = dict(os.environ)
         for key in (
             contract.ENV_CONFIG,
+            contract.ENV_STANDBY_CONFIG,
             contract.ENV_FAULTS,
             "RANK",
             "WORLD_SIZE",
@@ -147,6 +148,8 @@ class WorkerGroup:
             }
         )
         program = self.program
+        if program == BUILTIN_PROGRAM and self.config_path is not None:
+            env[contract.ENV_STANDBY_CONFIG] = str(self.config_path)  # build the running job's model now
         log_file = open(paths.root / "output.log", "ab")  # noqa: SIM115 - handed to the child process
         try:
             # An argv list, never a shell. The program is the built-in trainer or one this agent's own

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import textwrap
+import time
 import traceback
 from pathlib import Path
 from typing import Any, NoReturn
@@ -206,6 +207,7 @@ def standby(args: argparse.Namespace) -> int:
 
     # The first optimizer construction imports torch._dynamo (about a second): do it while idle.
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], foreach=True)
+    prepared = prepare(args, os.environ.get(contract.ENV_STANDBY_CONFIG, ""))
     paths = contract.WorkerPaths(Path(os.environ[contract.ENV_WORKER_DIR]))
     assignment = wait_as_standby(paths, lambda: bool(stop))
     if assignment is None:
@@ -219,10 +221,42 @@ def standby(args: argparse.Namespace) -> int:
         args.faults = Path(assignment.faults)
     if assignment.run_dir:
         args.run_dir = Path(assignment.run_dir)
-    return run_rank(cfg, args, first_assignment=assignment)
+    built = None
+    if prepared is not None:
+        if prepared[0] == cfg:
+            built = prepared[1]
+            log.info("standby: using the model built before the assignment")
+        else:
+            log.info("standby: the assignment's config differs from the one prepared: building it now")
+    return run_rank(cfg, args, first_assignment=assignment, built=built)
 
 
-def run_rank(cfg: TrainConfig, args: argparse.Namespace, first_assignment: Any = None) -> int:
+def prepare(args: argparse.Namespace, hint: str) -> tuple[TrainConfig, Any] | None:
+    """Build the trainer (model initialised, data opened) for the config its agent hinted at, before
+    any assignment: what a warm standby is for. None without a usable hint; any problem with it is
+    left for the assignment's own config to report."""
+    if not hint or not Path(hint).is_file():
+        return None
+    from trainer.loop import RunOptions, Trainer
+
+    try:
+        cfg = resolve_config(args, env={contract.ENV_CONFIG: hint})
+        t0 = time.perf_counter()
+        built = Trainer(cfg, RunOptions(run_dir=Path("unassigned")))
+    except Exception as e:  # noqa: BLE001 - a hint only: the assignment decides what to build
+        log.warning("standby: could not prepare the hinted config %s: %s", hint, e)
+        return None
+    log.info(
+        "standby: built the hinted job's model in %.2f s, before any assignment", time.perf_counter() - t0
+    )
+    return cfg, built
+
+
+def run_rank(
+    cfg: TrainConfig, args: argparse.Namespace, first_assignment: Any = None, built: Any = None
+) -> int:
+    """Train as one rank. ``built``: a Trainer a standby made for this same config before its
+    assignment, given the run's options here."""
     from stanchion.sdk import faults
     from trainer.loop import RunOptions, Trainer
 
@@ -233,16 +267,15 @@ def run_rank(cfg: TrainConfig, args: argparse.Namespace, first_assignment: Any =
     try:
         if faults_path:
             faults.load(faults_path)  # a bad schedule is a usage error, before any group forms
-        trainer = Trainer(
-            cfg,
-            RunOptions(
-                run_dir=run_dir,
-                faults=faults_path,
-                resume=args.resume,
-                first_assignment=first_assignment,
-                sample_lines=args.sample,
-            ),
+        opts = RunOptions(
+            run_dir=run_dir,
+            faults=faults_path,
+            resume=args.resume,
+            first_assignment=first_assignment,
+            sample_lines=args.sample,
         )
+        trainer = built if built is not None else Trainer(cfg, opts)
+        trainer.opts = opts
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return contract.EXIT_CONFIG

@@ -34,6 +34,9 @@ ENV_WORKER_DIR = "STANCHION_WORKER_DIR"  # this worker's files: progress, events
 ENV_CONFIG = "STANCHION_CONFIG"  # resolved trainer config (TOML or JSON)
 ENV_GENERATION = "STANCHION_GENERATION"  # set by the agent; absent under plain torchrun
 ENV_STANDBY = "STANCHION_STANDBY"  # "1": wait for an assignment file before joining
+# A standby's hint: the resolved config of the job it will most likely join (the one its agent runs),
+# so that it builds that model while it waits; the assignment's own config decides in the end.
+ENV_STANDBY_CONFIG = "STANCHION_STANDBY_CONFIG"
 ENV_FAULTS = "STANCHION_FAULTS"  # a fault-injection schedule file (tests, chaos, bisection defects)
 ENV_NODE_ID = "STANCHION_NODE_ID"
 ENV_PARENT_PID = "STANCHION_PARENT_PID"  # the rank dies with this process (the agent)

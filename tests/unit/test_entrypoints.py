@@ -461,3 +461,33 @@ def test_a_node_refusing_the_jobs_program_fails_the_job_at_once_naming_why() -> 
     assert d.job.state is m.JobState.FAILED and d.reason.endswith(
         f"node-b rejected the job's configuration: {error}"
     )
+
+
+def test_a_standby_of_the_builtin_trainer_is_hinted_at_the_running_jobs_config(tmp_path, monkeypatch):
+    """So that it builds that job's model while it waits (trainer/cli.py ``prepare``)."""
+    launched: list[tuple[tuple[str, ...], dict[str, str]]] = []
+
+    async def exec_(python: str, *argv: str, env: dict[str, str], **_: Any) -> Any:
+        launched.append((argv, env))
+        return SimpleNamespace(pid=1000 + len(launched))
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", exec_)
+    monkeypatch.setenv("STANCHION_STANDBY_CONFIG", "/stale/from/the/agents/own/environment.json")
+    script = tmp_path / "own.py"
+    script.write_text("")
+    group = WorkerGroup(
+        AgentConfig(
+            node_id="n1", insecure=True, run_root=str(tmp_path / "runs"), entrypoints=(f"own={script}",)
+        )
+    )
+    asyncio.run(group.spawn())  # no job has run here yet: nothing to hint at
+    group.config_path = tmp_path / "runs" / "job" / "trainer-config.json"
+    asyncio.run(group.spawn())  # the built-in trainer while a job runs: its config
+    group.program = group.resolve_program("own")
+    asyncio.run(group.spawn())  # a user's program builds itself: no hint
+    hints = [(argv, env.get("STANCHION_STANDBY_CONFIG")) for argv, env in launched]
+    assert hints == [
+        (BUILTIN_PROGRAM, None),
+        (BUILTIN_PROGRAM, str(group.config_path)),
+        ((str(script),), None),
+    ]
