@@ -198,6 +198,8 @@ INTEGRITY_B_MEANING = Commentary.load("integrity_b_meaning")
 RECOVERY_WHAT_RUNS = prose("recovery_what_runs")
 GOODPUT_WHAT_RUNS = prose("goodput_what_runs")
 SDK_WHAT_RUNS = prose("sdk_what_runs")
+STANDBY_WHAT_RUNS = prose("standby_what_runs")
+STANDBY_MEANING = Commentary.load("standby_meaning")
 SDK_MEANING = Commentary.load("sdk_meaning")
 GPU_TEXT = NOT_MEASURED
 
@@ -810,6 +812,43 @@ def goals_lines(d: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def standby_section(rep: Report) -> list[str]:
+    out = ["## Warm standbys at real sizes: assignment to first step", ""]
+    d = rep.load("standby.json")
+    if d is None:
+        return out + [NOT_MEASURED, ""]
+    out += [STANDBY_WHAT_RUNS.strip(), ""]
+    out += command_block(d["command"])
+    r = d["results"]
+    out += [finished_line(d) + f" One micro-batch of {r['seq_len']} tokens per step.", ""]
+    rows = []
+    for preset, p in r["presets"].items():
+        for mode in ("cold", "warm"):
+            m = p[mode]
+            rows.append(
+                [
+                    f"{preset} ({params_text(p['params'])})",
+                    mode,
+                    fmt(m["ready_s"], ".3g"),
+                    fmt(m["assignment_to_started_s"], ".3g"),
+                    f"**{fmt(m['assignment_to_first_step_s'], '.3g')}**",
+                    fmt(m["second_step_s"], ".3g"),
+                ]
+            )
+    out += table(
+        [
+            "preset",
+            "standby",
+            "launch to ready s",
+            "assignment to started s",
+            "assignment to first step s",
+            "one step s",
+        ],
+        rows,
+    )
+    return out + [""] + STANDBY_MEANING.render(d)
+
+
 def coordinator_section(rep: Report) -> list[str]:
     d = rep.load("coordinator.json")
     out = ["## Coordinator", ""]
@@ -1175,6 +1214,7 @@ def render(bench_dir: Path, out: Path) -> tuple[str, list[Path]]:
         sdk_section,
         integrity_section,
         recovery_section,
+        standby_section,
         goodput_section,
         drill_section,
         coordinator_section,

@@ -380,6 +380,90 @@ def sdk(
 
 
 # ---------------------------------------------------------------------------------------------
+# bench standby
+
+
+def standby_table(result: dict[str, Any]) -> None:
+    rows = []
+    for preset, r in result["results"]["presets"].items():
+        for mode in ("cold", "warm"):
+            m = r[mode]
+            rows.append(
+                [
+                    preset,
+                    mode,
+                    num(m["ready_s"], ".3g"),
+                    num(m["assignment_to_started_s"], ".3g"),
+                    num(m["assignment_to_first_step_s"], ".3g"),
+                    num(m["second_step_s"], ".3g"),
+                ]
+            )
+    emit_table(
+        ["preset", "standby", "ready s", "to started s", "to first step s", "a step s"],
+        rows,
+        title="A standby's assignment to its first step (one rank, one thread, medians)",
+    )
+
+
+@app.command("standby", epilog=EPILOG)
+@handle_errors
+def standby(
+    presets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--preset", help="Trainer presets to measure (repeatable; default gpt2-124m and llama-1b)."
+        ),
+    ] = None,
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Trials per preset and standby kind.")] = 1,
+    seq_len: Annotated[
+        int, typer.Option("--seq-len", min=8, help="Tokens of the single micro-batch each step computes.")
+    ] = 64,
+    data: DataOpt = None,
+    work_dir: WorkDirOpt = None,
+    timeout_s: TimeoutOpt = 900.0,
+    json_: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """How soon a warm standby of the built-in trainer trains after its assignment, at real sizes.
+
+    Each trial starts `python -m trainer` as an agent starts a standby, waits until it is ready,
+    assigns it (rank 0 of 1, a fresh start) and reads from its records the time from the
+    assignment to the process group's start and to the first step. Cold: the standby learns its
+    config from the assignment and builds the model then. Warm: it was told the running job's config
+    when it started (as an agent does) and built the model while it waited."""
+    from diagnostics.bench.common import work_directory
+    from diagnostics.bench.standby import bench_standby
+    from trainer.config import PRESETS
+
+    chosen = presets or ["gpt2-124m", "llama-1b"]
+    unknown = [p for p in chosen if p not in PRESETS]
+    if unknown:
+        raise UsageError(f"--preset {unknown[0]}: unknown preset", hint=f"one of: {', '.join(PRESETS)}")
+    command = command_line(
+        "bench standby",
+        [
+            ("--preset", presets or None),
+            ("--trials", None if trials == 1 else trials),
+            ("--seq-len", None if seq_len == 64 else seq_len),
+            ("--json", json_),
+            ("--out", out),
+        ],
+    )
+    with work_directory(work_dir, "standby") as wd:
+        result = bench_standby(
+            presets=chosen,
+            trials=trials,
+            data=prepared_data(data, wd),
+            seq_len=seq_len,
+            work_dir=wd,
+            command=command,
+            timeout_s=timeout_s,
+            progress=message,
+        )
+    report(result, json_=json_, out=out, table=standby_table)
+
+
+# ---------------------------------------------------------------------------------------------
 # bench integrity
 
 

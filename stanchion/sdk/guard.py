@@ -496,8 +496,8 @@ class Guard:
         self.has_state = True
         self.snapshots.clear()
         self.spikes.forget_after(self.cursor.step)
-        if self.check_fingerprints(reason="start of generation"):
-            self.take_snapshot()
+        if self.check_fingerprints(reason="start of generation") and self.cadence.snapshot.every:
+            self.take_snapshot()  # the first rollback target (snapshot_every=0: no snapshots at all)
         if self.cursor.step == 0 and self.protections.startup_check and self.loss_fn is not None:
             self.startup_determinism_check()
 

@@ -121,6 +121,26 @@ def test_the_guard_refuses_what_it_cannot_protect_and_says_why(tmp_path):
     )
 
 
+SNAPSHOTS = r"""
+import json, torch, stanchion
+out = {}
+for every in (20, 0):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rt = stanchion.join(run_dir=f"run-{every}")
+    g = stanchion.guard(rt, model, opt, steps=1, protections=stanchion.Protections(snapshot_every=every))
+    out[every] = g.snapshots.steps()
+    g.finish()
+print(json.dumps(out))
+"""
+
+
+def test_a_generation_starts_with_a_snapshot_unless_snapshots_are_off(tmp_path):
+    p = run_python(SNAPSHOTS, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"20": [0], "0": []}
+
+
 PARENT = r"""
 import os, subprocess, sys, time
 env = dict(os.environ, STANCHION_PARENT_PID=str(os.getpid()), STANCHION_STANDBY="1",
