@@ -64,8 +64,14 @@ class Trainer:
         self.model.to_empty(device="cpu")
         self.model.init_weights(cfg.seed)
         self.model.activation_checkpointing = cfg.activation_checkpointing
-        self.train_model: torch.nn.Module = self.model  # what runs forward (compiled, FSDP-wrapped)
+        # The optimizer with its explicit initial state too (one zero-gradient step: tens of seconds at
+        # a billion parameters), where its parameters are final already: data parallel on the CPU.
+        # On a GPU the model moves to its device after join(), and FSDP shards it there.
+        on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         self.optimizer: torch.optim.Optimizer | None = None
+        if cfg.parallel == "ddp" and on_cpu:
+            self.optimizer = build_optimizer(self.model, cfg.optim, device_type="cpu")
+        self.train_model: torch.nn.Module = self.model  # what runs forward (compiled, FSDP-wrapped)
         self.rt: Runtime | None = None
         self.guard: Guard | None = None
 
@@ -106,7 +112,8 @@ class Trainer:
         mesh = self._shard(rt) if cfg.parallel == "fsdp" else None
         if cfg.compile:  # the same module underneath: state dicts and fingerprints are unchanged
             self.train_model = torch.compile(self.train_model)
-        self.optimizer = build_optimizer(self.model, cfg.optim, device_type=rt.device.type)
+        if self.optimizer is None:
+            self.optimizer = build_optimizer(self.model, cfg.optim, device_type=rt.device.type)
         if rt.is_main:
             log.info("resolved config: %s", json.dumps(to_dict(cfg), sort_keys=True))
         guard = self.guard = stanchion.guard(
