@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from diagnostics.localcluster import LocalCluster
-from stanchion.files import JsonlTail
+from stanchion.files import JsonlTails
 from stanchion.vocab import EventKind
 from stanchion.waiting import wait_until
 
@@ -373,26 +373,21 @@ def measure_recoveries(faults: list[Fault], records: list[dict[str, Any]]) -> No
 
 class _ProgressTail:
     """One job's progress records, read incrementally (a long run writes thousands): rank 0's latest, and
-    the newest generation any rank completed a step in. Each file is read by the kernel's
-    :class:`~stanchion.files.JsonlTail` (a torn last line waits for the next poll)."""
+    the newest generation any rank completed a step in. The files are read by the kernel's
+    :class:`~stanchion.files.JsonlTails` (a torn last line waits for the next poll)."""
 
     def __init__(self, run_root: Path):
-        self.run_root = run_root
-        self.tails: dict[Path, JsonlTail] = {}
+        self.tails = JsonlTails(run_root, "workers/*/w*/progress.jsonl")
         self.latest: dict[str, Any] | None = None
         self.generation = 0  # the newest generation with a completed step
 
     def poll(self, job_id: str) -> dict[str, Any] | None:
-        for path in self.run_root.glob("workers/*/w*/progress.jsonl"):
-            tail = self.tails.get(path)
-            if tail is None:
-                tail = self.tails[path] = JsonlTail(path)
-            for r in tail.read():
-                if r.get("job_id") != job_id:
-                    continue
-                self.generation = max(self.generation, int(r.get("generation", 0)))
-                if r.get("rank") == 0 and (self.latest is None or r.get("t", 0) >= self.latest.get("t", 0)):
-                    self.latest = r
+        for r in self.tails.read():
+            if r.get("job_id") != job_id:
+                continue
+            self.generation = max(self.generation, int(r.get("generation", 0)))
+            if r.get("rank") == 0 and (self.latest is None or r.get("t", 0) >= self.latest.get("t", 0)):
+                self.latest = r
         return self.latest
 
 

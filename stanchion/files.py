@@ -111,6 +111,24 @@ class JsonlTail:
         return list(_records(lines))
 
 
+class JsonlTails:
+    """The records appended since the last call to every JSON-lines file matching ``pattern`` under
+    ``root`` (files appear as ranks start), in time order: one :class:`JsonlTail` per file, so
+    polling a long run stays cheap."""
+
+    def __init__(self, root: str | os.PathLike[str], pattern: str):
+        self.root, self.pattern = Path(root), pattern
+        self.tails: dict[Path, JsonlTail] = {}
+
+    def read(self) -> list[dict[str, Any]]:
+        for path in self.root.glob(self.pattern):
+            if path not in self.tails:
+                self.tails[path] = JsonlTail(path)
+        new = [r for t in self.tails.values() for r in t.read()]
+        new.sort(key=lambda r: r.get("t", 0))
+        return new
+
+
 def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     """The records of a JSON-lines file (nothing if it does not exist), torn last line left out."""
     try:

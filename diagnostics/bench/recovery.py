@@ -291,23 +291,17 @@ def job_spec(
 
 
 class Tail:
-    """New records of every JSON-lines file matching ``pattern`` under ``root`` (files appear as
-    ranks start): one incremental reader per file, so polling a long run stays cheap."""
+    """Every record so far of the JSON-lines files matching ``pattern`` under ``root``, read
+    incrementally (stanchion.files.JsonlTails)."""
 
     def __init__(self, root: Path, pattern: str):
-        from stanchion.files import JsonlTail
+        from stanchion.files import JsonlTails
 
-        self._make = JsonlTail
-        self.root, self.pattern = root, pattern
-        self.tails: dict[Path, Any] = {}
+        self.tails = JsonlTails(root, pattern)
         self.records: list[dict[str, Any]] = []
 
     def poll(self) -> list[dict[str, Any]]:
-        for path in self.root.glob(self.pattern):
-            if path not in self.tails:
-                self.tails[path] = self._make(path)
-        new = [r for t in self.tails.values() for r in t.read()]
-        new.sort(key=lambda r: r.get("t", 0))
+        new = self.tails.read()
         self.records.extend(new)
         return new
 

@@ -145,3 +145,20 @@ def test_tail_starts_over_when_the_file_was_rewritten_shorter(tmp_path):
     assert tail.read() == [{"step": 1}, {"step": 2}]
     path.write_bytes(b'{"step": 7}\n')  # replaced by a shorter file
     assert tail.read() == [{"step": 7}]  # neither stuck past the end nor glued to the old torn line
+
+
+def test_tails_read_new_records_of_every_matching_file_in_time_order(tmp_path):
+    from stanchion.files import JsonlTails
+
+    tails = JsonlTails(tmp_path, "ranks/*/progress.jsonl")
+    assert tails.read() == []
+    a, b = JsonlWriter(tmp_path / "ranks/0/progress.jsonl"), JsonlWriter(tmp_path / "ranks/1/progress.jsonl")
+    a.write({"step": 1, "t": 3.0})
+    b.write({"step": 1, "t": 2.0})
+    assert tails.read() == [{"step": 1, "t": 2.0}, {"step": 1, "t": 3.0}]
+    assert tails.read() == []  # only what is new
+    c = JsonlWriter(tmp_path / "ranks/2/progress.jsonl")  # a rank that starts later
+    c.write({"step": 2, "t": 5.0})
+    a.write({"step": 2, "t": 4.0})
+    JsonlWriter(tmp_path / "ranks/2/events.jsonl").write({"t": 1.0})  # not matched
+    assert tails.read() == [{"step": 2, "t": 4.0}, {"step": 2, "t": 5.0}]
