@@ -122,12 +122,12 @@ def test_the_guard_refuses_what_it_cannot_protect_and_says_why(tmp_path):
 
 
 SNAPSHOTS = r"""
-import json, torch, stanchion
+import json, os, torch, stanchion
 out = {}
 for every in (20, 0):
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rt = stanchion.join(run_dir=f"run-{every}")
+    rt = stanchion.join(run_dir=os.path.join(os.environ["STANCHION_RUN_DIR"], str(every)))
     g = stanchion.guard(rt, model, opt, steps=1, protections=stanchion.Protections(snapshot_every=every))
     out[every] = g.snapshots.steps()
     g.finish()
