@@ -693,7 +693,7 @@ class Controller:
             return m.PeerWaiting(node_id, e.generation, e.step)
         if kind in (EventKind.JOINING, EventKind.STARTED):
             # Reached the generation's rendezvous (started: and formed it).
-            return m.RankJoined(node_id, e.generation, e.rank, bool(d.get("in_place", True)))
+            return m.RankJoined(node_id, e.generation, e.rank)
         if kind in DETECTORS:
             key = (e.job_id, e.generation, kind, e.step, int(d.get("request_epoch", 0)))
             if key in self._seen_detectors:  # every rank reports the same detection

@@ -208,10 +208,6 @@ class Job:
     first_step_s: tuple[float, ...] = ()  # launch -> first step of recent generations that worked
     joined_ranks: tuple[int, ...] = ()  # ranks of the current generation that formed its group
     rung: int = 0  # escalation rung of the recovery in progress (RUNGS)
-    # Whether the job's ranks can re-form their group in place and heal a replacement from a peer.
-    # A program whose model is sharded on a device mesh (FSDP2) says it cannot when it starts: its
-    # recoveries restore a checkpoint instead of planning a heal the survivors cannot take part in.
-    in_place: bool = True
     tried: tuple[str, ...] = ()  # the plans of the recovery in progress, for a final failure's reason
     # A rollback target no training generation has applied yet (a restart's rollback_to until its
     # generation steps; a bisection's or a capacity wait's until the next launch): any restart before
@@ -298,7 +294,6 @@ class RankJoined:
     node_id: str
     generation: int
     rank: int
-    in_place: bool = True  # False: its program cannot re-form in place (FSDP's mesh), see Job.in_place
 
 
 @dataclass(frozen=True)
@@ -635,8 +630,6 @@ def _escalate(job: Job, nodes: Mapping[str, NodeView], now: float) -> Decision:
 
 
 def on_rank_joined(job: Job, ev: RankJoined, nodes: Mapping[str, NodeView], now: float) -> Decision:
-    if not ev.in_place and job.in_place:
-        job = dataclasses.replace(job, in_place=False)  # true of the program, whatever its generation
     if ev.generation != job.generation or job.state not in ACTIVE or ev.rank in job.joined_ranks:
         return Decision(job)
     return Decision(dataclasses.replace(job, joined_ranks=tuple(sorted((*job.joined_ranks, ev.rank)))))
@@ -1263,14 +1256,13 @@ def _restart(
         return Decision(new)
     survivors = [m for m in choice.members if m in current]
     cfg_parallel = _parallel(spec)
-    # New processes from a checkpoint: an in-place recovery already failed, or the program cannot
-    # re-form in place (its survivors would only fail on their broken groups).
-    fresh = job.rung >= 1 or not job.in_place
-    resume = (
-        Resume.PEER
-        if survivors and cfg_parallel == "ddp" and job.in_place and not force_checkpoint and not fresh
-        else Resume.CHECKPOINT
-    )
+    # A sharded model keeps its shards in place only in a world of the same size (a survivor keeps
+    # its rank, a replacement takes the lost one's); in another world new processes build the mesh
+    # anew and reshard a checkpoint.
+    layout_kept = cfg_parallel == "ddp" or spec.world_size(len(choice.members)) == job.world_size
+    # New processes from a checkpoint: an in-place recovery already failed, or the layout changed.
+    fresh = job.rung >= 1 or not layout_kept
+    resume = Resume.PEER if survivors and not force_checkpoint and not fresh else Resume.CHECKPOINT
     if rollback_to >= 0:
         ck = job.last_good_at_or_before(rollback_to)
     else:
@@ -1373,6 +1365,7 @@ def to_json(job: Job) -> dict[str, Any]:
 
 def from_json(d: dict[str, Any], spec: JobSpec) -> Job:
     d = dict(d)
+    d.pop("in_place", None)  # saved when a sharded program could not re-form in place: now all can
     d["state"] = JobState(d["state"])
     d["spec"] = spec
     d["restarts_by_reason"] = tuple(tuple(x) for x in d.get("restarts_by_reason", ()))

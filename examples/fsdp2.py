@@ -10,10 +10,10 @@ hold the same shard (none under plain FSDP, where every rank holds its own). FSD
 gradients itself; the guard adds the per-step agreement, non-finite skips, spike detection,
 snapshots and rollback, and DCP checkpoints of the sharded state (resharded on load).
 
-What differs from data parallelism: a sharded model is bound to its mesh's process groups, so a
-rank cannot re-form its group in place. When a peer is lost, the ranks restart from the newest
-checkpoint (its processes are replaced); the ring audit, which needs a rank's whole local gradient,
-is off. See docs/sdk.md.
+When a peer is lost the survivors re-form in place with their shards, and the replacement heals its
+shard from the rank holding the same one in another replica (HSDP: no step lost); with no replica
+of the lost shard (plain FSDP) every rank restores the newest checkpoint. The ring audit, which
+needs a rank's whole local gradient, is off. See docs/sdk.md.
 """
 
 from __future__ import annotations

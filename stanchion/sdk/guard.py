@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from stanchion.sdk import contract, fingerprint, numerics
+from stanchion.sdk import contract, fingerprint, numerics, sharded
 from stanchion.sdk.audit import audit_verdict, digest_of, grad_digest
 from stanchion.sdk.checkpoint import CheckpointManager
 from stanchion.sdk.contract import Assignment
@@ -62,6 +63,8 @@ from stanchion.sdk.parallel import (
     all_gather_rows,
     broadcast_training_state,
     collective,
+    current_collective,
+    is_backend_failure,
     new_group,
     wait,
 )
@@ -142,6 +145,7 @@ class Step:
         self._accum = 1
         self._agreement: Callable[[], Agreement] | None = None  # started before the last backward pass
         self._t0 = time.perf_counter()
+        self._sharded: tuple[str, float, int] | None = None
 
     def backward(self, loss: torch.Tensor, accum: int = 1) -> None:
         """``(loss / accum).backward()``, and report ``loss`` for the step's agreement. Call it once
@@ -179,11 +183,24 @@ class Step:
         return self._loss_sum / self._losses
 
     def __enter__(self) -> Step:
+        if self._guard.mesh is not None:
+            # FSDP's all-gathers and reduce-scatters run inside the forward and backward passes: a
+            # rank blocked there waits on a peer (what the agent's liveness check must know).
+            self._sharded = ("sharded forward and backward", time.time(), threading.get_ident())
+            current_collective.append(self._sharded)
         return self
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
         g = self._guard
         g._in_step = None
+        if self._sharded is not None:
+            current_collective.remove(self._sharded)
+            if (
+                exc is not None
+                and not isinstance(exc, (*_REFORM, GenerationChange))
+                and is_backend_failure(exc)
+            ):
+                exc = CollectiveFailed(f"FSDP's collectives in the forward or backward pass: {exc}")
         if exc is None:
             try:
                 g._commit(self)
@@ -391,16 +408,30 @@ class Guard:
     # Generations
     def _fail(self, e: BaseException) -> None:
         """A generation broke (or every rank agreed to move to a newer one)."""
-        if not self.rt.managed or (self.mesh is not None and isinstance(e, CollectiveFailed)):
-            raise e  # torchrun restarts the group; FSDP's mesh cannot be re-formed in place
+        if not self.rt.managed:
+            raise e  # torchrun restarts the group
         if isinstance(e, Abandoned):
             self.rt.event(EventKind.ABANDONED, reason=str(e), has_state=self.has_state)
         elif isinstance(e, CollectiveFailed):
             self.rt.event(EventKind.COLLECTIVE_FAILED, error=str(e)[:500], has_state=self.has_state)
         else:
             self.rt.event(EventKind.GENERATION_CHANGE, step=self.cursor.step, has_state=self.has_state)
+        if self.mesh is not None:
+            sharded.release(self.model, self.mesh)
         self.teardown_generation(broken=not isinstance(e, GenerationChange))
-        self._broken = e
+        # Without its traceback: the frames it holds would keep the broken groups alive (see release).
+        self._broken = e.with_traceback(None)
+        e.__context__ = e.__cause__ = None
+
+    def _rebind_mesh(self) -> None:
+        """Move the sharded model to the generation just formed (see :mod:`stanchion.sdk.sharded`)."""
+        try:
+            sharded.rebind(self.model, self.mesh)
+        except sharded.LayoutChanged as e:
+            # Every rank sees the same world, so all leave: their agents start new processes,
+            # which build the mesh for this world and restore a checkpoint.
+            log.warning("the sharded model cannot re-form in place (%s): exiting for a new process", e)
+            raise SystemExit(contract.EXIT_ERROR) from e
 
     def _reform(self) -> None:
         """Wait for the next assignment and join it (again on failure); exits if told to stop."""
@@ -415,6 +446,8 @@ class Guard:
             self._broken = None
             try:
                 self.rt.form()
+                if self.mesh is not None:
+                    self._rebind_mesh()
                 self._enter(assignment)
             except (*_REFORM, GenerationChange) as e:
                 self._fail(e)
@@ -440,7 +473,6 @@ class Guard:
                 pid=os.getpid(),
                 node_id=os.environ.get(contract.ENV_NODE_ID, ""),
                 resumed_step=self.cursor.step,
-                in_place=self.mesh is None,  # a sharded model cannot re-form in place (see _fail)
             )
         except (*_REFORM, GenerationChange) as e:
             self._fail(e)
@@ -449,6 +481,7 @@ class Guard:
         """Leave the generation; a broken one at once: a checkpoint in flight is abandoned, not
         awaited, and collectives still in flight are not waited for (see ``leave_group``)."""
         self._pending_check = None  # its verdict would have come in this generation's agreement
+        self._shard_group = None  # made of this generation's ranks
         if self.ckpt is not None:
             step = self.ckpt.abandon()
             if step is not None:
@@ -555,13 +588,18 @@ class Guard:
                 self.has_state = False
         mine = torch.tensor([1 if self.has_state else 0, self.cursor.step], dtype=torch.int64, device=device)
         rows = all_gather_rows(mine, "choosing a healing source")
-        candidates = [(int(rows[r, 1]), -r) for r in range(rows.shape[0]) if rows[r, 0] == 1]
-        if not candidates:
+        groups = self.replica_groups()
+        plan = heal_sources([(bool(r[0]), int(r[1])) for r in rows.tolist()], groups)
+        if plan is None:
             return False
-        best_step, neg_rank = max(candidates)
-        src = -neg_rank
+        best_step, sources = plan
+        mine_group = next(i for i, g in enumerate(groups) if self.rt.rank in g)
+        if len(groups[mine_group]) == 1:  # sharded without replicas: this rank's own state is it
+            return True
+        src = sources[mine_group]
         t0 = time.perf_counter()
-        extra = broadcast_training_state(self.model, self.optimizer, self._extra(), src=src)
+        group = None if self.mesh is None else self.mesh.get_group(self.replicate_dim)
+        extra = broadcast_training_state(self.model, self.optimizer, self._extra(), src=src, group=group)
         self._load_extra(extra)
         self.rt.event(
             EventKind.HEALED, source_rank=src, step=best_step, seconds=round(time.perf_counter() - t0, 4)
@@ -1074,6 +1112,26 @@ def replica_groups(mesh: Any, dim_names: Sequence[str], replicate_dim: str | Non
         )
     axis = list(dim_names).index(replicate_dim)
     return [[int(r) for r in row] for row in ranks.movedim(axis, -1).reshape(-1, ranks.shape[axis])]
+
+
+def heal_sources(
+    ranks: Sequence[tuple[bool, int]], groups: Sequence[Sequence[int]]
+) -> tuple[int, list[int]] | None:
+    """Where each replica group heals from: ``ranks[r]`` is (has state, step) of rank r, ``groups``
+    the ranks holding the same state (:func:`replica_groups`). Returns (step, the source rank of
+    each group): in each group its member with state at the newest step, the lowest rank first.
+    None when some group has no member with state, or the groups' newest steps differ: then no
+    set of sources makes a whole model, and a checkpoint restores everyone."""
+    best = []
+    for g in groups:
+        held = [(ranks[r][1], -r) for r in g if ranks[r][0]]
+        if not held:
+            return None
+        best.append(max(held))
+    steps = {step for step, _ in best}
+    if len(steps) != 1:
+        return None
+    return steps.pop(), [-neg for _, neg in best]
 
 
 def shard_groups(mesh: Any, dim_names: Sequence[str], replicate_dim: str) -> list[list[int]]:

@@ -28,8 +28,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors  # for the state broadcast
+from torch.distributed.tensor import DTensor
 
 from stanchion.sdk.contract import Assignment
+from stanchion.sdk.snapshot import local_shard
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +293,14 @@ def collective(what: str) -> Iterator[None]:
         current_collective.remove(entry)
 
 
+def is_backend_failure(e: BaseException) -> bool:
+    """Whether ``e``, raised outside any :func:`collective` block, came from the distributed
+    backend (a peer was lost), not from the program: torch's DistError family (NCCL), or gloo's
+    RuntimeError, whose message names the gloo source file that raised it. FSDP runs its own
+    collectives inside the user's forward and backward passes, where this tells them apart."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo/" in str(e))
+
+
 def prepare_environment(env: dict[str, str] | os._Environ[str] = os.environ) -> None:
     """NCCL settings read when a process group starts (unless the environment names them).
 
@@ -503,12 +513,21 @@ class GradSync:
 
 
 def broadcast_training_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any], *, src: int
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    *,
+    src: int,
+    group: dist.ProcessGroup | None = None,
 ) -> dict[str, Any]:
-    """Copy model, optimizer state and ``extra`` (step, data cursor, monitors) from rank ``src`` to all.
+    """Copy model, optimizer state and ``extra`` (step, data cursor, monitors) from rank ``src`` (a
+    global rank) to the other ranks of ``group`` (default: all).
 
-    This is how a replacement rank heals from a live data-parallel peer instead of from disk. Tensors
-    travel in one flat buffer per dtype; the optimizer's structure travels as a small object first.
+    This is how a replacement rank heals from a live replica instead of from disk. Tensors travel in
+    one flat buffer per dtype; the optimizer's structure travels as a small object first. A sharded
+    model (FSDP2's DTensors) sends each rank's local shard: ``group`` then holds the ranks with the
+    same shards (one replica dimension of the mesh), and the receiver's optimizer state is wrapped
+    back into DTensors laid out like its parameters.
     """
     rank = dist.get_rank()
     device = next(model.parameters()).device
@@ -521,32 +540,51 @@ def broadcast_training_state(
     else:
         header = [None]
     with collective("broadcasting the training state header"):
-        dist.broadcast_object_list(header, src=src, device=device if device.type == "cuda" else None)
+        dist.broadcast_object_list(
+            header, src=src, group=group, device=device if device.type == "cuda" else None
+        )
     meta = header[0]
     if rank != src:
         tensors = [
             torch.empty(shape, dtype=getattr(torch, dtype), device=dev) for shape, dtype, dev in meta["spec"]
         ]
-    model_tensors = list(model.state_dict(keep_vars=False).values())
-    _broadcast_flat([t for t in model_tensors if torch.is_tensor(t)], src)
-    _broadcast_flat(tensors, src)
+    model_tensors = [local_shard(t) for t in model.state_dict(keep_vars=False).values() if torch.is_tensor(t)]
+    _broadcast_flat(model_tensors, src, group)
+    _broadcast_flat(tensors, src, group)
     if rank != src:
-        optimizer.load_state_dict(_fill_tensors(meta["optim"], iter(tensors)))
+        osd = _fill_tensors(meta["optim"], iter(tensors))
+        _as_parameters_shards(osd, [p for g in optimizer.param_groups for p in g["params"]])
+        optimizer.load_state_dict(osd)
     return meta["extra"]
 
 
-def _broadcast_flat(tensors: list[torch.Tensor], src: int) -> None:
+def _as_parameters_shards(osd: dict[str, Any], params: list[torch.Tensor]) -> None:
+    """Received optimizer state arrives as local tensors: those shaped like their parameter's
+    local shard become DTensors on its mesh with its placements, as the optimizer made them."""
+    for index, entry in osd.get("state", {}).items():
+        p = params[int(index)]
+        if not isinstance(p, DTensor):
+            continue
+        local_shape = p.to_local().shape
+        for k, v in entry.items():
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape == local_shape:
+                entry[k] = DTensor.from_local(
+                    v, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                )
+
+
+def _broadcast_flat(tensors: list[torch.Tensor], src: int, group: dist.ProcessGroup | None = None) -> None:
     by_key: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for t in tensors:
         by_key.setdefault((t.dtype, t.device), []).append(t)
-    for (_dtype, _device), group in sorted(by_key.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
-        flat = _flatten_dense_tensors(group)
+    for (_dtype, _device), same in sorted(by_key.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+        flat = _flatten_dense_tensors(same)
         with collective("broadcasting the training state"):
-            work = dist.broadcast(flat, src=src, async_op=True)
+            work = dist.broadcast(flat, src=src, group=group, async_op=True)
         wait(work, "broadcasting the training state")
         if dist.get_rank() != src:
             with torch.no_grad():
-                for t, v in zip(group, _unflatten_dense_tensors(flat, group), strict=True):
+                for t, v in zip(same, _unflatten_dense_tensors(flat, same), strict=True):
                     t.copy_(v)
 
 
@@ -555,7 +593,7 @@ _TENSOR = "__stanchion_tensor__"
 
 def _strip_tensors(obj: Any, out: list[torch.Tensor]) -> Any:
     if torch.is_tensor(obj):
-        out.append(obj.detach())
+        out.append(local_shard(obj.detach()))
         return {_TENSOR: len(out) - 1}
     if isinstance(obj, dict):
         return {k: _strip_tensors(v, out) for k, v in obj.items()}

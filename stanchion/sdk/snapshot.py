@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: writing it writes the tensor), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 
@@ -77,7 +78,7 @@ class SnapshotRing:
         """Copy ``snap`` back into the live model and optimizer; drop newer snapshots."""
         with torch.no_grad():
             for p, saved in zip(model.parameters(), snap.params, strict=True):
-                _local(p).copy_(saved)
+                local_shard(p).copy_(saved)
             for p, saved in zip(_optim_params(optimizer), snap.optim, strict=True):
                 live = optimizer.state.get(p)
                 if not saved:
@@ -91,9 +92,9 @@ class SnapshotRing:
                 for k, v in saved.items():
                     if torch.is_tensor(v):
                         if k in live and torch.is_tensor(live[k]):
-                            _local(live[k]).copy_(v)
+                            local_shard(live[k]).copy_(v)
                         else:
-                            live[k] = v.to(_local(p).device, copy=True)
+                            live[k] = v.to(local_shard(p).device, copy=True)
                     else:
                         live[k] = copy.deepcopy(v)
         while self.ring and self.ring[-1].step > snap.step:
@@ -102,7 +103,7 @@ class SnapshotRing:
 
 
 def _to_host(t: torch.Tensor, reuse: torch.Tensor | None) -> torch.Tensor:
-    src = _local(t).detach()
+    src = local_shard(t).detach()
     if reuse is not None and reuse.shape == src.shape and reuse.dtype == src.dtype:
         return reuse.copy_(src)
     if src.is_cuda:  # pinned host memory: the copy runs at full PCIe speed

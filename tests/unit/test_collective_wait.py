@@ -80,3 +80,16 @@ def test_nccl_is_told_not_to_tear_a_survivor_down_unless_the_environment_says_ot
     env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"}
     parallel.prepare_environment(env)
     assert env == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"}
+
+
+def test_a_backend_failure_outside_any_collective_block_is_told_from_a_program_error():
+    """FSDP's own collectives fail inside the user's forward and backward passes."""
+    import torch.distributed as dist
+
+    gloo = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer"
+    )
+    assert parallel.is_backend_failure(gloo)
+    assert parallel.is_backend_failure(dist.DistBackendError("NCCL error: remote process exited"))
+    assert not parallel.is_backend_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not parallel.is_backend_failure(ValueError("gloo/ in a message of another kind"))

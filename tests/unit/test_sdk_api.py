@@ -13,7 +13,14 @@ import pytest
 import torch
 from support import REPO, env
 
-from stanchion.sdk.guard import decode_state, encode_state, replica_groups, shard_groups, top_level_groups
+from stanchion.sdk.guard import (
+    decode_state,
+    encode_state,
+    heal_sources,
+    replica_groups,
+    shard_groups,
+    top_level_groups,
+)
 
 
 def run_python(code: str, tmp_path) -> subprocess.CompletedProcess[str]:
@@ -64,6 +71,26 @@ def test_shard_groups_are_one_replica_each_and_cover_every_rank_once():
     for g in groups:
         for r in replica_groups(cube, ["shard", "replicate", "tp"], "replicate"):
             assert len(set(g) & set(r)) == 1
+
+
+def test_each_replica_group_heals_from_its_own_member_at_the_newest_step():
+    hsdp = [[0, 2], [1, 3]]  # 2 replicas x 2 shards: ranks 0 and 2 hold the same shard
+    # Rank 0 was replaced (no state): its shard comes from rank 2; rank 1's group from rank 1.
+    assert heal_sources([(False, 0), (True, 9), (True, 9), (True, 9)], hsdp) == (9, [2, 1])
+    # The newest state wins within a group, then the lowest rank.
+    assert heal_sources([(True, 8), (True, 9), (True, 9), (True, 9)], hsdp) == (9, [2, 1])
+    ddp = [[0, 1, 2]]
+    assert heal_sources([(True, 5), (False, 0), (True, 5)], ddp) == (5, [0])
+
+
+def test_no_heal_when_a_shard_has_no_holder_or_the_shards_disagree_on_the_step():
+    # Both holders of one shard lost: no peer can supply it, so a checkpoint restores everyone.
+    assert heal_sources([(False, 0), (True, 9), (False, 0), (True, 9)], [[0, 2], [1, 3]]) is None
+    # Plain FSDP: every rank is its own group; a replacement's shard exists nowhere else.
+    assert heal_sources([(True, 4), (False, 0)], [[0], [1]]) is None
+    assert heal_sources([(True, 4), (True, 4)], [[0], [1]]) == (4, [0, 1])
+    # Shards at different steps would not make one model.
+    assert heal_sources([(True, 9), (True, 8), (False, 0), (False, 0)], [[0, 2], [1, 3]]) is None
 
 
 def test_registered_state_round_trips_through_a_manifest():
