@@ -201,7 +201,7 @@ SDK_WHAT_RUNS = prose("sdk_what_runs")
 STANDBY_WHAT_RUNS = prose("standby_what_runs")
 STANDBY_MEANING = Commentary.load("standby_meaning")
 SDK_MEANING = Commentary.load("sdk_meaning")
-GPU_TEXT = NOT_MEASURED
+GPU_TEXT = prose("gpu_what_runs").strip() + "\n\n" + NOT_MEASURED
 
 
 # ---------------------------------------------------------------------------------------------

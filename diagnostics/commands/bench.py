@@ -464,6 +464,62 @@ def standby(
 
 
 # ---------------------------------------------------------------------------------------------
+# bench device
+
+
+def device_table(result: dict[str, Any]) -> None:
+    r = result["results"]
+    emit_table(
+        ["operation", "GB/s (median)", "seconds (median)"],
+        [[k, num(v, ".4g"), num(r["seconds"][k], ".3g")] for k, v in r["gb_per_s"].items()],
+        title=f"{r['device_name']} ({r['device']}): {r['tensor_bytes'] / 2**20:.0f} MiB of fp32, "
+        f"{r['repeats']} repeats",
+    )
+    print_goals(result)
+
+
+@app.command("device", epilog=EPILOG)
+@handle_errors
+def device(
+    device_: Annotated[
+        str, typer.Option("--device", help="auto (a GPU when there is one), cpu, cuda or cuda:N.")
+    ] = "auto",
+    tensor_mb: Annotated[
+        int, typer.Option("--tensor-mb", min=1, help="Size of the fp32 tensor, MiB.")
+    ] = 1024,
+    repeats: Annotated[
+        int, typer.Option("--repeats", min=1, help="Timed repetitions of each operation.")
+    ] = 10,
+    json_: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """The integrity checks' device paths: the replica fingerprint beside a device memcpy of the
+    same tensor, and an in-memory snapshot's copy to host memory. Prints the device's dense bf16
+    peak where its datasheet figure is known."""
+    import torch
+
+    from diagnostics.bench.device import bench_device
+
+    chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device_ == "auto" else device_
+    if chosen.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device_}: torch sees no CUDA device", hint="use --device cpu")
+    if not chosen.startswith(("cpu", "cuda")):
+        raise UsageError(f"--device {device_}: unknown device", hint="auto, cpu, cuda or cuda:N")
+    command = command_line(
+        "bench device",
+        [
+            ("--device", None if device_ == "auto" else device_),
+            ("--tensor-mb", None if tensor_mb == 1024 else tensor_mb),
+            ("--repeats", None if repeats == 10 else repeats),
+            ("--json", json_),
+            ("--out", out),
+        ],
+    )
+    result = bench_device(command=command, device=chosen, tensor_mb=tensor_mb, repeats=repeats)
+    report(result, json_=json_, out=out, table=device_table)
+
+
+# ---------------------------------------------------------------------------------------------
 # bench integrity
 
 
