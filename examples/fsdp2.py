@@ -12,8 +12,8 @@ snapshots and rollback, and DCP checkpoints of the sharded state (resharded on l
 
 When a peer is lost the survivors re-form in place with their shards, and the replacement heals its
 shard from the rank holding the same one in another replica (HSDP: no step lost); with no replica
-of the lost shard (plain FSDP) every rank restores the newest checkpoint. The ring audit, which
-needs a rank's whole local gradient, is off. See docs/sdk.md.
+of the lost shard (plain FSDP) every rank restores the newest checkpoint. The ring audit reads a
+rank's own gradients at FSDP's reduce-scatters. See docs/sdk.md.
 """
 
 from __future__ import annotations

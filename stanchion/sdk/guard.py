@@ -171,12 +171,13 @@ class Step:
         if sync is not None:
             sync.arm()
         try:
-            (loss / accum).backward()
+            if self._losses == 1 and audit_due:
+                self._audit_own = g.local_grad_digest(lambda: (loss / accum).backward())
+            else:
+                (loss / accum).backward()
         finally:
             if sync is not None:
                 sync.disarm()
-        if self._losses == 1 and audit_due:
-            self._audit_own = grad_digest(g.params)
 
     def local_loss(self) -> torch.Tensor:
         """This rank's mean micro-batch loss so far, in float64, where it was computed."""
@@ -298,6 +299,9 @@ class Guard:
         self.params = list(model.parameters())
         self.layer_groups = dict(layer_groups) if layer_groups else top_level_groups(model)
         self.grad_sync = GradSync(self.params) if mesh is None else None
+        # Sharded, a rank's own gradient exists only as FSDP's reduce-scatter inputs (the audit's).
+        audits = self.cadence.audit.every > 0 and loss_fn is not None
+        self._grad_digest = sharded.install_grad_digest(model) if mesh is not None and audits else None
         # Overlap the all-reduce with the backward pass, except when faults are injected into the
         # local gradients before it (chaos runs): the buckets, hence the sums, are the same either way.
         self.overlap = self.grad_sync is not None and type(rt.fault_hooks) is FaultHooks
@@ -661,11 +665,10 @@ class Guard:
     def startup_determinism_check(self) -> None:
         """Compute the first micro-batch's gradient twice; unequal digests mean results are not
         bitwise reproducible here, which exact fingerprints, resume and bisection all rely on."""
-        digests = []
+        batch, digests = self.batch_at(0, self.rt.rank, 0), []
         for _ in range(2):
             self.optimizer.zero_grad(set_to_none=True)
-            self.loss_fn(self.model, self.batch_at(0, self.rt.rank, 0)).backward()
-            digests.append(grad_digest(self.params))
+            digests.append(self.local_grad_digest(lambda: self.loss_fn(self.model, batch).backward()))
         self.optimizer.zero_grad(set_to_none=True)
         if digests[0] != digests[1]:
             log.error("NOT DETERMINISTIC: two replays of the first micro-batch gave different gradients")
@@ -674,12 +677,7 @@ class Guard:
     # ------------------------------------------------------------------------------------------
     # Committing a step
     def _audit_due(self, step_no: int) -> bool:
-        return (
-            self.cadence.audit.due(step_no)
-            and self.loss_fn is not None
-            and self.rt.world_size > 1
-            and self.mesh is None  # under FSDP local gradients never exist whole
-        )
+        return self.cadence.audit.due(step_no) and self.loss_fn is not None and self.rt.world_size > 1
 
     def _commit(self, s: Step) -> None:
         """The rest of the step once the user's gradients exist (see the module's docstring)."""
@@ -738,11 +736,34 @@ class Guard:
         for p in self.params:
             p.grad = None
         batch = self.batch_at(s.data_index, (self.rt.rank + 1) % self.rt.world_size, 0)
-        (self.loss_fn(self.model, batch) / s._accum).backward()
-        digest = grad_digest(self.params)
+        digest = self.local_grad_digest(lambda: (self.loss_fn(self.model, batch) / s._accum).backward())
         for p, g in zip(self.params, stash, strict=True):
             p.grad = g
         return digest
+
+    def local_grad_digest(self, backward: Callable[[], None]) -> int:
+        """Run ``backward`` (one micro-batch's, onto empty gradients) and digest the local gradient
+        it made: the parameters' gradients, or under FSDP the inputs of its reduce-scatters (every
+        rank computing the same micro-batch from the same parameters gets the same digest)."""
+        if self._grad_digest is None:
+            backward()
+            return grad_digest(self.params)
+        prints: list[torch.Tensor] = []
+        with self._grad_digest.capture(prints):
+            backward()
+        return digest_of(prints)
+
+    def params_digest(self) -> int:
+        """Digest of the parameters an audit's gradients came from, equal on ranks that used the
+        same ones: under FSDP, summed over the shards of this rank's replica."""
+        d = digest_of(self.params)
+        if self.mesh is None:
+            return d
+        t = torch.tensor([d], dtype=torch.int64, device=self.rt.device)
+        with collective("parameter digest all-reduce"):
+            work = dist.all_reduce(t, group=self.shard_group(), async_op=True)
+        wait(work, "parameter digest all-reduce")
+        return int(t.item())
 
     def control(self, s: Step, loss: float | torch.Tensor, audit_next: int | None = None) -> Control:
         """This rank's row of the step's agreement (``audit_next``: on audit steps only)."""
@@ -757,7 +778,7 @@ class Guard:
             audit_next=audit_next or 0,
             # On audit steps, the parameters the gradients came from: an audit between replicas whose
             # parameters already differ says nothing about compute (the fingerprint check names them).
-            param_digest=digest_of(self.params) if audit_due else 0,
+            param_digest=self.params_digest() if audit_due else 0,
             state_digest=self._pending_check.folded if self._pending_check else 0,
         )
 

@@ -13,6 +13,12 @@ torch has no public API to move a DeviceMesh to new process groups, so :func:`re
 attributes ``DeviceMesh.__init__`` and FSDP's mesh-info dataclasses set (pinned torch 2.13;
 tests/integration/test_sharded_reform.py fails if they move). A step cut short by the failure is
 cleared with FSDP's public ``reset_iter_state``.
+
+The ring audit needs a rank's own, unreduced gradient of one micro-batch, which under FSDP never
+exists whole outside the backward pass: it is the input of FSDP's reduce-scatters, one per module
+in backward order. :class:`LocalGradDigest` is installed as FSDP's reduce-scatter (the public
+``set_custom_reduce_scatter``; it reduces exactly as FSDP's default) and fingerprints those inputs
+while a capture is open.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from typing import Any
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+
+from stanchion.sdk.fingerprint import tensor_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +116,49 @@ def _mesh_infos(model: torch.nn.Module) -> list[Any]:
                     if info is not None:
                         seen.setdefault(id(info), info)
     return list(seen.values())
+
+
+class LocalGradDigest(DefaultReduceScatter):
+    """FSDP's default reduce-scatter that, while :meth:`capture` is open, also fingerprints each
+    input: this rank's unreduced gradients of one module, flattened as FSDP lays them out (the
+    same on every rank for the same computation)."""
+
+    def __init__(self) -> None:
+        self._open: list[torch.Tensor] | None = None
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: Any,
+        op: Any,
+        async_op: bool = False,
+    ) -> Any:
+        if self._open is not None:
+            self._open.append(tensor_fingerprint(input_tensor))
+        return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+    @contextlib.contextmanager
+    def capture(self, into: list[torch.Tensor]):  # noqa: ANN201 (a generator context manager)
+        """Fingerprints of the reduce-scatters run inside the block are appended to ``into``."""
+        self._open = into
+        try:
+            yield into
+        finally:
+            self._open = None
+
+
+def install_grad_digest(model: torch.nn.Module) -> LocalGradDigest:
+    """One :class:`LocalGradDigest` as the reduce-scatter of every FSDP module of ``model``."""
+    comm = LocalGradDigest()
+    for m in model.modules():
+        if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_groups:
+            for group in m._get_fsdp_state()._fsdp_param_groups:
+                if type(group._reduce_scatter_comm) is not DefaultReduceScatter:
+                    raise ValueError(
+                        f"guard(): {type(m).__name__} has its own reduce-scatter "
+                        f"({type(group._reduce_scatter_comm).__name__}); the ring audit reads gradients "
+                        "at FSDP's default one: keep yours with Protections(audit_every=0)"
+                    )
+            m.set_custom_reduce_scatter(comm)
+    return comm

@@ -121,6 +121,34 @@ def test_persistent_compute_fault_is_named_by_the_audit(
     )  # replicas stay identical: the fault is invisible to them
 
 
+@pytest.mark.parametrize("hsdp_replicate", [1, 2], ids=["fsdp-3-shards", "hsdp-2x2"])
+def test_a_compute_fault_under_fsdp_is_named_by_the_audit(
+    small_data: Path, tmp_path: Path, hsdp_replicate: int
+) -> None:
+    """Sharded, a rank's local gradient exists only as the input of FSDP's reduce-scatters; the
+    audit fingerprints those, in its own pass and in its recomputation of the next rank's
+    micro-batch, so the rank whose matmuls go wrong is named as under data parallelism."""
+    nproc = 3 if hsdp_replicate == 1 else 4
+    faults = write_faults(tmp_path / "f.json", [{"kind": "compute", "rank": 1, "from_step": 3, "prob": 1.0}])
+    run = tmp_path / "run"
+    extra = ["--faults", str(faults), "--checkpoint-every", "0"]
+    for setting in (
+        "parallel=fsdp",
+        f"hsdp_replicate={hsdp_replicate}",
+        "data.global_batch_size=24",
+        "data.micro_batch_size=2",
+        "integrity.audit_every=2",
+        "integrity.fingerprint_every=1",
+        "optim.warmup_steps=1",
+    ):
+        extra += ["--set", setting]
+    r = run_trainer(trainer_cmd(small_data, run, nproc=nproc, steps=4, extra=extra))
+    assert r.returncode == 0, r.stderr[-3000:]
+    audits = events(run, 0, EventKind.AUDIT_MISMATCH)
+    # The audit of step 2 (before the fault) is clean; that of step 4 names the faulty rank.
+    assert [(a["step"], a["suspect_ranks"]) for a in audits] == [(4, [1])], audits
+
+
 def test_nan_on_one_rank_is_agreed_and_the_step_is_skipped_everywhere(
     small_data: Path, tmp_path: Path
 ) -> None:

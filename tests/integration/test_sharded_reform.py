@@ -1,6 +1,7 @@
 """An FSDP2 model re-formed in place (stanchion/sdk/sharded.py): a step cut short in its backward
 pass, then a new generation's process group under the same mesh, ends bit-exact with the run that
-had neither; a world the mesh no longer fits is refused, so the rank starts over as a new process."""
+had neither; a world the mesh no longer fits is refused, so the rank starts over as a new process;
+the audit's reduce-scatter tap refuses to replace a program's own reduce-scatter."""
 
 from __future__ import annotations
 
@@ -41,3 +42,10 @@ def test_a_world_the_mesh_no_longer_fits_is_refused(tmp_path):
     p = run("shrink", "--store", str(tmp_path / "store"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "LayoutChanged: mesh (2,) cannot be re-made" in p.stdout, p.stdout
+
+
+def test_the_audits_tap_never_replaces_a_programs_own_reduce_scatter(tmp_path):
+    p = run("own-comm", "--store", str(tmp_path / "store"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "has its own reduce-scatter (Mine)" in p.stdout and "audit_every=0" in p.stdout, p.stdout
+    assert "installed over" not in p.stdout

@@ -9,6 +9,8 @@ the step again. Rank 0 writes the full (unsharded) parameters and optimizer stat
 
 ``shrink``: rank 1 leaves after one step, and rank 0 alone forms a world of 1: ``rebind`` must
 refuse, since the 2-shard mesh no longer fits. Rank 0 prints what it raised.
+
+``own-comm``: the program set its own reduce-scatter; the audit's tap must refuse to replace it.
 """
 
 from __future__ import annotations
@@ -125,11 +127,29 @@ def shrink(rank: int, args: argparse.Namespace) -> None:
         print(f"LayoutChanged: {e}", flush=True)
 
 
+def own_comm(rank: int, args: argparse.Namespace) -> None:
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+
+    class Mine(DefaultReduceScatter):
+        pass
+
+    join(rank, 2, args.store, 0)
+    model, _, _ = build(2)
+    model.blocks[1].set_custom_reduce_scatter(Mine())
+    try:
+        sharded.install_grad_digest(model)
+        print("installed over the program's reduce-scatter", flush=True)
+    except ValueError as e:
+        if rank == 0:
+            print(f"ValueError: {e}", flush=True)
+    parallel.leave_group()
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["train", "shrink"])
+    p.add_argument("mode", choices=["train", "shrink", "own-comm"])
     p.add_argument("--store", required=True)
     p.add_argument("--cut", type=int, default=-1)
     p.add_argument("--out", default="")
     a = p.parse_args()
-    mp.spawn(train if a.mode == "train" else shrink, args=(a,), nprocs=2)
+    mp.spawn({"train": train, "shrink": shrink, "own-comm": own_comm}[a.mode], args=(a,), nprocs=2)
