@@ -5,7 +5,9 @@ the JSON, and the hand-written explanations, which are Markdown files in diagnos
 (:func:`prose`). Commentary that quotes figures of one particular run carries the ``finished_at``
 of the JSON it was written for (the first line of its file, ``<!-- written for: ... -->``): when
 the JSON is regenerated, the document says so above the commentary instead of silently pairing
-old words with new numbers. Figures (matplotlib, Agg backend) are written next to the JSON files.
+old words with new numbers. Likewise a figure whose code changed after the commit its JSON records
+(``MEASURED_CODE``: ``git diff`` from that commit to the working tree) is marked stale where it is
+shown, and in the goals table. Figures (matplotlib, Agg backend) are written next to the JSON files.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import os
 import re
 import statistics
+import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,6 +27,41 @@ from typing import Any
 # The bisection JSON is written by `stanchion diag bisect`, which does not record its command.
 BISECT_COMMAND = "stanchion diag bisect --local-nodes 8 --defect 5 --json docs/bench/bisect.json"
 NOT_MEASURED = "Not measured yet."
+
+# The code each benchmark's figures describe (paths of this repository, besides the benchmarks'
+# shared diagnostics/bench/common.py): a change to any of them after the commit a JSON records
+# makes its figures stale. Keyed by the JSON's "benchmark" field, else its file name's first word.
+_CLUSTER = ("stanchion", "trainer", "agent", "coordinator", "protos", "diagnostics/up.py")
+MEASURED_CODE: dict[str, tuple[str, ...]] = {
+    "trainer": ("stanchion", "trainer", "diagnostics/bench/trainer.py"),
+    "sdk": ("stanchion", "examples", "diagnostics/bench/sdk.py", "diagnostics/bench/sdk_worker.py"),
+    "integrity": ("stanchion", "trainer", "diagnostics/bench/integrity.py"),
+    "recovery": (*_CLUSTER, "diagnostics/bench/recovery.py"),
+    "standby": ("stanchion", "trainer", "agent/workers.py", "diagnostics/bench/standby.py"),
+    "coordinator": ("coordinator", "protos", "diagnostics/bench/coordinator.py"),
+    "goodput": (*_CLUSTER, "diagnostics/bench/goodput.py"),
+    "chaos": _CLUSTER,  # chaos-drill.json: `stanchion up`
+    "bisect": ("coordinator", "agent", "trainer/trial.py", "diagnostics/commands/diag.py"),
+}
+BENCH_COMMON = ("diagnostics/bench/common.py",)
+
+
+def changed_since(commit: str, paths: Sequence[str]) -> list[str] | None:
+    """Files under ``paths`` that differ between ``commit`` and the working tree; None when git
+    cannot tell (no git, or a clone without that commit)."""
+    from diagnostics.bench.common import REPO
+
+    try:
+        out = subprocess.run(
+            ["git", "diff", "--name-only", commit, "--", *paths],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.split() if out.returncode == 0 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +143,12 @@ def finished_line(d: Mapping[str, Any]) -> str:
         text += f" ({dirty} modified tracked file(s) in the tree)"
     if start or end:
         text += f"; load average (1 min) {fmt(start[0] if start else None)} at the start, {fmt(end[0] if end else None)} at the end"
-    return text + "."
+    return text + "." + stale_text(d)
+
+
+def stale_text(d: Mapping[str, Any]) -> str:
+    """`` **Stale:** why`` for a JSON whose figures may no longer describe the code (see Report.load)."""
+    return f" **Stale:** {d['_stale']}." if d.get("_stale") else ""
 
 
 def utc_minute(stamp: str) -> str:
@@ -161,12 +204,32 @@ class Report:
     bench_dir: Path
     out: Path
     figures: list[Path] = field(default_factory=list)
+    changes: Callable[[str, Sequence[str]], list[str] | None] = changed_since
 
     def load(self, name: str) -> dict[str, Any] | None:
+        """The JSON, with ``_stale`` added: why its figures may not describe the code any more
+        (None: they do)."""
         path = self.bench_dir / name
         if not path.is_file():
             return None
-        return json.loads(path.read_text())
+        d = json.loads(path.read_text())
+        d["_stale"] = self.staleness(d, name)
+        return d
+
+    def staleness(self, d: Mapping[str, Any], name: str) -> str | None:
+        kind = d.get("benchmark") or re.split(r"[-.]", name)[0]
+        commit = (d.get("source") or {}).get("commit")
+        if not commit:
+            return "the commit it measured is not recorded"
+        changed = self.changes(commit, (*MEASURED_CODE.get(kind, (".",)), *BENCH_COMMON))
+        if changed is None:
+            return f"git cannot compare commit `{commit[:7]}` with this tree"
+        if not changed:
+            return None
+        shown = ", ".join(f"`{f}`" for f in changed[:3]) + (
+            f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        )
+        return f"code it measures changed after commit `{commit[:7]}`: {shown}"
 
     def link(self, png: Path) -> str:
         return os.path.relpath(png, self.out.parent)
@@ -211,9 +274,10 @@ GPU_TEXT = prose("gpu_what_runs").strip() + "\n\n" + NOT_MEASURED
 def goals_section(rep: Report, docs: Mapping[str, dict[str, Any]]) -> list[str]:
     rows = []
     for name, d in docs.items():
+        label = f"{name} (stale)" if d.get("_stale") else name
         for g in d.get("goals", []):
             met = {True: "**met**", False: "**not met**", None: "–"}[g.get("met")]
-            rows.append([name, g["goal"], fmt(g.get("value"), ".4g"), g.get("target", ""), met])
+            rows.append([label, g["goal"], fmt(g.get("value"), ".4g"), g.get("target", ""), met])
     if not rows:
         return []
     return ["## Goals at a glance", "", *table(["benchmark", "goal", "value", "target", "met"], rows), ""]
@@ -892,6 +956,7 @@ def bisection_section(rep: Report) -> list[str]:
     if d is None:
         return out + [NOT_MEASURED, ""]
     out += command_block(d.get("command", BISECT_COMMAND))
+    out += [finished_line(d) if d.get("finished_at") else stale_text(d).strip(), ""]
     n = len(d.get("suspects", []))
     bound = math.ceil(math.log2(n)) if n > 1 else 0
     defective = ", ".join(d.get("defective", [])) or "none"
@@ -941,7 +1006,8 @@ def bisection_section(rep: Report) -> list[str]:
 def goodput_docs(rep: Report) -> list[dict[str, Any]]:
     docs = []
     for p in sorted(rep.bench_dir.glob("goodput*.json")):
-        d = json.loads(p.read_text())
+        d = rep.load(p.name)
+        assert d is not None
         d["_file"] = p.name
         docs.append(d)
     order = {"S1": 0, "S2": 1}

@@ -355,8 +355,12 @@ def bisect(
         result = _bisection_dict(b)
     result["wall_s"] = round(time.time() - t0, 2)
     if json_out and json_out != "-" and local_nodes:
+        from diagnostics.bench.common import source_state
         from stanchion.files import write_json_atomic
 
+        # A benchmark's record (docs/bench/bisect.json): the code it ran, so a report can tell
+        # when that code changed since.
+        result.update(source=source_state(), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         write_json_atomic(json_out, result)
     if json_out:
         emit_json(result)

@@ -99,6 +99,11 @@ def test_eight_agents_one_defective_is_named_within_three_rounds_and_cordoned(tm
     assert result["rounds"] <= 3
     assert result["cordoned"] == ["node-5"]
     assert result["reference"] in ("majority", "known-good") and result["confidence"] >= 0.999
+    # Recorded as a benchmark: the commit of the code it ran, for `stanchion bench report`.
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    assert result["source"]["commit"] == head and result["finished_at"].startswith("20")
 
 
 @pytest.mark.timeout(600)

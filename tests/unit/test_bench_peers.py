@@ -663,3 +663,52 @@ def test_report_renders_a_chaos_drill_with_its_invariants(tmp_path: Path) -> Non
     assert "median 2.00, p90 2.00, max 3.00 over 3" in section
     assert "| job succeeded | **held**: succeeded |" in section
     assert "| final state matches fault free | **broken**: abc != def |" in section
+
+
+def test_a_figure_whose_code_changed_after_its_commit_is_marked_stale(tmp_path: Path) -> None:
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    doc = {
+        "benchmark": "standby",
+        "finished_at": "2026-12-07T03:56:00+0000",
+        "source": {"commit": "b42eb6bc196cfc847d5a7fbe9c85867e96d3c8d6", "modified_files": 0},
+        "goals": [{"goal": "warm beats cold", "value": 0.5, "target": "< 1", "met": True}],
+    }
+    (bench / "standby.json").write_text(json.dumps(doc))
+    asked = []
+
+    def changes(commit: str, paths) -> list[str] | None:
+        asked.append((commit, tuple(paths)))
+        return ["stanchion/sdk/guard.py", "trainer/loop.py", "agent/workers.py", "trainer/model.py"]
+
+    rep = rp.Report(bench, tmp_path / "benchmarks.md", changes=changes)
+    d = rep.load("standby.json")
+    # The benchmark's own code, the code it runs, and the benchmarks' shared helpers, from its commit.
+    assert asked == [(doc["source"]["commit"], (*rp.MEASURED_CODE["standby"], "diagnostics/bench/common.py"))]
+    assert d["_stale"] == (
+        "code it measures changed after commit `b42eb6b`: `stanchion/sdk/guard.py`, `trainer/loop.py`, "
+        "`agent/workers.py` and 1 more"
+    )
+    assert rp.finished_line(d).endswith(f". **Stale:** {d['_stale']}.")
+    assert rp.goals_section(rep, {"standby": d})[4].startswith("| standby (stale) | warm beats cold |")
+
+    fresh = rp.Report(bench, tmp_path / "benchmarks.md", changes=lambda c, p: [])
+    d = fresh.load("standby.json")
+    assert d["_stale"] is None and "Stale" not in rp.finished_line(d)
+    assert rp.goals_section(fresh, {"standby": d})[4].startswith("| standby | warm beats cold |")
+
+    unknown = rp.Report(bench, tmp_path / "benchmarks.md", changes=lambda c, p: None)
+    assert unknown.load("standby.json")["_stale"] == "git cannot compare commit `b42eb6b` with this tree"
+    del doc["source"]
+    (bench / "standby.json").write_text(json.dumps(doc))
+    assert fresh.load("standby.json")["_stale"] == "the commit it measured is not recorded"
+
+
+def test_the_code_each_benchmark_measures_exists_and_git_compares_against_it() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    for kind, paths in rp.MEASURED_CODE.items():
+        for path in paths:
+            assert (repo / path).exists(), (kind, path)
+    head = rp.changed_since("HEAD", ["stanchion"])
+    assert isinstance(head, list)  # what the working tree changed since HEAD (nothing on a clean tree)
+    assert rp.changed_since("0" * 40, ["stanchion"]) is None  # a commit this clone does not have
