@@ -99,8 +99,18 @@ class AgentCollector(Collector):
                 ("stanchion_train_learning_rate", "Learning rate of the last step."),
                 ("stanchion_train_last_step_timestamp_seconds", "Unix time of the last step."),
                 ("stanchion_checkpoint_stall_seconds", "Training time blocked by the last checkpoint."),
+                (
+                    "stanchion_train_tokens_per_second",
+                    "Tokens per second of the last step, all ranks together.",
+                ),
             )
         }
+        mfu = GaugeMetricFamily(
+            "stanchion_train_mfu_ratio",
+            "Model FLOP utilization of the last step against the devices' dense bf16 datasheet peak "
+            "(only on GPUs whose peak is known).",
+            labels=labels,
+        )
         act = GaugeMetricFamily(
             "stanchion_train_activation_norm", "RMS of each block's output.", labels=[*labels, "layer"]
         )
@@ -122,6 +132,9 @@ class AgentCollector(Collector):
                 g["stanchion_train_learning_rate"].add_metric(lv, _num(r.get("lr")))
                 g["stanchion_train_last_step_timestamp_seconds"].add_metric(lv, _num(r.get("t")))
                 g["stanchion_checkpoint_stall_seconds"].add_metric(lv, _num(r.get("checkpoint_stall_s", 0.0)))
+                g["stanchion_train_tokens_per_second"].add_metric(lv, _num(r.get("tokens_per_s")))
+                if r.get("mfu") is not None:
+                    mfu.add_metric(lv, _num(r["mfu"]))
                 for layer, v in enumerate(r.get("activation_norms") or []):
                     act.add_metric([*lv, str(layer)], _num(v))
                 cum, buckets = 0, []
@@ -140,7 +153,7 @@ class AgentCollector(Collector):
             for job_id, t in tm.last_checkpoint.items():
                 ckpt.add_metric([job_id], t)
         yield from g.values()
-        yield from (act, hist, tokens, *counters.values(), ckpt)
+        yield from (act, mfu, hist, tokens, *counters.values(), ckpt)
         workers = GaugeMetricFamily("stanchion_agent_workers", "Worker processes by state.", labels=["state"])
         counts = dict.fromkeys(WORKER_STATES.values(), 0)
         for w in list(self.agent.group.workers):

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from diagnostics.bench.device import bf16_dense_peak
+from stanchion.sdk.devices import bf16_dense_peak
 
 out = Path(sys.argv[1])
 name = torch.cuda.get_device_name(0)

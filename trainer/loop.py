@@ -28,6 +28,7 @@ from trainer.config import TrainConfig, replace, to_dict
 from trainer.data import TokenData, eval_batches, get_batch
 from trainer.model import GPT
 from trainer.optim import build_optimizer, lr_at, reset_state, set_lr
+from trainer.progress import ProgressDisplay
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class Trainer:
             async_checkpoint=cfg.async_checkpoint,
             grad_clip=cfg.optim.grad_clip,
             tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len,
+            flops_per_token=self.model.flops_per_token(cfg.data.seq_len),
             layer_groups=self.model.layer_groups(),
             activations=list(self.model.blocks),
             initial_state=self._initial_state,
@@ -140,13 +142,18 @@ class Trainer:
             resume=self.opts.resume,
             precision=self.precision,
         )
+        display = ProgressDisplay(cfg.steps, guard.tokens_per_step) if rt.is_main else None
         for index in guard:
             with guard.step() as s:
                 set_lr(self.optimizer, lr_at(index, cfg.optim, cfg.steps))
                 accum = cfg.data.grad_accum(rt.world_size)
                 for micro in range(accum):
                     s.backward(self.loss(self.model, self.batch(s.data_index, rt.rank, micro)), accum=accum)
+            if display is not None and s.loss is not None:  # the step was agreed (applied or skipped)
+                display.update(s.number, s.loss)
             guard.maybe_checkpoint()
+        if display is not None:
+            display.close()
         if guard.outcome == "finished" and self.opts.sample_lines:
             self.print_samples(self.opts.sample_lines)
         guard.finish()

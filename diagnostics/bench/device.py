@@ -16,26 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from diagnostics.bench.common import GB, envelope, goal, median, ratio
-
-# Dense bf16 peak FLOP/s from the vendors' datasheets (without sparsity), by device name. MFU
-# against it is the figure papers quote; the trainer benchmark also measures a matmul peak.
-BF16_DENSE_PEAK = {
-    "H200": 989.4e12,
-    "H100 80GB HBM3": 989.4e12,  # SXM
-    "H100 SXM": 989.4e12,
-    "H100 NVL": 835.0e12,
-    "H100 PCIe": 756.0e12,
-    "A100": 312.0e12,
-    "L40S": 362.0e12,
-    "L4": 121.0e12,
-}
-
-
-def bf16_dense_peak(device_name: str) -> float | None:
-    """The datasheet's dense bf16 FLOP/s of ``device_name`` (torch's name for it), if known: the
-    longest known name it contains wins ("H100 PCIe" before "H100")."""
-    hits = [k for k in BF16_DENSE_PEAK if k in device_name]
-    return BF16_DENSE_PEAK[max(hits, key=len)] if hits else None
+from stanchion.sdk.devices import bf16_dense_peak
 
 
 def device_throughput(nbytes: int, *, repeats: int, device: str) -> dict[str, Any]:

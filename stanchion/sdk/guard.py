@@ -49,7 +49,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from stanchion.sdk import contract, fingerprint, numerics, sharded
+from stanchion.sdk import contract, devices, fingerprint, numerics, sharded
 from stanchion.sdk.audit import audit_verdict, digest_of, grad_digest
 from stanchion.sdk.checkpoint import CheckpointManager
 from stanchion.sdk.contract import Assignment
@@ -241,6 +241,7 @@ class Guard:
         async_checkpoint: bool = True,
         grad_clip: float = 0.0,
         tokens_per_step: int = 0,
+        flops_per_token: float = 0.0,
         layer_groups: Mapping[str, Sequence[str]] | None = None,
         activations: Sequence[torch.nn.Module] | None = None,
         initial_state: Callable[[], None] | None = None,
@@ -294,6 +295,9 @@ class Guard:
         self.keep_checkpoints, self.async_checkpoint = keep_checkpoints, async_checkpoint
         self.grad_clip = grad_clip
         self.tokens_per_step = tokens_per_step
+        # MFU's denominator: every rank's device peak (None: no MFU, see stanchion.sdk.devices).
+        peak = devices.device_peak(rt.device) if flops_per_token else None
+        self.flops_per_token, self.peak_flops = flops_per_token, peak * rt.world_size if peak else None
         self.config = dict(config or {})
         self.resume = resume
         self.params = list(model.parameters())
@@ -499,6 +503,7 @@ class Guard:
     # Restoring state for a generation
     def restore(self, assignment: Assignment | None) -> None:
         assert self.ckpt is not None
+        self.snapshots.settle()  # what follows writes the state a snapshot may still be copying
         # Without an agent: resume "none" starts from step 0; "auto" or a path loads a checkpoint.
         mode = (
             assignment.resume
@@ -706,6 +711,7 @@ class Guard:
             s.committed = False
         else:
             self.clip(grad_norm)
+            self.snapshots.settle()  # a snapshot still being copied reads what this step writes
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             hooks.corrupt_state(step_no, self.model, self.optimizer)
@@ -921,6 +927,7 @@ class Guard:
             tokens=self.tokens_per_step,
             tokens_total=self.cursor.tokens,
             tokens_per_s=self.tokens_per_step / step_time,
+            **mfu(self.flops_per_token, self.tokens_per_step / step_time, self.peak_flops),
             layer_grad_norms={
                 lab: math.sqrt(max(float(v), 0.0)) for lab, v in zip(labels, sq.tolist(), strict=True)
             },
@@ -1003,7 +1010,15 @@ class Guard:
             {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in g.items() if k != "params"}
             for g in self.optimizer.param_groups
         ]
-        self.snapshots.take(self.cursor.step, self.model, self.optimizer, {**self._extra(), "hyper": hyper})
+        extra = {**self._extra(), "hyper": hyper}
+        # Copied while the next step's forward and backward run; settled before its optimizer step.
+        self.snapshots.take(
+            self.cursor.step,
+            self.model,
+            self.optimizer,
+            extra,
+            background=self.protections.snapshot_in_background,
+        )
 
     # ------------------------------------------------------------------------------------------
     # Requests from the agent (rollback in place)
@@ -1188,6 +1203,14 @@ def decode_state(encoded: dict[str, Any]) -> dict[str, Any]:
     return torch.load(io.BytesIO(base64.b64decode(encoded["torch"])), weights_only=False)
 
 
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float | None) -> dict[str, float]:
+    """``{"mfu": ...}``: the job's model FLOP/s over all its devices' dense bf16 peak; {} when the
+    model's FLOPs or the devices' peak are unknown."""
+    if not flops_per_token or not peak_flops:
+        return {}
+    return {"mfu": flops_per_token * tokens_per_s / peak_flops}
+
+
 def guard(rt: Runtime, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> Guard:
     """Register the program's model, optimizer and state with Stanchion; see :class:`Guard`.
 
@@ -1196,7 +1219,8 @@ def guard(rt: Runtime, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     skipped), ``batch_at(data_index, dp_rank, micro)`` and ``loss_fn(model, batch)`` (the audit and
     the start-up determinism check), ``evaluate`` and ``eval_every``, ``mesh`` and
     ``replicate_dim`` (FSDP2/HSDP), ``protections``, ``checkpoint_every``, ``keep_checkpoints``,
-    ``async_checkpoint``, ``grad_clip``, ``tokens_per_step``, ``layer_groups``, ``activations``
+    ``async_checkpoint``, ``grad_clip``, ``tokens_per_step`` and ``flops_per_token`` (the
+    progress records' tokens/s and, on a GPU whose peak is known, MFU), ``layer_groups``, ``activations``
     (modules whose output RMS is recorded), ``initial_state`` (a function that re-initialises the
     model and optimizer; default: a host copy is kept), ``config`` (stored in every manifest),
     ``resume`` (torchrun only: "auto", "none" or a checkpoint path), ``precision`` (what

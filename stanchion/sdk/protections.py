@@ -22,6 +22,10 @@ class Protections:
     audit_every: int = 80  # M: ring recomputation audit; 0 disables
     snapshot_every: int = 20  # in-memory snapshot cadence (taken after a fingerprint check passed)
     snapshots_kept: int = 2
+    # A snapshot is copied to host memory while the next step's forward and backward run, and
+    # completed before its optimizer step. A loop that writes parameters or optimizer state itself,
+    # between steps, must turn this off (the copy would race with its writes).
+    snapshot_in_background: bool = True
     spike_window: int = 50  # trailing steps for the robust z-score
     spike_min_history: int = 20
     spike_loss_z: float = 8.0

@@ -4,12 +4,23 @@ A snapshot is a host-memory copy of parameters, optimizer state and the trainer'
 (step, data cursor, monitors), taken only after a replica fingerprint check passed, so a snapshot is
 known-consistent across replicas. ``restore`` copies it back into the live tensors, on every rank at
 the same agreed step, without restarting any process.
+
+A snapshot is copied in the background (``take(background=True)``): a thread copies the tensors
+to host memory (on a GPU: on a side stream, into pinned buffers) while the next step's forward and
+backward passes run, which read the parameters and optimizer state but never write them. The
+snapshot counts as taken only once the copy is complete: :meth:`SnapshotRing.settle` waits for it,
+and the guard settles before anything writes that state (the optimizer step, a restore, a load).
+Every method of the ring settles first. Host buffers are those of the snapshot the new one evicts,
+so in steady state nothing is allocated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,43 +41,69 @@ class Snapshot:
 
 
 class SnapshotRing:
-    """The newest ``keep`` snapshots, oldest first."""
+    """The newest ``keep`` snapshots, oldest first, and at most one being copied."""
 
     def __init__(self, keep: int):
         self.ring: deque[Snapshot] = deque(maxlen=keep)
+        self._copying: threading.Thread | None = None
+        self._copied: list[Snapshot | BaseException] = []
 
     def __len__(self) -> int:
+        self.settle()
         return len(self.ring)
 
     def steps(self) -> list[int]:
+        self.settle()
         return [s.step for s in self.ring]
 
     def clear(self) -> None:
+        self.settle()
         self.ring.clear()
 
     def take(
-        self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        extra: dict[str, Any],
+        *,
+        background: bool = False,
     ) -> None:
+        """Snapshot the state as it is now. ``background``: copy in a thread; nothing may write
+        the parameters or the optimizer state until :meth:`settle` (see the module docstring)."""
+        self.settle()
         # The snapshot about to be evicted lends its host buffers: no allocation in steady state.
-        evicted = self.ring[0] if len(self.ring) == self.ring.maxlen else None
-        old_params = evicted.params if evicted else []
-        params = [
-            _to_host(p, old_params[i] if i < len(old_params) else None)
-            for i, p in enumerate(model.parameters())
-        ]
-        optim = []
-        for i, p in enumerate(_optim_params(optimizer)):
-            state = optimizer.state.get(p, {})
-            old = evicted.optim[i] if evicted and i < len(evicted.optim) else {}
-            optim.append(
-                {
-                    k: _to_host(v, old.get(k)) if torch.is_tensor(v) else copy.deepcopy(v)
-                    for k, v in state.items()
-                }
-            )
-        self.ring.append(Snapshot(step, params, optim, copy.deepcopy(extra)))
+        evicted = self.ring.popleft() if len(self.ring) == self.ring.maxlen else None
+        params = list(model.parameters())
+        states = [optimizer.state.get(p, {}) for p in _optim_params(optimizer)]
+        extra = copy.deepcopy(extra)
+        copy_all = _copier(step, params, states, extra, evicted)
+        if not background:
+            self.ring.append(copy_all())
+            return
+
+        def run() -> None:
+            try:
+                self._copied.append(copy_all())
+            except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by settle()
+                self._copied.append(e)
+
+        self._copying = threading.Thread(target=run, name="stanchion-snapshot", daemon=True)
+        self._copying.start()
+
+    def settle(self) -> None:
+        """Wait for a snapshot being copied and add it to the ring (raise what its copy raised)."""
+        if self._copying is None:
+            return
+        self._copying.join()
+        self._copying = None
+        done = self._copied.pop()
+        if isinstance(done, BaseException):
+            raise done
+        self.ring.append(done)
 
     def newest_at_or_before(self, step: int) -> Snapshot | None:
+        self.settle()
         for snap in reversed(self.ring):
             if step < 0 or snap.step <= step:
                 return snap
@@ -76,6 +113,7 @@ class SnapshotRing:
         self, snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     ) -> dict[str, Any]:
         """Copy ``snap`` back into the live model and optimizer; drop newer snapshots."""
+        self.settle()
         with torch.no_grad():
             for p, saved in zip(model.parameters(), snap.params, strict=True):
                 local_shard(p).copy_(saved)
@@ -100,6 +138,40 @@ class SnapshotRing:
         while self.ring and self.ring[-1].step > snap.step:
             self.ring.pop()
         return copy.deepcopy(snap.extra)
+
+
+def _copier(
+    step: int,
+    params: list[torch.Tensor],
+    states: list[dict[str, Any]],
+    extra: dict[str, Any],
+    evicted: Snapshot | None,
+) -> Callable[[], Snapshot]:
+    """The copy of a snapshot, to run now or in a thread. On a GPU it runs on a side stream that
+    first waits for the work queued so far (the optimizer step that made this state)."""
+    side: Any = None
+    if any(local_shard(p).is_cuda for p in params):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+
+    def copy_all() -> Snapshot:
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            old_params = evicted.params if evicted else []
+            host = [_to_host(p, old_params[i] if i < len(old_params) else None) for i, p in enumerate(params)]
+            optim = []
+            for i, state in enumerate(states):
+                old = evicted.optim[i] if evicted and i < len(evicted.optim) else {}
+                optim.append(
+                    {
+                        k: _to_host(v, old.get(k)) if torch.is_tensor(v) else copy.deepcopy(v)
+                        for k, v in state.items()
+                    }
+                )
+        if side is not None:
+            side.synchronize()
+        return Snapshot(step, host, optim, extra)
+
+    return copy_all
 
 
 def _to_host(t: torch.Tensor, reuse: torch.Tensor | None) -> torch.Tensor:

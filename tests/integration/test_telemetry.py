@@ -72,6 +72,7 @@ DOCUMENTED_TRAINER = {
     "stanchion_train_activation_norm": {"job_id", "rank", "layer"},
     "stanchion_train_step_seconds": {"job_id", "rank"},  # histogram
     "stanchion_train_tokens_total": {"job_id", "rank"},
+    "stanchion_train_tokens_per_second": {"job_id", "rank"},
     "stanchion_train_nonfinite_total": {"job_id", "rank"},
     "stanchion_fingerprint_mismatches_total": {"job_id", "rank"},
     "stanchion_audit_mismatches_total": {"job_id", "rank"},
@@ -620,7 +621,10 @@ def test_the_metric_catalog_is_exactly_what_the_daemons_export(telemetry: Teleme
             if family.samples:
                 exported.add(family.name + "_total" if family.type == "counter" else family.name)
     documented = documented_metric_names(DOCS_METRICS)
-    assert sorted(documented - exported) == [], "documented but not exported"
+    # Exported only where a rank records it, on a GPU whose peak is known (tests/unit/test_agent_metrics.py).
+    gpu_only = {"stanchion_train_mfu_ratio"}
+    assert gpu_only <= documented
+    assert sorted(documented - gpu_only - exported) == [], "documented but not exported"
     assert sorted(exported - documented) == [], "exported but not documented"
 
 

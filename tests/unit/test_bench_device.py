@@ -10,8 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diagnostics.bench.device import bf16_dense_peak
 from diagnostics.commands.bench import app
+from stanchion.sdk.devices import bf16_dense_peak
 
 runner = CliRunner()
 
@@ -49,3 +49,12 @@ def test_a_run_on_the_cpu_times_all_three_operations(tmp_path: Path):
     ratio = res["gb_per_s"]["fingerprint"] / res["gb_per_s"]["memcpy"]
     assert result["fingerprint_vs_memcpy"] == pytest.approx(ratio, rel=1e-3)
     assert result["goals"][0]["met"] is (ratio >= 1.0)
+
+
+def test_mfu_is_the_models_flops_over_every_devices_peak_and_absent_without_one():
+    from stanchion.sdk.devices import device_peak
+    from stanchion.sdk.guard import mfu
+
+    assert mfu(6e9, 1000.0, 2 * 989.4e12) == {"mfu": 6e9 * 1000.0 / (2 * 989.4e12)}
+    assert mfu(6e9, 1000.0, None) == {} and mfu(0.0, 1000.0, 989.4e12) == {}
+    assert device_peak("cpu") is None  # no datasheet peak for a CPU: no MFU on one

@@ -199,3 +199,46 @@ def test_rollback_to_any_snapshot_replays_exactly_even_through_a_checkpoint(name
     reference = build_optimizer(reference_model, ocfg)
     steps(reference_model, reference, 0, len(xs))
     assert_same_state(live_state(model, opt), live_state(reference_model, reference))
+
+
+def test_a_background_snapshot_holds_the_state_it_was_taken_at_and_reuses_the_evicted_buffers(seed):
+    """Copied while the next step computes its gradients (which write neither parameters nor
+    optimizer state); settled before that step's optimizer step, as the guard does."""
+    model, opt, gen = setup(seed)
+    ring = SnapshotRing(keep=2)
+    states, buffers = [], []
+    for step in range(1, 5):
+        train_step(model, opt, torch.randn(8, 5, generator=gen))
+        states.append(live_state(model, opt))
+        ring.take(step, model, opt, {"step": step}, background=True)
+        opt.zero_grad(set_to_none=True)
+        model(torch.randn(8, 5, generator=gen)).pow(2).mean().backward()  # the next step's backward
+        ring.settle()
+        buffers.append(ring.ring[-1].params[0].data_ptr())
+    assert ring.steps() == [3, 4]
+    for snap in ring.ring:
+        assert all(same_bits(a, b) for a, b in zip(snap.params, states[snap.step - 1][0], strict=True))
+        assert snap.extra == {"step": snap.step}
+    # Steady state: the snapshot evicted lends its host buffers to the new one (steps 1 -> 3, 2 -> 4).
+    assert buffers[2] == buffers[0] and buffers[3] == buffers[1] and buffers[0] != buffers[1]
+    ring.restore(ring.newest_at_or_before(3), model, opt)
+    assert_same_state(live_state(model, opt), states[2])
+
+
+def test_every_read_of_the_ring_waits_for_the_copy_and_a_failed_copy_raises_there(seed, monkeypatch):
+    from stanchion.sdk import snapshot
+
+    model, opt, gen = setup(seed)
+    train_step(model, opt, torch.randn(8, 5, generator=gen))
+    ring = SnapshotRing(keep=2)
+    ring.take(1, model, opt, {}, background=True)
+    assert ring.newest_at_or_before(1).step == 1  # settled by the read itself
+
+    def broken(t, reuse):
+        raise RuntimeError("host memory exhausted")
+
+    monkeypatch.setattr(snapshot, "_to_host", broken)
+    ring.take(2, model, opt, {}, background=True)
+    with pytest.raises(RuntimeError, match="host memory exhausted"):
+        ring.settle()
+    assert ring.steps() == [1]  # the failed snapshot was never counted as taken
