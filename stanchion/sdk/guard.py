@@ -490,6 +490,7 @@ class Guard:
         awaited, and collectives still in flight are not waited for (see ``leave_group``)."""
         self._pending_check = None  # its verdict would have come in this generation's agreement
         self._shard_group = None  # made of this generation's ranks
+        self.snapshots.settle()  # a copy still running (local: it always ends) is complete or raises
         if self.ckpt is not None:
             step = self.ckpt.abandon()
             if step is not None:

@@ -88,7 +88,9 @@ class SnapshotRing:
             except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by settle()
                 self._copied.append(e)
 
-        self._copying = threading.Thread(target=run, name="stanchion-snapshot", daemon=True)
+        # Not a daemon: a process that ends while a copy runs waits for it (a daemon thread still
+        # inside torch when the interpreter exits aborts the process).
+        self._copying = threading.Thread(target=run, name="stanchion-snapshot", daemon=False)
         self._copying.start()
 
     def settle(self) -> None:

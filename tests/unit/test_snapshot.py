@@ -242,3 +242,24 @@ def test_every_read_of_the_ring_waits_for_the_copy_and_a_failed_copy_raises_ther
     with pytest.raises(RuntimeError, match="host memory exhausted"):
         ring.settle()
     assert ring.steps() == [1]  # the failed snapshot was never counted as taken
+
+
+def test_a_process_that_ends_while_a_snapshot_is_copied_exits_cleanly(tmp_path):
+    """A copy still running at interpreter exit used to abort the process ("terminate called
+    without an active exception", exit 134): the last step of a run can take a snapshot."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import torch\n"
+        "from stanchion.sdk.snapshot import SnapshotRing\n"
+        "m = torch.nn.Linear(6000, 6000)\n"
+        "SnapshotRing(2).take(1, m, torch.optim.SGD(m.parameters(), lr=0.1), {}, background=True)\n"
+    )
+    from support import REPO, env
+
+    p = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env(), cwd=REPO
+    )
+    assert p.returncode == 0 and "terminate called" not in p.stderr, (p.returncode, p.stderr[-2000:])
