@@ -1,10 +1,6 @@
 """`python -m trainer` / `torchrun -m trainer`: one trainer rank (see trainer/cli.py for flags)."""
 
-import logging
-import os
-import sys
-
-from stanchion.sdk.checkpoint import blocked_by_abandoned_checkpoint
+from stanchion.sdk.runtime import exit_process
 from trainer.cli import main
 
 if __name__ == "__main__":
@@ -12,11 +8,4 @@ if __name__ == "__main__":
         code = main()
     except SystemExit as e:  # the guard leaves this way when superseded or stopped while waiting
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    if blocked_by_abandoned_checkpoint():
-        # A checkpoint abandoned with a broken generation may still block in a collective until the
-        # group's timeout; the interpreter would join its thread at exit. Nothing of it is needed.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_process(code)  # without the interpreter's shutdown after a broken generation

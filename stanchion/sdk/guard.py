@@ -386,7 +386,9 @@ class Guard:
 
     def finish(self) -> str:
         """After the loop: wait for checkpoints, write the final event, close the files. Returns
-        "finished" or "stopped" (SIGTERM: a checkpoint was written at the step every rank agreed on)."""
+        "finished" or "stopped" (SIGTERM: a checkpoint was written at the step every rank agreed on).
+        A process that re-formed in place then ends without the interpreter's shutdown (see
+        :meth:`Runtime.end_safely_at_exit`)."""
         if self.ckpt is not None:
             self.ckpt.wait()
         if self.outcome == "finished":
@@ -402,6 +404,7 @@ class Guard:
             h.remove()
         self.teardown_generation()
         self.rt.close()
+        self.rt.end_safely_at_exit()
         return self.outcome
 
     @property

@@ -231,15 +231,34 @@ def leave_group(*, broken: bool = False) -> None:
     """
     if not dist.is_initialized():
         return
+    if broken:
+        _left_broken.append(True)
     with contextlib.suppress(Exception):
         if dist.get_backend() == "nccl":
             dist.distributed_c10d._abort_process_group()
         elif broken:
-            groups = _forget_groups()
-            threading.Thread(target=_shut_down, args=(groups,), name="stanchion-leave", daemon=True).start()
+            # The leave thread holds the only references to the groups: dropping the last one runs
+            # their destructors, which join gloo's worker threads, so in the calling thread it
+            # would wait as long as destroying them. Not a daemon: one still inside torch when the
+            # interpreter shuts down aborts the process; a program that ends through the guard
+            # (or exit_process) does not wait for it either (see left_broken_group).
+            threading.Thread(target=_shut_down, args=(_forget_groups(),), name="stanchion-leave").start()
         else:
             dist.destroy_process_group()
     _forget_failed_group()
+
+
+_left_broken: list[bool] = []  # non-empty once this process has left a broken group
+
+
+def left_broken_group() -> bool:
+    """Whether this process has left a broken group (``leave_group(broken=True)``). Collectives of
+    that group may still be in flight in the backend's own threads (gloo ends them only when a peer
+    closes its connections or the group's timeout passes), and one that ends while the interpreter
+    shuts down must take the GIL to free its tensors, which aborts the process ("terminate called
+    without an active exception"): such a process ends with ``os._exit`` (see
+    :func:`stanchion.sdk.runtime.exit_process`)."""
+    return bool(_left_broken)
 
 
 def _forget_groups() -> list[dist.ProcessGroup]:

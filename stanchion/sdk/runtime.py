@@ -28,10 +28,11 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from stanchion.files import JsonlWriter, write_json_atomic
 from stanchion.sdk import contract, numerics, parallel
+from stanchion.sdk.checkpoint import blocked_by_abandoned_checkpoint
 from stanchion.sdk.contract import Assignment, WorkerPaths
 from stanchion.sdk.faults import FaultHooks, FaultInjector, load
 from stanchion.sdk.liveness import LivenessThread
@@ -94,6 +95,30 @@ def worker_paths(run_dir: str | os.PathLike[str] | None, rank: int | None = None
     return WorkerPaths(root / "ranks" / f"rank-{env_topology()[0] if rank is None else rank:05d}")
 
 
+def shutdown_is_unsafe() -> bool:
+    """Whether the interpreter's own shutdown could abort or stall this process: it left a broken
+    generation, whose collectives may still end in the backend's threads while the interpreter
+    shuts down (:func:`parallel.left_broken_group`), or a checkpoint abandoned with that generation
+    still blocks in a collective (the interpreter would wait for its thread up to the group's
+    timeout). Nothing of either is needed any more."""
+    return parallel.left_broken_group() or blocked_by_abandoned_checkpoint()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code``: without the interpreter's shutdown where that is unsafe
+    (output and logs are flushed first), else with ``sys.exit``."""
+    if shutdown_is_unsafe():
+        _flush_and_exit(code)
+    sys.exit(code)
+
+
+def _flush_and_exit(code: int) -> NoReturn:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class Runtime:
     """One process's link to its job. Made by :func:`join`; a guard drives its re-forming."""
 
@@ -121,6 +146,8 @@ class Runtime:
         self.topo: Topology | None = None
         self.job_id = assignment.job_id if assignment else ""
         self.stop_requested = False
+        self.uncaught = False  # an exception reached the top of the program (its exit code is 1)
+        self._exit_hooked = False
         self.progress_out = JsonlWriter(paths.progress)
         self.events_out = JsonlWriter(paths.events)
         self.flight: deque[dict[str, Any]] = deque(maxlen=flight_records)
@@ -283,7 +310,23 @@ class Runtime:
     def _on_sigterm(self, _signum: int, _frame: Any) -> None:
         self.stop_requested = True
 
+    def end_safely_at_exit(self) -> None:
+        """Make the program's own end (returning from its main) skip the interpreter's shutdown
+        where that is unsafe (:func:`shutdown_is_unsafe`), with exit code 0, or 1 if an exception
+        reached the top. Called by ``Guard.finish()``. Other exit handlers of the program do not
+        run in that case, and a ``sys.exit(code)`` after the guard finished ends with 0."""
+        if not self._exit_hooked:
+            self._exit_hooked = True
+            # threading's private hook, the one concurrent.futures uses: it runs before the
+            # interpreter joins threads (an abandoned checkpoint's may block) and before atexit.
+            threading._register_atexit(self._at_exit)  # type: ignore[attr-defined]
+
+    def _at_exit(self) -> None:
+        if shutdown_is_unsafe():
+            _flush_and_exit(contract.EXIT_ERROR if self.uncaught else contract.EXIT_OK)
+
     def _excepthook(self, kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        self.uncaught = True
         if not isinstance(exc, KeyboardInterrupt):
             with contextlib.suppress(Exception):
                 self.write_error(exc)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from stanchion.sdk import parallel
+from stanchion.sdk.runtime import exit_process
 
 
 def form() -> None:
@@ -57,6 +58,7 @@ def main() -> None:
     assert torch.equal(u.cpu(), torch.full((8,), 5.0)), u
     print("re-formed: ok", flush=True)
     parallel.leave_group()
+    exit_process(0)  # as a guard's program ends after a broken generation (Guard.finish)
 
 
 if __name__ == "__main__":

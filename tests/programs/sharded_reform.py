@@ -4,7 +4,7 @@
 step's backward pass fails partway (a gradient hook raises after the root module's gradients exist
 and before the first block's), then every rank does what a surviving rank does in a broken
 generation: it drops the broken groups (``sharded.release``), forms a new default group under a new
-store prefix, moves the model's mesh to it (``sharded.rebind``), clears the gradients and computes
+store file, moves the model's mesh to it (``sharded.rebind``), clears the gradients and computes
 the step again. Rank 0 writes the full (unsharded) parameters and optimizer state to ``--out``.
 
 ``shrink``: rank 1 leaves after one step, and rank 0 alone forms a world of 1: ``rebind`` must
@@ -27,6 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from stanchion.sdk import parallel, sharded
+from stanchion.sdk.runtime import exit_process
 
 
 class Net(nn.Module):
@@ -51,9 +52,15 @@ def _fail(_grad: torch.Tensor) -> None:
 
 
 def join(rank: int, world: int, store: str, generation: int) -> None:
-    prefixed = dist.PrefixStore(f"gen{generation}/", dist.FileStore(store, world))
+    # A file per generation: a FileStore deletes its file when as many of its instances as the world
+    # size have closed, so a slow rank closing the old generation's store would delete the keys a
+    # fast rank had already written into the same file for the next one.
     dist.init_process_group(
-        "gloo", store=prefixed, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+        "gloo",
+        store=dist.FileStore(f"{store}.gen{generation}", world),
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
     )
 
 
@@ -107,6 +114,7 @@ def train(rank: int, args: argparse.Namespace) -> None:
     if rank == 0:
         torch.save(state, args.out)
     parallel.leave_group()
+    exit_process(0)  # as a guard's program ends after a broken generation (Guard.finish)
 
 
 def shrink(rank: int, args: argparse.Namespace) -> None:

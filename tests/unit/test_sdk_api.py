@@ -218,3 +218,53 @@ def test_a_standby_of_a_users_program_dies_with_its_agent(tmp_path):
             with contextlib.suppress(OSError):
                 if str(worker).encode() in Path(f"/proc/{child}/environ").read_bytes():
                     os.kill(child, signal.SIGKILL)
+
+
+EXIT_AFTER = r"""
+import atexit, sys, torch, stanchion
+from stanchion.sdk import parallel
+from stanchion.sdk.runtime import exit_process
+rt = stanchion.join()
+atexit.register(lambda: print("interpreter shutdown ran", flush=True))
+rt.leave(broken=sys.argv[1] == "broken")
+print("left", flush=True)  # flushed before the process ends either way
+if sys.argv[2] == "exit_process":
+    exit_process(3)
+rt.end_safely_at_exit()  # what Guard.finish() ends with
+if sys.argv[2] == "raise":
+    raise RuntimeError("after the loop")
+"""
+
+
+@pytest.mark.parametrize(
+    ("left", "end", "code", "shutdown"),
+    [
+        ("broken", "exit_process", 3, False),
+        ("clean", "exit_process", 3, True),
+        ("broken", "return", 0, False),
+        ("broken", "raise", 1, False),
+        ("clean", "return", 0, True),
+    ],
+)
+def test_a_process_that_left_a_broken_group_ends_without_the_interpreters_shutdown(
+    tmp_path, left, end, code, shutdown
+):
+    """A broken group's collectives may end in gloo's threads while the interpreter shuts down,
+    which aborts the process (exit 134 after a job that finished): such a process skips that
+    shutdown, with the exit code it would have had; one that left cleanly ends normally."""
+    e = env(STANCHION_RUN_DIR=str(tmp_path / "run"))
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        e.pop(name, None)
+    p = subprocess.run(
+        [sys.executable, "-c", EXIT_AFTER, left, end],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=e,
+        cwd=REPO,
+    )
+    assert p.returncode == code, p.stderr[-2000:]
+    assert "left" in p.stdout.split("\n")
+    assert ("interpreter shutdown ran" in p.stdout) is shutdown, p.stdout
+    if end == "raise":
+        assert "RuntimeError: after the loop" in p.stderr  # the traceback is printed first
