@@ -160,27 +160,9 @@ class Trainer:
         return 0
 
     def _shard(self, rt: Runtime) -> Any:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        rep = self.cfg.hsdp_replicate
-        if rep > 1:
-            mesh = init_device_mesh(
-                rt.device.type, (rep, rt.world_size // rep), mesh_dim_names=("replicate", "shard")
-            )
-        else:
-            mesh = init_device_mesh(rt.device.type, (rt.world_size,), mesh_dim_names=("shard",))
-        # bf16 under FSDP: FSDP2's mixed precision (parameters gathered and computed in bf16,
-        # gradients reduced in fp32 into fp32 master weights), on any device; see self.precision.
-        mp = {}
-        if self.cfg.precision == "bf16":
-            from torch.distributed.fsdp import MixedPrecisionPolicy
-
-            mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
-        for block in self.model.blocks:
-            fully_shard(block, mesh=mesh, **mp)
-        fully_shard(self.model, mesh=mesh, **mp)
-        return mesh
+        return shard_gpt(
+            self.model, rt.device.type, rt.world_size, self.cfg.hsdp_replicate, self.cfg.precision
+        )
 
     def _initial_state(self) -> None:
         """A used process told to start over: identical to a fresh one."""
@@ -271,3 +253,30 @@ class Trainer:
             self.rt.write_error(exc)
         else:
             write_error_file(worker_paths(self.opts.run_dir).error, exc)
+
+
+def shard_gpt(model: GPT, device_type: str, world_size: int, replicate: int, precision: str) -> Any:
+    """Shard ``model`` with FSDP2 (``fully_shard`` each block, then the root) on a mesh of
+    ``world_size`` ranks: 1-D ("shard",), or HSDP ("replicate", "shard") with ``replicate`` replica
+    groups. Returns the mesh. The trainer and the plain FSDP2 baseline of `bench trainer` shard the
+    same way."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if replicate > 1:
+        mesh = init_device_mesh(
+            device_type, (replicate, world_size // replicate), mesh_dim_names=("replicate", "shard")
+        )
+    else:
+        mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
+    # bf16 under FSDP: FSDP2's mixed precision (parameters gathered and computed in bf16,
+    # gradients reduced in fp32 into fp32 master weights), on any device; see Trainer.precision.
+    mp = {}
+    if precision == "bf16":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, **mp)
+    fully_shard(model, mesh=mesh, **mp)
+    return mesh

@@ -1,7 +1,8 @@
 """Worker processes that the benchmarks start: ``python -m diagnostics.bench WORKER ARGS``.
 
-- ``ddp-worker TRAINER-FLAGS``: one rank of the plain-DDP baseline of `bench trainer`, run under
-  torchrun (:func:`diagnostics.bench.trainer.ddp_worker`, command built by ``ddp_command``);
+- ``baseline-worker TRAINER-FLAGS``: one rank of the plain DDP / FSDP2 / HSDP baseline of `bench
+  trainer`, run under torchrun (:func:`diagnostics.bench.trainer.baseline_worker`, command built by
+  ``baseline_command``);
 - ``sdk-worker --mode plain|guarded --run-dir DIR ...``: one rank of `bench sdk`, a user's own loop
   plain or under the guard, run under torchrun (:mod:`diagnostics.bench.sdk_worker`, command built
   by :func:`diagnostics.bench.sdk.sdk_command`);
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 USAGE = (
-    "usage: torchrun --nproc-per-node N -m diagnostics.bench ddp-worker TRAINER-FLAGS\n"
+    "usage: torchrun --nproc-per-node N -m diagnostics.bench baseline-worker TRAINER-FLAGS\n"
     "       torchrun --nproc-per-node N -m diagnostics.bench sdk-worker --mode plain|guarded --run-dir DIR\n"
     "       python -m diagnostics.bench coordinator-client SPEC.json"
 )
@@ -23,10 +24,10 @@ USAGE = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["ddp-worker"]:
-        from diagnostics.bench.trainer import ddp_worker
+    if argv[:1] == ["baseline-worker"]:
+        from diagnostics.bench.trainer import baseline_worker
 
-        return ddp_worker(argv[1:])
+        return baseline_worker(argv[1:])
     if argv[:1] == ["sdk-worker"]:
         from diagnostics.bench.sdk_worker import main as sdk_worker
 

@@ -252,6 +252,7 @@ MACHINE_FIXED = [
 ]
 
 TRAINER_WHAT_RUNS = prose("trainer_what_runs")
+TRAINER_SHARDED_WHAT_RUNS = prose("trainer_sharded_what_runs")
 TRAINER_MEANING = Commentary.load("trainer_meaning")
 INTEGRITY_A = prose("integrity_a")
 INTEGRITY_A_MEANING = Commentary.load("integrity_a_meaning")
@@ -305,14 +306,32 @@ def machine_section(docs: Mapping[str, dict[str, Any]]) -> list[str]:
     return ["## Machine", "", *table(["", ""], rows), ""]
 
 
+# `bench trainer` per layout: (JSON, the baseline's key in it, its name as shown).
+TRAINER_RUNS = (
+    ("trainer.json", "ddp", "DDP"),
+    ("trainer-fsdp.json", "fsdp", "FSDP2"),
+    ("trainer-hsdp.json", "hsdp", "HSDP"),
+)
+
+
 def trainer_section(rep: Report) -> list[str]:
-    d = rep.load("trainer.json")
-    out = ["## Trainer: Stanchion beside plain DDP", ""]
+    out: list[str] = []
+    for name, base, shown_as in TRAINER_RUNS:
+        out += trainer_run_section(rep, name, base, shown_as)
+    return out
+
+
+def trainer_run_section(rep: Report, name: str, base: str, shown_as: str) -> list[str]:
+    d = rep.load(name)
+    out = [f"## Trainer: Stanchion beside plain {shown_as}", ""]
     if d is None:
-        return out + [NOT_MEASURED, ""]
+        return out + [
+            NOT_MEASURED + f" `stanchion bench trainer --parallel {base} --json --out docs/bench/{name}`",
+            "",
+        ]
     r = d["results"]
     mm = r["matmul"]
-    out += command_block(d["command"]) + [TRAINER_WHAT_RUNS]
+    out += command_block(d["command"]) + [TRAINER_WHAT_RUNS if base == "ddp" else TRAINER_SHARDED_WHAT_RUNS]
     out.append(
         finished_line(d)
         + f" Matmul: {mm['flops_per_s_per_rank_before'] / 1e9:.1f} GFLOP/s per rank before the runs, "
@@ -331,13 +350,13 @@ def trainer_section(rep: Report) -> list[str]:
             f"{preset}{reduced} ({params_text(c['params'])}, {c['flops_per_token'] / 1e6:.3g} MFLOP/token, "
             f"{c['tokens_per_step']:,} tokens/step; {e['stanchion']['steps_measured']} steps)"
         )
-        for i, (system, name) in enumerate((("stanchion", "Stanchion"), ("ddp", "DDP"))):
+        for i, (system, label_) in enumerate((("stanchion", "Stanchion"), (base, shown_as))):
             s = e[system]
             st = s["step_time_s"]
             rows.append(
                 [
                     label if i == 0 else "",
-                    name,
+                    label_,
                     fmt(st["median"]),
                     fmt(st["p10"]),
                     fmt(st["amortized"]),
@@ -347,7 +366,7 @@ def trainer_section(rep: Report) -> list[str]:
                     pct(s["flop_utilization"], signed=False),
                 ]
             )
-        vs = e["stanchion_vs_ddp"]
+        vs = e[f"stanchion_vs_{base}"]
         ratios.append(
             [
                 preset + reduced,
@@ -386,7 +405,7 @@ def trainer_section(rep: Report) -> list[str]:
     out += table(
         [
             "preset",
-            f"Stanchion ÷ DDP step time: per round ({'/'.join(str(i + 1) for i in range(rounds))})",
+            f"Stanchion ÷ {shown_as} step time: per round ({'/'.join(str(i + 1) for i in range(rounds))})",
             "median of rounds",
             "pooled median",
             "p10",
@@ -396,7 +415,7 @@ def trainer_section(rep: Report) -> list[str]:
     ) + [""]
     if due_lines:
         out += ["Stanchion's due steps, within its own runs: " + "; ".join(due_lines) + ".", ""]
-    return out + TRAINER_MEANING.render(d)
+    return out + (TRAINER_MEANING.render(d) if base == "ddp" else [])
 
 
 SDK_RUNS = ("sdk.json", "sdk-large.json")  # the recorded size, then 4x its batch
@@ -1261,7 +1280,11 @@ def render(bench_dir: Path, out: Path) -> tuple[str, list[Path]]:
     """The markdown of docs/benchmarks.md and the figures written for it."""
     rep = Report(bench_dir, out)
     docs: dict[str, dict[str, Any]] = {}
-    for name in ("trainer", "integrity", "recovery", "coordinator"):
+    for name, base, _ in TRAINER_RUNS:
+        d = rep.load(name)
+        if d is not None:
+            docs["trainer" if base == "ddp" else f"trainer, {base}"] = d
+    for name in ("integrity", "recovery", "coordinator"):
         d = rep.load(f"{name}.json")
         if d is not None:
             docs[name] = d

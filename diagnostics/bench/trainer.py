@@ -1,9 +1,11 @@
-"""`stanchion bench trainer`: Stanchion's trainer beside plain torch DDP, and the DDP baseline itself.
+"""`stanchion bench trainer`: Stanchion's trainer beside a plain torch loop (DDP, FSDP2 or HSDP),
+and that plain loop itself.
 
-The plain-DDP baseline is :func:`ddp_worker`, run under torchrun as
-``python -m diagnostics.bench ddp-worker TRAINER-FLAGS`` (diagnostics/bench/__main__.py): it parses
-the trainer's own flags, so both sides train the same model on the same batches with the same
-thread count. :func:`ddp_command` builds that command line.
+The baseline is :func:`baseline_worker`, run under torchrun as
+``python -m diagnostics.bench baseline-worker TRAINER-FLAGS`` (diagnostics/bench/__main__.py): it
+parses the trainer's own flags, so both sides train the same model on the same batches with the same
+thread count and parallelism (``parallel``, ``hsdp_replicate``). :func:`baseline_command` builds
+that command line.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from diagnostics.bench.common import (
     Progress,
     Run,
     envelope,
+    goal,
     interleaved,
     median,
     paired_ratios,
@@ -102,9 +105,14 @@ def flops_per_token(cfg: TrainConfig, vocab_size: int) -> tuple[float, int]:
 # The plain-DDP baseline (one rank; run under torchrun)
 
 
-def ddp_command(flags: Sequence[str], run_dir: Path, nproc: int) -> list[str]:
-    """torchrun running :func:`ddp_worker` on ``nproc`` ranks, through this package's ``__main__``."""
-    return torchrun(nproc, "-m", "diagnostics.bench", "ddp-worker", "--run-dir", str(run_dir), *flags)
+# The plain loops `bench trainer` compares with: name -> what the baseline is, as shown.
+BASELINES = {"ddp": "DDP", "fsdp": "FSDP2", "hsdp": "HSDP"}
+TRAINER_RATIO_GOAL = 1.03  # Stanchion ÷ the plain loop, median step time, every protection on
+
+
+def baseline_command(flags: Sequence[str], run_dir: Path, nproc: int) -> list[str]:
+    """torchrun running :func:`baseline_worker` on ``nproc`` ranks, through this package's ``__main__``."""
+    return torchrun(nproc, "-m", "diagnostics.bench", "baseline-worker", "--run-dir", str(run_dir), *flags)
 
 
 def data_vocab(data: Path) -> int:
@@ -113,9 +121,11 @@ def data_vocab(data: Path) -> int:
     return TokenData(data).vocab_size
 
 
-def ddp_worker(argv: Sequence[str]) -> int:
-    """Train like a plain torch DDP loop would, with Stanchion's model, optimizer, LR schedule and
+def baseline_worker(argv: Sequence[str]) -> int:
+    """Train like a plain torch loop would, with Stanchion's model, optimizer, LR schedule and
     batches (trainer.data.get_batch), and write ``step_time_s`` records where the trainer does.
+    ``parallel=ddp``: a DistributedDataParallel loop; ``parallel=fsdp``: FSDP2 (``fully_shard``,
+    HSDP with ``hsdp_replicate`` > 1), sharded as the trainer shards (trainer.loop.shard_gpt).
 
     Left out on purpose, because they are what Stanchion adds: activation-norm tracking, per-layer
     grad norms, the per-step control all-gather, fingerprints, the audit, snapshots and
@@ -130,6 +140,7 @@ def ddp_worker(argv: Sequence[str]) -> int:
     from trainer.cli import parser
     from trainer.config import replace
     from trainer.data import TokenData, get_batch
+    from trainer.loop import shard_gpt
     from trainer.model import GPT
     from trainer.optim import build_optimizer, lr_at, set_lr
 
@@ -145,10 +156,15 @@ def ddp_worker(argv: Sequence[str]) -> int:
     model = GPT(model_cfg)
     model.init_weights(cfg.seed)
     model.to(device)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    sharded = cfg.parallel == "fsdp"
+    if sharded:  # FSDP2 casts to bf16 itself (its mixed-precision policy), as the trainer does
+        shard_gpt(model, device.type, world, cfg.hsdp_replicate, cfg.precision)
+        net: torch.nn.Module = model
+    else:
+        net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     opt = build_optimizer(model, cfg.optim, device_type=device.type)
     accum = cfg.check_world(world)
-    bf16 = cuda and cfg.precision == "bf16"
+    autocast = cuda and cfg.precision == "bf16" and not sharded
     out = JsonlWriter(Path(args.run_dir) / "ranks" / f"rank-{rank:05d}" / "progress.jsonl")
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     for index in range(cfg.steps):
@@ -168,10 +184,15 @@ def ddp_worker(argv: Sequence[str]) -> int:
                 seq_len=cfg.data.seq_len,
             )
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = ddp.no_sync() if micro < accum - 1 else contextlib.nullcontext()  # reduce once per step
+            last = micro == accum - 1  # gradients are reduced once per step
+            if sharded:
+                model.set_requires_gradient_sync(last)  # type: ignore[operator]
+                sync = contextlib.nullcontext()
+            else:
+                sync = net.no_sync() if not last else contextlib.nullcontext()  # type: ignore[operator]
             with sync:
-                with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-                    _, loss = ddp(x, y)
+                with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+                    _, loss = net(x, y)
                 (loss / accum).backward()
             loss_sum += loss.detach()
         if cfg.optim.grad_clip:
@@ -210,8 +231,11 @@ class TrainerPlan:
     sets: dict[str, Any] = field(default_factory=dict)
 
 
-def trainer_plan(preset: str, *, data: Path, steps: int | None, nproc: int, cuda: bool) -> TrainerPlan:
-    """What `bench trainer` runs for ``preset``: the preset, made to fit this machine and ``nproc``.
+def trainer_plan(
+    preset: str, *, data: Path, steps: int | None, nproc: int, cuda: bool, parallel: str = "ddp"
+) -> TrainerPlan:
+    """What `bench trainer` runs for ``preset``: the preset, made to fit this machine and ``nproc``,
+    with the ``parallel`` layout of :data:`BASELINES` (hsdp: 2 replica groups of nproc / 2 shards).
 
     On a CPU anything bigger than ``tiny`` gets 1 sequence per rank per step at seq_len <= 256 and
     20 steps (the last checks fingerprints and takes a snapshot); on a GPU the preset's own batch
@@ -219,6 +243,10 @@ def trainer_plan(preset: str, *, data: Path, steps: int | None, nproc: int, cuda
     """
     from trainer.config import resolve
 
+    if parallel not in BASELINES:
+        raise ValueError(f"--parallel {parallel!r}: choose one of {', '.join(BASELINES)}")
+    if parallel == "hsdp" and (nproc < 2 or nproc % 2):
+        raise ValueError(f"--parallel hsdp needs an even --nproc (2 replica groups); got {nproc}")
     base = resolve(preset)
     sets: dict[str, Any] = {"eval_batches": 1}  # the final evaluation is not timed; keep it short
     notes = [
@@ -246,9 +274,16 @@ def trainer_plan(preset: str, *, data: Path, steps: int | None, nproc: int, cuda
     ):
         if value != default:
             sets[key] = value
-    if base.parallel != "ddp":
-        sets["parallel"] = "ddp"
-        notes.append(f"parallel=ddp (the preset uses {base.parallel}): the baseline is DDP")
+    layout = {
+        "parallel": "ddp" if parallel == "ddp" else "fsdp",
+        "hsdp_replicate": 2 if parallel == "hsdp" else 1,
+    }
+    if (base.parallel, base.hsdp_replicate) != (layout["parallel"], layout["hsdp_replicate"]):
+        sets.update({k: v for k, v in layout.items() if v != getattr(base, k)})
+        notes.append(
+            f"parallel={layout['parallel']}, hsdp_replicate={layout['hsdp_replicate']} (the preset uses "
+            f"{base.parallel}, {base.hsdp_replicate}): the baseline is plain {BASELINES[parallel]}"
+        )
     if cuda and base.precision != "bf16":
         sets["precision"] = "bf16"
     n_steps = steps or (100 if preset == "tiny" else 20 if not cuda else 50)
@@ -270,9 +305,11 @@ def bench_trainer(
     command: str,
     timeout_s: float = 1800.0,
     progress: Progress = lambda _: None,
+    parallel: str = "ddp",
 ) -> dict[str, Any]:
-    """Stanchion's trainer (its real CLI, all protections at their defaults) beside plain torch DDP,
-    per preset: step time, tokens/s, and model FLOP/s as a fraction of the measured matmul peak.
+    """Stanchion's trainer (its real CLI, all protections at their defaults) beside the plain torch
+    loop ``parallel`` names (:data:`BASELINES`), per preset: step time, tokens/s, and model FLOP/s
+    as a fraction of the measured matmul peak.
 
     The peak is a roofline-style ceiling: the median FLOP/s of a square matmul (fp32 2048 on a CPU
     with ``threads`` torch threads, as each rank uses; bf16 8192 on a GPU) times the number of ranks,
@@ -283,7 +320,10 @@ def bench_trainer(
     load_at_start = os.getloadavg()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    plans = [trainer_plan(p, data=data, steps=steps, nproc=nproc, cuda=cuda) for p in presets]
+    plans = [
+        trainer_plan(p, data=data, steps=steps, nproc=nproc, cuda=cuda, parallel=parallel) for p in presets
+    ]
+    base = parallel  # the baseline's name in the runs and the results
     cfgs = {p.preset: resolve_flags(p.flags) for p in plans}
     threads = next(iter(cfgs.values())).threads
     mm = (
@@ -295,9 +335,9 @@ def bench_trainer(
     vocab = data_vocab(data)
     runs: dict[tuple[str, str], list[Run]] = {}
     for plan in plans:
-        for round_, system in interleaved(["stanchion", "ddp"], rounds):
+        for round_, system in interleaved(["stanchion", base], rounds):
             run_dir = work_dir / plan.preset / f"{system}-r{round_}"
-            build = stanchion_command if system == "stanchion" else ddp_command
+            build = stanchion_command if system == "stanchion" else baseline_command
             cmd = build(plan.flags, run_dir, nproc)
             runs.setdefault((plan.preset, system), []).append(
                 run_measured(
@@ -324,6 +364,7 @@ def bench_trainer(
         },
         "presets": {},
     }
+    goals = []
     for plan in plans:
         cfg = cfgs[plan.preset]
         fpt, params = flops_per_token(cfg, vocab)
@@ -349,7 +390,7 @@ def bench_trainer(
                 "notes": list(plan.notes),
             }
         }
-        for system in ("stanchion", "ddp"):
+        for system in ("stanchion", base):
             system_runs = runs[(plan.preset, system)]
             cadence = Cadence.of(cfg, nproc) if system == "stanchion" else Cadence()
             stats = step_time_stats(system_runs, cadence)
@@ -362,9 +403,9 @@ def bench_trainer(
                 flop_utilization=flop_utilization(fpt, tokens_per_step / med, peak),
             )
             entry[system] = stats
-        s, d = entry["stanchion"]["step_time_s"], entry["ddp"]["step_time_s"]
-        per_round = paired_ratios(runs[(plan.preset, "stanchion")], runs[(plan.preset, "ddp")])
-        entry["stanchion_vs_ddp"] = {
+        s, d = entry["stanchion"]["step_time_s"], entry[base]["step_time_s"]
+        per_round = paired_ratios(runs[(plan.preset, "stanchion")], runs[(plan.preset, base)])
+        vs = entry[f"stanchion_vs_{base}"] = {
             "step_time_ratio_median": ratio(s["median"], d["median"]),
             "step_time_ratio_amortized": ratio(s["amortized"], d["amortized"]),
             "step_time_ratio_p10": ratio(s["p10"], d["p10"]),
@@ -372,6 +413,16 @@ def bench_trainer(
             "step_time_ratio_median_of_rounds": median(r for r in per_round if r is not None),
         }
         results["presets"][plan.preset] = entry
+        value = vs["step_time_ratio_median_of_rounds"]
+        goals.append(
+            goal(
+                f"{plan.preset}: Stanchion ÷ plain {BASELINES[base]} step time, all protections at their defaults",
+                value,
+                "<= 1.03",
+                None if value is None else value <= TRAINER_RATIO_GOAL,
+                "median over rounds of (Stanchion's median step time / the baseline's, same round)",
+            )
+        )
     settings = {
         "data": str(data),
         "presets": list(presets),
@@ -379,14 +430,18 @@ def bench_trainer(
         "rounds": rounds,
         "device": device,
         "threads_per_rank": threads,
-        "order": "ABBA: stanchion, ddp; then ddp, stanchion",
+        "parallel": base,
+        "order": f"ABBA: stanchion, {base}; then {base}, stanchion",
     }
     notes = [
         "step_time_s: rank 0's time from the start of a step to its end, from its progress records "
-        "(Stanchion: trainer/loop.py; DDP: diagnostics/bench/trainer.py ddp_worker); warm-up steps dropped",
+        f"(Stanchion: trainer/loop.py; {BASELINES[base]}: diagnostics/bench/trainer.py baseline_worker); "
+        "warm-up steps dropped",
         "amortized: mean step time with each class of step (which protections were due) at its median",
         "flop_utilization = flops_per_token x tokens_per_s / (matmul FLOP/s per rank x ranks); "
         "flops_per_token = 6N + 12 L d T (trainer/model.py), N including the lm_head",
-        "step_time_ratio > 1: Stanchion is slower than plain DDP by that factor",
+        f"step_time_ratio > 1: Stanchion is slower than plain {BASELINES[base]} by that factor",
     ]
-    return envelope("trainer", command, settings, results, notes=notes, load_at_start=load_at_start)
+    return envelope(
+        "trainer", command, settings, results, goals=goals, notes=notes, load_at_start=load_at_start
+    )

@@ -144,8 +144,9 @@ def print_goals(result: dict[str, Any]) -> None:
 def trainer_table(result: dict[str, Any]) -> None:
     r = result["results"]
     rows = []
+    base = result["settings"].get("parallel", "ddp")
     for preset, entry in r["presets"].items():
-        for system in ("stanchion", "ddp"):
+        for system in ("stanchion", base):
             s = entry[system]
             rows.append(
                 [
@@ -160,7 +161,7 @@ def trainer_table(result: dict[str, Any]) -> None:
                     pct(s["flop_utilization"]).lstrip("+") if s["flop_utilization"] is not None else None,
                 ]
             )
-        vs = entry["stanchion_vs_ddp"]
+        vs = entry[f"stanchion_vs_{base}"]
         rows.append(
             [
                 preset,
@@ -205,19 +206,33 @@ def trainer(
     data: DataOpt = None,
     work_dir: WorkDirOpt = None,
     timeout_s: TimeoutOpt = 1800.0,
+    parallel: Annotated[
+        str,
+        typer.Option(
+            "--parallel",
+            metavar="LAYOUT",
+            help="ddp, fsdp (FSDP2, one shard group) or hsdp (2 replica groups of nproc/2 shards): "
+            "the layout both sides train with, and the plain loop compared.",
+        ),
+    ] = "ddp",
     json_: JsonOpt = False,
     out: OutOpt = None,
 ) -> None:
-    """Stanchion's trainer beside plain torch DDP: step time, tokens/s and model FLOP/s.
+    """Stanchion's trainer beside a plain torch loop: step time, tokens/s and model FLOP/s.
 
     Each preset runs through the trainer's real CLI (`python -m trainer --nproc N`, every protection
-    at its default, checkpoints off) and as a plain DistributedDataParallel loop under torchrun with
-    the same model, batches and thread count, in interleaved rounds. Model FLOP/s are reported as a
-    fraction of a square-matmul peak measured in the same run. On a CPU, presets larger than tiny
-    train a reduced batch (listed in the JSON); on a GPU they run in bf16."""
+    at its default, checkpoints off) and as a plain loop under torchrun (DistributedDataParallel, or
+    FSDP2's fully_shard with --parallel fsdp|hsdp) with the same model, batches and thread count, in
+    interleaved rounds. Model FLOP/s are reported as a fraction of a square-matmul peak measured in
+    the same run. On a CPU, presets larger than tiny train a reduced batch (listed in the JSON); on
+    a GPU they run in bf16."""
     from diagnostics.bench.common import work_directory
-    from diagnostics.bench.trainer import bench_trainer
+    from diagnostics.bench.trainer import BASELINES, bench_trainer
 
+    if parallel not in BASELINES:
+        raise UsageError(f"--parallel {parallel!r}: expected one of {', '.join(BASELINES)}")
+    if parallel == "hsdp" and nproc % 2:
+        raise UsageError(f"--parallel hsdp: --nproc {nproc} is odd", hint="HSDP here is 2 replica groups")
     presets = presets or ["tiny", "gpt2-124m"]
     rounds = rounds or 3
     command = command_line(
@@ -227,6 +242,7 @@ def trainer(
             ("--steps", steps),
             ("--nproc", nproc),
             ("--rounds", rounds),
+            ("--parallel", None if parallel == "ddp" else parallel),
             ("--data", data),
             ("--json", json_),
             ("--out", out),
@@ -243,6 +259,7 @@ def trainer(
             command=command,
             timeout_s=timeout_s,
             progress=message,
+            parallel=parallel,
         )
     report(result, json_=json_, out=out, table=trainer_table)
 

@@ -198,6 +198,27 @@ def test_tiny_keeps_its_batch_unless_it_cannot_divide(tmp_path: Path) -> None:
     assert common.resolve_flags(plan3.flags).check_world(3) == 1
 
 
+def test_the_sharded_layouts_are_set_on_both_sides_and_said(tmp_path: Path) -> None:
+    fsdp = trainer_bench.trainer_plan(
+        "gpt2-124m", data=tmp_path, steps=None, nproc=2, cuda=False, parallel="fsdp"
+    )
+    cfg = common.resolve_flags(fsdp.flags)
+    assert (cfg.parallel, cfg.hsdp_replicate) == ("fsdp", 1)
+    assert any("the baseline is plain FSDP2" in n for n in fsdp.notes)
+    hsdp = trainer_bench.trainer_plan(
+        "gpt2-124m", data=tmp_path, steps=None, nproc=4, cuda=False, parallel="hsdp"
+    )
+    cfg = common.resolve_flags(hsdp.flags)
+    assert (cfg.parallel, cfg.hsdp_replicate) == ("fsdp", 2)
+    cfg.check_world(4)  # 2 replica groups of 2 shards
+    ddp = trainer_bench.trainer_plan("gpt2-124m", data=tmp_path, steps=None, nproc=2, cuda=False)
+    assert "parallel" not in ddp.sets and not any("baseline is plain" in n for n in ddp.notes)
+    with pytest.raises(ValueError, match="--parallel hsdp needs an even --nproc"):
+        trainer_bench.trainer_plan("tiny", data=tmp_path, steps=None, nproc=3, cuda=False, parallel="hsdp")
+    with pytest.raises(ValueError, match="choose one of ddp, fsdp, hsdp"):
+        trainer_bench.trainer_plan("tiny", data=tmp_path, steps=None, nproc=2, cuda=False, parallel="tp")
+
+
 def test_a_gpu_runs_the_preset_in_bf16(tmp_path: Path) -> None:
     plan = trainer_bench.trainer_plan("gpt2-124m", data=tmp_path, steps=None, nproc=8, cuda=True)
     assert plan.sets["precision"] == "bf16"
@@ -315,6 +336,49 @@ def test_bad_data_and_a_single_rank_are_usage_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--nproc must be at least 2" in result.stderr
 
 
+def test_a_layout_the_trainer_bench_cannot_run_is_a_usage_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["trainer", "--parallel", "tp", "--data", str(tmp_path)])
+    assert result.exit_code == 2 and "--parallel 'tp': expected one of ddp, fsdp, hsdp" in result.stderr
+    result = runner.invoke(app, ["trainer", "--parallel", "hsdp", "--nproc", "3", "--data", str(tmp_path)])
+    assert result.exit_code == 2 and "--parallel hsdp: --nproc 3 is odd" in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_trainer_beside_plain_fsdp2_trains_the_same_model_on_the_same_batches(
+    small_data: Path, tmp_path: Path
+) -> None:
+    """One round of tiny, 6 steps, both sides sharded with FSDP2 (~40 s): the JSON names the
+    baseline and carries its ratio and goal, and the plain loop's first loss (the mean of its
+    ranks' losses, as the trainer records it) is the trainer's, to the bit: the same weights, batches
+    and sharding, before any update."""
+    out = tmp_path / "trainer-fsdp.json"
+    work = tmp_path / "work"
+    args = ["trainer", "--preset", "tiny", "--steps", "6", "--rounds", "1", "--parallel", "fsdp"]
+    args += ["--data", str(small_data), "--work-dir", str(work), "--json", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["settings"]["parallel"] == "fsdp" and "--parallel fsdp" in data["command"]
+    entry = data["results"]["presets"]["tiny"]
+    assert entry["config"]["sets"]["parallel"] == "fsdp"
+    assert entry["fsdp"]["steps_measured"] == entry["stanchion"]["steps_measured"] > 0
+    vs = entry["stanchion_vs_fsdp"]
+    assert vs["step_time_ratio_median"] > 0 and len(vs["step_time_ratio_per_round"]) == 1
+    [g] = data["goals"]
+    assert (
+        g["goal"].startswith("tiny: Stanchion ÷ plain FSDP2")
+        and g["value"] == vs["step_time_ratio_median_of_rounds"]
+    )
+
+    def first_loss(system: str, rank: int) -> float:
+        [path] = work.glob(f"trainer-*/tiny/{system}-r0/ranks/rank-{rank:05d}/progress.jsonl")
+        record = json.loads(path.read_text().splitlines()[0])
+        assert record["step"] == 1
+        return record["loss"]
+
+    assert sum([first_loss("fsdp", 0), first_loss("fsdp", 1)]) / 2 == first_loss("stanchion", 0)
+
+
 @pytest.mark.slow
 def test_integrity_quick_writes_the_documented_json(small_data: Path, tmp_path: Path) -> None:
     """Two real 2-rank trainer runs of a small model and an 8 MiB checksum pass (~20 s)."""
@@ -367,16 +431,16 @@ def test_integrity_quick_writes_the_documented_json(small_data: Path, tmp_path: 
     assert "running baseline round 0" in result.stderr
 
 
-def test_the_ddp_worker_runs_through_the_bench_packages_main() -> None:
-    """torchrun starts the baseline as `-m diagnostics.bench ddp-worker` (diagnostics/bench/__main__.py),
+def test_the_baseline_worker_runs_through_the_bench_packages_main() -> None:
+    """torchrun starts the baseline as `-m diagnostics.bench baseline-worker` (diagnostics/bench/__main__.py),
     the command line the recorded JSON shows; without a worker name the entry point prints its usage."""
-    cmd = trainer_bench.ddp_command(["--steps", "5"], Path("RUN"), 2)
+    cmd = trainer_bench.baseline_command(["--steps", "5"], Path("RUN"), 2)
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     i = cmd.index("-m", 3)
-    assert cmd[i + 1 : i + 5] == ["diagnostics.bench", "ddp-worker", "--run-dir", "RUN"]
+    assert cmd[i + 1 : i + 5] == ["diagnostics.bench", "baseline-worker", "--run-dir", "RUN"]
     repo = Path(__file__).resolve().parents[2]
     out = subprocess.run(
         [sys.executable, "-m", "diagnostics.bench"], capture_output=True, text=True, cwd=repo
     )
     assert out.returncode == 2
-    assert "ddp-worker" in out.stderr and "coordinator-client" in out.stderr
+    assert "baseline-worker" in out.stderr and "coordinator-client" in out.stderr
