@@ -11,6 +11,7 @@ and clipping, torch DDP.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import time
@@ -157,6 +158,11 @@ def main() -> None:
         torch.save(model.module.state_dict(), os.path.join(args.out_dir, "ckpt.pt"))
         print(f"finished {args.max_iters} iterations: val loss {val:.4f}")
     dist.barrier()  # no rank tears its group down while DDP's reducer on another still uses it
+    # DDP sits in a reference cycle, so only the garbage collector frees it, and with it the process
+    # group's last reference: left to the interpreter's shutdown, a gloo thread still releasing the
+    # last collective's tensors then aborts the process. Free it (and the group) while it runs.
+    model = None
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -325,10 +325,9 @@ def trainer_run_section(rep: Report, name: str, base: str, shown_as: str) -> lis
     d = rep.load(name)
     out = [f"## Trainer: Stanchion beside plain {shown_as}", ""]
     if d is None:
-        return out + [
-            NOT_MEASURED + f" `stanchion bench trainer --parallel {base} --json --out docs/bench/{name}`",
-            "",
-        ]
+        nproc = " --nproc 4" if base == "hsdp" else ""  # 2 replica groups of 2 shards
+        how = f"stanchion bench trainer --preset gpt2-124m --parallel {base}{nproc} --json --out docs/bench/{name}"
+        return out + [f"{NOT_MEASURED} `{how}`", ""]
     r = d["results"]
     mm = r["matmul"]
     out += command_block(d["command"]) + [TRAINER_WHAT_RUNS if base == "ddp" else TRAINER_SHARDED_WHAT_RUNS]

@@ -11,6 +11,7 @@ that command line.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
 from collections.abc import Sequence
@@ -213,6 +214,11 @@ def baseline_worker(argv: Sequence[str]) -> int:
             }
         )
     out.close()
+    # DDP and FSDP sit in reference cycles: freed by the garbage collector now, with the process
+    # group, rather than in the interpreter's shutdown, where a gloo thread still releasing the last
+    # collective's tensors aborts the process (see examples/nanogpt_plain.py).
+    del net, model, opt
+    gc.collect()
     dist.destroy_process_group()
     return 0
 

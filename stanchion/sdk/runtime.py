@@ -17,6 +17,7 @@ the current generation.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -106,10 +107,19 @@ def shutdown_is_unsafe() -> bool:
 
 def exit_process(code: int) -> NoReturn:
     """End this process with ``code``: without the interpreter's shutdown where that is unsafe
-    (output and logs are flushed first), else with ``sys.exit``."""
+    (output and logs are flushed first), else with ``sys.exit`` once :func:`free_groups` ran."""
     if shutdown_is_unsafe():
         _flush_and_exit(code)
+    free_groups()
     sys.exit(code)
+
+
+def free_groups() -> None:
+    """Free process groups nothing references any more. FSDP's and DDP's state sits in reference
+    cycles, so only the garbage collector frees it, and with it a group's last reference; left to
+    the interpreter's shutdown, a gloo thread still releasing the last collective's tensors (which
+    takes the GIL) aborts the process. Called when the program is done with its groups."""
+    gc.collect()
 
 
 def _flush_and_exit(code: int) -> NoReturn:
@@ -314,7 +324,8 @@ class Runtime:
         """Make the program's own end (returning from its main) skip the interpreter's shutdown
         where that is unsafe (:func:`shutdown_is_unsafe`), with exit code 0, or 1 if an exception
         reached the top. Called by ``Guard.finish()``. Other exit handlers of the program do not
-        run in that case, and a ``sys.exit(code)`` after the guard finished ends with 0."""
+        run in that case, and a ``sys.exit(code)`` after the guard finished ends with 0. Otherwise
+        the groups the program no longer references are freed first (:func:`free_groups`)."""
         if not self._exit_hooked:
             self._exit_hooked = True
             # threading's private hook, the one concurrent.futures uses: it runs before the
@@ -324,6 +335,7 @@ class Runtime:
     def _at_exit(self) -> None:
         if shutdown_is_unsafe():
             _flush_and_exit(contract.EXIT_ERROR if self.uncaught else contract.EXIT_OK)
+        free_groups()
 
     def _excepthook(self, kind: type[BaseException], exc: BaseException, tb: Any) -> None:
         self.uncaught = True
