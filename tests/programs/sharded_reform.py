@@ -4,7 +4,7 @@
 step's backward pass fails partway (a gradient hook raises after the root module's gradients exist
 and before the first block's), then every rank does what a surviving rank does in a broken
 generation: it drops the broken groups (``sharded.release``), forms a new default group under a new
-store file, moves the model's mesh to it (``sharded.rebind``), clears the gradients and computes
+store prefix, moves the model's mesh to it (``sharded.rebind``), clears the gradients and computes
 the step again. Rank 0 writes the full (unsharded) parameters and optimizer state to ``--out``.
 
 ``shrink``: rank 1 leaves after one step, and rank 0 alone forms a world of 1: ``rebind`` must
@@ -52,15 +52,9 @@ def _fail(_grad: torch.Tensor) -> None:
 
 
 def join(rank: int, world: int, store: str, generation: int) -> None:
-    # A file per generation: a FileStore deletes its file when as many of its instances as the world
-    # size have closed, so a slow rank closing the old generation's store would delete the keys a
-    # fast rank had already written into the same file for the next one.
+    prefixed = dist.PrefixStore(f"gen{generation}/", dist.FileStore(store, world))
     dist.init_process_group(
-        "gloo",
-        store=dist.FileStore(f"{store}.gen{generation}", world),
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
+        "gloo", store=prefixed, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
 
 
