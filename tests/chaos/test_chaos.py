@@ -27,6 +27,7 @@ from support import frozen_pids, golden, job_spec, prepare_data, run_trainer, tr
 from diagnostics.localcluster import LocalCluster
 from protos.stanchion.v1 import types_pb2
 from stanchion.files import read_jsonl
+from stanchion.sdk.manifest import step_dir_name
 from stanchion.vocab import EventKind
 
 DATA = "fixture-512"
@@ -164,19 +165,34 @@ def test_rotten_checkpoints_fall_back_to_the_previous_good_one(
         c.wait_warm()
         job_id = c.submit(job_spec("rot", DATA, nodes=2, steps=STEPS, checkpoint_every=5))
         c.wait(lambda: c.job(job_id).last_good_checkpoint_step >= 25, 300, "three good checkpoints")
+        # Freeze every rank first: no checkpoint commits while the files are damaged. A checkpoint is
+        # on disk (its manifest written) before the coordinator hears of it, so the newest one the
+        # coordinator knows is read first and everything on disk newer than it is damaged too:
+        # whichever the coordinator names, the ranks meet both kinds of rot on their way back.
+        nodes = c.job(job_id).nodes
+        pids = sorted(r["pid"] for n in nodes for r in c.ranks(n))
+        for pid in pids:
+            c.signal_pid(pid, signal.SIGSTOP)
+        c.wait(
+            lambda: sorted(p for n in nodes for p in frozen_pids(c.run_root, n)) == pids,
+            30,
+            "every rank stopped",
+        )
+        known = c.job(job_id).last_good_checkpoint_step
         root = c.run_root / job_id / "checkpoints"
         committed = sorted(p for p in root.glob("step-*") if (p / "manifest.json").exists())
-        newest, before = committed[-1], committed[-2]
-        f = next(p for p in sorted(newest.iterdir()) if p.suffix == ".distcp")
-        f.write_bytes(f.read_bytes()[: -rng.randrange(1, 200)])
+        newest = root / step_dir_name(known)
+        assert newest in committed, (newest, committed)
+        before = committed[committed.index(newest) - 1]
+        for ck in committed[committed.index(newest) :]:
+            f = next(p for p in sorted(ck.iterdir()) if p.suffix == ".distcp")
+            f.write_bytes(f.read_bytes()[: -rng.randrange(1, 200)])
         g = next(p for p in sorted(before.iterdir()) if p.suffix == ".distcp")
         raw = bytearray(g.read_bytes())
         raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
         g.write_bytes(bytes(raw))
-        job = c.job(job_id)
-        for n in job.nodes:  # every rank at once: no live peer to heal from
-            for r in c.ranks(n):
-                c.signal_pid(r["pid"], signal.SIGKILL)
+        for pid in pids:  # every rank at once: no live peer to heal from
+            c.signal_pid(pid, signal.SIGKILL)
         finished(c, job_id)
         check_invariant(c, job_id, golden2["fingerprint"])
         skipped = {
