@@ -52,6 +52,7 @@ import random
 import signal
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,9 @@ PRIMARY = ("crash", "hang", "agent")  # faults that put the job into RECOVERING 
 SECOND = ("crash", "agent", "coordinator")  # faults that can land while a generation forms
 FILE_FIELDS = ("kind", "step", "target", "during_recovery")
 SETTLE_STEPS = 5  # a crash/hang/agent fault followed by this many steps and no new generation had no effect
+# How far ahead of what `up` sees the ranks may be when a fault lands: the polls (0.1-0.25 s), the
+# coordinator's answer and the signal, with room for a busy machine.
+LEAD_S = 2.0
 RUNNING, RECOVERING = 2, 3  # types_pb2.JOB_STATE_RUNNING / JOB_STATE_RECOVERING
 
 
@@ -86,6 +90,7 @@ class Fault:
     job_step: int = 0  # the job's step when it was injected
     landed: str = ""  # the job's state when it was injected: running or recovering
     effect: bool = True  # False when there was nothing to hit (no live rank)
+    held_back: str = ""  # why it fired later than its step (a bit flip's check window)
     back_at: float | None = None  # coordinator faults: when the coordinator answered again
     recovery_s: float | None = None
     detail: str = ""
@@ -162,6 +167,25 @@ def next_check(step: int, every: int) -> int:
     return (step // every + 1) * every
 
 
+def flip_answered(step: int, every: int) -> int:
+    """The step by which a bit flip at ``step`` has been checked and answered: the next fingerprint check,
+    plus the steps its verdict and the rollback decision take."""
+    return next_check(step, every) + 3
+
+
+def held_back_until(rank_step: int, flips: Iterable[int], check_every: int, lead: int) -> int | None:
+    """The step an external fault must wait for, or None when it may fire at ``rank_step``. A crash or
+    hang between a bit flip and its fingerprint check erases the flip unseen (the flipped replica dies,
+    or the survivors go back before it to heal), so the flip would be reported undetected. The ranks
+    run ahead of what `up` sees by up to ``lead`` steps, so the window opens that much before the flip."""
+    if check_every <= 0:
+        return None  # no fingerprint checks: a flip is never seen, nothing to keep apart
+    ends = [
+        flip_answered(b, check_every) for b in flips if b - lead <= rank_step < flip_answered(b, check_every)
+    ]
+    return max(ends, default=None)
+
+
 def _after_bitflips(faults: list[Fault], check_every: int) -> list[Fault]:
     """No fault before the fingerprint check that sees a bit flip: an undetected flip is an unhealthy job
     (a replacement healed from the flipped replica would carry the flip on)."""
@@ -170,7 +194,7 @@ def _after_bitflips(faults: list[Fault], check_every: int) -> list[Fault]:
         if not f.during_recovery:
             f.step = max(f.step, not_before)
         if f.kind == "bitflip" and check_every > 0:
-            not_before = next_check(f.step, check_every) + 3
+            not_before = flip_answered(f.step, check_every)
     return faults
 
 
@@ -236,7 +260,7 @@ def chaos_schedule(
             out.append(Fault(rng.choice(seconds), step, rng.choice(nodes), during_recovery=True))
             pair_left = False
         if kind == "bitflip" and check_every > 0:
-            not_before = next_check(step, check_every) + 3
+            not_before = flip_answered(step, check_every)
         step += rng.randint(fault_every - fault_every // 2, fault_every + fault_every // 2)
     return out
 
@@ -418,6 +442,7 @@ class Up:
         # The layout must fit before anything starts (a bad --set or a batch that does not divide over
         # the nodes names its key here, not as a refused submission after every daemon started).
         self.faults: list[Fault] = []
+        self.check_every = self._check_every()
         if not opts.entrypoint:
             self._job_spec(()).train_config().check_world(opts.nodes * opts.workers_per_node)
         if opts.faults is not None:
@@ -429,7 +454,7 @@ class Up:
                 self.nodes,
                 kinds=opts.chaos_kinds,
                 fault_every=opts.fault_every,
-                check_every=self._check_every(),
+                check_every=self.check_every,
                 recovery_faults=opts.recovery_faults,
             )
         self.internal = [f for f in self.faults if f.kind in INTERNAL]  # in job-spec order (their ids)
@@ -692,6 +717,20 @@ class Up:
             prev.detail += "; no new generation followed"
         return True
 
+    def _held_back(self, f: Fault) -> bool:
+        """Keep ``f`` out of a bit flip's window between the flip and its check (see held_back_until)."""
+        flips = [g.step for g in self.internal if g.kind == "bitflip"]
+        if not flips:
+            return False
+        rec = self.tail.poll(self.job_id)
+        rank_step = int(rec["step"]) if rec else 0
+        step_s = float(rec.get("step_time_s") or 0) if rec else 0.0
+        lead = 2 + (math.ceil(LEAD_S / step_s) if step_s > 0 else 0)
+        until = held_back_until(rank_step, flips, self.check_every, lead)
+        if until is not None and not f.held_back:
+            f.held_back = f"held back at step {rank_step} until step {until}: a bit flip's check window"
+        return until is not None
+
     def inject(self, job: Any) -> None:
         f, prev = self._pending()
         if f is None:
@@ -708,7 +747,8 @@ class Up:
             if prev is not None and not self._settled(prev, job):
                 return
             landed = "running"
-        self._fire(f, job, landed)
+        if not self._held_back(f):
+            self._fire(f, job, landed)
 
     def _live_rank(self, job: Any, f: Fault) -> tuple[str, dict[str, Any]] | None:
         """A live rank of the job's current generation, on the target first, then on other members."""
@@ -834,6 +874,7 @@ class Up:
                     "fired": f.injected_at is not None,
                     "during_recovery": f.during_recovery,
                     "landed": f.landed,
+                    "held_back": f.held_back,
                     "recovery_s": f.recovery_s,
                 }
                 for f in self.faults

@@ -20,6 +20,7 @@ from diagnostics.up import (
     ScheduleError,
     chaos_schedule,
     check_recoveries,
+    held_back_until,
     load_faults,
     measure_recoveries,
     nan_horizon,
@@ -90,6 +91,23 @@ def test_no_fault_lands_between_a_bit_flip_and_the_check_that_sees_it() -> None:
     # a larger fingerprint interval pushes further; none leaves no rule
     fs = chaos_schedule(1, 100, NODES, check_every=0)
     assert [f.step for f in fs] == sorted(f.step for f in fs)
+
+
+def test_a_late_fault_is_held_back_out_of_a_bit_flips_check_window() -> None:
+    # What made an `up --chaos 5 --chaos-kinds crash,bitflip` run report its flip undetected: the
+    # crash scheduled at step 12 reached a fast model (36 steps/s) only at step 36, killing the rank
+    # the flip at step 36 had hit before its check at step 37 (fingerprints every step).
+    assert held_back_until(36, [36], 1, lead=10) == 40
+    assert held_back_until(30, [36], 1, lead=10) == 40  # the ranks may already be 10 steps further
+    assert held_back_until(25, [36], 1, lead=10) is None  # far enough before: it lands before the flip
+    assert held_back_until(40, [36], 1, lead=10) is None  # checked and answered
+    # the window runs to the check that sees the flip, plus its answer
+    assert held_back_until(59, [45], 20, lead=2) == 63
+    assert held_back_until(63, [45], 20, lead=2) is None
+    # several flips: the latest end of the windows the step is in
+    assert held_back_until(41, [36, 42], 1, lead=2) == 46
+    # no fingerprint checks: a flip is never seen, nothing to keep apart
+    assert held_back_until(36, [36], 0, lead=10) is None
 
 
 # -- the long schedule ---------------------------------------------------------------------------------
