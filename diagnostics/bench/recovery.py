@@ -79,6 +79,7 @@ class Recovery:
     restarted_t: float | None  # the recovered ranks' first `started` event
     first_step_t: float | None  # their first completed step
     generation: int | None = None  # the generation that recovered (Stanchion)
+    resume_reason: str = ""  # why its ranks restored a checkpoint (their `restored` events say)
 
     @property
     def recovery_s(self) -> float | None:
@@ -101,6 +102,7 @@ class Recovery:
             "restarted_s": rel(self.restarted_t),
             "first_step_s": rel(self.first_step_t),
             "generation": self.generation,
+            "resume_reason": self.resume_reason,
             **extra,
         }
 
@@ -169,7 +171,12 @@ def measure_recovery(
         source = Resume.PEER
     elif EventKind.RESTORED in kinds:
         source = Resume.CHECKPOINT
-    return Recovery(injected_t, before, resume, source, min(e["t"] for e in group), first_t, gen)
+    reasons = sorted(
+        {str(e["reason"]) for e in related if e.get("event") == EventKind.RESTORED and e.get("reason")}
+    )
+    return Recovery(
+        injected_t, before, resume, source, min(e["t"] for e in group), first_t, gen, "; ".join(reasons)
+    )
 
 
 def first_decision_after(decisions: Iterable[Any], t: float, words: Sequence[str]) -> Any | None:

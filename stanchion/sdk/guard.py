@@ -518,6 +518,7 @@ class Guard:
             assignment.checkpoint if assignment else ("" if self.resume in ("auto", "none") else self.resume)
         )
         restored = False
+        why: str | None = f"resume: {mode.value}"  # why a checkpoint, if one is restored
         if assignment is not None and assignment.rollback_to >= 0 and self.has_state:
             # Roll back past an alarm's onset before anyone serves as a healing source.
             snap = self.snapshots.newest_at_or_before(assignment.rollback_to)
@@ -526,14 +527,17 @@ class Guard:
             else:
                 self.has_state = False  # nothing old enough here: do not serve as a source
         if mode == Resume.PEER:
-            restored = self._heal_from_peer()
+            why = self._heal_from_peer()
+            if why is not None and assignment is not None and assignment.rollback_to >= 0:
+                why += f"; the assignment rolls back to step {assignment.rollback_to}"
+            restored = why is None
         if not restored and mode != Resume.FRESH:
             max_step = (
                 assignment.rollback_to if assignment is not None and assignment.rollback_to >= 0 else None
             )
             path = self.ckpt.find_resume(explicit, max_step=max_step, fallback=assignment is not None)
             if path is not None:
-                self._load_checkpoint(path)
+                self._load_checkpoint(path, why=why or "")
                 restored = True
         if not restored:
             self._reset_to_initial()
@@ -568,8 +572,9 @@ class Guard:
             if name in self.state:
                 self.state[name].load_state_dict(copy.deepcopy(sd))
 
-    def _heal_from_peer(self) -> bool:
-        """Pick the live rank with the newest state and broadcast it to everyone else."""
+    def _heal_from_peer(self) -> str | None:
+        """Pick the live rank with the newest state and broadcast it to everyone else. Returns None
+        when healed, else why not (every rank then restores a checkpoint)."""
         device = self.rt.device
         mine = torch.tensor(
             [1 if self.has_state else 0, self.cursor.step, self.cursor.last_agreed_step],
@@ -579,7 +584,7 @@ class Guard:
         rows = all_gather_rows(mine, "choosing a healing source")
         stateful = [r for r in range(rows.shape[0]) if rows[r, 0] == 1]
         if not stateful:
-            return False
+            return "no live rank holds state to heal from"
         # Heal only from verified state. A replica corrupted after the last fingerprint agreement A
         # passed the damage to every survivor through its gradients of step A + 2 onwards (those of
         # step A + 1 came from its state at A, which agreed). So survivors past A + 1 first go back
@@ -602,13 +607,17 @@ class Guard:
         mine = torch.tensor([1 if self.has_state else 0, self.cursor.step], dtype=torch.int64, device=device)
         rows = all_gather_rows(mine, "choosing a healing source")
         groups = self.replica_groups()
-        plan = heal_sources([(bool(r[0]), int(r[1])) for r in rows.tolist()], groups)
+        held = [(bool(r[0]), int(r[1])) for r in rows.tolist()]
+        plan = heal_sources(held, groups)
         if plan is None:
-            return False
+            return (
+                f"no verified state at step {verified} or later to heal from "
+                f"(has state, step, by rank: {held}; replica groups {groups})"
+            )
         best_step, sources = plan
         mine_group = next(i for i, g in enumerate(groups) if self.rt.rank in g)
         if len(groups[mine_group]) == 1:  # sharded without replicas: this rank's own state is it
-            return True
+            return None
         src = sources[mine_group]
         t0 = time.perf_counter()
         group = None if self.mesh is None else self.mesh.get_group(self.replicate_dim)
@@ -617,9 +626,9 @@ class Guard:
         self.rt.event(
             EventKind.HEALED, source_rank=src, step=best_step, seconds=round(time.perf_counter() - t0, 4)
         )
-        return True
+        return None
 
-    def _load_checkpoint(self, path: Path) -> None:
+    def _load_checkpoint(self, path: Path, *, why: str) -> None:
         assert self.ckpt is not None
         manifest = self.ckpt.load(path, self.model, self.optimizer)
         extra = {"cursor": manifest.get("cursor", {"step": manifest["step"]})}
@@ -635,7 +644,9 @@ class Guard:
                 f"checkpoint {path} loaded but its state fingerprint {digest} differs from the manifest's "
                 f"{manifest['fingerprint']}: refusing to train on it"
             )
-        self.rt.event(EventKind.RESTORED, path=str(path), step=self.cursor.step, fingerprint=digest)
+        self.rt.event(
+            EventKind.RESTORED, path=str(path), step=self.cursor.step, fingerprint=digest, reason=why
+        )
         changed = numerics.differences(manifest.get("numerics", {}), self.numerics())
         if changed:
             log.warning(

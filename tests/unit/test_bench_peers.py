@@ -84,7 +84,7 @@ def test_torchrun_recovery_skips_a_straggler_and_later_restarts() -> None:
     # Kill at 10.0 after step 25; the survivor still logs step 26 at 10.05 before torchrun stops it.
     progress = [rec(9.9, 25), rec(9.91, 25, rank=1), rec(10.05, 26)]
     events = [
-        ev(EventKind.RESTORED, 13.9, gen=0, step=20),
+        ev(EventKind.RESTORED, 13.9, gen=0, step=20, reason="resume: checkpoint"),
         ev(EventKind.STARTED, 14.0, gen=0, resumed_step=20),
         ev(EventKind.STARTED, 14.01, rank=1, gen=0, resumed_step=20),
         # a second kill's restart, later: not part of this recovery
@@ -95,6 +95,7 @@ def test_torchrun_recovery_skips_a_straggler_and_later_restarts() -> None:
     r = rc.measure_recovery(progress, events, 10.0)
     assert r.first_step_t == 14.5 and r.restarted_t == 14.0
     assert r.resume_step == 20 and r.resume_source == "checkpoint"
+    assert r.resume_reason == "resume: checkpoint"  # the ranks' own words, carried into the row
     # Steps completed before the kill minus the checkpoint step: the straggler step 26 came after it.
     assert r.steps_before == 25 and r.lost_steps == 5
 
