@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import statistics
@@ -75,6 +76,7 @@ class Worker:
     hung: bool = False
     stopping: bool = False
     reassigned_at: float = 0.0  # when a survivor was given a newer generation
+    left_t: float = 0.0  # the rank's own time of its newest `left generation` event
     exit_code: int | None = None
     progress_tail: JsonlTail | None = None
     events_tail: JsonlTail | None = None
@@ -414,10 +416,12 @@ class WorkerGroup:
                 if rec.get("step_time_s"):
                     w.step_times.append(float(rec["step_time_s"]))
                 # TRAINING means a step of the worker's current generation; a survivor's last records
-                # of the generation it is leaving do not count for the one it joins.
+                # of the generation it is leaving do not count for the one it joins, nor does a step
+                # written before the rank left (one poll reads the events first, then the progress).
                 if (
                     w.state in (types_pb2.WORKER_STATE_STARTING, types_pb2.WORKER_STATE_WAITING)
                     and rec.get("generation", w.generation) == w.generation
+                    and float(rec.get("t", math.inf)) > w.left_t
                 ):
                     w.state = types_pb2.WORKER_STATE_TRAINING
                 self.metrics.observe_progress(w.job_id, w.rank, rec)
@@ -460,6 +464,7 @@ class WorkerGroup:
             w.last_progress_at, w.reassigned_at = time.time(), 0.0
         elif kind in LEFT_GENERATION:
             w.state = types_pb2.WORKER_STATE_WAITING
+            w.left_t = float(rec.get("t", 0.0))
             w.last_progress_at = time.time()
         elif kind == EventKind.FINISHED:
             w.state = types_pb2.WORKER_STATE_EXITED
