@@ -38,6 +38,11 @@ MEASURED_CODE: dict[str, tuple[str, ...]] = {
     "integrity": ("stanchion", "trainer", "diagnostics/bench/integrity.py"),
     "recovery": (*_CLUSTER, "diagnostics/bench/recovery.py"),
     "standby": ("stanchion", "trainer", "agent/workers.py", "diagnostics/bench/standby.py"),
+    "checkpoint": (
+        "stanchion/sdk/checkpoint.py",
+        "stanchion/sdk/fingerprint.py",
+        "diagnostics/bench/checkpoint.py",
+    ),
     "coordinator": ("coordinator", "protos", "diagnostics/bench/coordinator.py"),
     "goodput": (*_CLUSTER, "diagnostics/bench/goodput.py"),
     "chaos": _CLUSTER,  # chaos-drill.json: `stanchion up`
@@ -264,6 +269,7 @@ GOODPUT_WHAT_RUNS = prose("goodput_what_runs")
 SDK_WHAT_RUNS = prose("sdk_what_runs")
 STANDBY_WHAT_RUNS = prose("standby_what_runs")
 STANDBY_MEANING = Commentary.load("standby_meaning")
+CHECKPOINT_WHAT_RUNS = prose("checkpoint_what_runs")
 SDK_MEANING = Commentary.load("sdk_meaning")
 GPU_TEXT = prose("gpu_what_runs").strip() + "\n\n" + NOT_MEASURED
 
@@ -931,6 +937,43 @@ def standby_section(rep: Report) -> list[str]:
     return out + [""] + STANDBY_MEANING.render(d)
 
 
+def checkpoint_section(rep: Report) -> list[str]:
+    out = ["## Checkpoint stall: Stanchion beside plain dcp.async_save", ""]
+    d = rep.load("checkpoint.json")
+    if d is None:
+        return out + [NOT_MEASURED, ""]
+    out += [CHECKPOINT_WHAT_RUNS.strip(), ""]
+    out += command_block(d["command"])
+    s = d["settings"]
+    out += [
+        finished_line(d) + f" {s['nproc']} ranks, {s['rounds']} rounds; {s['gap']} ordinary steps before "
+        f"each checkpoint, {s['window']} after it counted in its excess.",
+        "",
+    ]
+    rows = []
+    for preset, r in d["results"]["presets"].items():
+        for kind, label in (("plain", "dcp.async_save"), ("stanchion", "Stanchion")):
+            k = r[kind]
+            rows.append(
+                [
+                    preset,
+                    label,
+                    f"**{fmt(k['blocked_s'], '.3g')}**",
+                    ", ".join(fmt(x, ".3g") for x in k["blocked_s_each"]),
+                    fmt(k["window_excess_s"], ".3g"),
+                    fmt(k["ordinary_step_s"], ".3g"),
+                ]
+            )
+        rows.append([preset, "Stanchion ÷ plain", f"**{fmt(r['blocked_ratio'], '.3g')}**", "", "", ""])
+    out += table(
+        ["preset", "checkpoint", "blocked s (median)", "each round", "window excess s", "a step s"], rows
+    )
+    notes = sorted({n for r in d["results"]["presets"].values() for n in r.get("notes", [])})
+    if notes:
+        out += ["", "Batch as in `bench trainer`: " + "; ".join(notes) + "."]
+    return out + [""]
+
+
 def coordinator_section(rep: Report) -> list[str]:
     d = rep.load("coordinator.json")
     out = ["## Coordinator", ""]
@@ -1283,7 +1326,7 @@ def render(bench_dir: Path, out: Path) -> tuple[str, list[Path]]:
         d = rep.load(name)
         if d is not None:
             docs["trainer" if base == "ddp" else f"trainer, {base}"] = d
-    for name in ("integrity", "recovery", "coordinator"):
+    for name in ("integrity", "recovery", "checkpoint", "coordinator"):
         d = rep.load(f"{name}.json")
         if d is not None:
             docs[name] = d
@@ -1303,6 +1346,7 @@ def render(bench_dir: Path, out: Path) -> tuple[str, list[Path]]:
         integrity_section,
         recovery_section,
         standby_section,
+        checkpoint_section,
         goodput_section,
         drill_section,
         coordinator_section,

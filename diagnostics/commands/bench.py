@@ -264,6 +264,96 @@ def trainer(
     report(result, json_=json_, out=out, table=trainer_table)
 
 
+def checkpoint_table(result: dict[str, Any]) -> None:
+    rows = []
+    for preset, r in result["results"]["presets"].items():
+        for kind in ("plain", "stanchion"):
+            k = r[kind]
+            rows.append(
+                [
+                    preset,
+                    "dcp.async_save" if kind == "plain" else "Stanchion",
+                    num(k["blocked_s"], ".3g"),
+                    num(k["window_excess_s"], ".3g"),
+                    num(k["ordinary_step_s"], ".3g"),
+                ]
+            )
+    emit_table(
+        ["preset", "checkpoint", "blocked s", "window excess s", "a step s"],
+        rows,
+        title="An asynchronous checkpoint's stall (medians over rounds, rank 0)",
+    )
+    print_goals(result)
+
+
+@app.command("checkpoint", epilog=EPILOG)
+@handle_errors
+def checkpoint(
+    presets: Annotated[
+        list[str] | None,
+        typer.Option("--preset", metavar="NAME", help="A trainer preset; repeatable (default: gpt2-124m)."),
+    ] = None,
+    nproc: NprocOpt = 2,
+    rounds: RoundsOpt = None,
+    gap: Annotated[
+        int,
+        typer.Option("--gap", min=1, help="Ordinary steps before each checkpoint (the round's baseline)."),
+    ] = 3,
+    window: Annotated[
+        int, typer.Option("--window", min=1, help="Steps after each checkpoint counted in its excess.")
+    ] = 2,
+    data: DataOpt = None,
+    work_dir: WorkDirOpt = None,
+    timeout_s: TimeoutOpt = 1800.0,
+    json_: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """Stanchion's asynchronous checkpoint beside plain dcp.async_save: the time training waits.
+
+    One torchrun job trains the preset with plain DDP and checkpoints the same state both ways in
+    interleaved rounds, through the same gloo group: plain `dcp.async_save(get_state_dict(...))`,
+    and Stanchion's checkpoint step (the manifest's fingerprint, the save with its staging on a
+    thread into buffers kept across checkpoints, and the wait for that copy before the next
+    optimizer step). Reports the time blocked and the excess time of the checkpoint step and the
+    steps after it. On a CPU, presets larger than tiny train a reduced batch (as bench trainer)."""
+    from diagnostics.bench.checkpoint import bench_checkpoint
+    from diagnostics.bench.common import work_directory
+    from trainer.config import PRESETS
+
+    presets = presets or ["gpt2-124m"]
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise UsageError(f"--preset {unknown[0]}: unknown preset", hint=f"one of: {', '.join(PRESETS)}")
+    rounds = rounds or 3
+    command = command_line(
+        "bench checkpoint",
+        [
+            ("--preset", presets),
+            ("--nproc", nproc),
+            ("--rounds", rounds),
+            ("--gap", None if gap == 3 else gap),
+            ("--window", None if window == 2 else window),
+            ("--data", data),
+            ("--json", json_),
+            ("--out", out),
+        ],
+    )
+    with work_directory(work_dir, "checkpoint") as wd:
+        result = bench_checkpoint(
+            presets=presets,
+            data=prepared_data(data, wd),
+            nproc=nproc,
+            rounds=rounds,
+            gap=gap,
+            window=window,
+            work_dir=wd,
+            command=command,
+            timeout_s=timeout_s,
+            progress=message,
+        )
+    report(result, json_=json_, out=out, table=checkpoint_table)
+
+
 # ---------------------------------------------------------------------------------------------
 # bench sdk
 

@@ -2,9 +2,17 @@
 
 Save: every rank writes its part of ``step-N.tmp/`` (DCP fsyncs each file); after a barrier rank 0
 renames the directory to ``step-N/`` and writes ``manifest.json`` last (step, config, data cursor,
-RNG, per-file CRC-32, parameter and optimizer-state fingerprint). Asynchronous saves block training
-only while DCP stages the state; writing, the barrier and the commit run on a background thread with
-their own gloo process group, so they never interleave with the training collectives.
+RNG, per-file CRC-32, parameter and optimizer-state fingerprint). Writing, the barrier and the commit
+run on a background thread with their own gloo process group, so they never interleave with the
+training collectives.
+
+Staging (the copy of the state that an asynchronous save writes out) runs on a thread of its own,
+into host buffers kept from one checkpoint to the next (pinned on a GPU): the checkpoint step does
+not wait for it, and it overlaps the next step's forward and backward, which only read the state.
+The next write of the state (the optimizer step, a rollback, a restore) first waits for it:
+:meth:`CheckpointManager.settle`. What training waited, in the call and in that wait, is the
+checkpoint's stall (``last_stall_s``). Plain ``dcp.async_save`` instead copies into new buffers
+inside the call, so its caller waits for the whole copy and its allocation every time.
 
 Load: the newest checkpoint that verifies (or a named one), through DCP, which reshards to the
 current world size. After loading, the live state's fingerprint must equal the manifest's.
@@ -26,7 +34,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 from stanchion.files import fsync_dir
 from stanchion.sdk import manifest as mf
@@ -74,6 +84,21 @@ def blocked_by_abandoned_checkpoint() -> bool:
     return any(t.is_alive() for ex in _abandoned_threads for t in getattr(ex, "_threads", ()))
 
 
+def new_stager(device: torch.device) -> DefaultStager:
+    """The staging of asynchronous checkpoints: on a thread, into buffers reused across checkpoints
+    (DCP caches them per source storage), pinned with non-blocking copies on an accelerator. One per
+    process, closed when it ends (:meth:`DefaultStager.close`)."""
+    accel = device.type != "cpu"
+    return DefaultStager(
+        StagingOptions(
+            use_pinned_memory=accel,
+            use_shared_memory=False,
+            use_async_staging=True,
+            use_non_blocking_copy=accel,
+        )
+    )
+
+
 class CheckpointManager:
     def __init__(
         self,
@@ -86,6 +111,7 @@ class CheckpointManager:
         process_group: dist.ProcessGroup | None,
         fault_point: Callable[[int, str], None] | None = None,
         generation: int = 0,
+        stager: DefaultStager | None = None,
     ):
         self.root = Path(run_dir) / "checkpoints"
         self.rank = rank
@@ -98,6 +124,8 @@ class CheckpointManager:
         self._abandoned = False
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
         self._pending: concurrent.futures.Future[Any] | None = None
+        self.stager = stager  # None: DCP's default, staging inside the call into new buffers
+        self._staging: concurrent.futures.Future[None] | None = None
         self.last_stall_s = 0.0
         self.last_committed_step = -1
         self.in_flight_step = -1
@@ -113,9 +141,12 @@ class CheckpointManager:
         fields: dict[str, Any],
         *,
         blocking: bool = False,
+        since: float | None = None,
     ) -> float:
-        """Start saving the state after ``step`` steps; returns the seconds training was blocked."""
-        t0 = time.perf_counter()
+        """Start saving the state after ``step`` steps; returns the seconds training was blocked,
+        from ``since`` (a ``time.perf_counter()`` reading: the caller's own preparation, such as
+        the state's fingerprint for the manifest, counts too) or else from this call."""
+        t0 = time.perf_counter() if since is None else since
         self.wait()  # one save in flight at a time
         tmp = self.root / f"{mf.step_dir_name(step)}.g{self.generation}.tmp"
         final = self.root / mf.step_dir_name(step)
@@ -134,7 +165,11 @@ class CheckpointManager:
         fields = {**fields, "step": step, "rng": rng_state()}
         if self.async_save and not blocking:
             with collective("staging an asynchronous checkpoint"):
-                fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.pg)
+                fut = dcp.async_save(
+                    state, checkpoint_id=str(tmp), process_group=self.pg, async_stager=self.stager
+                )
+            if isinstance(fut, AsyncSaveResponse):  # staging goes on while the next step computes
+                self._staging, fut = fut.staging_completion, fut.upload_completion
             self.last_stall_s = time.perf_counter() - t0
             self._pending = self._executor.submit(self._finish, fut, step, tmp, final, fields)
             self.in_flight_step = step
@@ -222,7 +257,21 @@ class CheckpointManager:
             if agreed and self.rank == 0:  # every rank is done with it: free the space now
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def settle(self) -> float:
+        """Wait until the checkpoint in flight has copied the state (before anything writes it);
+        returns the seconds waited, which count in the checkpoint's stall. Staging is local: it
+        always ends, and a failed copy surfaces in the save's own future (reported there)."""
+        if self._staging is None:
+            return 0.0
+        t0 = time.perf_counter()
+        concurrent.futures.wait([self._staging])
+        self._staging = None
+        waited = time.perf_counter() - t0
+        self.last_stall_s += waited
+        return waited
+
     def wait(self) -> None:
+        self.settle()
         if self._pending is not None:
             with collective("waiting for the checkpoint in flight"):  # its commit vote waits on peers
                 self._pending.result()
@@ -244,6 +293,7 @@ class CheckpointManager:
         checks the flag. Returns the step of the abandoned checkpoint, or None if none was in flight.
         """
         self._abandoned = True
+        self.settle()  # the copy is local and ends; whoever writes the state next may then do so
         pending, self._pending = self._pending, None
         self._executor.shutdown(wait=False, cancel_futures=True)
         if pending is None or pending.done():

@@ -48,10 +48,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.staging import DefaultStager
 
 from stanchion.sdk import contract, devices, fingerprint, numerics, sharded
 from stanchion.sdk.audit import audit_verdict, digest_of, grad_digest
-from stanchion.sdk.checkpoint import CheckpointManager
+from stanchion.sdk.checkpoint import CheckpointManager, new_stager
 from stanchion.sdk.contract import Assignment
 from stanchion.sdk.control import Agreement, Cadence, Cadences, Control
 from stanchion.sdk.faults import FaultHooks
@@ -321,6 +322,8 @@ class Guard:
         )
         self.counters = {"nonfinite": 0, "spikes": 0, "fingerprint_mismatches": 0, "audit_mismatches": 0}
         self.ckpt: CheckpointManager | None = None
+        # Staging buffers of asynchronous checkpoints, kept for the process's life (see checkpoint.py).
+        self._stager: DefaultStager | None = None  # made at the first generation (it knows the device)
         self.final_val_loss: float | None = None
         self.final_fingerprint = ""  # the state's digest once finished (equal runs, equal digests)
         self.outcome = ""  # "finished" or "stopped" once the loop has ended
@@ -403,6 +406,8 @@ class Guard:
         for h in self._act_hooks:
             h.remove()
         self.teardown_generation()
+        if self._stager is not None:
+            self._stager.close()
         self.rt.close()
         self.rt.end_safely_at_exit()
         return self.outcome
@@ -467,6 +472,8 @@ class Guard:
         """The group is formed: a checkpoint manager for it, the state, the first checks."""
         try:
             ckpt_pg = new_group(self.rt.collective_timeout_s)
+            if self.async_checkpoint and self._stager is None:
+                self._stager = new_stager(self.rt.device)
             self.ckpt = CheckpointManager(
                 self.rt.run_dir,
                 rank=self.rt.rank,
@@ -476,6 +483,7 @@ class Guard:
                 process_group=ckpt_pg,
                 fault_point=self.rt.fault_hooks.freeze_point,
                 generation=self.rt.generation,
+                stager=self._stager,
             )
             self.restore(assignment)
             self.rt.event(
@@ -503,11 +511,18 @@ class Guard:
             self.ckpt = None
         self.rt.leave(broken=broken)
 
+    def settle_copies(self) -> None:
+        """Wait for the copies of the state still running in the background (a snapshot, a
+        checkpoint's staging) before the state is written."""
+        self.snapshots.settle()
+        if self.ckpt is not None:
+            self.ckpt.settle()
+
     # ------------------------------------------------------------------------------------------
     # Restoring state for a generation
     def restore(self, assignment: Assignment | None) -> None:
         assert self.ckpt is not None
-        self.snapshots.settle()  # what follows writes the state a snapshot may still be copying
+        self.settle_copies()  # what follows writes the state a snapshot or a checkpoint may still be copying
         # Without an agent: resume "none" starts from step 0; "auto" or a path loads a checkpoint.
         mode = (
             assignment.resume
@@ -726,7 +741,7 @@ class Guard:
             s.committed = False
         else:
             self.clip(grad_norm)
-            self.snapshots.settle()  # a snapshot still being copied reads what this step writes
+            self.settle_copies()  # a snapshot or a checkpoint still being copied reads what this step writes
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             hooks.corrupt_state(step_no, self.model, self.optimizer)
@@ -1101,6 +1116,7 @@ class Guard:
         return fingerprint.digest(fingerprint.fingerprints(full)[1])
 
     def save_checkpoint(self, *, blocking: bool = False) -> None:
+        t0 = time.perf_counter()  # the stall counts the fingerprints and the manifest's fields too
         step = self.cursor.step
         agreed = self.cursor.last_agreed_step == step
         if not agreed:
@@ -1124,7 +1140,7 @@ class Guard:
         if self.state:
             fields["state"] = encode_state({k: v.state_dict() for k, v in self.state.items()})
         self.rt.fault_hooks.freeze_point(step, "checkpoint")
-        stall = self.ckpt.save(step, self.model, self.optimizer, fields, blocking=blocking)
+        stall = self.ckpt.save(step, self.model, self.optimizer, fields, blocking=blocking, since=t0)
         log.info("checkpoint at step %d: training blocked %.3f s", step, stall)
 
     def evaluate(self) -> float | None:

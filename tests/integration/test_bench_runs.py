@@ -169,3 +169,29 @@ def test_bench_sdk_runs_a_users_loop_plain_and_guarded(tmp_path: Path) -> None:
     [g] = data["goals"]
     assert g["value"] == data["ratio"] and g["target"] == "<= 1.03" and g["met"] is (data["ratio"] <= 1.03)
     assert data["settings"]["configs"] == ["plain", "guarded"] and data["settings"]["nproc"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_checkpoint_times_both_kinds_of_checkpoint_on_the_same_state(
+    small_data: Path, tmp_path: Path
+) -> None:
+    data = run_bench(
+        [
+            *("checkpoint", "--preset", "tiny", "--rounds", "2", "--gap", "2", "--window", "1"),
+            *("--data", str(small_data), "--work-dir", str(tmp_path / "work")),
+        ],
+        tmp_path / "checkpoint.json",
+    )
+    assert data["benchmark"] == "checkpoint"
+    r = data["results"]["presets"]["tiny"]
+    for kind in ("plain", "stanchion"):
+        assert r[kind]["checkpoints"] == 2 and len(r[kind]["blocked_s_each"]) == 2
+        assert r[kind]["blocked_s"] > 0
+    # the JSON keeps 4 significant digits of each figure
+    assert r["blocked_ratio"] == pytest.approx(
+        r["stanchion"]["blocked_s"] / r["plain"]["blocked_s"], rel=1e-3
+    )
+    # Stanchion's side is its real checkpoint: committed with a manifest, the newest two kept
+    kept = sorted((tmp_path / "work").glob("checkpoint-*/tiny/stanchion/checkpoints/step-*/manifest.json"))
+    assert len(kept) == 2

@@ -84,3 +84,65 @@ def test_a_checkpoint_in_flight_when_the_group_breaks_is_abandoned_at_once_and_n
         assert not any(n == EventKind.CHECKPOINT_COMMITTED for n, _ in events), events
     finally:
         dist.destroy_process_group()
+
+
+def test_a_staged_checkpoint_holds_the_state_of_its_step_though_training_writes_the_state_after_it(
+    tmp_path,
+) -> None:
+    """Staging runs on a thread while the next step computes; the next write of the state waits for
+    it (settle). The committed checkpoint holds the state at its step, not the state written after,
+    and what training waited in that settle counts in the checkpoint's stall."""
+    import datetime
+    import threading
+
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from stanchion.sdk import checkpoint as ck
+
+    dist.init_process_group(
+        "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
+    )
+    stager = ck.new_stager(torch.device("cpu"))
+    # The copy starts only when the gate opens, 0.2 s after the save returned: a settle that did not
+    # wait for it would let the write below reach the checkpoint.
+    gate = threading.Event()
+    copy = stager._stage
+    stager._stage = lambda *a, **k: (gate.wait(30), copy(*a, **k))[1]
+    try:
+        events: list[tuple[str, dict]] = []
+        mgr = ck.CheckpointManager(
+            tmp_path,
+            rank=0,
+            keep=3,
+            async_save=True,
+            events=lambda n, f: events.append((n, f)),
+            process_group=None,
+            stager=stager,
+        )
+        torch.manual_seed(0)
+        model = torch.nn.Linear(256, 256)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        at_step = {k: v.clone() for k, v in model.state_dict().items()}
+        for step in (10, 20):  # the second save reuses the first one's staging buffers
+            gate.clear()
+            call = mgr.save(step, model, opt, {"fingerprint": str(step)})
+            threading.Timer(0.2, gate.set).start()
+            waited = mgr.settle()  # what the next optimizer step does first
+            assert gate.is_set()  # it returned only once the copy had run
+            assert mgr.last_stall_s == call + waited
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)  # the next step writes the state
+            mgr.wait()
+            saved = {k: torch.zeros_like(v) for k, v in at_step.items()}
+            dcp.load({"model": saved}, checkpoint_id=str(tmp_path / "checkpoints" / f"step-{step:08d}"))
+            for k in at_step:
+                assert torch.equal(saved[k], at_step[k]), (step, k)
+            at_step = {k: v.clone() for k, v in model.state_dict().items()}
+        assert [f["step"] for n, f in events if n == EventKind.CHECKPOINT_COMMITTED] == [10, 20]
+        assert mgr.settle() == 0.0  # nothing in flight: nothing to wait for
+    finally:
+        stager.close()
+        dist.destroy_process_group()
