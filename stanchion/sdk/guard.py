@@ -563,6 +563,7 @@ class Guard:
         self.spikes.forget_after(self.cursor.step)
         if self.check_fingerprints(reason="start of generation") and self.cadence.snapshot.every:
             self.take_snapshot()  # the first rollback target (snapshot_every=0: no snapshots at all)
+            self.snapshots.reserve(self.model, self.optimizer)  # the later ones' buffers, on a thread
         if self.cursor.step == 0 and self.protections.startup_check and self.loss_fn is not None:
             self.startup_determinism_check()
 

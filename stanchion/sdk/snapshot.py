@@ -11,7 +11,9 @@ backward passes run, which read the parameters and optimizer state but never wri
 snapshot counts as taken only once the copy is complete: :meth:`SnapshotRing.settle` waits for it,
 and the guard settles before anything writes that state (the optimizer step, a restore, a load).
 Every method of the ring settles first. Host buffers are those of the snapshot the new one evicts,
-so in steady state nothing is allocated.
+or spare ones: those of snapshots dropped by a restore or a clear, and those :meth:`SnapshotRing.
+reserve` allocates (and touches, so no page is faulted in later) on a thread at the start of
+training. So a snapshot step never allocates, the first ones included.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class SnapshotRing:
         self.ring: deque[Snapshot] = deque(maxlen=keep)
         self._copying: threading.Thread | None = None
         self._copied: list[Snapshot | BaseException] = []
+        self._spare: list[Snapshot] = []  # host buffers to lend to new snapshots
+        self._reserving: threading.Thread | None = None
+        self._reserved: list[Snapshot | BaseException] = []
 
     def __len__(self) -> int:
         self.settle()
@@ -58,7 +63,50 @@ class SnapshotRing:
 
     def clear(self) -> None:
         self.settle()
+        old = list(self.ring)
         self.ring.clear()
+        for snap in old:
+            self._lend(snap)
+
+    def reserve(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Allocate, on a thread of its own, the host buffers of every snapshot the ring can still
+        hold, and touch them: the snapshot steps that follow copy into memory that is already
+        there. Only a snapshot that finds no spare buffers waits for it; it reads no live state
+        (the shapes are read here), so nothing else does."""
+        self._join_reserve()
+        copying = 1 if self._copying is not None else 0  # a snapshot being copied has its buffers
+        missing = self.ring.maxlen - len(self.ring) - len(self._spare) - copying
+        if missing <= 0:
+            return
+        specs = _specs(
+            list(model.parameters()), [optimizer.state.get(p, {}) for p in _optim_params(optimizer)]
+        )
+
+        def run() -> None:
+            try:
+                for _ in range(missing):
+                    self._reserved.append(_blank(*specs))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
+                self._reserved.append(e)
+
+        self._reserving = threading.Thread(target=run, name="stanchion-snapshot-reserve", daemon=False)
+        self._reserving.start()
+
+    def _join_reserve(self) -> None:
+        if self._reserving is None:
+            return
+        self._reserving.join()
+        self._reserving = None
+        done, self._reserved = self._reserved, []
+        for d in done:
+            if isinstance(d, BaseException):
+                raise d
+            self._lend(d)
+
+    def _lend(self, snap: Snapshot) -> None:
+        """Keep ``snap``'s buffers for a later snapshot, up to what the ring can hold."""
+        if len(self.ring) + len(self._spare) < self.ring.maxlen:
+            self._spare.append(snap)
 
     def take(
         self,
@@ -72,8 +120,13 @@ class SnapshotRing:
         """Snapshot the state as it is now. ``background``: copy in a thread; nothing may write
         the parameters or the optimizer state until :meth:`settle` (see the module docstring)."""
         self.settle()
-        # The snapshot about to be evicted lends its host buffers: no allocation in steady state.
-        evicted = self.ring.popleft() if len(self.ring) == self.ring.maxlen else None
+        # The snapshot about to be evicted, or a spare, lends its host buffers: no allocation.
+        if len(self.ring) == self.ring.maxlen:
+            evicted: Snapshot | None = self.ring.popleft()
+        else:
+            if not self._spare:
+                self._join_reserve()  # buffers being reserved: wait for them rather than allocate
+            evicted = self._spare.pop() if self._spare else None
         params = list(model.parameters())
         states = [optimizer.state.get(p, {}) for p in _optim_params(optimizer)]
         extra = copy.deepcopy(extra)
@@ -138,7 +191,7 @@ class SnapshotRing:
                     else:
                         live[k] = copy.deepcopy(v)
         while self.ring and self.ring[-1].step > snap.step:
-            self.ring.pop()
+            self._lend(self.ring.pop())
         return copy.deepcopy(snap.extra)
 
 
@@ -174,6 +227,33 @@ def _copier(
         return Snapshot(step, host, optim, extra)
 
     return copy_all
+
+
+Spec = tuple[torch.Size, torch.dtype, bool]  # shape, dtype, pinned (the source is on a GPU)
+
+
+def _specs(
+    params: list[torch.Tensor], states: list[dict[str, Any]]
+) -> tuple[list[Spec], list[dict[str, Spec]]]:
+    """What host buffers a snapshot of ``params`` and ``states`` needs."""
+
+    def spec(t: torch.Tensor) -> Spec:
+        src = local_shard(t)
+        return src.shape, src.dtype, src.is_cuda
+
+    return [spec(p) for p in params], [
+        {k: spec(v) for k, v in st.items() if torch.is_tensor(v)} for st in states
+    ]
+
+
+def _blank(params: list[Spec], states: list[dict[str, Spec]]) -> Snapshot:
+    """Host buffers of those specs, their pages touched (zeros): what :func:`_to_host` copies into."""
+
+    def make(spec: Spec) -> torch.Tensor:
+        shape, dtype, pinned = spec
+        return torch.zeros(shape, dtype=dtype, pin_memory=pinned)
+
+    return Snapshot(-1, [make(p) for p in params], [{k: make(v) for k, v in st.items()} for st in states], {})
 
 
 def _to_host(t: torch.Tensor, reuse: torch.Tensor | None) -> torch.Tensor:

@@ -263,3 +263,37 @@ def test_a_process_that_ends_while_a_snapshot_is_copied_exits_cleanly(tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env(), cwd=REPO
     )
     assert p.returncode == 0 and "terminate called" not in p.stderr, (p.returncode, p.stderr[-2000:])
+
+
+def test_reserved_buffers_hold_every_snapshot_from_the_first_and_a_clear_keeps_them(seed):
+    """Preallocated host buffers: the first snapshots of a run copy into buffers reserved (on a
+    thread) before them, so no snapshot step allocates; buffers a clear or a restore drops are kept
+    for the next snapshots, never more than the ring holds."""
+    model, opt, gen = setup(seed)
+    train_step(model, opt, torch.randn(8, 5, generator=gen))  # AdamW's state exists
+    ring = SnapshotRing(keep=2)
+    ring.reserve(model, opt)
+    ring._join_reserve()
+    reserved = sorted(s.params[0].data_ptr() for s in ring._spare)
+    reserved_moments = sorted(s.optim[0]["exp_avg"].data_ptr() for s in ring._spare)
+    assert len(reserved) == 2 and all(float(t.abs().sum()) == 0 for s in ring._spare for t in s.params)
+    states = []
+    for step in (1, 2):
+        train_step(model, opt, torch.randn(8, 5, generator=gen))
+        states.append(live_state(model, opt))
+        ring.take(step, model, opt, {"step": step}, background=True)
+        ring.settle()
+    assert sorted(s.params[0].data_ptr() for s in ring.ring) == reserved  # nothing newly allocated
+    assert sorted(s.optim[0]["exp_avg"].data_ptr() for s in ring.ring) == reserved_moments
+    for snap, state in zip(ring.ring, states, strict=True):
+        assert all(same_bits(a, b) for a, b in zip(snap.params, state[0], strict=True))
+    ring.restore(ring.newest_at_or_before(1), model, opt)  # drops step 2: its buffers become spare
+    assert_same_state(live_state(model, opt), states[0])
+    ring.clear()
+    assert sorted(s.params[0].data_ptr() for s in ring._spare) == reserved
+    ring.reserve(model, opt)  # nothing missing: no thread, no allocation
+    assert ring._reserving is None
+    train_step(model, opt, torch.randn(8, 5, generator=gen))
+    ring.take(3, model, opt, {"step": 3})
+    assert ring.ring[-1].params[0].data_ptr() in reserved
+    assert_same_state(live_state(model, opt), (ring.ring[-1].params, ring.ring[-1].optim))
