@@ -345,7 +345,7 @@ def trainer_run_section(rep: Report, name: str, base: str, shown_as: str) -> lis
         f"{mm['peak_flops_per_s'] / 1e9:.1f} GFLOP/s**."
     )
     out.append("")
-    rows, ratios, due_lines = [], [], []
+    rows, ratios, due_lines, attribution_lines = [], [], [], []
     order = [p for p in d["settings"].get("presets", []) if p in r["presets"]]
     for preset in order + [p for p in r["presets"] if p not in order]:
         e = r["presets"][preset]
@@ -355,7 +355,10 @@ def trainer_run_section(rep: Report, name: str, base: str, shown_as: str) -> lis
             f"{preset}{reduced} ({params_text(c['params'])}, {c['flops_per_token'] / 1e6:.3g} MFLOP/token, "
             f"{c['tokens_per_step']:,} tokens/step; {e['stanchion']['steps_measured']} steps)"
         )
-        for i, (system, label_) in enumerate((("stanchion", "Stanchion"), (base, shown_as))):
+        systems = [("stanchion", "Stanchion"), (base, shown_as)]
+        if "stanchion-off" in e:
+            systems.append(("stanchion-off", "Stanchion, protections off"))
+        for i, (system, label_) in enumerate(systems):
             s = e[system]
             st = s["step_time_s"]
             rows.append(
@@ -382,6 +385,18 @@ def trainer_run_section(rep: Report, name: str, base: str, shown_as: str) -> lis
                 fmt(vs["step_time_ratio_amortized"], ".3f"),
             ]
         )
+        a = e.get("attribution")
+        if a:
+            rounds_of = lambda xs: " / ".join(fmt(x, ".3f") for x in xs)  # noqa: E731
+            attribution_lines.append(
+                f"{preset}{reduced}: Stanchion with its protections off ÷ plain {shown_as} "
+                f"**{fmt(a[f'off_vs_{base}'], '.3f')}** (rounds {rounds_of(a[f'off_vs_{base}_per_round'])}): "
+                f"the SDK's own step machinery; Stanchion at its defaults ÷ protections off "
+                f"**{fmt(a['defaults_vs_off'], '.3f')}** (rounds {rounds_of(a['defaults_vs_off_per_round'])}): "
+                "the protections' own work ("
+                + ", ".join(f"`{k}={str(v).lower()}`" for k, v in a["protections_off"].items())
+                + " turns them off)"
+            )
         due = e["stanchion"].get("due", {})
         if due:
             parts = ", ".join(
@@ -418,6 +433,11 @@ def trainer_run_section(rep: Report, name: str, base: str, shown_as: str) -> lis
         ],
         ratios,
     ) + [""]
+    if attribution_lines:
+        out += [
+            "Where the ratio goes, measured in the same rounds: " + "; ".join(attribution_lines) + ".",
+            "",
+        ]
     if due_lines:
         out += ["Stanchion's due steps, within its own runs: " + "; ".join(due_lines) + ".", ""]
     return out + (TRAINER_MEANING.render(d) if base == "ddp" else [])

@@ -109,6 +109,15 @@ def flops_per_token(cfg: TrainConfig, vocab_size: int) -> tuple[float, int]:
 # The plain loops `bench trainer` compares with: name -> what the baseline is, as shown.
 BASELINES = {"ddp": "DDP", "fsdp": "FSDP2", "hsdp": "HSDP"}
 TRAINER_RATIO_GOAL = 1.03  # Stanchion ÷ the plain loop, median step time, every protection on
+# `--attribute`: a third system, Stanchion with every integrity protection off, which splits the
+# ratio into the SDK's own step machinery (off ÷ plain) and the protections' work (defaults ÷ off).
+UNPROTECTED = "stanchion-off"
+PROTECTIONS_OFF = {
+    "integrity.fingerprint_every": 0,
+    "integrity.audit_every": 0,
+    "integrity.snapshot_every": 0,
+    "integrity.startup_check": False,
+}
 
 
 def baseline_command(flags: Sequence[str], run_dir: Path, nproc: int) -> list[str]:
@@ -312,10 +321,12 @@ def bench_trainer(
     timeout_s: float = 1800.0,
     progress: Progress = lambda _: None,
     parallel: str = "ddp",
+    attribute: bool = False,
 ) -> dict[str, Any]:
     """Stanchion's trainer (its real CLI, all protections at their defaults) beside the plain torch
     loop ``parallel`` names (:data:`BASELINES`), per preset: step time, tokens/s, and model FLOP/s
-    as a fraction of the measured matmul peak.
+    as a fraction of the measured matmul peak. ``attribute``: a third system in every round,
+    Stanchion with the protections of :data:`PROTECTIONS_OFF` off.
 
     The peak is a roofline-style ceiling: the median FLOP/s of a square matmul (fp32 2048 on a CPU
     with ``threads`` torch threads, as each rank uses; bf16 8192 on a GPU) times the number of ranks,
@@ -340,11 +351,17 @@ def bench_trainer(
     matmul_before = matmul_flops(**mm)  # type: ignore[arg-type]
     vocab = data_vocab(data)
     runs: dict[tuple[str, str], list[Run]] = {}
+    systems = ["stanchion", base] + ([UNPROTECTED] if attribute else [])
+    off_flags = tuple(f for k, v in PROTECTIONS_OFF.items() for f in ("--set", f"{k}={str(v).lower()}"))
     for plan in plans:
-        for round_, system in interleaved(["stanchion", base], rounds):
+        for round_, system in interleaved(systems, rounds):
             run_dir = work_dir / plan.preset / f"{system}-r{round_}"
-            build = stanchion_command if system == "stanchion" else baseline_command
-            cmd = build(plan.flags, run_dir, nproc)
+            if system == base:
+                cmd = baseline_command(plan.flags, run_dir, nproc)
+            else:
+                cmd = stanchion_command(
+                    plan.flags + (off_flags if system == UNPROTECTED else ()), run_dir, nproc
+                )
             runs.setdefault((plan.preset, system), []).append(
                 run_measured(
                     f"{plan.preset} {system} round {round_}",
@@ -396,7 +413,7 @@ def bench_trainer(
                 "notes": list(plan.notes),
             }
         }
-        for system in ("stanchion", base):
+        for system in systems:
             system_runs = runs[(plan.preset, system)]
             cadence = Cadence.of(cfg, nproc) if system == "stanchion" else Cadence()
             stats = step_time_stats(system_runs, cadence)
@@ -418,6 +435,17 @@ def bench_trainer(
             "step_time_ratio_per_round": per_round,
             "step_time_ratio_median_of_rounds": median(r for r in per_round if r is not None),
         }
+        if attribute:
+            off = runs[(plan.preset, UNPROTECTED)]
+            machinery = paired_ratios(off, runs[(plan.preset, base)])
+            protections = paired_ratios(runs[(plan.preset, "stanchion")], off)
+            entry["attribution"] = {
+                "protections_off": dict(PROTECTIONS_OFF),
+                f"off_vs_{base}_per_round": machinery,
+                f"off_vs_{base}": median(r for r in machinery if r is not None),
+                "defaults_vs_off_per_round": protections,
+                "defaults_vs_off": median(r for r in protections if r is not None),
+            }
         results["presets"][plan.preset] = entry
         value = vs["step_time_ratio_median_of_rounds"]
         goals.append(
@@ -437,7 +465,8 @@ def bench_trainer(
         "device": device,
         "threads_per_rank": threads,
         "parallel": base,
-        "order": f"ABBA: stanchion, {base}; then {base}, stanchion",
+        "order": f"ABBA: {', '.join(systems)}; then {', '.join(reversed(systems))}",
+        "attribute": attribute,
     }
     notes = [
         "step_time_s: rank 0's time from the start of a step to its end, from its progress records "
@@ -448,6 +477,13 @@ def bench_trainer(
         "flops_per_token = 6N + 12 L d T (trainer/model.py), N including the lm_head",
         f"step_time_ratio > 1: Stanchion is slower than plain {BASELINES[base]} by that factor",
     ]
+    if attribute:
+        notes.append(
+            f"attribution: {UNPROTECTED} is Stanchion with "
+            + ", ".join(f"{k}={v}" for k, v in PROTECTIONS_OFF.items())
+            + f"; off_vs_{base} is the SDK's own step machinery, defaults_vs_off the protections' work "
+            "(each the median over rounds of the ratio of run medians of the same round)"
+        )
     return envelope(
         "trainer", command, settings, results, goals=goals, notes=notes, load_at_start=load_at_start
     )

@@ -146,7 +146,7 @@ def trainer_table(result: dict[str, Any]) -> None:
     rows = []
     base = result["settings"].get("parallel", "ddp")
     for preset, entry in r["presets"].items():
-        for system in ("stanchion", base):
+        for system in [x for x in ("stanchion", base, "stanchion-off") if x in entry]:
             s = entry[system]
             rows.append(
                 [
@@ -175,6 +175,10 @@ def trainer_table(result: dict[str, Any]) -> None:
                 "",
             ]
         )
+        a = entry.get("attribution")
+        if a:
+            for label, key in (("off ÷ plain", f"off_vs_{base}"), ("defaults ÷ off", "defaults_vs_off")):
+                rows.append([preset, label, num(a[key], ".3f"), "", "", "", "", "", ""])
     mm = r["matmul"]
     emit_table(
         ["preset", "system", "step s", "p10 s", "amortized s", "steps", "tok/s", "GFLOP/s", "of peak"],
@@ -215,6 +219,14 @@ def trainer(
             "the layout both sides train with, and the plain loop compared.",
         ),
     ] = "ddp",
+    attribute: Annotated[
+        bool,
+        typer.Option(
+            "--attribute",
+            help="Also run Stanchion with every integrity protection off in each round: splits the "
+            "ratio into the SDK's own step machinery and the protections' work.",
+        ),
+    ] = False,
     json_: JsonOpt = False,
     out: OutOpt = None,
 ) -> None:
@@ -243,6 +255,7 @@ def trainer(
             ("--nproc", nproc),
             ("--rounds", rounds),
             ("--parallel", None if parallel == "ddp" else parallel),
+            ("--attribute", attribute),
             ("--data", data),
             ("--json", json_),
             ("--out", out),
@@ -260,6 +273,7 @@ def trainer(
             timeout_s=timeout_s,
             progress=message,
             parallel=parallel,
+            attribute=attribute,
         )
     report(result, json_=json_, out=out, table=trainer_table)
 

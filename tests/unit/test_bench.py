@@ -347,13 +347,25 @@ def test_a_layout_the_trainer_bench_cannot_run_is_a_usage_error(tmp_path: Path) 
 def test_bench_trainer_beside_plain_fsdp2_trains_the_same_model_on_the_same_batches(
     small_data: Path, tmp_path: Path
 ) -> None:
-    """One round of tiny, 6 steps, both sides sharded with FSDP2 (~40 s): the JSON names the
-    baseline and carries its ratio and goal, and the plain loop's first loss (the mean of its
-    ranks' losses, as the trainer records it) is the trainer's, to the bit: the same weights, batches
-    and sharding, before any update."""
+    """One round of tiny, 6 steps, both sides sharded with FSDP2, and Stanchion with its
+    protections off (--attribute; ~60 s): the JSON names the baseline and carries its ratio and goal
+    and the attribution, and the plain loop's first loss (the mean of its ranks' losses, as the
+    trainer records it) is the trainer's, to the bit: the same weights, batches and sharding, before
+    any update."""
     out = tmp_path / "trainer-fsdp.json"
     work = tmp_path / "work"
-    args = ["trainer", "--preset", "tiny", "--steps", "6", "--rounds", "1", "--parallel", "fsdp"]
+    args = [
+        "trainer",
+        "--preset",
+        "tiny",
+        "--steps",
+        "6",
+        "--rounds",
+        "1",
+        "--parallel",
+        "fsdp",
+        "--attribute",
+    ]
     args += ["--data", str(small_data), "--work-dir", str(work), "--json", "--out", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -377,6 +389,16 @@ def test_bench_trainer_beside_plain_fsdp2_trains_the_same_model_on_the_same_batc
         return record["loss"]
 
     assert sum([first_loss("fsdp", 0), first_loss("fsdp", 1)]) / 2 == first_loss("stanchion", 0)
+    # the third system: the same trainer with the protections off, in the same round
+    assert first_loss("stanchion-off", 0) == first_loss("stanchion", 0)
+    off = entry["stanchion-off"]
+    assert off["due"] == {} and entry["stanchion"]["due"] != {}  # nothing due with them off
+    a = entry["attribution"]
+    assert a["protections_off"]["integrity.fingerprint_every"] == 0
+    s, f, o = (entry[x]["runs"][0]["median_step_time_s"] for x in ("stanchion", "fsdp", "stanchion-off"))
+    assert a["off_vs_fsdp_per_round"] == [pytest.approx(o / f, rel=1e-3)]  # the JSON keeps 4 digits
+    assert a["defaults_vs_off_per_round"] == [pytest.approx(s / o, rel=1e-3)]
+    assert data["settings"]["attribute"] is True and "--attribute" in data["command"]
 
 
 @pytest.mark.slow
