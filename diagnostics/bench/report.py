@@ -270,6 +270,7 @@ SDK_WHAT_RUNS = prose("sdk_what_runs")
 STANDBY_WHAT_RUNS = prose("standby_what_runs")
 STANDBY_MEANING = Commentary.load("standby_meaning")
 CHECKPOINT_WHAT_RUNS = prose("checkpoint_what_runs")
+CHECKPOINT_MEANING = Commentary.load("checkpoint_meaning")
 SDK_MEANING = Commentary.load("sdk_meaning")
 GPU_TEXT = prose("gpu_what_runs").strip() + "\n\n" + NOT_MEASURED
 
@@ -988,10 +989,12 @@ def checkpoint_section(rep: Report) -> list[str]:
     out += table(
         ["preset", "checkpoint", "blocked s (median)", "each round", "window excess s", "a step s"], rows
     )
-    notes = sorted({n for r in d["results"]["presets"].values() for n in r.get("notes", [])})
+    notes = sorted(
+        {n for r in d["results"]["presets"].values() for n in r.get("notes", []) if "reduced" in n}
+    )
     if notes:
         out += ["", "Batch as in `bench trainer`: " + "; ".join(notes) + "."]
-    return out + [""]
+    return out + [""] + CHECKPOINT_MEANING.render(d)
 
 
 def coordinator_section(rep: Report) -> list[str]:
