@@ -321,6 +321,11 @@ TRAINER_RUNS = (
 )
 
 
+def per_round(ratios: Sequence[float | None]) -> str:
+    """Ratios of the rounds in order, as a table cell or a sentence shows them."""
+    return " / ".join(fmt(x, ".3f") for x in ratios)
+
+
 def trainer_section(rep: Report) -> list[str]:
     out: list[str] = []
     for name, base, shown_as in TRAINER_RUNS:
@@ -379,7 +384,7 @@ def trainer_run_section(rep: Report, name: str, base: str, shown_as: str) -> lis
         ratios.append(
             [
                 preset + reduced,
-                " / ".join(fmt(x, ".3f") for x in vs["step_time_ratio_per_round"]),
+                per_round(vs["step_time_ratio_per_round"]),
                 f"**{fmt(vs['step_time_ratio_median_of_rounds'], '.3f')}**",
                 fmt(vs["step_time_ratio_median"], ".3f"),
                 fmt(vs["step_time_ratio_p10"], ".3f"),
@@ -388,12 +393,11 @@ def trainer_run_section(rep: Report, name: str, base: str, shown_as: str) -> lis
         )
         a = e.get("attribution")
         if a:
-            rounds_of = lambda xs: " / ".join(fmt(x, ".3f") for x in xs)  # noqa: E731
             attribution_lines.append(
                 f"{preset}{reduced}: Stanchion with its protections off ÷ plain {shown_as} "
-                f"**{fmt(a[f'off_vs_{base}'], '.3f')}** (rounds {rounds_of(a[f'off_vs_{base}_per_round'])}): "
+                f"**{fmt(a[f'off_vs_{base}'], '.3f')}** (rounds {per_round(a[f'off_vs_{base}_per_round'])}): "
                 f"the SDK's own step machinery; Stanchion at its defaults ÷ protections off "
-                f"**{fmt(a['defaults_vs_off'], '.3f')}** (rounds {rounds_of(a['defaults_vs_off_per_round'])}): "
+                f"**{fmt(a['defaults_vs_off'], '.3f')}** (rounds {per_round(a['defaults_vs_off_per_round'])}): "
                 "the protections' own work ("
                 + ", ".join(f"`{k}={str(v).lower()}`" for k, v in a["protections_off"].items())
                 + " turns them off)"
