@@ -43,6 +43,9 @@ class AgentConfig:
     )
     hang_factor: float = 5.0  # no step within factor x median step time ...
     hang_floor_s: float = option(30.0, "A rank with no step for at least this long may be hung.")
+    frozen_after_s: float = option(
+        0.25, "A rank stopped by a signal (SIGSTOP) whose heartbeat is silent this long is hung."
+    )
     startup_timeout_s: float = 300.0  # first step of a generation must come within this
     rejoin_grace_s: float = (
         15.0  # a survivor still in the old generation this long after reassignment is killed
@@ -85,6 +88,7 @@ class AgentConfig:
             "hang_factor",
             "hang_factor >= 1 and hang_floor_s > 0",
         )
+        require(self.frozen_after_s > 0, "frozen_after_s", "must be > 0 seconds")
         require(self.stop_grace_s >= 0, "stop_grace_s", "must be >= 0")
         if self.simulate_defect:
             kind, _, p = self.simulate_defect.partition(":")

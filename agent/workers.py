@@ -6,10 +6,12 @@ cost, so the agent keeps ``standby`` such processes warm; a replacement rank is 
 process start. Ranks that survive a peer's failure are never re-created: they get the next
 generation's assignment and re-form their process group in place.
 
-The agent watches each rank through the files it writes (progress, events, liveness) and through
-its exit status, classifies exits (error file, exit code, signal), and detects hangs: no step
-within max(hang_factor x median step time, hang_floor_s), with a stale liveness file or outside a
-collective. A rank blocked in a collective with a fresh liveness file is waiting on a peer, not hung.
+The agent watches each rank through the files it writes (progress, events, its heartbeat) and
+through its exit status, classifies exits (error file, exit code, signal), and detects hangs
+(agent/hangs.py): a rank stopped by a signal within a quarter of a second of its last heartbeat, and
+a rank with no step within max(hang_factor x median step time, hang_floor_s) whose heartbeat went
+silent or which runs outside any collective. A rank blocked in a collective, or in a pause it
+announced, with a live heartbeat is waiting on a peer or busy, not hung.
 
 What a rank runs (its *program*) is the built-in trainer unless a job names an entrypoint that this
 agent's configuration maps to a script or module of the user's (``--entrypoint NAME=TARGET``). A
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import hangs
 from agent.config import BUILTIN_ENTRYPOINT, ENTRYPOINT_HINT, AgentConfig
 from agent.metrics import TrainingMetrics
 from protos.stanchion.v1 import agent_pb2, types_pb2
@@ -53,7 +56,6 @@ from stanchion.vocab import (
 
 log = logging.getLogger(__name__)
 
-LIVENESS_STALE_S = 3.0
 BUILTIN_PROGRAM: tuple[str, ...] = ("-m", "trainer")  # argv after the interpreter: the built-in trainer
 
 
@@ -73,7 +75,9 @@ class Worker:
     last_progress_at: float = 0.0
     step: int = 0
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=50))
-    hung: bool = False
+    hung: str = ""  # why the agent killed it as hung
+    hung_at: float = 0.0
+    last_seen: float = 0.0  # a hung rank's last sign of work (heartbeat, step or assignment)
     stopping: bool = False
     reassigned_at: float = 0.0  # when a survivor was given a newer generation
     left_t: float = 0.0  # the rank's own time of its newest `left generation` event
@@ -97,6 +101,7 @@ class Worker:
 class WorkerGroup:
     def __init__(self, cfg: AgentConfig, *, python: str = sys.executable):
         self.cfg = cfg
+        self.limits = hangs.Limits(frozen_after_s=cfg.frozen_after_s)
         self.python = python
         self.run_root = Path(cfg.run_root).resolve()
         self.data_root = Path(cfg.data_root).resolve() if cfg.data_root else self.run_root
@@ -292,7 +297,7 @@ class WorkerGroup:
             else:
                 w.generation = d.generation
             w.job_id, w.rank = d.job_id, s.node_rank * s.workers_per_node + slot
-            w.state, w.assigned_at, w.hung = types_pb2.WORKER_STATE_STARTING, time.time(), False
+            w.state, w.assigned_at, w.hung = types_pb2.WORKER_STATE_STARTING, time.time(), ""
             w.last_progress_at = w.assigned_at
             a = Assignment(
                 generation=d.generation,
@@ -429,10 +434,10 @@ class WorkerGroup:
                 out.append((AgentEventKind.WORKER_EXITED, w, self._classify_exit(w)))
                 self.workers.remove(w)
                 continue
-            hung = self._hang_reason(w, now)
+            hung, last_seen = self._hang_reason(w, now)
             if hung:
                 log.error("w%05d (rank %d) is hung: %s; SIGKILL", w.wid, w.rank, hung)
-                w.hung = True
+                w.hung, w.hung_at, w.last_seen = hung, now, last_seen
                 w.state = types_pb2.WORKER_STATE_HUNG
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.kill()
@@ -469,44 +474,49 @@ class WorkerGroup:
         elif kind == EventKind.FINISHED:
             w.state = types_pb2.WORKER_STATE_EXITED
 
-    def _hang_reason(self, w: Worker, now: float) -> str:
+    def _hang_reason(self, w: Worker, now: float) -> tuple[str, float]:
+        """Why ``w`` is hung ("" if it is not; the decisions are agent/hangs.py's), and when it was
+        last seen working: where its fault is measured from."""
         if w.stopping or w.hung or w.slot is None:
-            return ""
+            return "", now
+        beat = liveness.read(w.paths.root)
+        if w.state in (types_pb2.WORKER_STATE_TRAINING, types_pb2.WORKER_STATE_WAITING):
+            frozen = hangs.frozen(w.proc.pid, beat, now, hangs.process_state, self.limits)
+            if frozen and beat is not None:
+                return frozen, beat.t
         if (
             w.reassigned_at
             and w.generation < self.generation
             and now - w.reassigned_at > self.cfg.rejoin_grace_s
+            and beat is not None
+            and beat.doing == liveness.COLLECTIVE
+            and beat.since < w.reassigned_at
         ):
             # A survivor stuck in a collective it entered before its new assignment (a partitioned
             # peer sends no reset) cannot see that assignment until gloo's timeout: free the slot.
-            _, alive = liveness.read(w.paths.root)
-            if "collective" in alive and float(alive.get("since", now)) < w.reassigned_at:
-                return (
-                    f"still blocked in {alive['collective']!r} of generation {w.generation} "
-                    f"{now - w.reassigned_at:.0f}s after being assigned generation {self.generation}"
-                )
+            return (
+                f"still blocked in {beat.what!r} of generation {w.generation} "
+                f"{now - w.reassigned_at:.0f}s after being assigned generation {self.generation}"
+            ), w.reassigned_at
         if w.state == types_pb2.WORKER_STATE_STARTING:
             if now - w.assigned_at > self.cfg.startup_timeout_s:
-                return f"no process group within {self.cfg.startup_timeout_s:.0f}s of its assignment"
-            return ""
+                return (
+                    f"no process group within {self.cfg.startup_timeout_s:.0f}s of its assignment",
+                    w.assigned_at,
+                )
+            return "", now
         if w.state != types_pb2.WORKER_STATE_TRAINING:
-            return ""
-        timeout = max(self.cfg.hang_factor * w.median_step_s(), self.cfg.hang_floor_s)
+            return "", now
+        limit = max(self.cfg.hang_factor * w.median_step_s(), self.cfg.hang_floor_s)
         idle = now - w.last_progress_at
-        if idle <= timeout:
-            return ""
-        age, state = liveness.read(w.paths.root)
-        if age > LIVENESS_STALE_S:
-            return f"no step for {idle:.1f}s (limit {timeout:.1f}s) and its liveness file is {age:.1f}s old"
-        if "collective" not in state:
-            return f"no step for {idle:.1f}s (limit {timeout:.1f}s) outside any collective"
-        return ""  # alive and blocked in a collective: it waits on a peer
+        return hangs.not_stepping(w.proc.pid, beat, now, idle, limit, self.limits), w.last_progress_at
 
     def _classify_exit(self, w: Worker) -> dict[str, Any]:
         code = w.proc.returncode
         detail: dict[str, Any] = {"exit_code": code, "pid": w.proc.pid, "worker": w.wid, "slot": w.slot}
         if w.hung:
-            reason, summary = ExitReason.HANG, "killed by the agent: no progress"
+            reason, summary = ExitReason.HANG, f"killed by the agent: {w.hung}"
+            detail["hung_at"] = w.hung_at
         elif code == contract.EXIT_OK:
             reason, summary = (
                 (ExitReason.FINISHED if w.state == types_pb2.WORKER_STATE_EXITED else ExitReason.STOPPED),
@@ -529,7 +539,7 @@ class WorkerGroup:
             reason = ExitReason.STOPPED  # we asked it to go
         if w.slot is None and reason == ExitReason.CRASH:
             reason = ExitReason.STANDBY_LOST
-        detail.update(reason=reason, summary=summary)
+        detail.update(reason=reason, summary=summary, fault_age_s=self._fault_age(w))
         if w.reassigned_at and not w.hung:
             # A survivor assigned to a newer generation that dies before re-forming fails that
             # generation: reported under its own old one, the coordinator would take it for stale and
@@ -537,6 +547,17 @@ class WorkerGroup:
             detail["generation"] = self.generation
         w.state = types_pb2.WORKER_STATE_EXITED if reason in CLEAN_EXITS else types_pb2.WORKER_STATE_FAILED
         return detail
+
+    def _fault_age(self, w: Worker) -> float:
+        """Seconds since the rank's fault, as best this node knows: from its last sign of work when
+        it was killed as hung, else from its last heartbeat (which comes every 50 ms until it dies).
+        An age, not a time, so that the coordinator's clock measures recoveries from it."""
+        if w.hung:
+            last_seen = w.last_seen
+        else:
+            beat = liveness.read(w.paths.root)
+            last_seen = beat.t if beat is not None and beat.pid == w.proc.pid else time.time()
+        return round(max(0.0, time.time() - last_seen), 4)
 
     def _last_error_line(self, w: Worker) -> str:
         try:

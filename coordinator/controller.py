@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import time
 import typing
 import uuid
@@ -682,7 +683,14 @@ class Controller:
         if kind == AgentEventKind.WORKER_EXITED:
             reason = str(d.get("reason", ExitReason.CRASH))  # free-form JSON: maybe not a string
             if reason in FAILED_EXITS:
-                return m.WorkerFailed(node_id, e.generation, e.rank, ExitReason(reason), d.get("summary", ""))
+                return m.WorkerFailed(
+                    node_id,
+                    e.generation,
+                    e.rank,
+                    ExitReason(reason),
+                    d.get("summary", ""),
+                    _seconds(d.get("fault_age_s")),
+                )
             return None  # a clean exit, or a standby's
         if kind == AgentEventKind.DIRECTIVE_REJECTED and d.get("kind") == "start":
             # The node refuses the job's launch (a program it does not allow, a path outside its
@@ -774,3 +782,10 @@ class Controller:
             "jobs": dict(self.jobs),
             "nodes": {k: dataclasses.replace(v, outbox=[], workers=[]) for k, v in list(self.nodes.items())},
         }
+
+
+def _seconds(value: Any) -> float:
+    """A duration from an event's free-form JSON detail: 0.0 unless it is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return 0.0
+    return max(float(value), 0.0)

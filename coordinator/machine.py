@@ -191,7 +191,9 @@ class Job:
     checkpoints: tuple[CheckpointRecord, ...] = ()
     next_request_id: int = 1
     pending_rollback: PendingRollback | None = None
-    fault_time: float | None = None  # detection time of the fault the job is recovering from
+    fault_time: float | None = (
+        None  # when the fault the job recovers from happened (its agent's account, else when it was reported)
+    )
     awaiting_capacity: bool = False
     waiting_since: float | None = None  # a rank reported its collective failed, nothing else yet
     waiting_step: int = 0  # ... at this step
@@ -260,6 +262,7 @@ class WorkerFailed:
     rank: int
     kind: ExitReason  # one of FAILED_EXITS: crash, hang or config
     detail: str = ""
+    fault_age_s: float = 0.0  # how long before this report the fault happened, by its agent's account
 
 
 @dataclass(frozen=True)
@@ -687,7 +690,13 @@ def on_worker_failed(job: Job, ev: WorkerFailed, nodes: Mapping[str, NodeView], 
     what = "hung" if ev.kind == ExitReason.HANG else "crashed"
     who = f"rank {ev.rank} on {ev.node_id}" if ev.rank >= 0 else f"the ranks on {ev.node_id}"
     return _restart(
-        job, EXIT_RESTART_REASON[ev.kind], nodes, now, exclude=(), detail=f"{who} {what}: {ev.detail}"
+        job,
+        EXIT_RESTART_REASON[ev.kind],
+        nodes,
+        now,
+        exclude=(),
+        detail=f"{who} {what}: {ev.detail}",
+        fault_age_s=ev.fault_age_s,
     )
 
 
@@ -1189,6 +1198,7 @@ def _restart(
     rollback_to: int = -1,
     force_checkpoint: bool = False,
     count: bool = True,
+    fault_age_s: float = 0.0,
 ) -> Decision:
     """A new generation: survivors keep their state and heal the replacement, or everyone restores
     the last good checkpoint. Enforces the restart-loop guards. ``why`` is None only for a retry that
@@ -1218,7 +1228,8 @@ def _restart(
                 f"{detail}; giving up: {without} restarts in a row without progress past step {job.step} "
                 f"(max_restarts_without_progress={spec.max_restarts_without_progress})",
             )
-    fault_time = job.fault_time if job.fault_time is not None else now
+    # Recoveries are measured from the fault: an agent that took 0.3 s to find a frozen rank says so.
+    fault_time = job.fault_time if job.fault_time is not None else now - max(fault_age_s, 0.0)
     # Every rollback target in flight binds the next generation: the one asked for, a pending
     # in-place request the survivors never applied, and the target of a generation (or a wait) that
     # never got to train. The lowest wins: state after any alarm's onset must not survive.

@@ -43,7 +43,7 @@ class CoordinatorCollector(Collector):
         )
         recovery = HistogramMetricFamily(
             "stanchion_recovery_seconds",
-            "Fault detected to first step of the new generation.",
+            "From the fault (its agent's account) to the first step of the new generation.",
             labels=["job_id"],
         )
         goodput = GaugeMetricFamily(

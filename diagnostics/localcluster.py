@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stanchion.files import read_jsonl
+from stanchion.sdk import liveness
 from stanchion.vocab import EventKind
 from stanchion.waiting import wait_until
 
@@ -45,6 +46,7 @@ class LocalCluster:
     root: Path
     tls: bool = True
     hang_floor_s: float = 5.0
+    frozen_after_s: float | None = None  # the agents' --frozen-after-s (None: their default)
     stop_grace_s: float = 20.0
     heartbeat_timeout_s: float = 3.0
     python: str = sys.executable
@@ -172,6 +174,7 @@ class LocalCluster:
             "0",
             "--hang-floor-s",
             str(self.hang_floor_s),
+            *(["--frozen-after-s", str(self.frozen_after_s)] if self.frozen_after_s is not None else []),
             "--stop-grace-s",
             str(self.stop_grace_s),
             "--port-file",
@@ -261,14 +264,16 @@ class LocalCluster:
 
     def _kill_stray_ranks(self) -> None:
         """Ranks die with their agent (PR_SET_PDEATHSIG); this catches any that outlived it, by the
-        pids they recorded in their own liveness files. A pid counts only while its environment still
-        names that worker directory (the built-in trainer or a job's own program alike)."""
-        for alive in self.run_root.glob("workers/*/w*/alive.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError, ProcessLookupError, PermissionError):
-                pid = int(json.loads(alive.read_text())["pid"])
-                worker_dir = f"STANCHION_WORKER_DIR={alive.parent}".encode()
-                if worker_dir in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                    os.kill(pid, signal.SIGKILL)
+        pids in their own heartbeats. A pid counts only while its environment still names that
+        worker directory (the built-in trainer or a job's own program alike)."""
+        for heartbeat in self.run_root.glob(f"workers/*/w*/{liveness.HEARTBEAT_FILE}"):
+            beat = liveness.read(heartbeat.parent)
+            if beat is None:
+                continue
+            with contextlib.suppress(OSError, ProcessLookupError, PermissionError):
+                worker_dir = f"STANCHION_WORKER_DIR={heartbeat.parent}".encode()
+                if worker_dir in Path(f"/proc/{beat.pid}/environ").read_bytes().split(b"\0"):
+                    os.kill(beat.pid, signal.SIGKILL)
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -331,11 +336,10 @@ class LocalCluster:
         """The live assigned ranks of a node: pid, rank, generation (from the files they write)."""
         out = []
         for w in sorted((self.run_root / "workers" / node_id).glob("w*")):
-            try:
-                alive = json.loads((w / "alive.json").read_text())
-            except (OSError, ValueError):
+            beat = liveness.read(w)
+            if beat is None:
                 continue
-            pid = int(alive["pid"])
+            pid = beat.pid
             if not Path(f"/proc/{pid}").exists():
                 continue
             started = [e for e in read_jsonl(w / "events.jsonl") if e.get("event") == EventKind.STARTED]

@@ -13,7 +13,7 @@ The public, stable surface (docs/sdk.md)::
         guard.maybe_checkpoint()
     guard.finish()
 
-``join``, ``guard``, ``Protections`` and ``collective`` are loaded on first use, so ``import
+``join``, ``guard``, ``Protections``, ``collective`` and ``pause`` are loaded on first use, so ``import
 stanchion`` loads neither torch nor gRPC. Everything under :mod:`stanchion.sdk` other than these
 names is internal. The kernel modules (configuration, files, waiting, identity, TLS, vocabularies)
 serve the trainer, the agent, the coordinator and the CLI.
@@ -36,6 +36,7 @@ _PUBLIC = {
     "Protections": "stanchion.sdk.protections",
     "collective": "stanchion.sdk.parallel",
     "CollectiveFailed": "stanchion.sdk.parallel",
+    "pause": "stanchion.sdk.liveness",
 }
 __all__ = ["__version__", *_PUBLIC]
 

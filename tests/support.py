@@ -14,7 +14,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from agent import hangs
 from stanchion.files import read_jsonl
+from stanchion.sdk import liveness
 from stanchion.vocab import EventKind
 
 REPO = Path(__file__).resolve().parent.parent
@@ -257,14 +259,10 @@ def reset_cluster(c: Any, n_nodes: int) -> None:
 def frozen_pids(run_root: Path, node_id: str) -> list[int]:
     """Pids of the node's rank processes that are stopped (SIGSTOP: state T in /proc/PID/stat)."""
     out = []
-    for alive in sorted((run_root / "workers" / node_id).glob("w*/alive.json")):
-        try:
-            pid = int(json.loads(alive.read_text())["pid"])
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except (OSError, ValueError, KeyError):
-            continue
-        if stat.rsplit(")", 1)[1].split()[0] == "T":
-            out.append(pid)
+    for heartbeat in sorted((run_root / "workers" / node_id).glob(f"w*/{liveness.HEARTBEAT_FILE}")):
+        beat = liveness.read(heartbeat.parent)
+        if beat is not None and hangs.process_state(beat.pid) == "T":
+            out.append(beat.pid)
     return out
 
 

@@ -8,8 +8,8 @@ plaintext gRPC; agents with a small ``--hang-floor-s``):
 2. the **faulted** job: every fault of the schedule fires inside its rank at its step, from the
    trainer's fault injector (the job spec's schedule), so a busy machine cannot delay one past its
    step: a crash SIGKILLs the rank's process as its step starts, a hang SIGSTOPs the process (every
-   thread) inside its step, before the gradient all-reduce (the agent kills the rank once no step
-   came within max(5 x median step, hang floor) and its liveness file is stale), a slow rank sleeps
+   thread) inside its step, before the gradient all-reduce (the agent kills the rank once the kernel
+   says it is stopped and its heartbeat has been silent for 0.25 s), a slow rank sleeps
    in each step of its window, and silent corruption flips a bit of a parameter or of optimizer
    state (caught by the replica fingerprints). A fault that ends the process records when it fired
    before it does;
@@ -654,8 +654,8 @@ def bench_goodput(
         "checkpoint_every": checkpoint_every,
         "cluster": f"coordinator + {len(NODES)} nodes x 1 worker + {spares} spare node(s), 127.0.0.1, plaintext gRPC",
         "hang_floor_s": hang_floor_s,
-        "hang_detection": "the agent kills a rank with no step within max(5 x median step, hang floor) whose "
-        "liveness file is older than 3 s (agent/workers.py LIVENESS_STALE_S): about 3 s here",
+        "hang_detection": "the hangs are SIGSTOPs: the agent kills a rank stopped by a signal whose heartbeat "
+        "has been silent for 0.25 s (agent/hangs.py)",
         "torchrun": None
         if not torchrun
         else {

@@ -23,7 +23,6 @@ steps both benchmarks use.
 """
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -51,6 +50,7 @@ from diagnostics.bench.common import (
 from diagnostics.localcluster import LocalCluster
 from protos.stanchion.v1 import types_pb2
 from stanchion.files import read_jsonl
+from stanchion.sdk import liveness
 from stanchion.vocab import EventKind, Resume
 from stanchion.waiting import wait_until
 
@@ -505,14 +505,15 @@ class TorchrunJob:
         return max((int(r["step"]) for r in self.progress.records), default=0)
 
     def rank_pid(self, rank: int) -> int | None:
-        """The rank's current process (alive.json is rewritten by each new process), if it is alive
-        and a trainer."""
+        """The rank's current process (each new process beats into the same heartbeat), if it is
+        alive and a trainer."""
+        beat = liveness.read(self.run_dir / "ranks" / f"rank-{rank:05d}")
+        if beat is None:
+            return None
+        pid = beat.pid
         try:
-            pid = int(
-                json.loads((self.run_dir / "ranks" / f"rank-{rank:05d}" / "alive.json").read_text())["pid"]
-            )
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError, KeyError):
+        except OSError:
             return None
         return pid if b"trainer" in cmdline and _pid_alive(pid) else None
 

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.staging import DefaultStager
 
-from stanchion.sdk import contract, devices, fingerprint, numerics, sharded
+from stanchion.sdk import contract, devices, fingerprint, liveness, numerics, sharded
 from stanchion.sdk.audit import audit_verdict, digest_of, grad_digest
 from stanchion.sdk.checkpoint import CheckpointManager, new_stager
 from stanchion.sdk.contract import Assignment
@@ -702,9 +702,10 @@ class Guard:
         """Compute the first micro-batch's gradient twice; unequal digests mean results are not
         bitwise reproducible here, which exact fingerprints, resume and bisection all rely on."""
         batch, digests = self.batch_at(0, self.rt.rank, 0), []
-        for _ in range(2):
-            self.optimizer.zero_grad(set_to_none=True)
-            digests.append(self.local_grad_digest(lambda: self.loss_fn(self.model, batch).backward()))
+        with liveness.pause("start-up determinism check"):
+            for _ in range(2):
+                self.optimizer.zero_grad(set_to_none=True)
+                digests.append(self.local_grad_digest(lambda: self.loss_fn(self.model, batch).backward()))
         self.optimizer.zero_grad(set_to_none=True)
         if digests[0] != digests[1]:
             log.error("NOT DETERMINISTIC: two replays of the first micro-batch gave different gradients")
@@ -1117,6 +1118,10 @@ class Guard:
         return fingerprint.digest(fingerprint.fingerprints(full)[1])
 
     def save_checkpoint(self, *, blocking: bool = False) -> None:
+        with liveness.pause("checkpoint"):
+            self._save_checkpoint(blocking=blocking)
+
+    def _save_checkpoint(self, *, blocking: bool) -> None:
         t0 = time.perf_counter()  # the stall counts the fingerprints and the manifest's fields too
         step = self.cursor.step
         agreed = self.cursor.last_agreed_step == step
@@ -1148,7 +1153,8 @@ class Guard:
         """Run the program's ``evaluate`` (every rank, in step); an ``eval`` event with its value."""
         if self.evaluate_fn is None:
             return None
-        val = float(self.evaluate_fn())
+        with liveness.pause("evaluation"):
+            val = float(self.evaluate_fn())
         self.rt.event(EventKind.EVAL, step=self.cursor.step, val_loss=val)
         return val
 

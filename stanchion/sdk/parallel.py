@@ -31,6 +31,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors  # for
 from torch.distributed.tensor import DTensor
 
 from stanchion.sdk.contract import Assignment
+from stanchion.sdk.liveness import current_collective
 from stanchion.sdk.snapshot import local_shard
 
 log = logging.getLogger(__name__)
@@ -288,13 +289,6 @@ def _shut_down(groups: list[dist.ProcessGroup]) -> None:
     for g in groups:
         with contextlib.suppress(Exception):
             g.shutdown()
-
-
-# What this rank is blocked in, if anything: read by the liveness thread (stanchion/sdk/liveness.py) so
-# an agent can tell a rank waiting on a peer from a rank that is itself stuck. Entries are
-# (what, since, thread): a checkpoint's commit vote runs in a background thread while the main
-# thread enters and leaves its own collectives, so each thread removes exactly its own entry.
-current_collective: list[tuple[str, float, int]] = []
 
 
 @contextlib.contextmanager

@@ -399,6 +399,6 @@ def join(
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, rt._on_sigterm)
     sys.excepthook = rt._excepthook
-    LivenessThread(paths.root).start()
+    LivenessThread(paths.root, step=lambda: rt.where()[0]).start()
     rt.form_until_formed()
     return rt

@@ -81,6 +81,21 @@ def test_crash_restarts_with_peer_healing_and_keeps_ranks() -> None:
     assert d2.actions == () and d2.job.recoveries == (0.75,)
 
 
+def test_a_recovery_is_measured_from_the_fault_its_agent_reports_not_from_the_report() -> None:
+    """A frozen rank is reported 0.3 s after its last heartbeat: that time is the recovery's too."""
+    cluster = nodes("a", "b")
+    hang = m.WorkerFailed(
+        "b", 1, rank=1, kind="hang", detail="killed by the agent: stopped", fault_age_s=0.25
+    )
+    d = m.step(running(cluster), hang, cluster, 5.0)
+    assert d.job.fault_time == 4.75 and "rank 1 on b hung" in d.reason
+    d2 = m.step(d.job, m.Progress("a", 2, 1), cluster, 5.5)
+    assert d2.job.recoveries == (0.75,) and "recovered in 0.75s" in d2.reason
+    # A second fault while recovering keeps the first one's time: the job is down since then.
+    again = m.WorkerFailed("a", 2, rank=0, kind="crash", detail="signal SIGKILL", fault_age_s=0.05)
+    assert m.step(d.job, again, cluster, 5.2).job.fault_time == 4.75
+
+
 def test_stale_events_of_an_old_generation_are_ignored() -> None:
     cluster = nodes("a", "b")
     job = running(cluster)

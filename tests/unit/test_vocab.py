@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -160,7 +161,9 @@ def test_the_agent_and_the_controller_agree_on_exits(
     turns exactly the failures into a WorkerFailed of that reason."""
     group = WorkerGroup(AgentConfig(node_id="node-a", insecure=True, run_root=str(tmp_path / "runs")))
     proc = SimpleNamespace(returncode=code, pid=4242)
-    w = Worker(0, proc, WorkerPaths(tmp_path / "w00000"), 0.0, slot=slot, hung=hung, stopping=stopping)  # type: ignore[arg-type]
+    why = "stopped by a signal (process state T): no heartbeat for 0.30s" if hung else ""
+    w = Worker(0, proc, WorkerPaths(tmp_path / "w00000"), 0.0, slot=slot, hung=why, stopping=stopping)  # type: ignore[arg-type]
+    w.last_seen = time.time() - 30.0  # a hung rank's last sign of work: its fault's age travels along
     detail = group._classify_exit(w)
     assert detail["reason"] is reason
     event = types_pb2.Event(
@@ -174,3 +177,19 @@ def test_the_agent_and_the_controller_agree_on_exits(
         assert ev is None
         return
     assert isinstance(ev, WorkerFailed) and ev.kind is reason and ev.rank == 0
+    assert (ev.fault_age_s >= 30.0) is hung and why in ev.detail
+
+
+@pytest.mark.parametrize(
+    ("age", "seconds"), [(0.4, 0.4), (3, 3.0), ("soon", 0.0), (-1.0, 0.0), (True, 0.0), (None, 0.0)]
+)
+def test_a_fault_age_the_controller_cannot_read_counts_from_the_report(age: object, seconds: float) -> None:
+    """An event's detail is free-form JSON: anything but a finite duration >= 0 leaves the fault at
+    the time it was reported."""
+    detail = {"reason": ExitReason.CRASH.value, "summary": "signal SIGKILL", "fault_age_s": age}
+    event = types_pb2.Event(
+        kind=AgentEventKind.WORKER_EXITED, generation=1, rank=0, detail_json=json.dumps(detail)
+    )
+    controller = Controller(CoordinatorConfig(insecure=True), Store(":memory:"))
+    ev = controller._machine_event("node-a", event, detail)
+    assert isinstance(ev, WorkerFailed) and ev.fault_age_s == seconds

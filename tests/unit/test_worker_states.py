@@ -58,7 +58,7 @@ def test_a_step_read_after_the_rank_left_its_generation_does_not_make_it_trainin
     group.poll(now=t)
     assert w.state == types_pb2.WORKER_STATE_WAITING
     # alive, waiting for its assignment (not in a collective), for longer than the hang floor
-    (root / liveness.ALIVE_FILE).write_text(json.dumps({"pid": 4242}))
+    (root / liveness.HEARTBEAT_FILE).write_bytes(liveness.Beat(4242, t + 5.0, 68).encode())
     group.poll(now=t + 5.0)
     assert not w.hung and w.proc.signals == [], "the survivor waiting for its assignment was killed as hung"
     assert w.state == types_pb2.WORKER_STATE_WAITING

@@ -1,0 +1,71 @@
+"""When the agent calls a rank hung: the decisions, apart from the processes they are about.
+
+Two questions, from what the rank's heartbeat (:mod:`stanchion.sdk.liveness`) and the kernel say:
+
+- **Is the process frozen?** Its heartbeat thread beats every 50 ms whatever the main thread does
+  (collectives release the GIL). A heartbeat silent for ``frozen_after_s`` (0.25 s) from a process
+  the kernel reports stopped by a signal (state ``T`` in ``/proc/PID/stat``: SIGSTOP, SIGTSTP) is a
+  frozen rank: it cannot take another step until someone continues it, and its peers are blocked on
+  it. That is decided in a quarter of a second, with no false alarm on a busy machine: a process
+  that is merely starved of CPU is runnable (``R``), never ``T``. A process being traced by a
+  debugger is in state ``t`` and is left alone. This holds for a rank that trains or waits between
+  generations; a rank still joining a generation is the coordinator's first-step deadline's to
+  judge, which escalates a generation that does not form and leaves out the node that did not join.
+- **Has it stopped stepping?** A rank with no step within its step limit (the agent's
+  ``max(hang_factor x median step, hang_floor_s)``) is hung when its heartbeat is missing or silent
+  for ``wedged_after_s`` (a wedged interpreter, a process stuck in the kernel), or when it is
+  running outside any collective. It is not hung while blocked in a collective (it waits on a peer,
+  whom this rule catches on that peer's node) or in a pause it announced (evaluation, a blocking
+  checkpoint: :func:`stanchion.pause`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from stanchion.sdk.liveness import COLLECTIVE, PAUSED, Beat
+
+
+@dataclass(frozen=True)
+class Limits:
+    frozen_after_s: float = 0.25  # heartbeat silence of a process stopped by a signal
+    wedged_after_s: float = 3.0  # heartbeat silence of any other process with no step in its limit
+
+
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of ``pid`` (``R``, ``S``, ``D``, ``T``, ``t``, ``Z`` ...);
+    empty when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[0]  # the command name in parentheses may hold anything
+
+
+def frozen(pid: int, beat: Beat | None, now: float, state_of: Callable[[int], str], limits: Limits) -> str:
+    """Why the process is frozen, or "" when it is not (or has never beaten)."""
+    if beat is None or beat.pid != pid:
+        return ""
+    silent = now - beat.t
+    if silent <= limits.frozen_after_s or state_of(pid) != "T":
+        return ""
+    return f"stopped by a signal (process state T): no heartbeat for {silent:.2f}s, at step {beat.step}"
+
+
+def not_stepping(
+    pid: int, beat: Beat | None, now: float, idle_s: float, limit_s: float, limits: Limits
+) -> str:
+    """Why a training rank with no step for ``idle_s`` (limit ``limit_s``) is hung, or ""."""
+    if idle_s <= limit_s:
+        return ""
+    where = f"no step for {idle_s:.1f}s (limit {limit_s:.1f}s)"
+    if beat is None or beat.pid != pid:
+        return f"{where} and no heartbeat from its process"
+    silent = now - beat.t
+    if silent > limits.wedged_after_s:
+        return f"{where} and no heartbeat for {silent:.1f}s"
+    if beat.doing in (COLLECTIVE, PAUSED):
+        return ""  # waiting on a peer, or a pause it announced
+    return f"{where} outside any collective"
