@@ -37,6 +37,7 @@ COUNTERS = {
     "spikes_total": "stanchion_train_spikes",
     "fingerprint_mismatches_total": "stanchion_fingerprint_mismatches",
     "audit_mismatches_total": "stanchion_audit_mismatches",
+    "stragglers_total": "stanchion_straggler_events",
 }
 
 
@@ -103,8 +104,19 @@ class AgentCollector(Collector):
                     "stanchion_train_tokens_per_second",
                     "Tokens per second of the last step, all ranks together.",
                 ),
+                (
+                    "stanchion_straggler_compute_seconds",
+                    "The rank's own compute time of its last step: its start to the end of its last "
+                    "backward pass, before any wait on a peer.",
+                ),
             )
         }
+        straggler = GaugeMetricFamily(
+            "stanchion_straggler_ratio",
+            "Median over the straggler window of the rank's own compute time over its peers' median "
+            "(above integrity.straggler_ratio: a straggler; absent until the window fills).",
+            labels=labels,
+        )
         mfu = GaugeMetricFamily(
             "stanchion_train_mfu_ratio",
             "Model FLOP utilization of the last step against the devices' dense bf16 datasheet peak "
@@ -133,6 +145,9 @@ class AgentCollector(Collector):
                 g["stanchion_train_last_step_timestamp_seconds"].add_metric(lv, _num(r.get("t")))
                 g["stanchion_checkpoint_stall_seconds"].add_metric(lv, _num(r.get("checkpoint_stall_s", 0.0)))
                 g["stanchion_train_tokens_per_second"].add_metric(lv, _num(r.get("tokens_per_s")))
+                g["stanchion_straggler_compute_seconds"].add_metric(lv, _num(r.get("compute_s")))
+                if r.get("straggler_ratio") is not None:
+                    straggler.add_metric(lv, _num(r["straggler_ratio"]))
                 if r.get("mfu") is not None:
                     mfu.add_metric(lv, _num(r["mfu"]))
                 for layer, v in enumerate(r.get("activation_norms") or []):
@@ -153,7 +168,7 @@ class AgentCollector(Collector):
             for job_id, t in tm.last_checkpoint.items():
                 ckpt.add_metric([job_id], t)
         yield from g.values()
-        yield from (act, mfu, hist, tokens, *counters.values(), ckpt)
+        yield from (act, mfu, straggler, hist, tokens, *counters.values(), ckpt)
         workers = GaugeMetricFamily("stanchion_agent_workers", "Worker processes by state.", labels=["state"])
         counts = dict.fromkeys(WORKER_STATES.values(), 0)
         for w in list(self.agent.group.workers):

@@ -702,6 +702,15 @@ class Controller:
         if kind in (EventKind.JOINING, EventKind.STARTED):
             # Reached the generation's rendezvous (started: and formed it).
             return m.RankJoined(node_id, e.generation, e.rank)
+        if kind in (EventKind.STRAGGLER, EventKind.STRAGGLER_CLEARED):
+            return m.StragglerSeen(
+                node_id,
+                e.generation,
+                e.step,
+                e.rank,
+                _straggler_detail(d),
+                cleared=kind == EventKind.STRAGGLER_CLEARED,
+            )
         if kind in DETECTORS:
             key = (e.job_id, e.generation, kind, e.step, int(d.get("request_epoch", 0)))
             if key in self._seen_detectors:  # every rank reports the same detection
@@ -789,3 +798,15 @@ def _seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return 0.0
     return max(float(value), 0.0)
+
+
+def _straggler_detail(d: dict[str, Any]) -> str:
+    """What a straggler event says, in words (its numbers are free-form JSON: checked here)."""
+    ratio = _seconds(d.get("ratio"))
+    if "own_s" not in d:
+        return f"its compute over its peers' median is now {ratio:.2f}x"
+    own, peers, window = _seconds(d.get("own_s")), _seconds(d.get("peers_s")), _seconds(d.get("window"))
+    return (
+        f"its own compute took {ratio:.2f}x its peers' median over {window:.0f} steps "
+        f"({own:.4f}s against {peers:.4f}s)"
+    )

@@ -63,6 +63,9 @@ class JobSpec:
         500  # a replayed anomaly that recurs at other data within this many steps suggests hardware
     )
     bisect_on_suspect: bool = True
+    # A rank that reports itself a straggler (integrity.straggler_*): "report" records it (job explain,
+    # metrics); "replace" also starts a new generation with a spare in its node's place, if one is ready.
+    straggler_policy: str = "report"
     faults: tuple[dict[str, Any], ...] = ()
     # The program the ranks run: "trainer" (the built-in one, configured by [trainer]) or a name each
     # agent maps to a module or script of its own (agent serve --entrypoint NAME=MODULE_OR_SCRIPT).
@@ -95,6 +98,11 @@ class JobSpec:
         )
         require(1 <= self.skip_batches <= 100_000, "skip_batches", "must be between 1 and 100000")
         require(self.hardware_horizon_steps >= 1, "hardware_horizon_steps", "must be >= 1")
+        require(
+            self.straggler_policy in ("report", "replace"),
+            "straggler_policy",
+            f"expected 'report' or 'replace', got {self.straggler_policy!r}",
+        )
         require(len(self.faults) <= 10_000, "faults", "at most 10000 entries")
         require(
             isinstance(self.entrypoint, str) and bool(NAME_RE.match(self.entrypoint)),
@@ -220,6 +228,7 @@ def to_toml(spec: JobSpec) -> str:
         "skip_batches",
         "hardware_horizon_steps",
         "bisect_on_suspect",
+        "straggler_policy",
     ):
         lines.append(f"{key} = {json.dumps(getattr(spec, key))}")
     if not spec.builtin:

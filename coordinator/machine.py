@@ -312,6 +312,18 @@ class Detector:
 
 
 @dataclass(frozen=True)
+class StragglerSeen:
+    """A rank reported itself a straggler (its own compute slower than its peers'), or no longer one."""
+
+    node_id: str
+    generation: int
+    step: int
+    rank: int
+    detail: str = ""
+    cleared: bool = False
+
+
+@dataclass(frozen=True)
 class CheckpointCommitted:
     generation: int
     step: int
@@ -387,6 +399,7 @@ Event = (
     | Progress
     | RankJoined
     | Detector
+    | StragglerSeen
     | CheckpointCommitted
     | RollbackDone
     | RollbackUnavailable
@@ -775,6 +788,33 @@ def on_progress(job: Job, ev: Progress, nodes: Mapping[str, NodeView], now: floa
             new, (), f"generation {job.generation} completed step {ev.step}: recovered in {seconds:.2f}s"
         )
     return Decision(new)
+
+
+def on_straggler(job: Job, ev: StragglerSeen, nodes: Mapping[str, NodeView], now: float) -> Decision:
+    """Recorded for `job explain`; under ``straggler_policy = "replace"`` a spare takes the node's
+    place at once (a new generation, the survivors healing the spare), when one is ready."""
+    if job.state is not JobState.RUNNING or ev.generation != job.generation:
+        return _noop(job)  # a recovery or bisection is already changing the members
+    who = f"rank {ev.rank} on {ev.node_id}"
+    if ev.cleared:
+        return Decision(job, (), f"{who} is no longer a straggler at step {ev.step} ({ev.detail})")
+    what = f"{who} is a straggler at step {ev.step}: {ev.detail}"
+    if job.spec.straggler_policy != "replace":
+        return Decision(job, (), f"{what}; straggler_policy report: it stays")
+    spare = any(
+        n.eligible and n.busy_with in ("", job.job_id) and n.node_id not in job.members
+        for n in nodes.values()
+    )
+    if not spare or ev.node_id not in job.members:
+        return Decision(job, (), f"{what}; straggler_policy replace, but no spare node is ready: it stays")
+    return _restart(
+        job,
+        RestartReason.STRAGGLER,
+        nodes,
+        now,
+        exclude=(ev.node_id,),
+        detail=f"{what}; straggler_policy replace: a spare takes {ev.node_id}'s place",
+    )
 
 
 def on_detector(job: Job, ev: Detector, nodes: Mapping[str, NodeView], now: float) -> Decision:
@@ -1350,6 +1390,7 @@ _HANDLERS = {
     Progress: on_progress,
     RankJoined: on_rank_joined,
     Detector: on_detector,
+    StragglerSeen: on_straggler,
     CheckpointCommitted: on_checkpoint,
     RollbackDone: on_rollback_done,
     RollbackUnavailable: on_rollback_unavailable,

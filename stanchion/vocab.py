@@ -53,6 +53,10 @@ class EventKind(Vocab):
     ABANDONED = "abandoned"  # gave up forming a group: a newer assignment (or a stop) arrived
     FAULT_INJECTED = "fault_injected"  # a scheduled test fault fired in this rank
     EVAL = "eval"  # a validation loss
+    # A rank's own compute time stayed above its peers' median (stanchion.sdk.stragglers); reported by
+    # that rank, with ``ratio``, ``own_s``, ``peers_s`` and ``window``. And when it no longer does.
+    STRAGGLER = "straggler"
+    STRAGGLER_CLEARED = "straggler_cleared"
     FINISHED = "finished"  # trained every step; carries the final fingerprint and validation loss
     STOPPED = "stopped"  # SIGTERM honoured: checkpoint written, exiting 0
 
@@ -84,6 +88,8 @@ FORWARDED = frozenset(
         EventKind.FAULT_INJECTED,
         EventKind.NONDETERMINISTIC,
         EventKind.NUMERICS_CHANGED,
+        EventKind.STRAGGLER,
+        EventKind.STRAGGLER_CLEARED,
     }
 )
 
@@ -139,6 +145,7 @@ class RestartReason(Vocab):
     RECONCILE = "reconcile"  # after a coordinator restart, members did not report the generation
     BISECTION = "bisection"  # a bisection named the faulty nodes; the job resumes without them
     FIRST_STEP_TIMEOUT = "first_step_timeout"  # a generation missed its first-step deadline
+    STRAGGLER = "straggler"  # straggler_policy "replace": a straggler's node was replaced by a spare
 
 
 class ExitReason(Vocab):

@@ -42,6 +42,7 @@ class Control:
     audit_next: int = 0  # audit steps: digest of the next rank's first micro-batch, recomputed here
     param_digest: int = 0  # audit steps: digest of the parameters the gradients came from
     state_digest: int = 0  # the previous step's replica fingerprints, folded (0: none to compare)
+    compute_us: int = 0  # this rank's own compute time of its previous step (0: none yet), for stragglers
 
     def pack(self, device: torch.device) -> torch.Tensor:
         """The row as int64 on ``device``. ``loss`` may be a 0-dim tensor still being computed on
@@ -58,6 +59,7 @@ class Control:
             self.next_generation,
             self.param_digest,
             self.state_digest,
+            self.compute_us,
         ]
         row = torch.tensor(values, dtype=torch.int64)
         row = row.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else row.to(device)
@@ -69,7 +71,7 @@ class Control:
 
     @classmethod
     def unpack(cls, row: Sequence[int]) -> Control:
-        step_index, loss_bits, _nonfinite, stop, request, own, nxt, next_gen, params, state = (
+        step_index, loss_bits, _nonfinite, stop, request, own, nxt, next_gen, params, state, compute = (
             int(v) for v in row
         )
         return cls(
@@ -82,6 +84,7 @@ class Control:
             audit_next=nxt,
             param_digest=params,
             state_digest=state,
+            compute_us=compute,
         )
 
 
@@ -138,6 +141,11 @@ class Agreement:
     def states_agree(self, group: Sequence[int]) -> bool:
         """Whether the replicas in ``group`` sent the same folded fingerprints."""
         return len({self.rows[r].state_digest for r in group}) == 1
+
+    @property
+    def compute_s(self) -> list[float]:
+        """Each rank's own compute time of its previous step, in seconds (0.0: none reported)."""
+        return [r.compute_us / 1e6 for r in self.rows]
 
     def params_agree(self) -> bool:
         """Audit steps: whether every rank computed from the same parameters."""

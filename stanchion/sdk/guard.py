@@ -73,6 +73,7 @@ from stanchion.sdk.protections import Protections
 from stanchion.sdk.runtime import Runtime, Superseded
 from stanchion.sdk.skips import data_index
 from stanchion.sdk.snapshot import SnapshotRing
+from stanchion.sdk.stragglers import StragglerDetector
 from stanchion.vocab import EventKind, Resume
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class Step:
         self._agreement: Callable[[], Agreement] | None = None  # started before the last backward pass
         self._t0 = time.perf_counter()
         self._sharded: tuple[str, float, int] | None = None
+        self.compute_s = 0.0  # from the step's start to the end of its last backward pass
 
     def backward(self, loss: torch.Tensor, accum: int = 1) -> None:
         """``(loss / accum).backward()``, and report ``loss`` for the step's agreement. Call it once
@@ -179,6 +181,8 @@ class Step:
         finally:
             if sync is not None:
                 sync.disarm()
+        if last:  # the rank's own work of the step, before it waits on any peer
+            self.compute_s = time.perf_counter() - self._t0
 
     def local_loss(self) -> torch.Tensor:
         """This rank's mean micro-batch loss so far, in float64, where it was computed."""
@@ -320,7 +324,15 @@ class Guard:
             grad_z=p.spike_grad_z,
             rel_floor=p.spike_rel_floor,
         )
-        self.counters = {"nonfinite": 0, "spikes": 0, "fingerprint_mismatches": 0, "audit_mismatches": 0}
+        self.stragglers = StragglerDetector(threshold=p.straggler_ratio, window=p.straggler_window)
+        self._compute_s = 0.0  # this rank's own compute time of its last step (sent in the next agreement)
+        self.counters = {
+            "nonfinite": 0,
+            "spikes": 0,
+            "fingerprint_mismatches": 0,
+            "audit_mismatches": 0,
+            "stragglers": 0,
+        }
         self.ckpt: CheckpointManager | None = None
         # Staging buffers of asynchronous checkpoints, kept for the process's life (see checkpoint.py).
         self._stager: DefaultStager | None = None  # made at the first generation (it knows the device)
@@ -486,6 +498,8 @@ class Guard:
                 stager=self._stager,
             )
             self.restore(assignment)
+            self.stragglers.reset()  # a new generation: other peers, maybe other hardware
+            self._compute_s = 0.0
             self.rt.event(
                 EventKind.STARTED,
                 world_size=self.rt.world_size,
@@ -727,6 +741,8 @@ class Guard:
             self.grad_sync.all_reduce_mean(self.rt.world_size)
         agreed = self.agree(s, audit_next)
         s.loss = agreed.loss
+        self._compute_s = s.compute_s  # travels in the next step's agreement
+        self.watch_stragglers(step_no, agreed)
         # The previous step's fingerprints travelled in this agreement: if the replicas disagreed,
         # the state this step would update is already wrong (see settle_check).
         mismatch = self.settle_check(agreed)
@@ -818,6 +834,7 @@ class Guard:
             # parameters already differ says nothing about compute (the fingerprint check names them).
             param_digest=self.params_digest() if audit_due else 0,
             state_digest=self._pending_check.folded if self._pending_check else 0,
+            compute_us=round(self._compute_s * 1e6),
         )
 
     def agree(self, s: Step, audit_next: int | None) -> Agreement:
@@ -910,6 +927,37 @@ class Guard:
                 window=list(spike.window),
             )
 
+    def watch_stragglers(self, step_no: int, agreed: Agreement) -> None:
+        """Every rank sees every rank's compute time; a straggler reports itself (one event each)."""
+        started, ended = self.stragglers.observe(step_no, agreed.compute_s)
+        me = self.rt.rank
+        for s in started:
+            if s.rank == me:
+                self.counters["stragglers"] += 1
+                log.warning(
+                    "straggler: rank %d's own compute took %.2fx its peers' median over %d steps "
+                    "(%.4fs against %.4fs)",
+                    me,
+                    s.ratio,
+                    s.window,
+                    s.own_s,
+                    s.peers_s,
+                )
+                self.rt.event(
+                    EventKind.STRAGGLER,
+                    step=step_no,
+                    suspect_ranks=[me],
+                    ratio=s.ratio,
+                    own_s=s.own_s,
+                    peers_s=s.peers_s,
+                    window=s.window,
+                    threshold=self.stragglers.threshold,
+                )
+        if me in ended:
+            self.rt.event(
+                EventKind.STRAGGLER_CLEARED, step=step_no, suspect_ranks=[me], ratio=self.stragglers.ratio(me)
+            )
+
     def periodic_checks(self, step_no: int, force_check: bool) -> None:
         """Fingerprints when due (and before every checkpoint); a snapshot only of agreed state.
 
@@ -964,6 +1012,8 @@ class Guard:
                 lab: math.sqrt(max(float(v), 0.0)) for lab, v in zip(labels, sq.tolist(), strict=True)
             },
             activation_norms=[float(a) for a in self._act_norms],
+            compute_s=s.compute_s,
+            straggler_ratio=self.stragglers.ratio(self.rt.rank),
             **{f"{k}_total": v for k, v in self.counters.items()},
             checkpoint_stall_s=self.ckpt.last_stall_s if self.ckpt else 0.0,
         )

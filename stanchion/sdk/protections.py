@@ -34,6 +34,10 @@ class Protections:
     # on a quiet window a spike must also exceed the median by more than spike_*_z * this, relatively.
     spike_rel_floor: float = 0.02
     flight_records: int = 200  # progress records each rank keeps for the flight recorder
+    # Stragglers (stanchion.sdk.stragglers): a rank whose own compute time, over the median of its
+    # peers', has a median above straggler_ratio over the last straggler_window steps; 0 disables.
+    straggler_window: int = 20
+    straggler_ratio: float = 1.2
     startup_check: bool = True  # replay the first step twice and compare fingerprints (determinism proof)
     # What a rank does itself on a fingerprint mismatch: "report" (the coordinator decides) or
     # "rollback" in place to the newest agreed snapshot (for runs without a coordinator).
@@ -57,3 +61,9 @@ class Protections:
             "must be > 0 and < 1 (a fraction of the median)",
         )
         require(self.flight_records >= 1, "integrity.flight_records", "must be >= 1")
+        require(self.straggler_window >= 0, "integrity.straggler_window", "must be >= 0 (0 disables)")
+        require(
+            self.straggler_ratio > 1,
+            "integrity.straggler_ratio",
+            "must be > 1 (a straggler's compute time over its peers' median; 1.2: 20% slower)",
+        )

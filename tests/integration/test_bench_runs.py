@@ -164,6 +164,7 @@ def test_bench_sdk_runs_a_users_loop_plain_and_guarded(tmp_path: Path) -> None:
         "spikes": 0,
         "fingerprint_mismatches": 0,
         "audit_mismatches": 0,
+        "stragglers": 0,
     }
     assert r["model"]["params"] == 256 * 8 + (32 * 8 * 32 + 32) + (32 * 32 + 32) + (32 * 256 + 256)
     [g] = data["goals"]

@@ -184,6 +184,34 @@ def test_a_generation_that_cannot_form_escalates_to_fresh_processes_then_leaves_
     assert "did not join generation 3" in cordoned.get("node-2", ""), cordoned
 
 
+def test_a_straggler_is_named_and_under_the_replace_policy_a_spare_takes_its_place(
+    cluster: LocalCluster, golden3: dict
+) -> None:
+    # node-2's rank sleeps 0.3 s at the start of each step from step 6 on (a slow machine follows the
+    # machine, not the rank): its own compute is about ten times its peers'. Named after the warm-up
+    # and a window of 5 steps, it is replaced by the spare, which heals from the survivors: no step
+    # lost, and the run ends on the fault-free state. Its peers, slowed as much in wall time, are
+    # never named. (A ratio of 3: three ranks share these two cores, and none must be named for it.)
+    job_id = run_job(
+        cluster,
+        "straggler",
+        straggler_policy="replace",
+        faults=[{"kind": "slow", "node": "node-2", "from_step": 6, "delay_s": 0.3}],
+        trainer={"integrity": {"straggler_window": 5, "straggler_ratio": 3.0}},
+    )
+    job = finish(cluster, job_id)
+    rs = reasons(cluster, job_id)
+    assert job.final_fingerprint == golden3["fingerprint"], rs
+    named = [r for r in rs if "is a straggler" in r]
+    assert len(named) == 1 and named[0].startswith("rank 2 on node-2 is a straggler at step "), rs
+    assert "straggler_policy replace: a spare takes node-2's place" in named[0], named
+    assert "node-2" not in job.nodes and "spare-0" in job.nodes, job.nodes
+    mine = [e for e in cluster.events() if e.get("job_id") == job_id]
+    reported = [e for e in mine if e["event"] == EventKind.STRAGGLER]
+    assert [e["rank"] for e in reported] == [2] and reported[0]["ratio"] > 3.0, reported
+    assert not [e for e in mine if e["event"] == EventKind.RESTORED], "the spare must heal from a peer"
+
+
 @pytest.mark.parametrize("k", [1, 20])
 def test_a_bit_flip_then_a_crash_of_the_flipped_rank_never_heals_the_damage_into_the_run(
     cluster: LocalCluster, golden3: dict, k: int

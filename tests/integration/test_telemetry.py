@@ -77,6 +77,9 @@ DOCUMENTED_TRAINER = {
     "stanchion_fingerprint_mismatches_total": {"job_id", "rank"},
     "stanchion_audit_mismatches_total": {"job_id", "rank"},
     "stanchion_checkpoint_stall_seconds": {"job_id", "rank"},
+    "stanchion_straggler_compute_seconds": {"job_id", "rank"},
+    "stanchion_straggler_ratio": {"job_id", "rank"},
+    "stanchion_straggler_events_total": {"job_id", "rank"},
 }
 DOCUMENTED_GPU = {
     "stanchion_gpu_temperature_celsius": {"gpu", "UUID"},
@@ -390,7 +393,16 @@ def telemetry(tmp_path_factory: pytest.TempPathFactory) -> Any:
                     {"kind": "nan", "step": NAN_STEP, "rank": 1},
                     {"kind": "bitflip", "step": FLIP_STEP, "rank": 0, "target": "param", "bit": 20},
                 ],
-                trainer={"integrity": {"fingerprint_every": 2, "snapshot_every": 4}},
+                # a short straggler window, so that its ratio is exported within the run (after
+                # its warm-up and one window); a ratio no one reaches on these shared cores
+                trainer={
+                    "integrity": {
+                        "fingerprint_every": 2,
+                        "snapshot_every": 4,
+                        "straggler_window": 4,
+                        "straggler_ratio": 50.0,
+                    }
+                },
             )
         )
         early = _early_scrapes(c, ports, job_id)

@@ -112,6 +112,12 @@ def test_the_limits_themselves_are_accepted() -> None:
         JobSpec(name="mine", nodes=2, entrypoint="own", args=("--lr", "3e-4", 'q"u\\o\tte', "é😀\x7f\n", "")),
         JobSpec(name="mine", entrypoint="lm"),
         JobSpec(name="t", nodes=1, trainer={"steps": 50, "data": {"path": "corpus"}}),
+        JobSpec(
+            name="t",
+            straggler_policy="replace",
+            bisect_on_suspect=False,
+            trainer={"steps": 50, "data": {"path": "c"}},
+        ),
     ],
 )
 def test_a_stored_spec_round_trips(spec: JobSpec) -> None:

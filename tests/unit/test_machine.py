@@ -482,3 +482,54 @@ def test_an_unnamed_audit_rollback_that_cannot_be_applied_restarts_for_reason_au
         "pending_rollback": {"request_id": 3, "to_step": 25, "since": 1.0, "purpose": "audit_mismatch"}
     }
     assert m.from_json(saved, spec).pending_rollback.purpose is RestartReason.AUDIT
+
+
+# ---------------------------------------------------------------------------------------------
+# Stragglers: recorded, or replaced by a spare under straggler_policy = "replace"
+
+SLOW = "its own compute took 1.52x its peers' median over 20 steps (0.1510s against 0.0993s)"
+
+
+def test_a_straggler_is_recorded_and_stays_under_the_default_policy() -> None:
+    cluster = nodes("a", "b", spares=("s",))
+    job = running(cluster)
+    d = m.step(job, m.StragglerSeen("b", 1, step=40, rank=1, detail=SLOW), cluster, 5.0)
+    assert d.actions == () and d.job.generation == 1 and d.job.state is m.JobState.RUNNING
+    assert d.reason == f"rank 1 on b is a straggler at step 40: {SLOW}; straggler_policy report: it stays"
+    d = m.step(
+        d.job, m.StragglerSeen("b", 1, step=60, rank=1, detail="ratio 1.0", cleared=True), cluster, 6.0
+    )
+    assert d.actions == () and "rank 1 on b is no longer a straggler at step 60" in d.reason
+
+
+def test_under_the_replace_policy_a_ready_spare_takes_the_stragglers_place_and_heals_from_the_survivors() -> (
+    None
+):
+    spec = dataclasses.replace(SPEC, straggler_policy="replace")
+    cluster = nodes("a", "b", spares=("s",))
+    d = m.step(running(cluster, spec), m.StragglerSeen("b", 1, step=40, rank=1, detail=SLOW), cluster, 5.0)
+    (start,) = d.actions
+    assert (
+        isinstance(start, m.StartGeneration) and start.members == ("a", "s") and start.resume == Resume.PEER
+    )
+    assert d.job.generation == 2 and dict(d.job.restarts_by_reason)[RestartReason.STRAGGLER] == 1
+    assert "straggler_policy replace: a spare takes b's place" in d.reason
+    # no spare ready: reported, and the straggler stays
+    d = m.step(running(nodes("a", "b"), spec), m.StragglerSeen("b", 1, 40, 1, SLOW), nodes("a", "b"), 5.0)
+    assert d.actions == () and d.job.generation == 1 and "no spare node is ready: it stays" in d.reason
+
+
+def test_a_straggler_report_during_a_recovery_or_from_an_old_generation_changes_nothing() -> None:
+    spec = dataclasses.replace(SPEC, straggler_policy="replace")
+    cluster = nodes("a", "b", spares=("s",))
+    job = running(cluster, spec)
+    recovering = m.step(
+        job, m.WorkerFailed("a", 1, rank=0, kind="crash", detail="signal SIGKILL"), cluster, 1.0
+    ).job
+    assert m.step(recovering, m.StragglerSeen("b", 2, 40, 1, SLOW), cluster, 2.0) == m.Decision(recovering)
+    assert m.step(job, m.StragglerSeen("b", 0, 40, 1, SLOW), cluster, 2.0) == m.Decision(job)
+
+
+def test_a_job_spec_names_its_straggler_policy() -> None:
+    with pytest.raises(ValueError, match="straggler_policy: expected 'report' or 'replace', got 'evict'"):
+        dataclasses.replace(SPEC, straggler_policy="evict")

@@ -42,10 +42,11 @@ WIRE = {
         "nonfinite", "spike", "fingerprint_mismatch", "audit_mismatch", "rollback", "rollback_unavailable",
         "checkpoint_committed", "checkpoint_skipped", "checkpoint_failed", "checkpoint_abandoned",
         "collective_failed", "generation_change", "abandoned", "fault_injected", "eval", "finished", "stopped",
+        "straggler", "straggler_cleared",
     },
     RestartReason: {
         "crash", "hang", "node_lost", "nonfinite", "spike", "fingerprint", "audit", "health", "manual",
-        "drain", "collective_failed", "reconcile", "bisection", "first_step_timeout",
+        "drain", "collective_failed", "reconcile", "bisection", "first_step_timeout", "straggler",
     },
     Resume: {"fresh", "checkpoint", "peer"},
     AgentEventKind: {"worker_exited", "health", "stale_directive", "directive_rejected", "directive_failed"},
