@@ -713,3 +713,45 @@ def test_the_code_each_benchmark_measures_exists_and_git_compares_against_it() -
     head = rp.changed_since("HEAD", ["stanchion"])
     assert isinstance(head, list)  # what the working tree changed since HEAD (nothing on a clean tree)
     assert rp.changed_since("0" * 40, ["stanchion"]) is None  # a commit this clone does not have
+
+
+def test_goodput_goals_follow_the_faults_that_occurred() -> None:
+    def row(kind: str, recovery_s: float | None, lost: int | None) -> dict:
+        return {"kind": kind, "recovery_s": recovery_s, "lost_steps": lost}
+
+    faults = [
+        row("crash", 0.26, 0),
+        row("crash", 0.30, 0),
+        row("hang", 0.55, 0),
+        row("hang", 0.51, 1),
+        row("hang", 0.53, 0),
+        row("bitflip", 0.2, 22),
+        row("bitflip", 0.2, 2),
+        row("bitflip", 0.2, 3),
+        row("slow", None, None),
+    ]
+    results = {
+        "schedule": "S2",
+        "faulted": {"faults": faults},
+        "ettr_normalized": 0.96,
+        "ettr_local": 0.94,
+        "crash_recovery_s_median": 0.28,
+        "torchrun_recovery_s": [3.0, 2.8, 3.2],
+        "final_matches_golden": True,
+    }
+    got = {g["goal"]: (g["value"], g["met"]) for g in gp.goodput_goals(results)}
+    assert got == {
+        "normalized ETTR >= 0.95 on S2": (0.96, True),
+        "time-local ETTR >= 0.95 on S2": (0.94, False),
+        "hang recovery <= 1 s (median)": (0.53, True),
+        "steps redone per bit flip <= 3 (median)": (3, True),
+        "steps lost to crashes and hangs == 0": (1.0, False),
+        "crash recovery <= 0.05 x torchrun's (medians, same invocation)": (gp.ratio(0.28, 3.0), False),
+        "final state bit-identical to the fault-free run": (1.0, True),
+    }
+    # no hang, no flip, no torchrun, a schedule without an ETTR goal: those goals are left out
+    quiet = {**results, "schedule": "S9", "faulted": {"faults": faults[:2]}, "torchrun_recovery_s": None}
+    assert [g["goal"] for g in gp.goodput_goals(quiet)] == [
+        "steps lost to crashes and hangs == 0",
+        "final state bit-identical to the fault-free run",
+    ]
