@@ -953,7 +953,7 @@ class Up:
                     "kind": f.kind,
                     "step": f.step,
                     "detected": bool(hits),
-                    "decision": hits[0][:200] if hits else "",
+                    "decision": hits[0] if hits else "",  # whole: what was decided comes last
                 }
             )
         return out

@@ -695,7 +695,9 @@ def goodput_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             ),
         ):
             v = results.get(key)
-            goals.append(goal(f"{name} >= {target} on {schedule}", v, f">= {target}", _at_least(v, target), how))
+            goals.append(
+                goal(f"{name} >= {target} on {schedule}", v, f">= {target}", _at_least(v, target), how)
+            )
 
     def per_kind(kind: str, field: str) -> list[float]:
         return [x[field] for x in faults if x["kind"] == kind and x.get(field) is not None]

@@ -260,7 +260,9 @@ def test_up_heals_a_sharded_model_in_place_from_the_replica_of_the_lost_shard(tm
     assert s["state"] == "succeeded" and s["steps_completed"] == 40 and s["invariants_ok"] is True, s
     assert sorted(f["kind"] for f in s["faults_injected"]) == ["crash", "hang"]
     assert all(f["detected"] for f in s["faults_detected"]), s["faults_detected"]
-    assert all("heal the replacement from a live peer" in f["decision"] for f in s["faults_detected"])
+    assert all("heal the replacement from a live peer" in f["decision"] for f in s["faults_detected"]), s[
+        "faults_detected"
+    ]
     assert s["lost_steps"] == 0, s
     workers = tmp_path / "up" / "runs" / "workers"
     healed = [
