@@ -8,9 +8,9 @@ Two questions, from what the rank's heartbeat (:mod:`stanchion.sdk.liveness`) an
   frozen rank: it cannot take another step until someone continues it, and its peers are blocked on
   it. That is decided in a quarter of a second, with no false alarm on a busy machine: a process
   that is merely starved of CPU is runnable (``R``), never ``T``. A process being traced by a
-  debugger is in state ``t`` and is left alone. This holds for a rank that trains or waits between
-  generations; a rank still joining a generation is the coordinator's first-step deadline's to
-  judge, which escalates a generation that does not form and leaves out the node that did not join.
+  debugger is in state ``t`` and is left alone. This holds for a rank that trains; a rank between
+  generations (it left one, or joins the next) is the coordinator's first-step deadline's to judge,
+  which escalates a generation that does not form and leaves out the node that did not join.
 - **Has it stopped stepping?** A rank with no step within its step limit (the agent's
   ``max(hang_factor x median step, hang_floor_s)``) is hung when its heartbeat is missing or silent
   for ``wedged_after_s`` (a wedged interpreter, a process stuck in the kernel), or when it is

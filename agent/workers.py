@@ -8,9 +8,9 @@ generation's assignment and re-form their process group in place.
 
 The agent watches each rank through the files it writes (progress, events, its heartbeat) and
 through its exit status, classifies exits (error file, exit code, signal), and detects hangs
-(agent/hangs.py): a rank stopped by a signal within a quarter of a second of its last heartbeat, and
-a rank with no step within max(hang_factor x median step time, hang_floor_s) whose heartbeat went
-silent or which runs outside any collective. A rank blocked in a collective, or in a pause it
+(agent/hangs.py): a training rank stopped by a signal within a quarter of a second of its last
+heartbeat, and a rank with no step within max(hang_factor x median step time, hang_floor_s) whose
+heartbeat went silent or which runs outside any collective. A rank blocked in a collective, or in a pause it
 announced, with a live heartbeat is waiting on a peer or busy, not hung.
 
 What a rank runs (its *program*) is the built-in trainer unless a job names an entrypoint that this
@@ -480,7 +480,7 @@ class WorkerGroup:
         if w.stopping or w.hung or w.slot is None:
             return "", now
         beat = liveness.read(w.paths.root)
-        if w.state in (types_pb2.WORKER_STATE_TRAINING, types_pb2.WORKER_STATE_WAITING):
+        if w.state == types_pb2.WORKER_STATE_TRAINING:  # not while it leaves or joins a generation
             frozen = hangs.frozen(w.proc.pid, beat, now, hangs.process_state, self.limits)
             if frozen and beat is not None:
                 return frozen, beat.t

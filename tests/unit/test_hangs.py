@@ -148,8 +148,9 @@ def test_a_stopped_process_stops_beating_and_is_frozen_until_it_is_continued(
     ("state", "killed"),
     [
         (types_pb2.WORKER_STATE_TRAINING, True),
-        (types_pb2.WORKER_STATE_WAITING, True),
-        # joining a generation: the coordinator's first-step deadline judges it
+        # between generations (left one, joining the next): the coordinator's first-step deadline
+        # judges it (a survivor frozen as it joins is the escalation ladder's case)
+        (types_pb2.WORKER_STATE_WAITING, False),
         (types_pb2.WORKER_STATE_STARTING, False),
     ],
 )
