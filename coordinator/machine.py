@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from coordinator.jobspec import JobSpec
-from coordinator.membership import NodeView, choose_members
+from coordinator.membership import NodeView, choose_members, free_nodes
 from stanchion.settings import ConfigError
 from stanchion.vocab import (
     DETECTOR_RESTART_REASON,
@@ -801,11 +801,7 @@ def on_straggler(job: Job, ev: StragglerSeen, nodes: Mapping[str, NodeView], now
     what = f"{who} is a straggler at step {ev.step}: {ev.detail}"
     if job.spec.straggler_policy != "replace":
         return Decision(job, (), f"{what}; straggler_policy report: it stays")
-    spare = any(
-        n.eligible and n.busy_with in ("", job.job_id) and n.node_id not in job.members
-        for n in nodes.values()
-    )
-    if not spare or ev.node_id not in job.members:
+    if not free_nodes(nodes, job.job_id, job.members) or ev.node_id not in job.members:
         return Decision(job, (), f"{what}; straggler_policy replace, but no spare node is ready: it stays")
     return _restart(
         job,

@@ -39,6 +39,15 @@ class Choice:
     reason: str
 
 
+def free_nodes(nodes: Mapping[str, NodeView], job_id: str, current: Sequence[str]) -> list[str]:
+    """Nodes the job could take now besides its current members (eligible, not another job's)."""
+    return sorted(
+        n.node_id
+        for n in nodes.values()
+        if n.eligible and n.busy_with in ("", job_id) and n.node_id not in current
+    )
+
+
 def choose_members(
     *,
     wanted: int,
@@ -51,7 +60,7 @@ def choose_members(
 ) -> Choice | None:
     """The members of the next generation, or None when the job must wait for capacity."""
     usable = {n.node_id for n in nodes.values() if n.eligible and n.busy_with in ("", job_id)}
-    free = sorted(n for n in usable if n not in current)
+    free = free_nodes(nodes, job_id, current)
     primaries = [n for n in free if not nodes[n].spare]
     spares = [n for n in free if nodes[n].spare]
     pool = primaries if initial else spares + primaries

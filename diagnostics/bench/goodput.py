@@ -702,30 +702,26 @@ def goodput_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     def per_kind(kind: str, field: str) -> list[float]:
         return [x[field] for x in faults if x["kind"] == kind and x.get(field) is not None]
 
-    hangs = per_kind("hang", "recovery_s")
-    if hangs:
-        v = median(hangs)
-        goals.append(
-            goal(
-                f"hang recovery <= {HANG_RECOVERY_GOAL_S:g} s (median)",
-                v,
-                f"<= {HANG_RECOVERY_GOAL_S:g}",
-                v <= HANG_RECOVERY_GOAL_S,
-                "per hang: the SIGSTOP firing -> the first step of the recovered generation",
-            )
-        )
-    flips = per_kind("bitflip", "lost_steps")
-    if flips:
-        v = median(flips)
-        goals.append(
-            goal(
-                f"steps redone per bit flip <= {BITFLIP_REDONE_GOAL} (median)",
-                v,
-                f"<= {BITFLIP_REDONE_GOAL}",
-                v <= BITFLIP_REDONE_GOAL,
-                "per bit flip: the newest step computed when it fired - the step the ranks resumed from",
-            )
-        )
+    for kind, field, name, limit, how in (
+        (
+            "hang",
+            "recovery_s",
+            f"hang recovery <= {HANG_RECOVERY_GOAL_S:g} s (median)",
+            HANG_RECOVERY_GOAL_S,
+            "per hang: the SIGSTOP firing -> the first step of the recovered generation",
+        ),
+        (
+            "bitflip",
+            "lost_steps",
+            f"steps redone per bit flip <= {BITFLIP_REDONE_GOAL} (median)",
+            BITFLIP_REDONE_GOAL,
+            "per bit flip: the newest step computed when it fired - the step the ranks resumed from",
+        ),
+    ):
+        values = per_kind(kind, field)
+        if values:
+            v = median(values)
+            goals.append(goal(name, v, f"<= {limit:g}", v <= limit, how))
     ended = per_kind("crash", "lost_steps") + per_kind("hang", "lost_steps")
     if ended:
         goals.append(
