@@ -543,16 +543,20 @@ def integrity_section(rep: Report) -> list[str]:
     out += INTEGRITY_A_MEANING.render(d)
     out += ["### (b) What the protections cost", "", INTEGRITY_B]
     out += command_block(d["settings"]["command_baseline"]) + [INTEGRITY_B_AFTER]
+    configs = r["protections"]["configs"]
+
+    def cadence(name: str, key: str) -> Any:  # as the run set it
+        return configs.get(name, {}).get("sets", {}).get(f"integrity.{key}", "?")
+
     labels = {
         "baseline": "baseline (all off)",
         "fingerprint_k1": "fingerprints K = 1",
-        "fingerprint_default": "fingerprints K = 20",
-        "audit_default": "audit M = 40",
-        "snapshots_default": "fingerprints + snapshots every 20",
+        "fingerprint_default": f"fingerprints K = {cadence('fingerprint_default', 'fingerprint_every')}",
+        "audit_default": f"audit M = {cadence('audit_default', 'audit_every')}",
+        "snapshots_default": f"fingerprints + snapshots every {cadence('snapshots_default', 'snapshot_every')}",
         "all_defaults": "all defaults (+ start-up check)",
     }
     rows = []
-    configs = r["protections"]["configs"]
     for name in [n for n in labels if n in configs] + [n for n in configs if n not in labels]:
         c = configs[name]
         st = c["step_time_s"]

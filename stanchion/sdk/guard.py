@@ -891,6 +891,7 @@ class Guard:
         """Non-finite guard: every rank saw the same agreement, so every rank skips the same step."""
         self.optimizer.zero_grad(set_to_none=True)
         self.counters["nonfinite"] += 1
+        self.snapshots.pin(record["step"] - 1)  # the replay's rollback target, until the rollback comes
         self.rt.event(
             EventKind.NONFINITE,
             step=record["step"],
@@ -913,6 +914,7 @@ class Guard:
     def watch_spikes(self, step_no: int, record: dict[str, Any]) -> None:
         for spike in self.spikes.observe(step_no, {"loss": record["loss"], "grad_norm": record["grad_norm"]}):
             self.counters["spikes"] += 1
+            self.snapshots.pin(step_no - 1)  # the replay's rollback target, until the rollback comes
             self.rt.event(
                 EventKind.SPIKE,
                 step=step_no,
@@ -961,17 +963,20 @@ class Guard:
     def periodic_checks(self, step_no: int, force_check: bool) -> None:
         """Fingerprints when due (and before every checkpoint); a snapshot only of agreed state.
 
-        When nothing waits on the verdict (no snapshot, checkpoint or audit alarm at this step),
-        the fingerprints are folded into the next step's agreement instead of an all-gather of
-        their own: the verdict then comes one step later, before that step is applied."""
+        When nothing waits on the verdict (no checkpoint or audit alarm at this step), the
+        fingerprints are folded into the next step's agreement instead of an all-gather of their
+        own: the verdict then comes one step later, before that step is applied. A snapshot due at
+        such a step is copied at once and becomes a rollback target with that verdict."""
         c = self.cadence
         if not (c.fingerprint.due(step_no) or c.checkpoint.due(step_no) or force_check):
             return
-        if self.rt.world_size > 1 and not (
-            c.snapshot.due(step_no) or c.checkpoint.due(step_no) or force_check
-        ):
+        # A snapshot may wait for a folded verdict when the ring can hold it beside a verified one.
+        fold_snapshot = self.protections.snapshots_kept >= 2 or not c.snapshot.due(step_no)
+        if self.rt.world_size > 1 and fold_snapshot and not (c.checkpoint.due(step_no) or force_check):
             names, values = fingerprint.fingerprints(fingerprint.named_state(self.model, self.optimizer))
             self._pending_check = PendingCheck(step_no, names, values, fingerprint.folded(values))
+            if c.snapshot.due(step_no):  # a rollback target once the verdict says the replicas agree
+                self.take_snapshot(verified=False)
             return
         if self.check_fingerprints(reason="periodic"):
             if c.snapshot.due(step_no):
@@ -988,10 +993,15 @@ class Guard:
             return False
         if all(agreed.states_agree(g) for g in self.replica_groups() if len(g) > 1):
             self.cursor.last_agreed_step = pending.step
+            self.snapshots.verify(pending.step)
             return False
         # Someone differs: the whole vectors name the odd rank and the tensors.
         rows = all_gather_rows(pending.values.to(self.rt.device), "fingerprint all-gather")
-        return not self.judge_fingerprints(pending.step, pending.names, rows, reason="periodic")
+        if self.judge_fingerprints(pending.step, pending.names, rows, reason="periodic"):
+            self.snapshots.verify(pending.step)
+            return False
+        self.snapshots.reject_unverified()  # a snapshot of this state is no rollback target
+        return True
 
     def rollback_mismatch(self) -> None:
         self.rollback(
@@ -1067,6 +1077,9 @@ class Guard:
             cmp = fingerprint.compare_replicas({r: rows[r] for r in group}, names)
             if not cmp.agree:
                 self.counters["fingerprint_mismatches"] += 1
+                # The rollback target is the last agreement, on every rank alike (a majority's
+                # snapshot of this step is not one: all ranks must hold the same targets).
+                self.snapshots.pin(self.cursor.last_agreed_step)
                 self.rt.event(
                     EventKind.FINGERPRINT_MISMATCH,
                     step=step,
@@ -1085,7 +1098,7 @@ class Guard:
             return [list(range(self.rt.world_size))]
         return replica_groups(self.mesh.mesh.tolist(), list(self.mesh.mesh_dim_names), self.replicate_dim)
 
-    def take_snapshot(self) -> None:
+    def take_snapshot(self, *, verified: bool = True) -> None:
         # Hyperparameters too (a scheduler sets the learning rate in the optimizer's param groups):
         # a rollback must train on with the values of the step it returns to.
         hyper = [
@@ -1100,6 +1113,7 @@ class Guard:
             self.optimizer,
             extra,
             background=self.protections.snapshot_in_background,
+            verified=verified,
         )
 
     # ------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ class Protections:
     # K > 1 a heal first goes back to the last agreement, up to K steps).
     fingerprint_every: int = 1
     audit_every: int = 80  # M: ring recomputation audit; 0 disables
-    snapshot_every: int = 20  # in-memory snapshot cadence (taken after a fingerprint check passed)
+    # In-memory snapshot cadence (only of state a fingerprint check agreed on: see snapshot.py). Every
+    # step: a rollback after a corruption redoes two or three steps, not up to this many.
+    snapshot_every: int = 1
     snapshots_kept: int = 2
     # A snapshot is copied to host memory while the next step's forward and backward run, and
     # completed before its optimizer step. A loop that writes parameters or optimizer state itself,

@@ -1,9 +1,15 @@
 """In-memory snapshots for rollback in place.
 
 A snapshot is a host-memory copy of parameters, optimizer state and the trainer's small extra state
-(step, data cursor, monitors), taken only after a replica fingerprint check passed, so a snapshot is
-known-consistent across replicas. ``restore`` copies it back into the live tensors, on every rank at
-the same agreed step, without restarting any process.
+(step, data cursor, monitors). Only a snapshot of state the replicas agreed on is ever restored: one
+is taken either after a fingerprint check passed (``verified``), or at the same time as a check
+whose verdict comes with the next step's agreement (taken unverified, then :meth:`SnapshotRing.verify`
+or :meth:`SnapshotRing.reject_unverified`), so a snapshot every step costs no collective of its own.
+``restore`` copies a verified snapshot back into the live tensors, on every rank at the same agreed
+step, without restarting any process.
+
+Eviction spares a **pinned** snapshot: the rollback target of an alarm whose answer (a rollback
+request from the coordinator) is still on its way, so frequent snapshots do not push it out.
 
 A snapshot is copied in the background (``take(background=True)``): a thread copies the tensors
 to host memory (on a GPU: on a side stream, into pinned buffers) while the next step's forward and
@@ -40,6 +46,7 @@ class Snapshot:
     params: list[torch.Tensor]
     optim: list[dict[str, torch.Tensor]]  # per parameter (optimizer order): state key -> tensor
     extra: dict[str, Any]
+    verified: bool = True  # the replicas agreed on this state (only verified snapshots are restored)
 
 
 class SnapshotRing:
@@ -52,6 +59,7 @@ class SnapshotRing:
         self._spare: list[Snapshot] = []  # host buffers to lend to new snapshots
         self._reserving: threading.Thread | None = None
         self._reserved: list[Snapshot | BaseException] = []
+        self._pinned: int | None = None  # step of the snapshot eviction spares
 
     def __len__(self) -> int:
         self.settle()
@@ -65,8 +73,32 @@ class SnapshotRing:
         self.settle()
         old = list(self.ring)
         self.ring.clear()
+        self._pinned = None
         for snap in old:
             self._lend(snap)
+
+    def verify(self, step: int) -> None:
+        """The replicas agreed on the state of ``step``: its snapshot becomes a rollback target."""
+        self.settle()
+        for snap in self.ring:
+            if snap.step == step:
+                snap.verified = True
+
+    def reject_unverified(self) -> None:
+        """The replicas disagreed: drop the snapshots never verified (their buffers are kept)."""
+        self.settle()
+        for snap in [s for s in self.ring if not s.verified]:
+            self.ring.remove(snap)
+            self._lend(snap)
+
+    def pin(self, step: int) -> None:
+        """Spare the newest verified snapshot at or before ``step`` from eviction (one pin at a time;
+        a new pin replaces the old). Released by :meth:`unpin`, a restore or a clear."""
+        snap = self.newest_at_or_before(step)
+        self._pinned = None if snap is None else snap.step
+
+    def unpin(self) -> None:
+        self._pinned = None
 
     def reserve(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Allocate, on a thread of its own, the host buffers of every snapshot the ring can still
@@ -116,13 +148,17 @@ class SnapshotRing:
         extra: dict[str, Any],
         *,
         background: bool = False,
+        verified: bool = True,
     ) -> None:
         """Snapshot the state as it is now. ``background``: copy in a thread; nothing may write
-        the parameters or the optimizer state until :meth:`settle` (see the module docstring)."""
+        the parameters or the optimizer state until :meth:`settle` (see the module docstring).
+        ``verified=False``: the check of this state is still out (see :meth:`verify`)."""
         self.settle()
-        # The snapshot about to be evicted, or a spare, lends its host buffers: no allocation.
+        # The snapshot about to be evicted (the oldest not pinned), or a spare, lends its host
+        # buffers: no allocation.
         if len(self.ring) == self.ring.maxlen:
-            evicted: Snapshot | None = self.ring.popleft()
+            evicted: Snapshot | None = next((s for s in self.ring if s.step != self._pinned), self.ring[0])
+            self.ring.remove(evicted)
         else:
             if not self._spare:
                 self._join_reserve()  # buffers being reserved: wait for them rather than allocate
@@ -130,7 +166,7 @@ class SnapshotRing:
         params = list(model.parameters())
         states = [optimizer.state.get(p, {}) for p in _optim_params(optimizer)]
         extra = copy.deepcopy(extra)
-        copy_all = _copier(step, params, states, extra, evicted)
+        copy_all = _copier(step, params, states, extra, evicted, verified)
         if not background:
             self.ring.append(copy_all())
             return
@@ -158,9 +194,10 @@ class SnapshotRing:
         self.ring.append(done)
 
     def newest_at_or_before(self, step: int) -> Snapshot | None:
+        """The newest verified snapshot at or before ``step`` (any step: ``step`` < 0)."""
         self.settle()
         for snap in reversed(self.ring):
-            if step < 0 or snap.step <= step:
+            if snap.verified and (step < 0 or snap.step <= step):
                 return snap
         return None
 
@@ -192,6 +229,7 @@ class SnapshotRing:
                         live[k] = copy.deepcopy(v)
         while self.ring and self.ring[-1].step > snap.step:
             self._lend(self.ring.pop())
+        self._pinned = None  # the rollback it was kept for has happened
         return copy.deepcopy(snap.extra)
 
 
@@ -201,6 +239,7 @@ def _copier(
     states: list[dict[str, Any]],
     extra: dict[str, Any],
     evicted: Snapshot | None,
+    verified: bool,
 ) -> Callable[[], Snapshot]:
     """The copy of a snapshot, to run now or in a thread. On a GPU it runs on a side stream that
     first waits for the work queued so far (the optimizer step that made this state)."""
@@ -224,7 +263,7 @@ def _copier(
                 )
         if side is not None:
             side.synchronize()
-        return Snapshot(step, host, optim, extra)
+        return Snapshot(step, host, optim, extra, verified)
 
     return copy_all
 

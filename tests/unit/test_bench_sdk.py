@@ -24,7 +24,12 @@ def test_parse_variant_names_a_guarded_configuration() -> None:
     assert c == sdk.Config("guarded fingerprint_every=10", "guarded", (("fingerprint_every", 10),))
     assert c.flags() == ["--mode", "guarded", "--fingerprint-every=10"]
     assert c.slug == "guarded-fingerprint_every=10"
-    assert c.protections() == {"fingerprint_every": 10, "audit_every": 80, "snapshot_every": 20}
+    d = Protections()
+    assert c.protections() == {
+        "fingerprint_every": 10,
+        "audit_every": d.audit_every,
+        "snapshot_every": d.snapshot_every,
+    }
     off = sdk.parse_variant("fingerprint-every=0, audit_every=0,snapshot_every=0")
     assert off.name == "guarded fingerprint_every=0,audit_every=0,snapshot_every=0"
     assert off.cadence() == Cadence(0, 0, 0)

@@ -297,3 +297,50 @@ def test_reserved_buffers_hold_every_snapshot_from_the_first_and_a_clear_keeps_t
     ring.take(3, model, opt, {"step": 3})
     assert ring.ring[-1].params[0].data_ptr() in reserved
     assert_same_state(live_state(model, opt), (ring.ring[-1].params, ring.ring[-1].optim))
+
+
+def test_an_unverified_snapshot_is_no_rollback_target_until_its_verdict(seed):
+    """A snapshot taken beside a folded fingerprint check waits for the next step's verdict: only
+    an agreement makes it a rollback target; a disagreement drops it and keeps its buffers."""
+    model, opt, gen = setup(seed)
+    ring = SnapshotRing(keep=2)
+    ring.take(1, model, opt, {"step": 1})
+    train_step(model, opt, torch.randn(8, 5, generator=gen))
+    ring.take(2, model, opt, {"step": 2}, background=True, verified=False)
+    assert ring.newest_at_or_before(-1).step == 1 and ring.newest_at_or_before(2).step == 1
+    ring.verify(2)
+    assert ring.newest_at_or_before(-1).step == 2
+    ring.take(3, model, opt, {"step": 3}, verified=False)
+    buffers = ring.ring[-1].params[0].data_ptr()
+    ring.reject_unverified()
+    assert ring.steps() == [2] and ring.newest_at_or_before(-1).step == 2
+    ring.take(4, model, opt, {"step": 4}, verified=False)
+    assert ring.ring[-1].params[0].data_ptr() == buffers  # the rejected snapshot's buffers, reused
+    assert ring.steps() == [2, 4]  # the verified one was not evicted: the ring had room
+
+
+def test_a_pinned_snapshot_outlives_newer_ones_until_a_restore(seed):
+    """The rollback target of an alarm stays while snapshots go on every step (the coordinator's
+    rollback takes a few steps to arrive); eviction takes the oldest unpinned one instead."""
+    model, opt, gen = setup(seed)
+    ring = SnapshotRing(keep=3)
+    states = {}
+    for step in range(1, 4):
+        train_step(model, opt, torch.randn(8, 5, generator=gen))
+        states[step] = live_state(model, opt)
+        ring.take(step, model, opt, {"step": step})
+    ring.pin(2)
+    for step in range(4, 9):
+        train_step(model, opt, torch.randn(8, 5, generator=gen))
+        ring.take(step, model, opt, {"step": step})
+    assert ring.steps() == [2, 7, 8]
+    assert ring.restore(ring.newest_at_or_before(2), model, opt) == {"step": 2}
+    assert_same_state(live_state(model, opt), states[2])
+    for step in range(3, 6):  # the pin went with the restore: the ring keeps the newest again
+        ring.take(step, model, opt, {"step": step})
+    assert ring.steps() == [3, 4, 5]
+    ring.pin(4)
+    ring.pin(-1)  # a new pin replaces the old one: the newest verified
+    ring.take(6, model, opt, {"step": 6})
+    ring.take(7, model, opt, {"step": 7})
+    assert ring.steps() == [5, 6, 7]
