@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diagnostics.bench import torchft as tft
 from diagnostics.bench.common import BenchError, Progress, envelope, goal, median, ratio, shown, warmup_steps
 from diagnostics.bench.recovery import (
     NODES,
@@ -63,6 +64,7 @@ ETTR_GOALS = {"S1": 0.99, "S2": 0.95}
 HANG_RECOVERY_GOAL_S = 1.0  # median, from the SIGSTOP to the next step of the recovered generation
 BITFLIP_REDONE_GOAL = 3  # median steps redone per bit flip
 CRASH_VS_TORCHRUN_GOAL = 0.05  # Stanchion's median crash recovery / torchrun's, in the same invocation
+CRASH_VS_TORCHFT_GOAL = 0.5  # ... / torchft's
 DEFAULT_STEPS = {"S1": 6000, "S2": 2000}
 DETECTED_BY = {"crash": ("crashed",), "hang": ("hung",), "bitflip": ("replica fingerprints", "nonfinite")}
 TERMINAL = {types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED, types_pb2.JOB_STATE_CANCELLED}
@@ -377,6 +379,69 @@ def run_torchrun_job(
     return job, time.time() - t_start
 
 
+def torchft_run(
+    run_dir: Path,
+    data: Path,
+    steps: int,
+    sets: Mapping[str, Any],
+    crashes: Sequence[Mapping[str, Any]],
+    crash_file: Path,
+    median_clean: float,
+    golden: str | None,
+    *,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """torchft (diagnostics/bench/torchft.py) through the schedule's crashes: its summary as
+    :func:`run_summary` gives it, from a replica that trained to the end, and each crash's recovery."""
+    job = tft.TorchftJob(run_dir, data, steps, sets, faults=crash_file, max_restarts=len(crashes) + 3)
+    t0 = time.time()
+    job.start()
+    try:
+        job.wait(timeout_s)
+    except BaseException:
+        job.stop()
+        raise
+    assert job.events is not None
+    recs, evs = job.records(), job.events.records
+    done = sorted(e["rank"] for e in evs if e.get("event") == EventKind.FINISHED)
+    if not done:
+        raise BenchError("torchft: no replica finished", hint=f"see {run_dir / 'logs'}")
+    # run_summary reads rank 0's records: those of the first replica that trained to the end
+    mine = [{**r, "rank": 0} for r in recs if r.get("rank") == done[0]]
+    out = run_summary(mine, steps, median_clean)
+    rows = []
+    origin = training_window(mine, steps)[0]
+    for inj in fired_faults(crashes, evs):
+        r, full = tft.torchft_recovery(recs, evs, inj.t)
+        rows.append(
+            r.as_dict(
+                kind="crash",
+                scheduled_step=fault_step(inj.fault),
+                injected_step=inj.step,
+                rank=inj.fault["rank"],
+                detail=inj.detail,
+                full_world_s=full,
+                at_s=inj.t - origin,
+            )
+        )
+    final = [e.get("fingerprint") for e in evs if e.get("event") == EventKind.FINISHED]
+    out.update(
+        command=shown(job.command(0, Path("RUN_DIR"))),
+        summarized_replica=done[0],
+        faults=rows,
+        recovery_s=[x["recovery_s"] for x in rows],
+        full_world_s=[x["full_world_s"] for x in rows],
+        uncommitted_steps=sum(1 for r in job.progress.records if not r.get("committed"))
+        if job.progress
+        else None,
+        restarts=job.restarts,
+        launch_wall_s=time.time() - t0,
+        final_fingerprints=final,
+        final_matches_golden=bool(final) and all(f == golden for f in final),
+    )
+    return out
+
+
 def finished_fingerprint(events: Sequence[Mapping[str, Any]]) -> str | None:
     done = [e for e in events if e.get("event") == EventKind.FINISHED and e.get("rank") == 0]
     return done[-1].get("fingerprint") if done else None
@@ -455,9 +520,12 @@ def bench_goodput(
     spares: int = 1,
     mean_interval: float | None = None,
     torchrun: bool = True,
+    torchft: bool = True,
     timeout_s: float = 3600.0,
     progress: Progress = lambda _: None,
 ) -> dict[str, Any]:
+    if torchft and (missing := tft.available()) is not None:
+        raise BenchError(missing, hint="or leave torchft out with --no-torchft")
     load_at_start = os.getloadavg()
     interval = mean_interval if mean_interval is not None else SCHEDULES[schedule]
     faults = goodput_schedule(schedule, seed, steps, mean_interval=interval)
@@ -540,10 +608,10 @@ def bench_goodput(
     )
 
     tr: dict[str, Any] | None = None
+    crash_file = work_dir / "torchrun-faults.json"  # the crashes only, for the peers
+    crash_file.write_text(json.dumps(crashes))
     if torchrun:
         progress(f"torchrun: the schedule's {len(crashes)} crashes")
-        crash_file = work_dir / "torchrun-faults.json"
-        crash_file.write_text(json.dumps(crashes))
         flags = [
             *trainer_args(data, steps=steps, checkpoint_every=checkpoint_every, sets=sets),
             "--faults",
@@ -577,6 +645,21 @@ def bench_goodput(
             final_matches_golden=tfinal == golden,
         )
         progress(f"  torchrun: ETTR {tr['ettr']:.3f}, lost {tr['lost_steps']} steps")
+    ft = None
+    if torchft:
+        progress(f"torchft: the schedule's {len(crashes)} crashes")
+        ft = torchft_run(
+            work_dir / "torchft",
+            data,
+            steps,
+            sets,
+            crashes,
+            crash_file,
+            median_clean,
+            golden,
+            timeout_s=timeout_s,
+        )
+        progress(f"  torchft: ETTR {ft['ettr']:.3f}, recoveries {ft['recovery_s']}")
 
     ext_rec = [x for x in faulted["faults"] if x.get("recovery_s") is not None]
     crash_rec = [x["recovery_s"] for x in ext_rec if x["kind"] == "crash"]
@@ -610,6 +693,10 @@ def bench_goodput(
         "torchrun_ettr": None if tr is None else tr["ettr"],
         "torchrun_lost_steps": None if tr is None else tr["lost_steps"],
         "torchrun_recovery_s": None if tr is None else tr["recovery_s"],
+        "torchft": ft,
+        "torchft_ettr": None if ft is None else ft["ettr"],
+        "torchft_lost_steps": None if ft is None else ft["lost_steps"],
+        "torchft_recovery_s": None if ft is None else ft["recovery_s"],
         "plain_ddp": "step-time cost of Stanchion's protections against plain DDP: `stanchion bench trainer` "
         "(docs/bench/trainer.json)",
     }
@@ -636,8 +723,17 @@ def bench_goodput(
             "max_restarts": len(crashes) + 3,
             "env": {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
         },
+        "torchft": None
+        if not torchft
+        else {
+            "crashes_only": True,
+            "replicas": "2 replica groups of 1 rank, restarted at once when they die",
+            "lighthouse": tft.LIGHTHOUSE_FLAGS,
+            "worker_timeouts_s": tft.WORKER_TIMEOUTS,
+        },
         "order": ["fault-free (Stanchion)", "faulted (Stanchion)"]
-        + (["faulted, crashes only (torchrun)"] if torchrun else []),
+        + (["faulted, crashes only (torchrun)"] if torchrun else [])
+        + (["faulted, crashes only (torchft)"] if torchft else []),
     }
     notes = [
         "ettr = steps x median step time of the fault-free run / wall time from the start of step 1 to the end "
@@ -658,6 +754,12 @@ def bench_goodput(
         "lost_steps = steps_before - the step the recovered ranks resumed from",
         "torchrun runs the same schedule's crashes only (no hang detection of its own; a replica bit flip "
         "goes unnoticed there); its ETTR uses the same fault-free median (same trainer and model)",
+        "torchft runs the same crashes (each replica SIGKILLs itself at its step, as the trainer does; the bench "
+        "restarts it at once); recovery_s per crash: the SIGKILL -> the first committed step begun after it "
+        "(the survivor going on alone); full_world_s -> both replicas committing again; its ETTR and lost steps "
+        "are of a replica that trained to the end (committed steps only); a step the survivor trains alone is "
+        "half the global batch yet counts as a step, which flatters torchft's ETTR, and makes its final state "
+        "another one than the fault-free run's",
         "the model's spike detector is off (integrity.spike_*_z=1e9), as in the integration tests: spikes "
         "are real in a model this small and are not among the faults under test",
     ]
@@ -733,18 +835,27 @@ def goodput_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "each crash or hang: the newest step computed when it fired - the step the ranks resumed from",
             )
         )
-    crash, torchrun = results.get("crash_recovery_s_median"), results.get("torchrun_recovery_s")
-    if crash is not None and torchrun:
-        v = ratio(crash, median(torchrun))
-        goals.append(
-            goal(
-                f"crash recovery <= {CRASH_VS_TORCHRUN_GOAL:g} x torchrun's (medians, same invocation)",
-                v,
-                f"<= {CRASH_VS_TORCHRUN_GOAL:g}",
-                _at_most(v, CRASH_VS_TORCHRUN_GOAL),
-                "Stanchion's median crash recovery / torchrun's, each from the SIGKILL to the next step",
+    crash = results.get("crash_recovery_s_median")
+    for peer, limit, how in (
+        ("torchrun", CRASH_VS_TORCHRUN_GOAL, "from the SIGKILL to the next step"),
+        (
+            "torchft",
+            CRASH_VS_TORCHFT_GOAL,
+            "from the SIGKILL to the next step (torchft: the next committed step begun after it)",
+        ),
+    ):
+        theirs = [x for x in results.get(f"{peer}_recovery_s") or () if x is not None]
+        if crash is not None and theirs:
+            v = ratio(crash, median(theirs))
+            goals.append(
+                goal(
+                    f"crash recovery <= {limit:g} x {peer}'s (medians, same invocation)",
+                    v,
+                    f"<= {limit:g}",
+                    _at_most(v, limit),
+                    f"Stanchion's median crash recovery / {peer}'s, each {how}",
+                )
             )
-        )
     golden = results["final_matches_golden"]
     goals.append(
         goal(

@@ -57,6 +57,7 @@ from stanchion.waiting import wait_until
 NODES = ("node-0", "node-1")
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # torchrun's gloo stale-store bug
 RECOVERY_GOAL = 0.25  # Stanchion's median recovery at most a quarter of torchrun's
+TORCHFT_GOAL = 0.5  # and at most half of torchft's
 # The integration tests' small model (diagnostics/bench/common.py QUICK_MODEL) keeps the spike detector
 # quiet as they do: spikes are real in a model this small, and they are not the fault under test.
 SMALL_QUIET = ("integrity.spike_loss_z=1e9", "integrity.spike_grad_z=1e9")
@@ -620,11 +621,17 @@ def bench_recovery(
     checkpoint_every: int = 20,
     kill_step: int = 25,
     max_restarts: int = 3,
+    torchft: bool = True,
     timeout_s: float = 600.0,
     progress: Progress = lambda _: None,
 ) -> dict[str, Any]:
+    from diagnostics.bench import torchft as tft  # imports this module
+
     if not 0 < kill_step < steps:
         raise BenchError(f"--kill-step {kill_step} must be inside the run (1..{steps - 1})")
+    if torchft and (missing := tft.available()) is not None:
+        raise BenchError(missing, hint="or leave torchft out with --no-torchft")
+    systems = ["stanchion", "torchrun", *(["torchft"] if torchft else [])]
     load_at_start = os.getloadavg()
     sets = model_sets(model)
     data_name = "bench-data"
@@ -632,7 +639,7 @@ def bench_recovery(
     trial_rows: list[dict[str, Any]] = []
     cluster = start_cluster(work_dir / "cluster", data, data_name, spares=1, progress=progress)
     try:
-        for round_, system in interleaved(["stanchion", "torchrun"], trials):
+        for round_, system in interleaved(systems, trials):
             progress(f"trial {round_ + 1}/{trials}: {system}")
             t0 = time.time()
             if system == "stanchion":
@@ -647,12 +654,22 @@ def bench_recovery(
                     timeout_s=timeout_s,
                     progress=progress,
                 )
-            else:
+            elif system == "torchrun":
                 row = torchrun_trial(
                     work_dir / "torchrun" / f"trial-{round_}",
                     flags,
                     kill_step=kill_step,
                     max_restarts=max_restarts,
+                    timeout_s=timeout_s,
+                    progress=progress,
+                )
+            else:
+                row = tft.torchft_trial(
+                    work_dir / "torchft" / f"trial-{round_}",
+                    data=data,
+                    steps=steps,
+                    sets=sets,
+                    kill_step=kill_step,
                     timeout_s=timeout_s,
                     progress=progress,
                 )
@@ -668,25 +685,41 @@ def bench_recovery(
     finally:
         cluster.stop()
     st, tr = summarize_trials(trial_rows, "stanchion"), summarize_trials(trial_rows, "torchrun")
-    fingerprints = {t["final_fingerprint"] for t in trial_rows}
-    per_round = [
-        ratio(s["recovery_s"], t["recovery_s"])
-        for s, t in zip(
-            sorted((x for x in trial_rows if x["system"] == "stanchion"), key=lambda x: x["round"]),
-            sorted((x for x in trial_rows if x["system"] == "torchrun"), key=lambda x: x["round"]),
-            strict=False,
-        )
-    ]
+    ft = summarize_trials(trial_rows, "torchft") if torchft else None
+    if ft is not None:
+        full = [t["full_world_s"] for t in trial_rows if t["system"] == "torchft" and t.get("full_world_s")]
+        ft["full_world_s"] = median(full) if full else None
+    # Stanchion and torchrun train the same job whatever was killed; torchft does not (a survivor
+    # alone averages only its own gradients), so its final state is reported apart.
+    fingerprints = {t["final_fingerprint"] for t in trial_rows if t["system"] != "torchft"}
+
+    def per_round(other: str) -> list[float | None]:
+        return [
+            ratio(s["recovery_s"], t["recovery_s"])
+            for s, t in zip(
+                sorted((x for x in trial_rows if x["system"] == "stanchion"), key=lambda x: x["round"]),
+                sorted((x for x in trial_rows if x["system"] == other), key=lambda x: x["round"]),
+                strict=False,
+            )
+        ]
+
     rt = ratio(st["recovery_s"], tr["recovery_s"])
+    rft = None if ft is None else ratio(st["recovery_s"], ft["recovery_s"])
     results = {
         "stanchion_recovery_s": st["recovery_s"],
         "torchrun_recovery_s": tr["recovery_s"],
         "ratio": rt,
-        "ratio_per_round": per_round,
+        "ratio_per_round": per_round("torchrun"),
         "stanchion_lost_steps": st["lost_steps"],
         "torchrun_lost_steps": tr["lost_steps"],
+        "torchft_recovery_s": None if ft is None else ft["recovery_s"],
+        "torchft_lost_steps": None if ft is None else ft["lost_steps"],
+        "torchft_full_world_s": None if ft is None else ft["full_world_s"],
+        "ratio_vs_torchft": rft,
+        "ratio_vs_torchft_per_round": per_round("torchft") if ft is not None else [],
         "stanchion": st,
         "torchrun": tr,
+        "torchft": ft,
         # Every trial of both systems trains the same job: one final state, whatever was killed.
         "final_fingerprints_equal": len(fingerprints) == 1,
         "final_fingerprints": sorted(str(f) for f in fingerprints),
@@ -708,6 +741,17 @@ def bench_recovery(
             "max over Stanchion trials of (newest step completed before the kill - resumed step)",
         ),
     ]
+    if ft is not None:
+        goals.append(
+            goal(
+                f"Stanchion recovery <= {TORCHFT_GOAL} x torchft's",
+                rft,
+                f"<= {TORCHFT_GOAL}",
+                None if rft is None else rft <= TORCHFT_GOAL,
+                "median kill-to-first-step of Stanchion / median kill-to-first-committed-step-started-"
+                "after-the-kill of torchft (its survivor going on), same run, interleaved",
+            )
+        )
     settings = {
         "data": str(data),
         "model": model,
@@ -717,7 +761,7 @@ def bench_recovery(
         "checkpoint_every": checkpoint_every,
         "kill_step": kill_step,
         "trials": trials,
-        "order": [f"{s} r{r}" for r, s in interleaved(["stanchion", "torchrun"], trials)],
+        "order": [f"{s} r{r}" for r, s in interleaved(systems, trials)],
         "stanchion": {
             "cluster": f"coordinator + {len(NODES)} nodes x 1 worker + 1 spare node, 127.0.0.1",
             "tls": False,
@@ -728,6 +772,14 @@ def bench_recovery(
             "command": shown(torchrun_command(flags, Path("RUN_DIR"), max_restarts=max_restarts)),
             "env": TORCHRUN_ENV,
             "max_restarts": max_restarts,
+        },
+        "torchft": None
+        if not torchft
+        else {
+            "worker": shown(tft.TorchftJob(Path("RUN_DIR"), data, steps, sets).command(0)),
+            "lighthouse": shown(tft.lighthouse_command(0)),
+            "env": tft.TORCHFT_ENV,
+            "replicas": "2 replica groups of 1 rank; the bench restarts a dead one at once",
         },
     }
     notes = [
@@ -742,6 +794,12 @@ def bench_recovery(
         "on the Stanchion side it waits, if needed, until rank 1's node has a warm standby again (the job's "
         "start took the previous one): standby_wait_s, so a trial measures the steady state",
         "the Stanchion cluster idles (heartbeats, warm standbys) while the torchrun trials run",
+        "torchft (diagnostics/bench/torchft.py): recovery_s is the kill -> the first committed step that "
+        "started after it, on any replica (the survivor goes on alone once the lighthouse has declared "
+        "the dead replica gone: 1 s without heartbeats); full_world_s -> the first committed step with "
+        "both replicas again (the restarted process healed from the survivor over HTTP); lost_steps: "
+        "newest committed step at the kill - the step the survivor went on from; its final state differs "
+        "from the others' (while alone the survivor averages only its own gradients)",
     ]
     return envelope(
         "recovery",
@@ -757,6 +815,9 @@ def bench_recovery(
             "ratio",
             "stanchion_lost_steps",
             "torchrun_lost_steps",
+            "torchft_recovery_s",
+            "ratio_vs_torchft",
+            "torchft_lost_steps",
             "trials",
         ),
     )

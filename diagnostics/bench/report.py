@@ -814,7 +814,7 @@ GOODPUT_MEANING: Commentary | None = Commentary.load("goodput_meaning")
 
 def recovery_section(rep: Report) -> list[str]:
     d = rep.load("recovery.json")
-    out = ["## Recovery: one rank killed, beside torchrun", ""]
+    out = ["## Recovery: one rank killed, beside torchrun and torchft", ""]
     if d is None:
         return out + [NOT_MEASURED, ""]
     r, s = d["results"], d["settings"]
@@ -822,14 +822,21 @@ def recovery_section(rep: Report) -> list[str]:
     out += [
         f"Model: {model_text(s)} on `{s['data']}`; {s['steps']} steps per job, checkpoint every {s['checkpoint_every']} "
         f"steps on both sides, kill after step {s['kill_step']}, {s['trials']} trials per system. torchrun: "
-        f"`{s['torchrun']['command']}`.",
+        f"`{s['torchrun']['command']}`."
+        + (
+            f" torchft: replica 0 `{s['torchft']['worker']}`, lighthouse `{s['torchft']['lighthouse']}`."
+            if s.get("torchft")
+            else ""
+        ),
         "",
         finished_line(d),
         "",
     ]
     rows = []
-    for key, name in (("stanchion", "Stanchion"), ("torchrun", "torchrun")):
-        x = r[key]
+    for key, name in (("stanchion", "Stanchion"), ("torchrun", "torchrun"), ("torchft", "torchft")):
+        x = r.get(key)
+        if not x:
+            continue
         ph = x.get("first_step_s_phases", {})
         rows.append(
             [
@@ -859,10 +866,20 @@ def recovery_section(rep: Report) -> list[str]:
     per_round = " / ".join(fmt(x, ".3f") for x in r.get("ratio_per_round", []))
     out += [
         f"**Stanchion ÷ torchrun recovery time = {fmt(r['ratio'], '.3f')}** (medians; per round {per_round}). "
-        f"Final state of every trial, both systems: {'one and the same fingerprint' if r.get('final_fingerprints_equal') else 'NOT all equal'} "
+        f"Final state of every trial, Stanchion and torchrun: {'one and the same fingerprint' if r.get('final_fingerprints_equal') else 'NOT all equal'} "
         f"(`{', '.join(r.get('final_fingerprints', []))}`).",
         "",
     ]
+    if r.get("torchft"):
+        ft_round = " / ".join(fmt(x, ".3f") for x in r.get("ratio_vs_torchft_per_round", []))
+        out += [
+            f"**Stanchion ÷ torchft recovery time = {fmt(r['ratio_vs_torchft'], '.3f')}** (medians; per round "
+            f"{ft_round}). torchft's recovery is its survivor's next committed step begun after the kill; both "
+            f"replicas committed together again {fmt(r['torchft'].get('full_world_s'), '.3f')} s after the kill "
+            "(median): the restarted process's start-up, then a heal from the survivor over HTTP. Its final "
+            "state is another one (the survivor alone averaged only its own gradients).",
+            "",
+        ]
     trows = []
     for t in sorted(r["trials"], key=lambda t: (t["round"], t["system"])):
         trows.append(
@@ -1131,12 +1148,13 @@ def goodput_section(rep: Report) -> list[str]:
                 fmt(r["final_matches_golden"]),
             ),
         ]
-        tr = r.get("torchrun")
-        if tr:
-            crashes = r["faults_by_kind"].get("crash", 0)
-            runs.append(
-                ("torchrun, crashes only", tr, f"{crashes} crash", fmt(tr.get("final_matches_golden")))
-            )
+        for peer in ("torchrun", "torchft"):
+            tr = r.get(peer)
+            if tr:
+                crashes = r["faults_by_kind"].get("crash", 0)
+                runs.append(
+                    (f"{peer}, crashes only", tr, f"{crashes} crash", fmt(tr.get("final_matches_golden")))
+                )
         for i, (name, run, faults, final) in enumerate(runs):
             rec = [
                 x["recovery_s"]
@@ -1231,6 +1249,30 @@ def goodput_section(rep: Report) -> list[str]:
             ],
             frows,
         ) + [""]
+        ft = r.get("torchft")
+        if ft and ft.get("faults"):
+            out += [f"torchft, the same crashes (replica 0: `{ft['command']}`):", ""]
+            out += table(
+                [
+                    "rank",
+                    "scheduled step",
+                    "injected after step",
+                    "recovery s",
+                    "both replicas again s",
+                    "lost steps",
+                ],
+                [
+                    [
+                        f.get("rank"),
+                        f.get("scheduled_step"),
+                        f.get("injected_step"),
+                        fmt(f.get("recovery_s"), ".3f"),
+                        fmt(f.get("full_world_s"), ".3f"),
+                        fmt(f.get("lost_steps")),
+                    ]
+                    for f in ft["faults"]
+                ],
+            ) + [""]
         tr = r.get("torchrun")
         if tr and tr.get("faults"):
             out += [f"torchrun, the same crashes (`{tr['command']}`):", ""]

@@ -13,7 +13,7 @@ public ``stanchion`` names, nothing of Stanchion's trainer:
 - ``guarded``: the same program adopting Stanchion the way examples/own_loop.py does:
   ``stanchion.join`` and ``stanchion.guard`` with every protection at its default
   (``Protections()``: replica fingerprints every step, the ring audit every 80 steps, a snapshot
-  every step, the spike and non-finite monitors, the start-up determinism check), the agreed-norm
+  every 2 steps, the spike and non-finite monitors, the start-up determinism check), the agreed-norm
   gradient clip, the scheduler and the activation RMS registered; checkpoints off unless
   ``--checkpoint-every`` says otherwise. ``--fingerprint-every``, ``--audit-every`` and
   ``--snapshot-every`` override single protections (the bench's extra configurations).
@@ -37,7 +37,7 @@ MLP language model over a 32-token context, 1.45M parameters, 1,024 sequences pe
 optimizer step) takes about 0.1 s per step on one CPU thread. The guard's costs are per step (the
 agreement all-gather, the progress record) and per parameter (fingerprints of parameters and AdamW
 state every step, the flat-buffer gradient all-reduce, per-layer gradient norms, a snapshot's
-host copy every step), so what they cost depends on how much compute a step does per parameter: a toy step of a few
+host copy every 2 steps), so what they cost depends on how much compute a step does per parameter: a toy step of a few
 milliseconds says nothing about a real one. This size does 6 x 1,024 FLOPs per parameter per rank
 and step, the same as the trainer's ``tiny`` preset in `bench trainer` (2,048 tokens per step over
 2 ranks). Real jobs do far more (GPT-2 124M with 0.5M-token batches over 8 ranks: 64k tokens per rank

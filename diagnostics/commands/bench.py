@@ -776,9 +776,11 @@ def recovery_table(result: dict[str, Any]) -> None:
                 num(r[name]["lost_steps_max"], "g"),
                 f"{r[name]['measured']}/{r[name]['trials']}",
             ]
-            for name in ("stanchion", "torchrun")
+            for name in ("stanchion", "torchrun", "torchft")
+            if r.get(name)
         ],
-        title=f"Recovery after SIGKILL of one rank; Stanchion / torchrun = {num(r['ratio'], '.3f')}",
+        title=f"Recovery after SIGKILL of one rank; Stanchion / torchrun = {num(r['ratio'], '.3f')}"
+        + (f", Stanchion / torchft = {num(r['ratio_vs_torchft'], '.3f')}" if r.get("torchft") else ""),
     )
     print_goals(result)
 
@@ -796,6 +798,10 @@ def recovery(
         int, typer.Option("--kill-step", min=1, help="Kill rank 1 once this step is completed.")
     ] = 25,
     max_restarts: Annotated[int, typer.Option("--max-restarts", min=1, help="torchrun --max-restarts.")] = 3,
+    torchft: Annotated[
+        bool,
+        typer.Option("--torchft/--no-torchft", help="Also run torchft (2 replica groups, a lighthouse)."),
+    ] = True,
     data: DataOpt = None,
     work_dir: WorkDirOpt = None,
     timeout_s: TimeoutOpt = 600.0,
@@ -804,7 +810,8 @@ def recovery(
 ) -> None:
     """Kill-to-first-step recovery time and lost steps after SIGKILL of one rank: Stanchion (a
     local cluster, 2 nodes x 1 worker + a spare) beside torchrun --max-restarts on the same
-    trainer, model, data and checkpoint cadence, in alternating trials."""
+    trainer, and torchft (the same model, data and batches under its Manager and DDP, a dead
+    replica restarted at once), in alternating trials."""
     from diagnostics.bench.common import BenchError, work_directory
     from diagnostics.bench.recovery import bench_recovery
 
@@ -819,6 +826,7 @@ def recovery(
             ("--checkpoint-every", checkpoint_every),
             ("--kill-step", kill_step),
             ("--max-restarts", max_restarts),
+            ("--no-torchft", not torchft),
             ("--data", data),
             ("--json", json_),
             ("--out", out),
@@ -836,6 +844,7 @@ def recovery(
                 checkpoint_every=checkpoint_every,
                 kill_step=kill_step,
                 max_restarts=max_restarts,
+                torchft=torchft,
                 timeout_s=timeout_s,
                 progress=message,
             )
@@ -1035,12 +1044,14 @@ def goodput_table(result: dict[str, Any]) -> None:
             r["final_matches_golden"],
         ]
     ]
-    if r["torchrun"]:
-        t = r["torchrun"]
+    for peer in ("torchrun", "torchft"):
+        t = r.get(peer)
+        if not t:
+            continue
         rec = [x for x in t["recovery_s"] if x is not None]
         rows.append(
             [
-                "torchrun (crashes only)",
+                f"{peer} (crashes only)",
                 num(t["ettr"], ".3f"),
                 "",
                 t["lost_steps"],
@@ -1084,6 +1095,9 @@ def goodput(
     torchrun: Annotated[
         bool, typer.Option("--torchrun/--no-torchrun", help="Also run torchrun on the schedule's crashes.")
     ] = True,
+    torchft: Annotated[
+        bool, typer.Option("--torchft/--no-torchft", help="Also run torchft on the schedule's crashes.")
+    ] = True,
     data: DataOpt = None,
     work_dir: WorkDirOpt = None,
     timeout_s: TimeoutOpt = 3600.0,
@@ -1092,7 +1106,7 @@ def goodput(
 ) -> None:
     """ETTR, lost steps and recovery times of a job through a seeded fault schedule (70% crash,
     12% hang, 8% slow rank, 10% silent corruption), against a fault-free run of the same job in
-    the same invocation, and torchrun on the same schedule's crashes."""
+    the same invocation, and torchrun and torchft on the same schedule's crashes."""
     from diagnostics.bench.common import work_directory
     from diagnostics.bench.goodput import bench_goodput
 
@@ -1113,6 +1127,7 @@ def goodput(
             ("--hang-floor-s", hang_floor_s),
             ("--spares", None if spares == 1 else spares),
             ("--no-torchrun", not torchrun),
+            ("--no-torchft", not torchft),
             ("--data", data),
             ("--json", json_),
             ("--out", out),
@@ -1132,6 +1147,7 @@ def goodput(
             spares=spares,
             mean_interval=mean_interval,
             torchrun=torchrun,
+            torchft=torchft,
             timeout_s=timeout_s,
             progress=message,
         )

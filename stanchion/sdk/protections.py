@@ -20,9 +20,10 @@ class Protections:
     # K > 1 a heal first goes back to the last agreement, up to K steps).
     fingerprint_every: int = 1
     audit_every: int = 80  # M: ring recomputation audit; 0 disables
-    # In-memory snapshot cadence (only of state a fingerprint check agreed on: see snapshot.py). Every
-    # step: a rollback after a corruption redoes two or three steps, not up to this many.
-    snapshot_every: int = 1
+    # In-memory snapshot cadence (only of state a fingerprint check agreed on: see snapshot.py). At 2 a
+    # rollback after a corruption redoes two to four steps; every step (1) saves one more but its host
+    # copy costs about 4% of a small model's step on a 2-core CPU (docs/benchmarks.md, integrity).
+    snapshot_every: int = 2
     snapshots_kept: int = 2
     # A snapshot is copied to host memory while the next step's forward and backward run, and
     # completed before its optimizer step. A loop that writes parameters or optimizer state itself,

@@ -14,6 +14,7 @@ import pytest
 from support import REPO, env, events, final_fingerprint
 
 from stanchion.files import read_jsonl
+from stanchion.sdk.protections import Protections
 from stanchion.vocab import EventKind
 
 PROGRAM = REPO / "tests" / "programs" / "guarded.py"
@@ -82,9 +83,10 @@ def test_a_flipped_bit_rolls_back_in_place_and_ends_on_the_fault_free_state(tmp_
         (mismatch,) = events(tmp_path / "run", rank, EventKind.FINGERPRINT_MISMATCH)
         (rollback,) = events(tmp_path / "run", rank, EventKind.ROLLBACK)
         # Step 10's fingerprints travel in step 11's agreement: step 11 is not applied, and the run
-        # returns to the newest agreed snapshot: step 9's (a snapshot every step; the one taken at
-        # step 10 beside its check was never verified).
-        assert mismatch["step"] == 10 and rollback["from_step"] == 11 and rollback["step"] == 9
+        # returns to the newest agreed snapshot before step 10 (the one taken at step 10 beside its
+        # check was never verified): step 8's, snapshots being taken every second step.
+        assert Protections().snapshot_every == 2
+        assert mismatch["step"] == 10 and rollback["from_step"] == 11 and rollback["step"] == 8
     # The replay restored the scheduler and the optimizer's learning rate with the weights.
     assert (out["lr"], out["last_epoch"]) == (fault_free["lr"], fault_free["last_epoch"])
     assert out["fingerprint"] == fault_free["fingerprint"]
