@@ -17,6 +17,13 @@ Two questions, from what the rank's heartbeat (:mod:`stanchion.sdk.liveness`) an
   running outside any collective. It is not hung while blocked in a collective (it waits on a peer,
   whom this rule catches on that peer's node) or in a pause it announced (evaluation, a blocking
   checkpoint: :func:`stanchion.pause`).
+- **Will its collective ever complete?** A collective can wedge with every rank alive and waiting
+  in it (a message lost in the backend, a peer whose agent cannot act): no rank is outside one, and
+  only the backend's own timeout (minutes) would end it. A rank blocked in one collective for longer
+  than its deadline is hung: ``collective_factor`` (10) times the longest of that collective's recent
+  completed calls in this process (the heartbeat carries it), and never less than twice the step
+  limit, so that a peer which stopped outside a collective is caught first, on its own node, and
+  only it is replaced.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from stanchion.sdk.liveness import COLLECTIVE, PAUSED, Beat
 class Limits:
     frozen_after_s: float = 0.25  # heartbeat silence of a process stopped by a signal
     wedged_after_s: float = 3.0  # heartbeat silence of any other process with no step in its limit
+    collective_factor: float = 10.0  # a collective's deadline, in its longest recent durations
 
 
 def process_state(pid: int) -> str:
@@ -66,6 +74,16 @@ def not_stepping(
     silent = now - beat.t
     if silent > limits.wedged_after_s:
         return f"{where} and no heartbeat for {silent:.1f}s"
-    if beat.doing in (COLLECTIVE, PAUSED):
-        return ""  # waiting on a peer, or a pause it announced
+    if beat.doing == COLLECTIVE:
+        blocked = now - beat.since
+        deadline = max(2 * limit_s, limits.collective_factor * beat.usual_s)
+        if blocked <= deadline:
+            return ""  # waiting on a peer
+        return (
+            f"{where}: blocked in {beat.what!r} for {blocked:.1f}s, past its deadline {deadline:.1f}s "
+            f"({limits.collective_factor:g} x its longest recent call, {beat.usual_s:.3f}s; at least "
+            "twice the step limit)"
+        )
+    if beat.doing == PAUSED:
+        return ""  # a pause it announced
     return f"{where} outside any collective"

@@ -13,7 +13,10 @@ node, for hardware faults that must follow the machine when ranks move):
   step, the rank's matrix multiplications return a wrong element (a mercurial core).
 - ``{"kind": "nan", "step": S, "rank": R}``: the rank's loss becomes NaN.
 - ``{"kind": "crash", "step": S, "rank": R}``: the rank SIGKILLs itself.
-- ``{"kind": "hang", "step": S, "rank": R}``: the rank blocks forever inside a collective.
+- ``{"kind": "hang", "step": S, "rank": R}``: the rank blocks forever before the step's
+  collectives (alive, beating, outside any collective), so its peers wait in their all-reduce.
+- ``{"kind": "wedge", "step": S, "rank": R}``: the rank blocks forever *inside* a collective (a
+  message the backend lost, a wedged device queue), so every rank is alive and in a collective.
 - ``{"kind": "freeze", "step": S, "rank": R, "at": "step"|"checkpoint"}``: the rank SIGSTOPs itself,
   every thread at once (a process stuck in the kernel or on its device). ``at = "checkpoint"`` fires
   inside the checkpoint of step S, just before this rank takes part in it, so its peers are left with
@@ -47,16 +50,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stanchion.sdk import liveness
+
 if TYPE_CHECKING:  # the coordinator validates schedules without importing torch
     import torch
 
 log = logging.getLogger(__name__)
 
-KINDS = ("bitflip", "compute", "nan", "crash", "hang", "freeze", "slow")
+KINDS = ("bitflip", "compute", "nan", "crash", "hang", "wedge", "freeze", "slow")
 FREEZE_POINTS = ("step", "checkpoint", "commit", "join")
 TARGETS = ("param", "optim", "grad", "activation")
-_ONE_SHOT = ("bitflip", "nan", "crash", "hang", "freeze")
-_FINAL = ("crash", "hang", "freeze")  # the process dies or stops where they fire
+_ONE_SHOT = ("bitflip", "nan", "crash", "hang", "wedge", "freeze")
+_FINAL = ("crash", "hang", "wedge", "freeze")  # the process dies or stops where they fire
 
 
 @dataclass(frozen=True)
@@ -261,9 +266,15 @@ class FaultInjector(FaultHooks):
         self._install_hooks(model, step)
 
     def hang_point(self, step: int) -> None:
-        """Inside the step's collectives: a hang blocks here, so peers wait in their all-reduce."""
+        """Before the step's collectives: a hang blocks here, so peers wait in their all-reduce; a
+        wedge blocks here too, but as a rank inside a collective that never completes."""
         for f in self._due("hang", step):
             self._record(f, step)
+            while True:
+                time.sleep(3600)
+        for f in self._due("wedge", step):
+            self._record(f, step)
+            liveness.enter("gradient all-reduce (wedged)")
             while True:
                 time.sleep(3600)
         self.freeze_point(step, "step")

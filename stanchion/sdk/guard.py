@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,7 +63,6 @@ from stanchion.sdk.parallel import (
     all_gather_rows,
     broadcast_training_state,
     collective,
-    current_collective,
     is_backend_failure,
     new_group,
     wait,
@@ -192,15 +190,14 @@ class Step:
         if self._guard.mesh is not None:
             # FSDP's all-gathers and reduce-scatters run inside the forward and backward passes: a
             # rank blocked there waits on a peer (what the agent's liveness check must know).
-            self._sharded = ("sharded forward and backward", time.time(), threading.get_ident())
-            current_collective.append(self._sharded)
+            self._sharded = liveness.enter("sharded forward and backward")
         return self
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
         g = self._guard
         g._in_step = None
         if self._sharded is not None:
-            current_collective.remove(self._sharded)
+            liveness.leave(self._sharded, completed=exc is None)
             if (
                 exc is not None
                 and not isinstance(exc, (*_REFORM, GenerationChange))

@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors  # for the state broadcast
 from torch.distributed.tensor import DTensor
 
+from stanchion.sdk import liveness
 from stanchion.sdk.contract import Assignment
-from stanchion.sdk.liveness import current_collective
 from stanchion.sdk.snapshot import local_shard
 
 log = logging.getLogger(__name__)
@@ -293,17 +293,18 @@ def _shut_down(groups: list[dist.ProcessGroup]) -> None:
 
 @contextlib.contextmanager
 def collective(what: str) -> Iterator[None]:
-    """Turn a distributed backend failure inside this block into CollectiveFailed."""
-    entry = (what, time.time(), threading.get_ident())
-    current_collective.append(entry)
+    """Turn a distributed backend failure inside this block into CollectiveFailed. The heartbeat
+    says the rank is blocked in ``what`` meanwhile, and learns how long ``what`` usually takes."""
+    entry, completed = liveness.enter(what), False
     try:
         yield
+        completed = True
     except (CollectiveFailed, Abandoned):
         raise
     except (RuntimeError, dist.DistError) as e:  # gloo raises RuntimeError("... Connection closed by peer")
         raise CollectiveFailed(f"{what}: {e}") from e
     finally:
-        current_collective.remove(entry)
+        liveness.leave(entry, completed=completed)
 
 
 def is_backend_failure(e: BaseException) -> bool:

@@ -89,6 +89,25 @@ def test_rank_crash_heals_from_a_live_peer_without_losing_steps(cluster: LocalCl
     assert healed, "the replacement did not heal from a peer"
 
 
+def test_a_collective_wedged_with_every_rank_alive_ends_at_its_deadline(
+    cluster: LocalCluster, golden3: dict
+) -> None:
+    """Rank 2 blocks inside a collective that never completes, its peers in their all-reduce: all
+    alive, all in a collective, so only a collective deadline ends it (gloo's own timeout is 300 s).
+    Rank 2's deadline is twice the 3 s step limit (that collective never completed before); its
+    peers' are at least as long, so the job is recovering within seconds, whichever ranks the
+    deadlines took, and ends on the fault-free state."""
+    job_id = run_job(cluster, "wedge", faults=[{"kind": "wedge", "step": 12, "rank": 2}])
+    job = finish(cluster, job_id)
+    assert job.final_fingerprint == golden3["fingerprint"]
+    (fired,) = [e for e in cluster.events(EventKind.FAULT_INJECTED) if e.get("job_id") == job_id]
+    decisions = [d for d in cluster.explain(job_id).decisions if "past its deadline" in d.reason]
+    assert decisions, reasons(cluster, job_id)
+    assert any("blocked in 'gradient all-reduce (wedged)'" in d.reason for d in decisions), decisions
+    # the deadline (6 s) and a poll after it, far from the backend's 300 s
+    assert decisions[0].time - fired["t"] < 30, (decisions[0].time - fired["t"], decisions[0].reason)
+
+
 def test_hung_rank_is_killed_by_its_agent_and_replaced(cluster: LocalCluster, golden3: dict) -> None:
     job_id = run_job(cluster, "hang")
     cluster.wait(lambda: progressed(cluster, job_id, 12), 120, "step 12")

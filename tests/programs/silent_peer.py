@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from stanchion.sdk import parallel
+from stanchion.sdk import liveness, parallel
 
 flag, release, waiting = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
@@ -39,7 +39,7 @@ parallel.leave_group(broken=True)
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 x = torch.ones(2)
 dist.all_reduce(x)
-out = {"raised": raised, "collective_left": not parallel.current_collective, "reformed": x.tolist()}
+out = {"raised": raised, "collective_left": not liveness.current_collective, "reformed": x.tolist()}
 print(json.dumps(out), flush=True)
 release.touch()
 os._exit(0)

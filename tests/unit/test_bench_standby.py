@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from diagnostics.bench import standby
 from diagnostics.commands.bench import app
+from stanchion.sdk.protections import Protections
 
 runner = CliRunner()
 
@@ -30,7 +31,8 @@ def test_the_standbys_config_is_the_preset_with_one_micro_batch_and_two_steps(tm
         1,
     )
     assert cfg["integrity"]["snapshot_every"] == 0
-    assert standby.preset_config("llama-1b", tmp_path, 64)["integrity"]["snapshot_every"] == 20
+    default = Protections().snapshot_every
+    assert standby.preset_config("llama-1b", tmp_path, 64)["integrity"]["snapshot_every"] == default
 
 
 def test_an_unknown_preset_is_a_usage_error():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from stanchion.sdk import parallel
+from stanchion.sdk import liveness, parallel
 from stanchion.sdk.parallel import CollectiveFailed
 
 
@@ -42,7 +42,7 @@ def policy(monkeypatch: pytest.MonkeyPatch) -> parallel.WaitPolicy:
 def test_a_collective_that_completes_is_waited_for_in_slices(policy):
     work = FakeWork(slices=3)
     parallel.wait(work, "gradient all-reduce")
-    assert work.waited == 3 and not parallel.current_collective
+    assert work.waited == 3 and not liveness.current_collective
 
 
 def test_a_collective_is_given_up_when_the_generation_is_superseded(policy):
@@ -50,7 +50,7 @@ def test_a_collective_is_given_up_when_the_generation_is_superseded(policy):
     policy.abandon = lambda: "generation 4 was superseded" if work.waited >= 2 else None
     with pytest.raises(CollectiveFailed, match=r"gradient all-reduce: given up: generation 4 was superseded"):
         parallel.wait(work, "gradient all-reduce")
-    assert work.waited == 2 and not parallel.current_collective  # the boundary was left
+    assert work.waited == 2 and not liveness.current_collective  # the boundary was left
 
 
 def test_a_collective_is_not_given_up_within_its_grace(policy):

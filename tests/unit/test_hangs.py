@@ -30,7 +30,7 @@ def states(state: str):
 
 
 def test_a_beat_round_trips_and_a_torn_or_short_record_is_refused() -> None:
-    beat = Beat(PID, NOW, 17, COLLECTIVE, "gradient all-reduce", NOW - 0.5)
+    beat = Beat(PID, NOW, 17, COLLECTIVE, "gradient all-reduce", NOW - 0.5, usual_s=0.125)
     raw = beat.encode()
     assert Beat.decode(raw) == beat
     torn = bytearray(raw)
@@ -83,7 +83,7 @@ def test_a_rank_without_steps_is_hung_unless_it_waits_on_a_peer_or_announced_a_p
 
     assert verdict(Beat(PID, NOW, 9), idle=1.9) == ""  # within its step limit
     assert "outside any collective" in verdict(Beat(PID, NOW, 9))
-    assert verdict(Beat(PID, NOW, 9, COLLECTIVE, "gradient all-reduce", NOW - 4)) == ""
+    assert verdict(Beat(PID, NOW, 9, COLLECTIVE, "gradient all-reduce", NOW - 3.9)) == ""
     assert verdict(Beat(PID, NOW, 9, PAUSED, "evaluation", NOW - 60), idle=60) == ""
     # a wedged process (its heartbeat silent, whatever it said last) and a missing heartbeat are hung
     assert "no heartbeat for 3.5s" in verdict(Beat(PID, NOW, 9, COLLECTIVE, "x", NOW - 4), now=NOW + 3.5)
@@ -176,3 +176,57 @@ def test_the_agent_kills_a_frozen_rank_at_its_next_poll_long_before_any_step_lim
         assert w.hung.startswith("stopped by a signal (process state T): no heartbeat for 0.30s"), w.hung
     else:
         assert w.hung == "" and w.state == state
+
+
+def test_a_collective_past_its_deadline_is_hung_and_the_deadline_follows_its_usual_duration() -> None:
+    """Blocked in one collective past max(2 x the step limit, 10 x its longest recent call): hung,
+    whoever it waits on (every rank alive in a wedged collective); sooner, it waits on a peer."""
+
+    def verdict(blocked_s: float, usual_s: float, limit_s: float = 2.0) -> str:
+        beat = Beat(PID, NOW, 9, COLLECTIVE, "gradient all-reduce", NOW - blocked_s, usual_s)
+        return hangs.not_stepping(PID, beat, NOW, blocked_s, limit_s, LIMITS)
+
+    # usual calls of 10 ms: the floor, twice the step limit (4 s), decides
+    assert verdict(3.9, 0.01) == ""
+    why = verdict(4.1, 0.01)
+    assert "blocked in 'gradient all-reduce' for 4.1s, past its deadline 4.0s" in why
+    assert "its longest recent call, 0.010s" in why
+    # a collective that usually takes 1.5 s: 15 s before it is called stuck
+    assert verdict(14.9, 1.5) == ""
+    assert "past its deadline 15.0s" in verdict(15.1, 1.5)
+    # never completed here before (0: no history): the floor
+    assert "past its deadline 4.0s" in verdict(4.5, 0.0)
+
+
+def test_the_heartbeat_carries_the_longest_recent_call_of_the_collective_it_is_blocked_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [NOW]
+    monkeypatch.setattr(liveness.time, "time", lambda: clock[0])
+    monkeypatch.setattr(liveness, "_recent", {})
+    t = liveness.LivenessThread(tmp_path)
+    for took in (0.02, 0.30, 0.05):
+        entry = liveness.enter("layer norm all-reduce")
+        clock[0] += took
+        liveness.leave(entry, completed=True)
+    failed = liveness.enter("layer norm all-reduce")
+    clock[0] += 9.0
+    liveness.leave(failed, completed=False)  # a call that failed teaches nothing about its duration
+    entry = liveness.enter("layer norm all-reduce")
+    clock[0] += 1.0
+    t.beat()
+    beat = liveness.read(tmp_path)
+    assert beat is not None and (beat.doing, beat.since) == (COLLECTIVE, clock[0] - 1.0)
+    assert beat.usual_s == pytest.approx(0.30)
+    liveness.leave(entry, completed=True)
+    other = liveness.enter("checkpoint commit vote")  # no history of its own
+    t.beat()
+    assert liveness.read(tmp_path).usual_s == 0.0
+    liveness.leave(other, completed=True)
+    # the window is the last RECENT calls: an old long one ages out
+    for _ in range(liveness.RECENT):
+        e = liveness.enter("layer norm all-reduce")
+        clock[0] += 0.01
+        liveness.leave(e, completed=True)
+    assert liveness.usual("layer norm all-reduce") == pytest.approx(0.01)
+    assert not liveness.current_collective
