@@ -94,16 +94,19 @@ def test_a_collective_wedged_with_every_rank_alive_ends_at_its_deadline(
 ) -> None:
     """Rank 2 blocks inside a collective that never completes, its peers in their all-reduce: all
     alive, all in a collective, so only a collective deadline ends it (gloo's own timeout is 300 s).
-    Rank 2's deadline is twice the 3 s step limit (that collective never completed before); its
-    peers' are at least as long, so the job is recovering within seconds, whichever ranks the
-    deadlines took, and ends on the fault-free state."""
+    Every rank's deadline here is twice the 3 s step limit (their collectives' usual durations are
+    milliseconds), so the agents may take the peers in the same poll as rank 2 (then the job
+    restores its checkpoint) or rank 2 alone (then the peers heal it): either way the job is
+    recovering within seconds and ends on the fault-free state."""
     job_id = run_job(cluster, "wedge", faults=[{"kind": "wedge", "step": 12, "rank": 2}])
     job = finish(cluster, job_id)
     assert job.final_fingerprint == golden3["fingerprint"]
     (fired,) = [e for e in cluster.events(EventKind.FAULT_INJECTED) if e.get("job_id") == job_id]
     decisions = [d for d in cluster.explain(job_id).decisions if "past its deadline" in d.reason]
     assert decisions, reasons(cluster, job_id)
-    assert any("blocked in 'gradient all-reduce (wedged)'" in d.reason for d in decisions), decisions
+    assert re.search(r"blocked in 'gradient all-reduce[^']*' for \d", decisions[0].reason), decisions[
+        0
+    ].reason
     # the deadline (6 s) and a poll after it, far from the backend's 300 s
     assert decisions[0].time - fired["t"] < 30, (decisions[0].time - fired["t"], decisions[0].reason)
 
