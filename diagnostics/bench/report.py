@@ -32,11 +32,13 @@ NOT_MEASURED = "Not measured yet."
 # shared diagnostics/bench/common.py): a change to any of them after the commit a JSON records
 # makes its figures stale. Keyed by the JSON's "benchmark" field, else its file name's first word.
 _CLUSTER = ("stanchion", "trainer", "agent", "coordinator", "protos", "diagnostics/up.py")
+_TORCHFT = ("diagnostics/bench/torchft.py", "diagnostics/bench/torchft_worker.py")
 MEASURED_CODE: dict[str, tuple[str, ...]] = {
     "trainer": ("stanchion", "trainer", "diagnostics/bench/trainer.py"),
     "sdk": ("stanchion", "examples", "diagnostics/bench/sdk.py", "diagnostics/bench/sdk_worker.py"),
     "integrity": ("stanchion", "trainer", "diagnostics/bench/integrity.py"),
-    "recovery": (*_CLUSTER, "diagnostics/bench/recovery.py"),
+    # torchft, the peer both run: its launcher and its worker
+    "recovery": (*_CLUSTER, "diagnostics/bench/recovery.py", *_TORCHFT),
     "standby": ("stanchion", "trainer", "agent/workers.py", "diagnostics/bench/standby.py"),
     "checkpoint": (
         "stanchion/sdk/checkpoint.py",
@@ -44,7 +46,7 @@ MEASURED_CODE: dict[str, tuple[str, ...]] = {
         "diagnostics/bench/checkpoint.py",
     ),
     "coordinator": ("coordinator", "protos", "diagnostics/bench/coordinator.py"),
-    "goodput": (*_CLUSTER, "diagnostics/bench/goodput.py"),
+    "goodput": (*_CLUSTER, "diagnostics/bench/goodput.py", *_TORCHFT),
     "chaos": _CLUSTER,  # chaos-drill.json: `stanchion up`
     "bisect": ("coordinator", "agent", "trainer/trial.py", "diagnostics/commands/diag.py"),
 }

@@ -133,6 +133,13 @@ def test_bench_goodput_runs_a_fault_schedule_and_ends_on_the_golden_state(
     # torchrun ran the same schedule's crashes, and ended on the same state too
     assert [f["kind"] for f in r["torchrun"]["faults"]] == ["crash", "crash"]
     assert r["torchrun"]["final_matches_golden"] is True
+    # torchft ran the same crashes and reports them under its own keys (lost steps are not claimed
+    # here: in a run this short a restarted replica may come back after the survivor left and
+    # train the job again alone)
+    ft = r["torchft"]
+    assert data["results"]["torchft_ettr"] == ft["ettr"] > 0
+    assert r["torchft_lost_steps"] == ft["lost_steps"]
+    assert {f["kind"] for f in ft["faults"]} <= {"crash"} and r["torchft_recovery_s"] == ft["recovery_s"]
 
 
 @pytest.mark.slow
