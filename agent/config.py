@@ -53,6 +53,11 @@ class AgentConfig:
     stop_grace_s: float = option(
         60.0, "SIGTERM, then SIGKILL after this many seconds (room for an emergency checkpoint)."
     )
+    orphan_grace_s: float = option(
+        30.0,
+        "Ranks outlive their agent this long, training on, for a restarted agent to adopt them "
+        "(0: they die with it).",
+    )
     rpc_timeout_s: float = 5.0
     max_backoff_s: float = 2.0  # retries while the coordinator is unreachable (it reconciles for 10 s)
     simulate_defect: str = option(
@@ -90,6 +95,9 @@ class AgentConfig:
         )
         require(self.frozen_after_s > 0, "frozen_after_s", "must be > 0 seconds")
         require(self.stop_grace_s >= 0, "stop_grace_s", "must be >= 0")
+        require(
+            self.orphan_grace_s >= 0, "orphan_grace_s", "must be >= 0 seconds (0: ranks die with the agent)"
+        )
         if self.simulate_defect:
             kind, _, p = self.simulate_defect.partition(":")
             ok = kind == "persistent" and not p or kind == "intermittent" and _is_prob(p)

@@ -36,6 +36,9 @@ from stanchion.waiting import Backoff
 log = logging.getLogger(__name__)
 
 MONITOR_S = 0.05
+# `systemctl restart` sends this (the unit's RestartKillSignal): the agent exits and leaves its ranks
+# training for the agent that starts next, which adopts them. SIGTERM (a stop) stops them.
+HAND_OVER_SIGNAL = signal.SIGUSR2
 MAX_EVENTS_PER_BEAT = 500
 
 
@@ -93,6 +96,7 @@ class Agent:
             self.xid_watcher.start()
         self._start_metrics()
         await self._start_health()
+        self.group.adopt()  # ranks a previous agent of this node left running
         await self.group.ensure_standbys()
         from agent.trials import TrialRunner
 
@@ -116,7 +120,9 @@ class Agent:
         self.failed = True
         self.stopping.set()
 
-    async def stop(self) -> None:
+    async def stop(self, *, hand_over: bool = False) -> None:
+        """Stop serving. The node's ranks are stopped (SIGTERM: they checkpoint; SIGKILL after the
+        grace) unless ``hand_over``: then they train on, for the next agent of this node to adopt."""
         sdnotify.stopping()
         self.stopping.set()
         for t in self._tasks:
@@ -124,7 +130,8 @@ class Agent:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        await self.group.shutdown(self.cfg.stop_grace_s)
+        if not hand_over:
+            await self.group.shutdown(self.cfg.stop_grace_s)
         if self.trial_runner is not None:
             await self.trial_runner.shutdown()
         if self._health_server is not None:
@@ -246,7 +253,13 @@ class Agent:
         while not self.stopping.is_set():
             try:
                 resp = await self._stub.Register(
-                    agent_pb2.RegisterRequest(node_id=self.cfg.node_id, inventory=inventory),
+                    agent_pb2.RegisterRequest(
+                        node_id=self.cfg.node_id,
+                        inventory=inventory,
+                        job_id=self.group.job_id,
+                        generation=max(self.group.generation, 0),
+                        workers=self.group.statuses(),
+                    ),
                     timeout=self.cfg.rpc_timeout_s,
                     metadata=self._metadata(),
                 )
@@ -468,9 +481,10 @@ async def serve(cfg: AgentConfig, *, port_file: str = "") -> None:
     sdnotify.enable_faulthandler()
     agent = Agent(cfg)
     stop = asyncio.Event()
+    asked: list[int] = []
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    for sig in (signal.SIGTERM, signal.SIGINT, HAND_OVER_SIGNAL):
+        loop.add_signal_handler(sig, lambda sig=sig: (asked.append(sig), stop.set()))
     await agent.start()
     forward = asyncio.create_task(_forward(agent.stopping, stop))
     if port_file:
@@ -480,12 +494,23 @@ async def serve(cfg: AgentConfig, *, port_file: str = "") -> None:
         )
     sdnotify.ready()
     await stop.wait()
-    log.info(
-        "[node %s] stopping: SIGTERM to ranks, up to %.0fs for their checkpoints",
-        cfg.node_id,
-        cfg.stop_grace_s,
-    )
-    await agent.stop()
+    # A restart (the hand-over signal) or a failure of the agent itself (systemd restarts it) leaves
+    # the ranks training for the next agent, when ranks may outlive this one; a stop stops them.
+    hand_over = cfg.orphan_grace_s > 0 and (HAND_OVER_SIGNAL in asked or agent.failed)
+    if hand_over:
+        log.info(
+            "[node %s] restarting: %d ranks train on, for the next agent to adopt within %.0fs",
+            cfg.node_id,
+            sum(w.alive for w in agent.group.workers),
+            cfg.orphan_grace_s,
+        )
+    else:
+        log.info(
+            "[node %s] stopping: SIGTERM to ranks, up to %.0fs for their checkpoints",
+            cfg.node_id,
+            cfg.stop_grace_s,
+        )
+    await agent.stop(hand_over=hand_over)
     forward.cancel()
     if agent.failed:
         raise SystemExit(1)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from stanchion.sdk.liveness import COLLECTIVE, PAUSED, Beat
 
@@ -40,16 +39,6 @@ class Limits:
     frozen_after_s: float = 0.25  # heartbeat silence of a process stopped by a signal
     wedged_after_s: float = 3.0  # heartbeat silence of any other process with no step in its limit
     collective_factor: float = 10.0  # a collective's deadline, in its longest recent durations
-
-
-def process_state(pid: int) -> str:
-    """The kernel's one-letter state of ``pid`` (``R``, ``S``, ``D``, ``T``, ``t``, ``Z`` ...);
-    empty when there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[0]  # the command name in parentheses may hold anything
 
 
 def frozen(pid: int, beat: Beat | None, now: float, state_of: Callable[[int], str], limits: Limits) -> str:

@@ -41,6 +41,7 @@ from agent import hangs
 from agent.config import BUILTIN_ENTRYPOINT, ENTRYPOINT_HINT, AgentConfig
 from agent.metrics import TrainingMetrics
 from protos.stanchion.v1 import agent_pb2, types_pb2
+from stanchion import procs
 from stanchion.files import JsonlTail, write_json_atomic
 from stanchion.sdk import contract, liveness
 from stanchion.sdk.contract import Assignment, Request, WorkerPaths
@@ -57,12 +58,46 @@ from stanchion.vocab import (
 log = logging.getLogger(__name__)
 
 BUILTIN_PROGRAM: tuple[str, ...] = ("-m", "trainer")  # argv after the interpreter: the built-in trainer
+STATE_FILE = "agent-state.json"  # in the node's directory: the job and generation this agent serves
+# The returncode of an adopted rank that is gone: its exit status went to the process that reaped it
+# (init), not to this agent. No real status is 256 (exit codes are 0-255, signals negative).
+EXIT_UNKNOWN = 256
+PROGRESS_REPLAY_BYTES = 256 * 1024  # how much of an adopted rank's progress file is read back
+
+
+class AdoptedProcess:
+    """A rank this agent did not start: it outlived the agent that did, and this one took it over.
+    The same face as the asyncio process handle the rest of the agent uses, through its identity
+    (pid and start time, so a reused pid is never signalled) and /proc."""
+
+    def __init__(self, ident: procs.ProcId):
+        self.ident, self.pid = ident, ident.pid
+        self._gone = False
+
+    @property
+    def returncode(self) -> int | None:
+        if not self._gone and not self.ident.running():
+            self._gone = True
+        return EXIT_UNKNOWN if self._gone else None
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        while (code := self.returncode) is None:
+            await asyncio.sleep(0.05)
+        return code
 
 
 @dataclass
 class Worker:
     wid: int
-    proc: asyncio.subprocess.Process
+    proc: asyncio.subprocess.Process | AdoptedProcess
     paths: WorkerPaths
     spawned_at: float
     job_id: str = ""
@@ -91,11 +126,22 @@ class Worker:
         self.events_tail = JsonlTail(self.paths.events)
 
     @property
+    def adopted(self) -> bool:
+        return isinstance(self.proc, AdoptedProcess)
+
+    @property
     def alive(self) -> bool:
         return self.proc.returncode is None
 
     def median_step_s(self) -> float:
         return statistics.median(self.step_times) if self.step_times else 0.0
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 class WorkerGroup:
@@ -117,6 +163,94 @@ class WorkerGroup:
         # What new ranks and standbys run: the current job's program (the built-in trainer until a
         # job names another entrypoint).
         self.program: tuple[str, ...] = BUILTIN_PROGRAM
+        self._claimed = False
+
+    def claim(self) -> None:
+        """Name this agent as the owner of the node's ranks (the file their orphan watch reads)."""
+        me = procs.identify(os.getpid())
+        assert me is not None
+        self.base.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.base / contract.AGENT_FILE, me.to_json())
+        self._claimed = True
+
+    def _save_state(self) -> None:
+        """What a restarted agent needs to go on serving the job its ranks run."""
+        write_json_atomic(
+            self.base / STATE_FILE,
+            {
+                "job_id": self.job_id,
+                "generation": self.generation,
+                "config": str(self.config_path or ""),
+                "faults": str(self.faults_path or ""),
+                "program": list(self.program),
+            },
+        )
+
+    def adopt(self) -> list[Worker]:
+        """Take over the ranks and standbys a previous agent of this node left running (they outlive
+        it for the orphan grace): the job, generation and program from its state file, each live
+        process (by pid and start time) from its worker file, and where each stands (slot, rank,
+        generation, state, step) by reading back its assignment, events and recent progress. Nothing
+        read back is relayed again: what the previous agent did not send before it died is lost."""
+        self.claim()
+        try:
+            state = json.loads((self.base / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            state = {}
+        self.job_id = str(state.get("job_id", ""))
+        self.generation = int(state.get("generation", -1))
+        self.config_path = Path(state["config"]) if state.get("config") else None
+        self.faults_path = Path(state["faults"]) if state.get("faults") else None
+        self.program = tuple(state.get("program") or BUILTIN_PROGRAM)
+        adopted: list[Worker] = []
+        for root in sorted(self.base.glob("w*")):
+            ident = procs.ProcId.read(root / contract.WORKER_FILE)
+            if ident is None or not ident.running():
+                continue
+            info = json.loads((root / contract.WORKER_FILE).read_text())
+            w = Worker(
+                int(info["wid"]),
+                AdoptedProcess(ident),
+                WorkerPaths(root),
+                float(info.get("spawned_at", 0.0)),
+                program=tuple(info.get("program") or BUILTIN_PROGRAM),
+            )
+            self._read_back(w)
+            adopted.append(w)
+            log.info(
+                "adopted w%05d (pid %d): rank %d, generation %d, step %d",
+                w.wid,
+                w.proc.pid,
+                w.rank,
+                w.generation,
+                w.step,
+            )
+        self.workers.extend(adopted)
+        return adopted
+
+    def _read_back(self, w: Worker) -> None:
+        """Where an adopted worker stands, from its files (nothing is relayed)."""
+        now = time.time()
+        for rec in w.events_tail.read():
+            self._track(w, rec.get("event", ""), rec)
+        a = w.paths.latest_assignment()
+        if a is not None and a.stop:
+            w.stopping = True  # it was told to leave; its exit is a stop, not a crash
+        elif a is not None:
+            w.slot, w.rank, w.job_id = a.local_rank, a.rank, a.job_id
+            w.assigned_at = now
+            if a.generation > w.generation:  # assigned, not yet formed: as start_generation leaves it
+                if w.state in (types_pb2.WORKER_STATE_TRAINING, types_pb2.WORKER_STATE_WAITING):
+                    w.reassigned_at = now
+                else:
+                    w.generation = a.generation
+                    w.state = types_pb2.WORKER_STATE_STARTING
+        w.progress_tail = JsonlTail(
+            w.paths.progress, start=max(0, _size(w.paths.progress) - PROGRESS_REPLAY_BYTES)
+        )
+        for rec in w.progress_tail.read():
+            self._observe_progress(w, rec, now)
+        w.last_progress_at = now
 
     def _first_wid(self) -> int:
         existing = (
@@ -128,6 +262,8 @@ class WorkerGroup:
 
     # -- spawning -------------------------------------------------------------------------------
     async def spawn(self) -> Worker:
+        if not self._claimed:
+            self.claim()
         wid = self._next_wid
         self._next_wid += 1
         paths = WorkerPaths(self.base / f"w{wid:05d}")
@@ -149,6 +285,7 @@ class WorkerGroup:
                 contract.ENV_WORKER_DIR: str(paths.root),
                 contract.ENV_NODE_ID: self.cfg.node_id,
                 contract.ENV_PARENT_PID: str(os.getpid()),
+                contract.ENV_ORPHAN_GRACE: str(self.cfg.orphan_grace_s),
                 "OMP_NUM_THREADS": str(self.cfg.threads),
                 "MKL_NUM_THREADS": str(self.cfg.threads),
                 "PYTHONUNBUFFERED": "1",
@@ -173,6 +310,12 @@ class WorkerGroup:
         finally:
             log_file.close()
         w = Worker(wid, proc, paths, time.time(), program=program)
+        ident = procs.identify(proc.pid)
+        if ident is not None:  # else it is gone already: its exit is seen at the next poll
+            write_json_atomic(
+                paths.root / contract.WORKER_FILE,
+                {"wid": wid, **ident.to_json(), "program": list(program), "spawned_at": w.spawned_at},
+            )
         self.workers.append(w)
         log.info("spawned standby w%05d (pid %d): %s", wid, proc.pid, " ".join(program))
         return w
@@ -276,6 +419,7 @@ class WorkerGroup:
         run_dir = self._prepare_job(d.job_id, s)
         self._use_program(program)
         self.generation = d.generation
+        self._save_state()
         checkpoint = self.checkpoint_path(d.job_id, s.checkpoint)
         world = s.num_nodes * s.workers_per_node
         for slot in range(s.workers_per_node):
@@ -416,19 +560,7 @@ class WorkerGroup:
                 if kind in FORWARDED:
                     out.append((kind, w, rec))
             for rec in w.progress_tail.read():
-                w.step = int(rec.get("step", w.step))
-                w.last_progress_at = now
-                if rec.get("step_time_s"):
-                    w.step_times.append(float(rec["step_time_s"]))
-                # TRAINING means a step of the worker's current generation; a survivor's last records
-                # of the generation it is leaving do not count for the one it joins, nor does a step
-                # written before the rank left (one poll reads the events first, then the progress).
-                if (
-                    w.state in (types_pb2.WORKER_STATE_STARTING, types_pb2.WORKER_STATE_WAITING)
-                    and rec.get("generation", w.generation) == w.generation
-                    and float(rec.get("t", math.inf)) > w.left_t
-                ):
-                    w.state = types_pb2.WORKER_STATE_TRAINING
+                self._observe_progress(w, rec, now)
                 self.metrics.observe_progress(w.job_id, w.rank, rec)
             if not w.alive:
                 out.append((AgentEventKind.WORKER_EXITED, w, self._classify_exit(w)))
@@ -460,6 +592,22 @@ class WorkerGroup:
             log.info("slot %s of generation %d handed to w%05d", dead.slot, a.generation, w.wid)
         await self.ensure_standbys()
 
+    @staticmethod
+    def _observe_progress(w: Worker, rec: dict[str, Any], now: float) -> None:
+        w.step = int(rec.get("step", w.step))
+        w.last_progress_at = now
+        if rec.get("step_time_s"):
+            w.step_times.append(float(rec["step_time_s"]))
+        # TRAINING means a step of the worker's current generation; a survivor's last records of the
+        # generation it is leaving do not count for the one it joins, nor does a step written before
+        # the rank left (one poll reads the events first, then the progress).
+        if (
+            w.state in (types_pb2.WORKER_STATE_STARTING, types_pb2.WORKER_STATE_WAITING)
+            and rec.get("generation", w.generation) == w.generation
+            and float(rec.get("t", math.inf)) > w.left_t
+        ):
+            w.state = types_pb2.WORKER_STATE_TRAINING
+
     def _track(self, w: Worker, kind: str, rec: dict[str, Any]) -> None:
         if kind == EventKind.STANDBY:
             w.ready = True
@@ -481,7 +629,7 @@ class WorkerGroup:
             return "", now
         beat = liveness.read(w.paths.root)
         if w.state == types_pb2.WORKER_STATE_TRAINING:  # not while it leaves or joins a generation
-            frozen = hangs.frozen(w.proc.pid, beat, now, hangs.process_state, self.limits)
+            frozen = hangs.frozen(w.proc.pid, beat, now, procs.process_state, self.limits)
             if frozen and beat is not None:
                 return frozen, beat.t
         if (
@@ -517,6 +665,9 @@ class WorkerGroup:
         if w.hung:
             reason, summary = ExitReason.HANG, f"killed by the agent: {w.hung}"
             detail["hung_at"] = w.hung_at
+        elif code == EXIT_UNKNOWN:  # adopted: its status went to init; what its files say decides
+            reason = ExitReason.FINISHED if w.state == types_pb2.WORKER_STATE_EXITED else ExitReason.CRASH
+            summary = "exit status unknown (a rank adopted from a previous agent)"
         elif code == contract.EXIT_OK:
             reason, summary = (
                 (ExitReason.FINISHED if w.state == types_pb2.WORKER_STATE_EXITED else ExitReason.STOPPED),

@@ -533,18 +533,33 @@ class Controller:
             "node %s registered (%s)%s", req.node_id, inv.get("host"), " after being lost" if was_lost else ""
         )
         job_id = self.active_job_for(req.node_id)
-        if job_id and not was_lost:
+        adopted, why_not = self._adopted_ranks(req, job_id) if job_id and not was_lost else ([], "")
+        if job_id and adopted:
+            # A member's agent restarted and took over the ranks still running: the job goes on.
+            log.info("node %s: its restarted agent adopted ranks %s; the job goes on", req.node_id, adopted)
+            detail = {"ranks": adopted, "generation": req.generation}
+            self.store.add_events(
+                [
+                    (
+                        job_id,
+                        req.node_id,
+                        CoordinatorEventKind.RANKS_ADOPTED,
+                        req.generation,
+                        0,
+                        -1,
+                        now,
+                        detail,
+                    )
+                ]
+            )
+        elif job_id and not was_lost:
             # A member registering while still counted alive restarted its agent, and its ranks died
-            # with it (systemd kills the unit's processes; `stanchion up` ranks die with their agent).
+            # with it (or not all of them outlived it).
             job = self.jobs[job_id]
             self._apply(
                 job_id,
                 m.WorkerFailed(
-                    req.node_id,
-                    job.generation,
-                    -1,
-                    ExitReason.CRASH,
-                    "its agent restarted, and its ranks with it",
+                    req.node_id, job.generation, -1, ExitReason.CRASH, f"its agent restarted: {why_not}"
                 ),
                 "agent restarted",
             )
@@ -563,6 +578,27 @@ class Controller:
             heartbeat_timeout_ms=int(self.cfg.heartbeat_timeout_s * 1000),
             last_event_seq=rec.last_event_seq,
         )
+
+    def _adopted_ranks(self, req: agent_pb2.RegisterRequest, job_id: str) -> tuple[list[int], str]:
+        """The ranks a member's restarted agent adopted, when they are all this node has in the job's
+        current generation and that generation can go on; else no ranks and why not."""
+        job = self.jobs[job_id]
+        live = (
+            types_pb2.WORKER_STATE_STARTING,
+            types_pb2.WORKER_STATE_TRAINING,
+            types_pb2.WORKER_STATE_WAITING,
+        )
+        ranks = sorted(w.rank for w in req.workers if w.rank >= 0 and w.state in live)
+        if not ranks or req.job_id != job_id or req.generation != job.generation:
+            return [], "its ranks did not outlive it"
+        if job.state != m.JobState.RUNNING and job.members[0] == req.node_id:
+            # The forming generation meets at the rendezvous store the old agent hosted.
+            return [], f"generation {job.generation} was forming at the rendezvous store the old agent hosted"
+        per_node = job.spec.workers_per_node
+        first = job.members.index(req.node_id) * per_node
+        if ranks != list(range(first, first + per_node)):
+            return [], f"it adopted ranks {ranks} of its {first}-{first + per_node - 1} only"
+        return ranks, ""
 
     def _do_heartbeat(self, req: agent_pb2.HeartbeatRequest) -> agent_pb2.HeartbeatResponse:
         rec = self.nodes.get(req.node_id)

@@ -161,6 +161,25 @@ def validate_inventory(inv: types_pb2.NodeInventory) -> None:
     check_text(inv.agent_version, "inventory.agent_version", 64)
 
 
+def validate_workers(workers: Any) -> None:
+    check(len(workers) <= 64, "workers: at most 64")
+    for w in workers:
+        check(
+            -1 <= w.local_rank < 64 and w.rank >= -1 and w.step >= 0, "workers[]: rank or step out of range"
+        )
+        check(w.state in WORKER_STATES, f"workers[].state: {w.state} is not a WorkerState")
+        check_finite(w.step_time_s, "workers[].step_time_s")
+        check_text(w.exit_reason, "workers[].exit_reason", 2048)
+
+
+def validate_register(req: agent_pb2.RegisterRequest) -> None:
+    check_id(req.node_id, "node_id")
+    validate_inventory(req.inventory)
+    check_id(req.job_id, "job_id", JOB_ID_RE, optional=True)
+    check(req.generation >= 0, "generation: must be >= 0")
+    validate_workers(req.workers)
+
+
 def validate_heartbeat(req: agent_pb2.HeartbeatRequest) -> None:
     check_id(req.node_id, "node_id")
     check_id(req.job_id, "job_id", JOB_ID_RE, optional=True)
@@ -168,14 +187,7 @@ def validate_heartbeat(req: agent_pb2.HeartbeatRequest) -> None:
     check(req.last_step >= 0, "last_step: must be >= 0")
     check_finite(req.step_time_s, "step_time_s")
     check(req.acked_directive_seq >= 0, "acked_directive_seq: must be >= 0")
-    check(len(req.workers) <= 64, "workers: at most 64")
-    for w in req.workers:
-        check(
-            -1 <= w.local_rank < 64 and w.rank >= -1 and w.step >= 0, "workers[]: rank or step out of range"
-        )
-        check(w.state in WORKER_STATES, f"workers[].state: {w.state} is not a WorkerState")
-        check_finite(w.step_time_s, "workers[].step_time_s")
-        check_text(w.exit_reason, "workers[].exit_reason", 2048)
+    validate_workers(req.workers)
     check(len(req.events) <= MAX_EVENTS, f"events: at most {MAX_EVENTS} per heartbeat")
     for e in req.events:
         check(bool(KIND_RE.match(e.kind)), f"events[].kind: {e.kind[:40]!r} is not a valid event name")
@@ -215,8 +227,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self, request: agent_pb2.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.RegisterResponse:
         async def go() -> agent_pb2.RegisterResponse:
-            check_id(request.node_id, "node_id")
-            validate_inventory(request.inventory)
+            validate_register(request)
             if self.authorize is not None:
                 await self.authorize(context, request.node_id)
             if self.limiter is not None:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stanchion.files import read_jsonl
-from stanchion.sdk import liveness
+from stanchion.procs import ProcId
+from stanchion.sdk import contract, liveness
 from stanchion.vocab import EventKind
 from stanchion.waiting import wait_until
 
@@ -262,18 +263,19 @@ class LocalCluster:
                 self.coordinator.popen.wait()
         self._kill_stray_ranks()
 
-    def _kill_stray_ranks(self) -> None:
-        """Ranks die with their agent (PR_SET_PDEATHSIG); this catches any that outlived it, by the
-        pids in their own heartbeats. A pid counts only while its environment still names that
-        worker directory (the built-in trainer or a job's own program alike)."""
-        for heartbeat in self.run_root.glob(f"workers/*/w*/{liveness.HEARTBEAT_FILE}"):
-            beat = liveness.read(heartbeat.parent)
-            if beat is None:
-                continue
-            with contextlib.suppress(OSError, ProcessLookupError, PermissionError):
-                worker_dir = f"STANCHION_WORKER_DIR={heartbeat.parent}".encode()
-                if worker_dir in Path(f"/proc/{beat.pid}/environ").read_bytes().split(b"\0"):
-                    os.kill(beat.pid, signal.SIGKILL)
+    def _kill_stray_ranks(self, node_id: str = "*") -> None:
+        """Ranks outlive a killed agent for its orphan grace: SIGKILL any still running (of
+        ``node_id``, or of every node), each known by the pid and start time its agent recorded."""
+        for info in self.run_root.glob(f"workers/{node_id}/w*/{contract.WORKER_FILE}"):
+            ident = ProcId.read(info)
+            if ident is not None and ident.running():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(ident.pid, signal.SIGKILL)
+
+    def kill_node(self, node_id: str) -> None:
+        """The node dies: SIGKILL its agent and every rank and standby of it."""
+        self.kill_agent(node_id)
+        self._kill_stray_ranks(node_id)
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -292,6 +294,16 @@ class LocalCluster:
 
         with self.channel() as ch:
             return getattr(operator_pb2_grpc.OperatorServiceStub(ch), method)(request, timeout=timeout)
+
+    def job_events(self, job_id: str) -> list[Any]:
+        """The events the coordinator stored for ``job_id`` (its own and the agents')."""
+        from protos.stanchion.v1 import operator_pb2, operator_pb2_grpc
+
+        with self.channel() as ch:
+            stream = operator_pb2_grpc.OperatorServiceStub(ch).StreamEvents(
+                operator_pb2.StreamEventsRequest(job_id=job_id, follow=False), timeout=10.0
+            )
+            return [r.event for r in stream]
 
     def submit(self, spec_toml: str) -> str:
         from protos.stanchion.v1 import operator_pb2
@@ -333,7 +345,7 @@ class LocalCluster:
 
     # -- looking inside -------------------------------------------------------------------------
     def ranks(self, node_id: str) -> list[dict[str, Any]]:
-        """The live assigned ranks of a node: pid, rank, generation (from the files they write)."""
+        """The live assigned ranks of a node: pid, rank, generation, job (from the files they write)."""
         out = []
         for w in sorted((self.run_root / "workers" / node_id).glob("w*")):
             beat = liveness.read(w)
@@ -349,6 +361,7 @@ class LocalCluster:
                         "pid": pid,
                         "rank": started[-1]["rank"],
                         "generation": started[-1]["generation"],
+                        "job_id": started[-1].get("job_id", ""),
                         "dir": w,
                     }
                 )

@@ -2,7 +2,8 @@
 
 It starts a coordinator and agents on 127.0.0.1 (fresh mTLS certificates unless --insecure),
 prepares the default corpus if needed, submits a job, shows progress live, and (with --chaos SEED)
-injects a seeded schedule of real faults: a SIGKILLed rank, a SIGSTOPped (hung) rank, a killed agent,
+injects a seeded schedule of real faults: a SIGKILLed rank, a SIGSTOPped (hung) rank, a killed agent
+(restarted at once: it adopts the ranks its predecessor left, and training goes on),
 a killed and restarted coordinator, a bit flip and a NaN. It ends with a summary: steps, restarts by
 reason, recovery times, lost steps, ETTR, final validation loss and sampled text. Every process it
 started is stopped on exit and on Ctrl-C.
@@ -65,7 +66,9 @@ from stanchion.waiting import wait_until
 EXTERNAL = ("crash", "hang", "agent", "coordinator")  # faults `up` causes from outside the ranks
 INTERNAL = ("bitflip", "nan")  # faults the ranks' injector fires (the job spec's schedule)
 KINDS = EXTERNAL + INTERNAL
-PRIMARY = ("crash", "hang", "agent")  # faults that put the job into RECOVERING (a new generation)
+# Faults that may put the job into RECOVERING (a new generation): an agent kill does only when its
+# restarted agent cannot adopt the ranks (a generation forming at the store it hosted, or ranks lost).
+PRIMARY = ("crash", "hang", "agent")
 SECOND = ("crash", "agent", "coordinator")  # faults that can land while a generation forms
 FILE_FIELDS = ("kind", "step", "target", "during_recovery")
 SETTLE_STEPS = 5  # a crash/hang/agent fault followed by this many steps and no new generation had no effect
@@ -714,7 +717,11 @@ class Up:
             if job.step < prev.job_step + SETTLE_STEPS:
                 return False
             prev.effect = False  # training went on in the same generation: nothing was hit
-            prev.detail += "; no new generation followed"
+            prev.detail += (
+                "; its ranks were adopted: no new generation"
+                if prev.kind == "agent"
+                else "; no new generation followed"
+            )
         return True
 
     def _held_back(self, f: Fault) -> bool:
@@ -778,8 +785,8 @@ class Up:
         f.generation_before, f.job_step, f.landed = job.generation, job.step, landed
         if f.kind == "agent":
             c.kill_agent(f.target)
-            f.detail = f"SIGKILL the agent of {f.target} (its ranks die with it)"
-            c.restart_agent(f.target)  # as systemd would; it rejoins as a free node
+            f.detail = f"SIGKILL the agent of {f.target} (its ranks train on)"
+            c.restart_agent(f.target)  # as systemd would; it adopts the ranks its predecessor left
         elif f.kind == "coordinator":
             c.kill_coordinator()
             f.detail = "SIGKILL the coordinator, then restart it on the same state"
@@ -822,7 +829,7 @@ class Up:
             for e in self.cluster.events(kind)
             if e.get("job_id") == self.job_id
         ]
-        detected = self._detected(decisions, alarms)
+        detected = self._detected(decisions + self._adoptions(), alarms)
         meta_path = self.cluster.data_root / self.data_name / "meta.json"
         meta = {} if self.o.entrypoint else json.loads(meta_path.read_text())
         out = {
@@ -900,6 +907,23 @@ class Up:
             out["samples"] = sample_lines(ckpts[-1], self.o.samples)
         return out
 
+    def _adoptions(self) -> list[Any]:
+        """A restarted agent's adoption of its node's ranks, as a decision-like record (what answered
+        an agent kill when no new generation was needed)."""
+        from types import SimpleNamespace
+
+        from stanchion.vocab import CoordinatorEventKind
+
+        return [
+            SimpleNamespace(
+                time=e.time,
+                reason=f"the restarted agent of {e.node_id} adopted its ranks "
+                f"{json.loads(e.detail_json).get('ranks')}: training went on in generation {e.generation}",
+            )
+            for e in self.cluster.job_events(self.job_id)
+            if e.kind == CoordinatorEventKind.RANKS_ADOPTED
+        ]
+
     def _detected(self, decisions: list[Any], alarms: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
         """Each fault and whether the system saw it: a coordinator decision answering it or, for a
         NaN or a bit flip, the ranks' own detector event (``alarms``) when a rollback already under
@@ -907,8 +931,9 @@ class Up:
         signs = {
             "crash": ("crashed",),
             "hang": ("hung",),
-            # a killed agent's node is either declared lost, or its restarted agent reports its ranks gone
-            "agent": ("lost", "went silent", "its agent restarted"),
+            # a killed agent's restarted successor adopts its ranks, or reports them gone (a new
+            # generation), or the node is declared lost
+            "agent": ("adopted", "lost", "went silent", "its agent restarted"),
             "coordinator": ("coordinator restarted",),
             "nan": ("nonfinite",),
             "bitflip": ("replica fingerprints",),

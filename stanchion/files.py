@@ -87,18 +87,21 @@ def _records(lines: list[bytes]) -> Iterator[dict[str, Any]]:
 class JsonlTail:
     """Reads the records appended to a JSON-lines file since the last call (an agent's view of its
     worker). A torn last line is kept back and completed by the next read; a file that became
-    shorter than what was read was rewritten, and is read again from its start."""
+    shorter than what was read was rewritten, and is read again from its start. ``start``: begin at
+    this byte offset instead, dropping the line it falls inside (a reader that wants the recent end)."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], start: int = 0):
         self.path = Path(path)
-        self._offset = 0
+        # From the byte before ``start``: if that is a newline, the line dropped is an empty one.
+        self._offset = max(0, start - 1)
         self._partial = b""
+        self._mid_line = start > 0
 
     def read(self) -> list[dict[str, Any]]:
         try:
             with self.path.open("rb") as f:
                 if os.fstat(f.fileno()).st_size < self._offset:  # rewritten (shorter): start over
-                    self._offset, self._partial = 0, b""
+                    self._offset, self._partial, self._mid_line = 0, b"", False
                 f.seek(self._offset)
                 chunk = f.read()
         except FileNotFoundError:
@@ -108,6 +111,9 @@ class JsonlTail:
         self._offset += len(chunk)
         lines = (self._partial + chunk).split(b"\n")
         self._partial = lines.pop()
+        if self._mid_line and lines:  # the first line is the end of one begun before ``start``
+            lines.pop(0)
+            self._mid_line = False
         return list(_records(lines))
 
 

@@ -116,6 +116,9 @@ class CoordinatorEventKind(Vocab):
     DECISION = "decision"  # the state machine changed the job (detail: reason, from, to, actions)
     NODE_REGISTERED = "node_registered"  # an agent registered
     NODE_LOST = "node_lost"  # a node's heartbeats stopped (detail: ``age_s``)
+    # A member's restarted agent adopted the ranks still running on its node; the job went on
+    # (detail: ``ranks``, ``generation``).
+    RANKS_ADOPTED = "ranks_adopted"
     NODE_UNHEALTHY = "node_unhealthy"  # a node's agent reported the verdict unhealthy
     # An operator cordoned, drained or uncordoned a node: ``node_`` and the node's new state.
     NODE_CORDONED = "node_cordoned"

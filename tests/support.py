@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from agent import hangs
+from stanchion import procs
 from stanchion.files import read_jsonl
 from stanchion.sdk import liveness
 from stanchion.vocab import EventKind
@@ -261,7 +261,7 @@ def frozen_pids(run_root: Path, node_id: str) -> list[int]:
     out = []
     for heartbeat in sorted((run_root / "workers" / node_id).glob(f"w*/{liveness.HEARTBEAT_FILE}")):
         beat = liveness.read(heartbeat.parent)
-        if beat is not None and hangs.process_state(beat.pid) == "T":
+        if beat is not None and procs.process_state(beat.pid) == "T":
             out.append(beat.pid)
     return out
 

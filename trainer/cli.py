@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from stanchion.sdk import contract
-from stanchion.sdk.runtime import die_with_parent, wait_as_standby
+from stanchion.sdk.runtime import wait_as_standby, watch_agent
 from stanchion.settings import ConfigError, merge, parse_assignments
 from trainer.config import TrainConfig, resolve
 
@@ -172,7 +172,7 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "trainer") -> int:
-    die_with_parent()
+    watch_agent()
     args = parser(prog).parse_args(argv)
     setup_logging()
     if os.environ.get(contract.ENV_STANDBY) == "1":

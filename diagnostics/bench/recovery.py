@@ -319,11 +319,18 @@ class Tail:
 
 
 def start_cluster(
-    root: Path, data: Path, data_name: str, *, spares: int = 1, hang_floor_s: float = 5.0, progress: Progress
+    root: Path,
+    data: Path,
+    data_name: str,
+    *,
+    spares: int = 1,
+    hang_floor_s: float = 5.0,
+    agent_args: Sequence[str] = (),
+    progress: Progress,
 ) -> LocalCluster:
-    """A coordinator, the agents of :data:`NODES` (1 worker each) and ``spares`` spare nodes on
-    127.0.0.1, plaintext gRPC (TLS changes nothing on the recovery path but the handshake of a
-    fresh connection), with ``data`` copied under the data root as ``data_name``."""
+    """A coordinator, the agents of :data:`NODES` (1 worker each, with ``agent_args``) and ``spares``
+    spare nodes on 127.0.0.1, plaintext gRPC (TLS changes nothing on the recovery path but the
+    handshake of a fresh connection), with ``data`` copied under the data root as ``data_name``."""
     cluster = LocalCluster(
         root, tls=False, hang_floor_s=hang_floor_s, stop_grace_s=10.0, heartbeat_timeout_s=10.0
     )
@@ -331,9 +338,9 @@ def start_cluster(
     try:
         cluster.start_coordinator()
         for n in NODES:
-            cluster.start_agent(n)
+            cluster.start_agent(n, extra=list(agent_args))
         for i in range(spares):
-            cluster.start_agent(f"spare-{i}", spare=True)
+            cluster.start_agent(f"spare-{i}", spare=True, extra=list(agent_args))
         progress(
             f"cluster: coordinator {cluster.address} (plaintext), agents {', '.join(cluster.agents)}, "
             f"hang floor {hang_floor_s:g} s"

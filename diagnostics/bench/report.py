@@ -39,6 +39,7 @@ MEASURED_CODE: dict[str, tuple[str, ...]] = {
     "integrity": ("stanchion", "trainer", "diagnostics/bench/integrity.py"),
     # torchft, the peer both run: its launcher and its worker
     "recovery": (*_CLUSTER, "diagnostics/bench/recovery.py", *_TORCHFT),
+    "agent-restart": (*_CLUSTER, "diagnostics/bench/agent_restart.py", "diagnostics/bench/recovery.py"),
     "standby": ("stanchion", "trainer", "agent/workers.py", "diagnostics/bench/standby.py"),
     "checkpoint": (
         "stanchion/sdk/checkpoint.py",
@@ -269,6 +270,7 @@ INTEGRITY_B_MEANING = Commentary.load("integrity_b_meaning")
 RECOVERY_WHAT_RUNS = prose("recovery_what_runs")
 GOODPUT_WHAT_RUNS = prose("goodput_what_runs")
 SDK_WHAT_RUNS = prose("sdk_what_runs")
+AGENT_RESTART_WHAT_RUNS = prose("agent_restart_what_runs")
 STANDBY_WHAT_RUNS = prose("standby_what_runs")
 STANDBY_MEANING = Commentary.load("standby_meaning")
 CHECKPOINT_WHAT_RUNS = prose("checkpoint_what_runs")
@@ -948,6 +950,46 @@ def goals_lines(d: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def agent_restart_section(rep: Report) -> list[str]:
+    out = ["## An agent restart: ranks adopted beside ranks that die with their agent", ""]
+    d = rep.load("agent-restart.json")
+    if d is None:
+        return out + [NOT_MEASURED, ""]
+    out += [AGENT_RESTART_WHAT_RUNS.strip(), ""]
+    out += command_block(d["command"])
+    r = d["results"]
+    out += [finished_line(d), ""]
+    rows = [
+        [
+            label,
+            f"**{fmt(r[key]['time_lost_s'], '.3f')}**",
+            fmt(r[key]["time_lost_s_max"], ".3f"),
+            natural(r[key]["lost_steps_max"]),
+            natural(r[key]["new_generations"]),
+            fmt(r[key]["agent_served_s"], ".3g"),
+            fmt(r[key]["adopted_s"], ".3g"),
+            natural(r[key]["trials"]),
+        ]
+        for label, key in (("adopted (default)", "adopted"), ("die with the agent", "ranks_die"))
+    ]
+    out += table(
+        [
+            "ranks",
+            "training time lost s (median)",
+            "max",
+            "lost steps (max)",
+            "new generations",
+            "kill to new agent serving s",
+            "kill to adoption s",
+            "trials",
+        ],
+        rows,
+    )
+    out += ["", f"Adopted / die with the agent: **{fmt(r['ratio'], '.3g')}** (medians).", ""]
+    out += goals_lines(d)
+    return out + [""]
+
+
 def standby_section(rep: Report) -> list[str]:
     out = ["## Warm standbys at real sizes: assignment to first step", ""]
     d = rep.load("standby.json")
@@ -1401,7 +1443,7 @@ def render(bench_dir: Path, out: Path) -> tuple[str, list[Path]]:
         d = rep.load(name)
         if d is not None:
             docs["trainer" if base == "ddp" else f"trainer, {base}"] = d
-    for name in ("integrity", "recovery", "checkpoint", "coordinator"):
+    for name in ("integrity", "recovery", "agent-restart", "checkpoint", "coordinator"):
         d = rep.load(f"{name}.json")
         if d is not None:
             docs[name] = d
@@ -1420,6 +1462,7 @@ def render(bench_dir: Path, out: Path) -> tuple[str, list[Path]]:
         sdk_section,
         integrity_section,
         recovery_section,
+        agent_restart_section,
         standby_section,
         checkpoint_section,
         goodput_section,

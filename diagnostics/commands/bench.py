@@ -854,6 +854,84 @@ def recovery(
 
 
 # ---------------------------------------------------------------------------------------------
+# bench agent-restart
+
+
+def agent_restart_table(result: dict[str, Any]) -> None:
+    r = result["results"]
+    emit_table(
+        ["ranks", "training time lost s (median)", "max", "lost steps (max)", "new generations", "trials"],
+        [
+            [
+                label,
+                num(r[key]["time_lost_s"], ".3f"),
+                num(r[key]["time_lost_s_max"], ".3f"),
+                num(r[key]["lost_steps_max"], "g"),
+                num(r[key]["new_generations"], "g"),
+                num(r[key]["trials"], "g"),
+            ]
+            for label, key in (("adopted", "adopted"), ("die with the agent", "ranks_die"))
+        ],
+        title=f"An agent killed and restarted; adopted / ranks die = {num(r['ratio'], '.3f')}",
+    )
+    print_goals(result)
+
+
+@app.command("agent-restart", epilog=EPILOG)
+@handle_errors
+def agent_restart(
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Agent kills per side (ABBA order).")] = 3,
+    model: Annotated[str, typer.Option("--model", help=MODEL_HELP)] = "tiny",
+    steps: Annotated[int, typer.Option("--steps", min=3, help="Steps per job.")] = 150,
+    kill_step: Annotated[
+        int, typer.Option("--kill-step", min=1, help="Kill the agent once this step is completed.")
+    ] = 25,
+    data: DataOpt = None,
+    work_dir: WorkDirOpt = None,
+    timeout_s: TimeoutOpt = 600.0,
+    json_: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """Training time lost when a node's agent is SIGKILLed and restarted at once: its ranks adopted
+    by the new agent (the default) beside ranks that die with their agent (--orphan-grace-s 0, as
+    under any launcher whose workers are its children), each on a local cluster of 2 nodes x 1
+    worker + a spare, in alternating trials."""
+    from diagnostics.bench.agent_restart import bench_agent_restart
+    from diagnostics.bench.common import BenchError, work_directory
+
+    if model not in MODELS:
+        raise UsageError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
+    command = command_line(
+        "bench agent-restart",
+        [
+            ("--trials", trials),
+            ("--model", model),
+            ("--steps", steps),
+            ("--kill-step", kill_step),
+            ("--data", data),
+            ("--json", json_),
+            ("--out", out),
+        ],
+    )
+    with work_directory(work_dir, "agent-restart") as wd:
+        try:
+            result = bench_agent_restart(
+                data=prepared_data(data, wd),
+                work_dir=wd,
+                command=command,
+                trials=trials,
+                model=model,
+                steps=steps,
+                kill_step=kill_step,
+                timeout_s=timeout_s,
+                progress=message,
+            )
+        except TimeoutError as e:
+            raise BenchError(str(e)) from None
+    report(result, json_=json_, out=out, table=agent_restart_table)
+
+
+# ---------------------------------------------------------------------------------------------
 # bench coordinator
 
 

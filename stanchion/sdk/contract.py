@@ -39,13 +39,20 @@ ENV_STANDBY = "STANCHION_STANDBY"  # "1": wait for an assignment file before joi
 ENV_STANDBY_CONFIG = "STANCHION_STANDBY_CONFIG"
 ENV_FAULTS = "STANCHION_FAULTS"  # a fault-injection schedule file (tests, chaos, bisection defects)
 ENV_NODE_ID = "STANCHION_NODE_ID"
-ENV_PARENT_PID = "STANCHION_PARENT_PID"  # the rank dies with this process (the agent)
+ENV_PARENT_PID = "STANCHION_PARENT_PID"  # the agent that started this rank
+# Seconds a rank outlives its agent waiting for a restarted agent to adopt it (0: it dies with the agent).
+ENV_ORPHAN_GRACE = "STANCHION_ORPHAN_GRACE_S"
 
 PROGRESS_FILE = "progress.jsonl"
 EVENTS_FILE = "events.jsonl"
 ERROR_FILE = "error.json"
 CONTROL_DIR = "control"
 CHECKPOINT_DIR = "checkpoints"
+# In a node's directory of workers (the parent of each worker's): "PID START" of the agent that owns
+# them (stanchion.procs.ProcId), rewritten by a restarted agent when it adopts them.
+AGENT_FILE = "agent"
+# In a worker's directory, written by its agent: the process (pid, start) and the program it runs.
+WORKER_FILE = "worker.json"
 
 # Event kinds (the ``event`` field of events.jsonl) are stanchion.vocab.EventKind.
 
@@ -54,6 +61,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2  # bad configuration, detected before any process group starts
 EXIT_SUPERSEDED = 3  # told to stop waiting (a newer generation does not include this worker)
+EXIT_ORPHANED = 4  # its agent was gone for the orphan grace and no new agent adopted it
 
 
 @dataclass(frozen=True)

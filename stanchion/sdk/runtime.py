@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from stanchion.files import JsonlWriter, write_json_atomic
+from stanchion.procs import ProcId
 from stanchion.sdk import contract, numerics, parallel
 from stanchion.sdk.checkpoint import blocked_by_abandoned_checkpoint
 from stanchion.sdk.contract import Assignment, WorkerPaths
@@ -48,8 +49,8 @@ class Superseded(Exception):
 
 
 def die_with_parent() -> None:
-    """An agent-managed rank must not outlive its agent (systemd kills the unit's cgroup the same
-    way): the kernel SIGKILLs it when the agent dies, and one whose agent already died exits now."""
+    """A process that must not outlive its agent (a diagnostic trial, or a rank whose agent allows no
+    orphans): the kernel SIGKILLs it when the agent dies, and one whose agent already died exits now."""
     parent = os.environ.get(contract.ENV_PARENT_PID)
     if not parent or not sys.platform.startswith("linux"):
         return
@@ -59,6 +60,62 @@ def die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     if os.getppid() != int(parent):  # the agent died before prctl took effect
         os._exit(1)
+
+
+def watch_agent() -> None:
+    """An agent's rank outlives its agent (a crash, an upgrade, a restart) so that the next agent can
+    adopt it without interrupting training, as a container outlives its runtime's daemon; bounded by
+    the agent's orphan grace (``$STANCHION_ORPHAN_GRACE_S``), after which an orphan nobody adopted
+    exits (:data:`contract.EXIT_ORPHANED`) and its peers recover without it. A grace of 0 keeps the
+    old rule: the rank dies with its agent."""
+    global _watching
+    env = os.environ
+    if _watching or not env.get(contract.ENV_PARENT_PID) or not env.get(contract.ENV_WORKER_DIR):
+        return  # watched already, or not an agent's
+    _watching = True
+    grace = float(env.get(contract.ENV_ORPHAN_GRACE) or 0)
+    if grace <= 0 or not sys.platform.startswith("linux"):
+        die_with_parent()
+        return
+    AgentWatch(Path(env[contract.ENV_WORKER_DIR]).parent / contract.AGENT_FILE, grace).start()
+
+
+_watching = False
+
+
+class AgentWatch(threading.Thread):
+    """Watches the agent named in the node's agent file; exits the process once no live agent has
+    been named there for ``grace_s``."""
+
+    POLL_S = 0.25
+
+    def __init__(self, agent_file: Path, grace_s: float):
+        super().__init__(name="agent-watch", daemon=True)
+        self.agent_file, self.grace_s = agent_file, grace_s
+        self.orphaned_since: float | None = None
+        self.agent: ProcId | None = None
+
+    def check(self, now: float) -> bool:
+        """One look: False once the grace has run out with no live agent."""
+        agent = ProcId.read(self.agent_file)
+        if agent is not None and agent.running():
+            if self.orphaned_since is not None or (self.agent is not None and agent != self.agent):
+                log.warning("adopted by the agent with pid %d", agent.pid)
+            self.agent, self.orphaned_since = agent, None
+            return True
+        if self.orphaned_since is None:
+            self.orphaned_since = now
+            log.warning(
+                "my agent is gone: training goes on; exiting in %.0fs unless a new agent adopts me",
+                self.grace_s,
+            )
+        return now - self.orphaned_since <= self.grace_s
+
+    def run(self) -> None:
+        while self.check(time.monotonic()):
+            time.sleep(self.POLL_S)
+        log.error("no agent adopted this orphan within %.0fs: exiting", self.grace_s)
+        _flush_and_exit(contract.EXIT_ORPHANED)
 
 
 def wait_as_standby(paths: WorkerPaths, stop: Callable[[], bool]) -> Assignment | None:
@@ -367,7 +424,7 @@ def join(
     supersedes a waiting standby, 0 if it is stopped while waiting.
     """
     env = os.environ
-    die_with_parent()  # before anything waits: a rank started by an agent dies with it
+    watch_agent()  # before anything waits: a rank outlives its agent only for the orphan grace
     numerics.prepare_environment(env)  # before any device library starts (stanchion/sdk/numerics.py)
     parallel.prepare_environment(env)  # NCCL: a survivor lives to re-form
     stop: list[bool] = []

@@ -347,6 +347,9 @@ def test_agent_is_restarted_after_the_watchdog_kill(boot: Boot) -> None:
     assert restarted["MainPID"] not in ("0", hung["MainPID"]), boot.report()
     assert "Scheduled restart job, restart counter is at 1." in boot.journal, boot.report()
     assert int(restarted["MainPID"]) in boot.agent_pids("rendezvous store on"), boot.report()
-    # The old agent's standby rank went with it (KillMode=mixed cleans the control group up).
+    # The old agent's standby rank outlived it (KillMode=process) and the restarted agent adopted it.
     before, after = set(steady["UnitProcs"].split()), set(restarted["UnitProcs"].split())
-    assert len(before) >= 2 and not before & after, boot.report()
+    ranks = before - {steady["MainPID"]}
+    assert ranks and ranks <= after, boot.report()
+    adopted = set(re.findall(r"adopted w\d+ \(pid (\d+)\)", boot.journal))
+    assert ranks <= adopted, boot.report()

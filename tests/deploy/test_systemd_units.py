@@ -109,7 +109,15 @@ def test_lifecycle_settings(name: str) -> None:
     assert value(unit, "Service", "NotifyAccess") == "main"
     assert seconds(value(unit, "Service", "WatchdogSec") or "0") > 0
     assert value(unit, "Service", "Restart") == "on-failure"
-    assert value(unit, "Service", "KillMode") == "mixed"
+    if name == "stanchion-agent.service":
+        # The ranks outlive the agent's process (a crash, a restart) for the next agent to adopt;
+        # `systemctl restart` sends the hand-over signal, `systemctl stop` SIGTERM.
+        from agent.daemon import HAND_OVER_SIGNAL
+
+        assert value(unit, "Service", "KillMode") == "process"
+        assert value(unit, "Service", "RestartKillSignal") == HAND_OVER_SIGNAL.name
+    else:
+        assert value(unit, "Service", "KillMode") == "mixed"
     assert value(unit, "Unit", "StartLimitIntervalSec") and value(unit, "Unit", "StartLimitBurst")
     assert value(unit, "Install", "WantedBy") == "multi-user.target"
     # TLS material arrives as credentials; --tls-dir points at them.

@@ -327,10 +327,49 @@ def test_a_mercurial_core_named_by_the_audit_is_replaced_and_the_survivors_roll_
     assert any("audit at step 15" in r and "roll back to step 10" in r for r in reasons(cluster, job_id))
 
 
+def test_a_restarted_agent_adopts_its_ranks_and_training_never_stops(
+    cluster: LocalCluster, golden3: dict
+) -> None:
+    """An agent killed (a crash) and an agent restarted as `systemctl restart` does it (the hand-over
+    signal): both nodes' ranks train on, the new agents adopt them, and nothing restarts."""
+    from agent.daemon import HAND_OVER_SIGNAL
+    from stanchion.vocab import CoordinatorEventKind
+
+    # Paced steps (a `slow` fault changes timing only) so that both restarts land mid-run.
+    job_id = run_job(cluster, "adopt", steps=80, faults=[{"kind": "slow", "from_step": 0, "delay_s": 0.2}])
+    cluster.wait(lambda: progressed(cluster, job_id, 5), 120, "step 5")
+    before = cluster.job(job_id)
+
+    def pids(node: str) -> list[int]:  # this job's live ranks on the node
+        return sorted(r["pid"] for r in cluster.ranks(node) if r["job_id"] == job_id)
+
+    alive = {n: pids(n) for n in ("node-1", "node-2")}
+    assert all(alive.values()), alive
+
+    def adopted() -> set[str]:
+        return {e.node_id for e in cluster.job_events(job_id) if e.kind == CoordinatorEventKind.RANKS_ADOPTED}
+
+    cluster.kill_agent("node-1")  # SIGKILL: the agent crashed
+    cluster.restart_agent("node-1")
+    cluster.wait(lambda: "node-1" in adopted(), 60, "node-1's new agent to adopt its ranks")
+    old = cluster.agents["node-2"]
+    cluster.kill_agent("node-2", HAND_OVER_SIGNAL)
+    assert old.popen.wait(30) == 0, cluster.tail(old)
+    cluster.restart_agent("node-2")
+    cluster.wait(lambda: "node-2" in adopted(), 60, "node-2's new agent to adopt its ranks")
+    assert cluster.job(job_id).step < 80, "the restarts landed after the run: pace it slower"
+    for node, before_pids in alive.items():  # the same processes, now the new agents' own
+        assert pids(node) == before_pids, node
+
+    job = finish(cluster, job_id)
+    assert job.generation == before.generation and job.restarts == 0, reasons(cluster, job_id)
+    assert job.final_fingerprint == golden(Path(cluster.root), cluster.data_root / DATA, 3, 80)["fingerprint"]
+
+
 def test_node_loss_is_replaced_by_a_spare(cluster: LocalCluster, golden3: dict) -> None:
     job_id = run_job(cluster, "nodeloss")
     cluster.wait(lambda: progressed(cluster, job_id, 12), 120, "step 12")
-    cluster.kill_agent("node-1")  # its ranks die with it
+    cluster.kill_node("node-1")  # the agent and its ranks
     job = finish(cluster, job_id)
     assert job.final_fingerprint == golden3["fingerprint"]
     assert "spare-0" in job.nodes and "node-1" not in job.nodes
@@ -346,7 +385,7 @@ def test_without_a_spare_data_parallelism_shrinks_keeping_the_global_batch(
     cluster.rpc("CordonNode", operator_pb2.CordonNodeRequest(node_id="spare-0", reason="test: no spare"))
     job_id = cluster.submit(job_spec("shrink", DATA, nodes=3, steps=STEPS))
     cluster.wait(lambda: progressed(cluster, job_id, 12), 120, "step 12")
-    cluster.kill_agent("node-2")
+    cluster.kill_node("node-2")
     job = finish(cluster, job_id)
     assert list(job.nodes) == ["node-0", "node-1"]
     assert any("shrinks from 3 to 2 nodes" in r for r in reasons(cluster, job_id))
@@ -376,10 +415,14 @@ def test_coordinator_sigkill_mid_run_training_continues_and_nothing_restarts(
     cluster.wait(lambda: progressed(cluster, job_id, 10), 120, "step 10")
     before = cluster.job(job_id)
     cluster.kill_coordinator()
-    steps_before = max(r["step"] for r in cluster.progress())
+
+    def newest_step() -> int:  # of this job: an earlier one of the module may have run as long
+        return max(r["step"] for r in cluster.progress() if r.get("job_id") == job_id)
+
+    steps_before = newest_step()
     cluster.start_coordinator()
     job = finish(cluster, job_id)
     assert job.generation == before.generation and job.restarts == 0
-    assert max(r["step"] for r in cluster.progress()) > steps_before  # ranks trained while it was down
+    assert newest_step() > steps_before  # ranks trained while it was down
     assert any("reconciled" in r and "nothing restarted" in r for r in reasons(cluster, job_id))
     assert job.final_fingerprint == golden(Path(cluster.root), cluster.data_root / DATA, 3, 80)["fingerprint"]

@@ -122,15 +122,18 @@ def test_up_survives_its_chaos_schedule_and_reports_every_fault(tmp_path: Path) 
     assert s["invariants_ok"] is True, s["invariants"]
     inv = s["invariants"]
     assert inv["final_state_matches_fault_free"]["fault_free_fingerprint"] == s["final_fingerprint"]
-    assert inv["recoveries_within_bound"]["bound_s"] == 60 and inv["recoveries_within_bound"]["measured"] >= 4
+    # crash, hang and coordinator: the killed agent's ranks are adopted by its successor, no recovery
+    assert inv["recoveries_within_bound"]["bound_s"] == 60 and inv["recoveries_within_bound"]["measured"] >= 3
     assert s["steps_completed"] == steps and s["steps_computed"] == steps + s["lost_steps"]
     kinds = [f["kind"] for f in s["faults_injected"]]
     assert sorted(kinds) == ["agent", "bitflip", "coordinator", "crash", "hang", "nan"]
     undetected = [f for f in s["faults_detected"] if not f["detected"]]
     assert not undetected, undetected
     assert sorted(f["kind"] for f in s["faults_detected"]) == sorted(kinds)
-    assert s["restarts"] and sum(s["restarts"].values()) >= 3  # agent, crash, hang at least
-    assert len(s["recovery_seconds"]) >= 3 and all(x > 0 for x in s["recovery_seconds"])
+    assert s["restarts"] and sum(s["restarts"].values()) >= 2  # crash, hang at least
+    assert len(s["recovery_seconds"]) >= 2 and all(x > 0 for x in s["recovery_seconds"])
+    agent = [f for f in s["faults_detected"] if f["kind"] == "agent"]
+    assert "adopted its ranks" in agent[0]["decision"], agent
     assert s["final_val_loss"] < s["unigram_entropy_nats"]  # it learned more than word frequencies
     assert len(s["samples"]) == 1 and s["samples"][0].strip()
     assert s["final_fingerprint"]
@@ -158,9 +161,9 @@ def leftovers(run_dir: Path) -> list[tuple[str, list[bytes]]]:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_up_runs_a_users_own_program_through_its_chaos_schedule(tmp_path: Path) -> None:
-    """The SDK's example under agents: every fault detected, no step lost to a crash, a hang or a
-    killed agent while a replica lives (the replacement heals from it), and the final state equals
-    the fault-free run's."""
+    """The SDK's example under agents: every fault detected, no step lost to a crash or a hang while
+    a replica lives (the replacement heals from it) nor to a killed agent (its successor adopts the
+    ranks), and the final state equals the fault-free run's."""
     steps = 200
     r = subprocess.run(
         [sys.executable, "-m", "diagnostics.cli", "up", "--entrypoint", "examples/own_loop.py"]
@@ -184,6 +187,8 @@ def test_up_runs_a_users_own_program_through_its_chaos_schedule(tmp_path: Path) 
     )
     undetected = [f for f in s["faults_detected"] if not f["detected"]]
     assert not undetected, undetected
+    agent = [f for f in s["faults_detected"] if f["kind"] == "agent"]
+    assert "adopted its ranks" in agent[0]["decision"], agent
     assert s["final_val_loss"] is not None and s["samples"] == []
     # Rank 0's records, generation by generation: each new generation starts at the step after the
     # last one its predecessor completed (healed from a live replica, nothing redone); only the
@@ -203,7 +208,7 @@ def test_up_runs_a_users_own_program_through_its_chaos_schedule(tmp_path: Path) 
         firsts.setdefault(rec["generation"], rec["step"])
         lasts[rec["generation"]] = max(lasts.get(rec["generation"], 0), rec["step"])
     generations = sorted(firsts)
-    assert len(generations) >= 4  # the crash, the agent and the hang each made one
+    assert len(generations) >= 3  # the crash and the hang each made one (the agent's ranks were adopted)
     for before, after in zip(generations, generations[1:], strict=False):
         assert firsts[after] > lasts[before], (before, lasts[before], after, firsts[after])
     assert not leftovers(tmp_path / "up")

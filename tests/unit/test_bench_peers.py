@@ -580,10 +580,28 @@ def test_report_end_to_end_on_synthetic_json(tmp_path: Path) -> None:
             envelope("coordinator", {"rows": [{"agents": 1000, "p50_ms": 1.5, "p99_ms": 9.0, "failures": 0}]})
         )
     )
+    side = {"trials": 3, "time_lost_s_max": 0.2, "lost_steps_max": 0, "agent_served_s": 3.1}
+    (bench / "agent-restart.json").write_text(
+        json.dumps(
+            envelope(
+                "agent-restart",
+                {
+                    "adopted": {**side, "time_lost_s": 0.125, "new_generations": 0, "adopted_s": 3.2},
+                    "ranks_die": {**side, "time_lost_s": 4.5, "new_generations": 3, "adopted_s": None},
+                    "ratio": 0.125 / 4.5,
+                },
+                {"steps": 150},
+                goals=[{"goal": "no new generation", "value": 0, "target": "== 0", "met": True, "how": ""}],
+            )
+        )
+    )
     out = tmp_path / "docs" / "benchmarks.md"
     result = runner.invoke(app, ["report", "--bench-dir", str(bench), "--out", str(out)])
     assert result.exit_code == 0, result.output
     text = out.read_text()
+    assert "| adopted (default) | **0.125** | 0.200 | 0 | 0 | 3.10 | 3.20 | 3 |" in text
+    assert "| die with the agent | **4.500** | 0.200 | 0 | 3 | 3.10 | – | 3 |" in text
+    assert "Adopted / die with the agent: **0.0278** (medians)." in text and "no new generation" in text
     for heading in ("## Recovery", "## Goodput", "## Coordinator", "## Bisection", "## Trainer", "## GPU"):
         assert heading in text
     assert text.index("stanchion bench recovery --json") < text.index("| system | recovery s (median)")
@@ -621,7 +639,7 @@ def test_report_renders_the_recorded_trainer_and_integrity_json(tmp_path: Path) 
 def test_bench_group_lists_the_new_commands() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for name in ("recovery", "goodput", "report"):
+    for name in ("recovery", "goodput", "agent-restart", "report"):
         assert name in result.output
     bad = runner.invoke(app, ["goodput", "--schedule", "S9"])
     assert bad.exit_code == 2 and "S1 or S2" in bad.output
@@ -755,3 +773,21 @@ def test_goodput_goals_follow_the_faults_that_occurred() -> None:
         "steps lost to crashes and hangs == 0",
         "final state bit-identical to the fault-free run",
     ]
+
+
+def test_time_lost_to_an_agent_restart_is_the_window_beyond_its_steps_at_the_median_interval() -> None:
+    from diagnostics.bench.agent_restart import time_lost
+
+    # rank 0 steps every 0.1 s until the kill at 1.05; then a 0.7 s stall before step 11, then on
+    times = [0.1 * i for i in range(11)] + [1.7, 1.8, 1.9, 2.0]
+    recs = [{"rank": 0, "step": i, "t": t} for i, t in enumerate(times)]
+    recs += [{"rank": 1, "step": i, "t": t + 0.05} for i, t in enumerate(times)]  # ignored: rank 0's
+    lost, steps = time_lost(recs, killed_t=1.05, settled_t=1.85)
+    # from step 10 (t 1.0) to step 13 (t 1.9): 0.9 s for 3 steps of 0.1 s
+    assert steps == 3 and abs(lost - 0.6) < 1e-9
+    # no stall: nothing lost
+    even = [{"rank": 0, "step": i, "t": 0.1 * i} for i in range(20)]
+    lost, steps = time_lost(even, 1.05, 1.5)
+    assert steps == 5 and lost < 1e-9  # floating-point sums of 0.1
+    # the job ended before the window closed, or too few steps before the kill to know the pace
+    assert time_lost(recs, 1.05, 5.0) is None and time_lost(recs, 0.15, 1.0) is None

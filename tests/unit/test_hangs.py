@@ -15,6 +15,7 @@ from agent import hangs
 from agent.config import AgentConfig
 from agent.workers import Worker, WorkerGroup
 from protos.stanchion.v1 import types_pb2
+from stanchion import procs
 from stanchion.sdk import liveness, parallel
 from stanchion.sdk.contract import WorkerPaths
 from stanchion.sdk.liveness import COLLECTIVE, PAUSED, RUNNING, Beat
@@ -94,13 +95,13 @@ def test_a_rank_without_steps_is_hung_unless_it_waits_on_a_peer_or_announced_a_p
 def test_process_state_reads_the_kernel(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        wait_until(lambda: hangs.process_state(proc.pid) == "S", 30, "the child asleep (state S)")
+        wait_until(lambda: procs.process_state(proc.pid) == "S", 30, "the child asleep (state S)")
         proc.send_signal(signal.SIGSTOP)
-        wait_until(lambda: hangs.process_state(proc.pid) == "T", 30, "the child stopped (state T)")
+        wait_until(lambda: procs.process_state(proc.pid) == "T", 30, "the child stopped (state T)")
     finally:
         proc.kill()
         proc.wait()
-    assert hangs.process_state(proc.pid) == ""  # reaped: no such process
+    assert procs.process_state(proc.pid) == ""  # reaped: no such process
 
 
 BEATING = """
@@ -129,7 +130,7 @@ def test_a_stopped_process_stops_beating_and_is_frozen_until_it_is_continued(
     tmp_path: Path, beating: subprocess.Popen
 ) -> None:
     def verdict() -> str:
-        return hangs.frozen(beating.pid, liveness.read(tmp_path), time.time(), hangs.process_state, LIMITS)
+        return hangs.frozen(beating.pid, liveness.read(tmp_path), time.time(), procs.process_state, LIMITS)
 
     def beats() -> bool:
         beat = liveness.read(tmp_path)
@@ -165,7 +166,7 @@ def test_the_agent_kills_a_frozen_rank_at_its_next_poll_long_before_any_step_lim
     w.state = state
     w.assigned_at = w.last_progress_at = time.time()
     beating.send_signal(signal.SIGSTOP)
-    wait_until(lambda: hangs.process_state(beating.pid) == "T", 30, "the rank stopped")
+    wait_until(lambda: procs.process_state(beating.pid) == "T", 30, "the rank stopped")
     last = liveness.read(tmp_path)
     assert last is not None
     now = last.t + 0.3  # a poll 0.3 s after its last heartbeat, 29.7 s before its step limit

@@ -52,7 +52,7 @@ WIRE = {
     AgentEventKind: {"worker_exited", "health", "stale_directive", "directive_rejected", "directive_failed"},
     CoordinatorEventKind: {
         "decision", "node_registered", "node_lost", "node_unhealthy", "node_cordoned", "node_draining",
-        "node_ready", "controller_error", "bisection_done",
+        "node_ready", "controller_error", "bisection_done", "ranks_adopted",
     },
     ExitReason: {"finished", "stopped", "superseded", "config", "crash", "hang", "standby_lost"},
 }  # fmt: skip

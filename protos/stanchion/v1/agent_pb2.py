@@ -25,35 +25,35 @@ _sym_db = _symbol_database.Default()
 from protos.stanchion.v1 import types_pb2 as protos_dot_stanchion_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/stanchion/v1/agent.proto\x12\x0cstanchion.v1\x1a\x1fprotos/stanchion/v1/types.proto\"R\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12.\n\tinventory\x18\x02 \x01(\x0b\x32\x1b.stanchion.v1.NodeInventory\"g\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\x03\x12\x1c\n\x14heartbeat_timeout_ms\x18\x02 \x01(\x03\x12\x16\n\x0elast_event_seq\x18\x03 \x01(\x03\"\xc7\x02\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12+\n\x07workers\x18\x04 \x03(\x0b\x32\x1a.stanchion.v1.WorkerStatus\x12\x11\n\tlast_step\x18\x05 \x01(\x03\x12\x13\n\x0bstep_time_s\x18\x06 \x01(\x01\x12#\n\x06\x65vents\x18\x07 \x03(\x0b\x32\x13.stanchion.v1.Event\x12+\n\x06health\x18\x08 \x01(\x0e\x32\x1b.stanchion.v1.HealthVerdict\x12\x15\n\rhealth_reason\x18\t \x01(\t\x12\x1b\n\x13\x61\x63ked_directive_seq\x18\n \x01(\x03\x12#\n\x06traces\x18\x0b \x03(\x0b\x32\x13.stanchion.v1.Trace\"_\n\x11HeartbeatResponse\x12+\n\ndirectives\x18\x01 \x03(\x0b\x32\x17.stanchion.v1.Directive\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x03\"\xd9\x02\n\x0cStartWorkers\x12\x11\n\tnode_rank\x18\x01 \x01(\x05\x12\x11\n\tnum_nodes\x18\x02 \x01(\x05\x12\x18\n\x10workers_per_node\x18\x03 \x01(\x05\x12\x13\n\x0bmaster_addr\x18\x04 \x01(\t\x12\x13\n\x0bmaster_port\x18\x05 \x01(\x05\x12\x0e\n\x06resume\x18\x06 \x01(\t\x12\x12\n\ncheckpoint\x18\x07 \x01(\t\x12.\n\x0cskip_windows\x18\t \x03(\x0b\x32\x18.stanchion.v1.SkipWindow\x12\x13\n\x0b\x63onfig_json\x18\n \x01(\t\x12\x13\n\x0b\x66\x61ults_json\x18\x0b \x01(\t\x12\x13\n\x0brollback_to\x18\x0c \x01(\x03\x12\x17\n\x0f\x66resh_processes\x18\r \x01(\x08\x12\x12\n\nentrypoint\x18\x0e \x01(\t\x12\x0c\n\x04\x61rgs\x18\x0f \x03(\tJ\x04\x08\x08\x10\tR\x0bsource_rank\"1\n\x0bStopWorkers\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\x08\"g\n\x08Rollback\x12\x12\n\nrequest_id\x18\x01 \x01(\x03\x12\x0f\n\x07to_step\x18\x02 \x01(\x03\x12&\n\x04skip\x18\x03 \x03(\x0b\x32\x18.stanchion.v1.SkipWindow\x12\x0e\n\x06reason\x18\x04 \x01(\t\".\n\x0eMarkCheckpoint\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa5\x01\n\x08RunTrial\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x12\n\ngroup_rank\x18\x02 \x01(\x05\x12\x12\n\ngroup_size\x18\x03 \x01(\x05\x12\x13\n\x0bmaster_addr\x18\x04 \x01(\t\x12\x13\n\x0bmaster_port\x18\x05 \x01(\x05\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x18\n\x10workers_per_node\x18\x08 \x01(\x05\"\x9f\x02\n\tDirective\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12+\n\x05start\x18\x04 \x01(\x0b\x32\x1a.stanchion.v1.StartWorkersH\x00\x12)\n\x04stop\x18\x05 \x01(\x0b\x32\x19.stanchion.v1.StopWorkersH\x00\x12*\n\x08rollback\x18\x06 \x01(\x0b\x32\x16.stanchion.v1.RollbackH\x00\x12\'\n\x05trial\x18\x07 \x01(\x0b\x32\x16.stanchion.v1.RunTrialH\x00\x12,\n\x04mark\x18\x08 \x01(\x0b\x32\x1c.stanchion.v1.MarkCheckpointH\x00\x42\x06\n\x04kind\"n\n\x05Trace\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tloss_bits\x18\x03 \x03(\t\x12\x14\n\x0c\x66ingerprints\x18\x04 \x03(\t\x12\n\n\x02ok\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t2\xa7\x01\n\x0c\x41gentService\x12I\n\x08Register\x12\x1d.stanchion.v1.RegisterRequest\x1a\x1e.stanchion.v1.RegisterResponse\x12L\n\tHeartbeat\x12\x1e.stanchion.v1.HeartbeatRequest\x1a\x1f.stanchion.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/stanchion/v1/agent.proto\x12\x0cstanchion.v1\x1a\x1fprotos/stanchion/v1/types.proto\"\xa3\x01\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12.\n\tinventory\x18\x02 \x01(\x0b\x32\x1b.stanchion.v1.NodeInventory\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x03\x12+\n\x07workers\x18\x05 \x03(\x0b\x32\x1a.stanchion.v1.WorkerStatus\"g\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\x03\x12\x1c\n\x14heartbeat_timeout_ms\x18\x02 \x01(\x03\x12\x16\n\x0elast_event_seq\x18\x03 \x01(\x03\"\xc7\x02\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12+\n\x07workers\x18\x04 \x03(\x0b\x32\x1a.stanchion.v1.WorkerStatus\x12\x11\n\tlast_step\x18\x05 \x01(\x03\x12\x13\n\x0bstep_time_s\x18\x06 \x01(\x01\x12#\n\x06\x65vents\x18\x07 \x03(\x0b\x32\x13.stanchion.v1.Event\x12+\n\x06health\x18\x08 \x01(\x0e\x32\x1b.stanchion.v1.HealthVerdict\x12\x15\n\rhealth_reason\x18\t \x01(\t\x12\x1b\n\x13\x61\x63ked_directive_seq\x18\n \x01(\x03\x12#\n\x06traces\x18\x0b \x03(\x0b\x32\x13.stanchion.v1.Trace\"_\n\x11HeartbeatResponse\x12+\n\ndirectives\x18\x01 \x03(\x0b\x32\x17.stanchion.v1.Directive\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x03\"\xd9\x02\n\x0cStartWorkers\x12\x11\n\tnode_rank\x18\x01 \x01(\x05\x12\x11\n\tnum_nodes\x18\x02 \x01(\x05\x12\x18\n\x10workers_per_node\x18\x03 \x01(\x05\x12\x13\n\x0bmaster_addr\x18\x04 \x01(\t\x12\x13\n\x0bmaster_port\x18\x05 \x01(\x05\x12\x0e\n\x06resume\x18\x06 \x01(\t\x12\x12\n\ncheckpoint\x18\x07 \x01(\t\x12.\n\x0cskip_windows\x18\t \x03(\x0b\x32\x18.stanchion.v1.SkipWindow\x12\x13\n\x0b\x63onfig_json\x18\n \x01(\t\x12\x13\n\x0b\x66\x61ults_json\x18\x0b \x01(\t\x12\x13\n\x0brollback_to\x18\x0c \x01(\x03\x12\x17\n\x0f\x66resh_processes\x18\r \x01(\x08\x12\x12\n\nentrypoint\x18\x0e \x01(\t\x12\x0c\n\x04\x61rgs\x18\x0f \x03(\tJ\x04\x08\x08\x10\tR\x0bsource_rank\"1\n\x0bStopWorkers\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\x08\"g\n\x08Rollback\x12\x12\n\nrequest_id\x18\x01 \x01(\x03\x12\x0f\n\x07to_step\x18\x02 \x01(\x03\x12&\n\x04skip\x18\x03 \x03(\x0b\x32\x18.stanchion.v1.SkipWindow\x12\x0e\n\x06reason\x18\x04 \x01(\t\".\n\x0eMarkCheckpoint\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa5\x01\n\x08RunTrial\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x12\n\ngroup_rank\x18\x02 \x01(\x05\x12\x12\n\ngroup_size\x18\x03 \x01(\x05\x12\x13\n\x0bmaster_addr\x18\x04 \x01(\t\x12\x13\n\x0bmaster_port\x18\x05 \x01(\x05\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x18\n\x10workers_per_node\x18\x08 \x01(\x05\"\x9f\x02\n\tDirective\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12+\n\x05start\x18\x04 \x01(\x0b\x32\x1a.stanchion.v1.StartWorkersH\x00\x12)\n\x04stop\x18\x05 \x01(\x0b\x32\x19.stanchion.v1.StopWorkersH\x00\x12*\n\x08rollback\x18\x06 \x01(\x0b\x32\x16.stanchion.v1.RollbackH\x00\x12\'\n\x05trial\x18\x07 \x01(\x0b\x32\x16.stanchion.v1.RunTrialH\x00\x12,\n\x04mark\x18\x08 \x01(\x0b\x32\x1c.stanchion.v1.MarkCheckpointH\x00\x42\x06\n\x04kind\"n\n\x05Trace\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tloss_bits\x18\x03 \x03(\t\x12\x14\n\x0c\x66ingerprints\x18\x04 \x03(\t\x12\n\n\x02ok\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t2\xa7\x01\n\x0c\x41gentService\x12I\n\x08Register\x12\x1d.stanchion.v1.RegisterRequest\x1a\x1e.stanchion.v1.RegisterResponse\x12L\n\tHeartbeat\x12\x1e.stanchion.v1.HeartbeatRequest\x1a\x1f.stanchion.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.stanchion.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGISTERREQUEST']._serialized_start=82
-  _globals['_REGISTERREQUEST']._serialized_end=164
-  _globals['_REGISTERRESPONSE']._serialized_start=166
-  _globals['_REGISTERRESPONSE']._serialized_end=269
-  _globals['_HEARTBEATREQUEST']._serialized_start=272
-  _globals['_HEARTBEATREQUEST']._serialized_end=599
-  _globals['_HEARTBEATRESPONSE']._serialized_start=601
-  _globals['_HEARTBEATRESPONSE']._serialized_end=696
-  _globals['_STARTWORKERS']._serialized_start=699
-  _globals['_STARTWORKERS']._serialized_end=1044
-  _globals['_STOPWORKERS']._serialized_start=1046
-  _globals['_STOPWORKERS']._serialized_end=1095
-  _globals['_ROLLBACK']._serialized_start=1097
-  _globals['_ROLLBACK']._serialized_end=1200
-  _globals['_MARKCHECKPOINT']._serialized_start=1202
-  _globals['_MARKCHECKPOINT']._serialized_end=1248
-  _globals['_RUNTRIAL']._serialized_start=1251
-  _globals['_RUNTRIAL']._serialized_end=1416
-  _globals['_DIRECTIVE']._serialized_start=1419
-  _globals['_DIRECTIVE']._serialized_end=1706
-  _globals['_TRACE']._serialized_start=1708
-  _globals['_TRACE']._serialized_end=1818
-  _globals['_AGENTSERVICE']._serialized_start=1821
-  _globals['_AGENTSERVICE']._serialized_end=1988
+  _globals['_REGISTERREQUEST']._serialized_start=83
+  _globals['_REGISTERREQUEST']._serialized_end=246
+  _globals['_REGISTERRESPONSE']._serialized_start=248
+  _globals['_REGISTERRESPONSE']._serialized_end=351
+  _globals['_HEARTBEATREQUEST']._serialized_start=354
+  _globals['_HEARTBEATREQUEST']._serialized_end=681
+  _globals['_HEARTBEATRESPONSE']._serialized_start=683
+  _globals['_HEARTBEATRESPONSE']._serialized_end=778
+  _globals['_STARTWORKERS']._serialized_start=781
+  _globals['_STARTWORKERS']._serialized_end=1126
+  _globals['_STOPWORKERS']._serialized_start=1128
+  _globals['_STOPWORKERS']._serialized_end=1177
+  _globals['_ROLLBACK']._serialized_start=1179
+  _globals['_ROLLBACK']._serialized_end=1282
+  _globals['_MARKCHECKPOINT']._serialized_start=1284
+  _globals['_MARKCHECKPOINT']._serialized_end=1330
+  _globals['_RUNTRIAL']._serialized_start=1333
+  _globals['_RUNTRIAL']._serialized_end=1498
+  _globals['_DIRECTIVE']._serialized_start=1501
+  _globals['_DIRECTIVE']._serialized_end=1788
+  _globals['_TRACE']._serialized_start=1790
+  _globals['_TRACE']._serialized_end=1900
+  _globals['_AGENTSERVICE']._serialized_start=1903
+  _globals['_AGENTSERVICE']._serialized_end=2070
 # @@protoc_insertion_point(module_scope)

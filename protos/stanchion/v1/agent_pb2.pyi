@@ -8,12 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("node_id", "inventory")
+    __slots__ = ("node_id", "inventory", "job_id", "generation", "workers")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     inventory: _types_pb2.NodeInventory
-    def __init__(self, node_id: _Optional[str] = ..., inventory: _Optional[_Union[_types_pb2.NodeInventory, _Mapping]] = ...) -> None: ...
+    job_id: str
+    generation: int
+    workers: _containers.RepeatedCompositeFieldContainer[_types_pb2.WorkerStatus]
+    def __init__(self, node_id: _Optional[str] = ..., inventory: _Optional[_Union[_types_pb2.NodeInventory, _Mapping]] = ..., job_id: _Optional[str] = ..., generation: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[_types_pb2.WorkerStatus, _Mapping]]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("heartbeat_interval_ms", "heartbeat_timeout_ms", "last_event_seq")
