@@ -271,6 +271,7 @@ RECOVERY_WHAT_RUNS = prose("recovery_what_runs")
 GOODPUT_WHAT_RUNS = prose("goodput_what_runs")
 SDK_WHAT_RUNS = prose("sdk_what_runs")
 AGENT_RESTART_WHAT_RUNS = prose("agent_restart_what_runs")
+AGENT_RESTART_MEANING = Commentary.load("agent_restart_meaning")
 STANDBY_WHAT_RUNS = prose("standby_what_runs")
 STANDBY_MEANING = Commentary.load("standby_meaning")
 CHECKPOINT_WHAT_RUNS = prose("checkpoint_what_runs")
@@ -987,7 +988,7 @@ def agent_restart_section(rep: Report) -> list[str]:
     )
     out += ["", f"Adopted / die with the agent: **{fmt(r['ratio'], '.3g')}** (medians).", ""]
     out += goals_lines(d)
-    return out + [""]
+    return out + [""] + AGENT_RESTART_MEANING.render(d)
 
 
 def standby_section(rep: Report) -> list[str]:
