@@ -419,7 +419,6 @@ class WorkerGroup:
         run_dir = self._prepare_job(d.job_id, s)
         self._use_program(program)
         self.generation = d.generation
-        self._save_state()
         checkpoint = self.checkpoint_path(d.job_id, s.checkpoint)
         world = s.num_nodes * s.workers_per_node
         for slot in range(s.workers_per_node):
@@ -465,6 +464,7 @@ class WorkerGroup:
         for w in self.workers:  # a slot this node no longer has (fewer workers per node)
             if w.alive and w.slot is not None and w.slot >= s.workers_per_node:
                 await self._supersede(w, d.generation)
+        self._save_state()  # after the assignments: the ranks do not wait for it
         await self.ensure_standbys()
 
     def _worker_for_slot(self, slot: int) -> Worker | None:
