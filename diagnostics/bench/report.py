@@ -813,7 +813,7 @@ def model_text(settings: Mapping[str, Any]) -> str:
     return f"`{name}`: {MODEL_TEXT.get(name, 'see the JSON settings')}"
 
 
-RECOVERY_MEANING: Commentary | None = None  # Commentary.load("recovery_meaning") once one is written
+RECOVERY_MEANING: Commentary | None = Commentary.load("recovery_meaning")
 GOODPUT_MEANING: Commentary | None = Commentary.load("goodput_meaning")
 
 
