@@ -634,6 +634,17 @@ def test_report_renders_the_recorded_trainer_and_integrity_json(tmp_path: Path) 
     assert "Stanchion ÷ DDP step time" in text and "Checksum throughput" in text
     assert "## Coordinator\n\nNot measured yet." in text
     assert figures == []
+    # The protections' rows are labelled with the cadences the run set, read from its JSON.
+    configs = json.loads((bench / "integrity.json").read_text())["results"]["protections"]["configs"]
+    sets = {name: c["sets"] for name, c in configs.items()}
+    for label in (
+        f"| fingerprints K = {sets['fingerprint_default']['integrity.fingerprint_every']} |",
+        f"| audit M = {sets['audit_default']['integrity.audit_every']} |",
+        f"| fingerprints + snapshots every {sets['snapshots_default']['integrity.snapshot_every']} |",
+        "| baseline (all off) |",
+        "| all defaults (+ start-up check) |",
+    ):
+        assert label in text, label
 
 
 def test_bench_group_lists_the_new_commands() -> None:
