@@ -336,7 +336,7 @@ def test_a_restarted_agent_adopts_its_ranks_and_training_never_stops(
     from stanchion.vocab import CoordinatorEventKind
 
     # Paced steps (a `slow` fault changes timing only) so that both restarts land mid-run.
-    job_id = run_job(cluster, "adopt", steps=80, faults=[{"kind": "slow", "from_step": 0, "delay_s": 0.2}])
+    job_id = run_job(cluster, "adopt", steps=80, faults=[{"kind": "slow", "from_step": 0, "delay_s": 0.3}])
     cluster.wait(lambda: progressed(cluster, job_id, 5), 120, "step 5")
     before = cluster.job(job_id)
 
