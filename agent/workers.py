@@ -126,10 +126,6 @@ class Worker:
         self.events_tail = JsonlTail(self.paths.events)
 
     @property
-    def adopted(self) -> bool:
-        return isinstance(self.proc, AdoptedProcess)
-
-    @property
     def alive(self) -> bool:
         return self.proc.returncode is None
 
