@@ -762,6 +762,7 @@ class Controller:
                 tuple(e.suspect_ranks),
                 int(onset[0]),
                 str(d.get("reason", ""))[:500],
+                _step(d.get("rolls_back_to")),
             )
         if kind == EventKind.CHECKPOINT_COMMITTED:
             return m.CheckpointCommitted(
@@ -834,6 +835,13 @@ def _seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return 0.0
     return max(float(value), 0.0)
+
+
+def _step(value: Any) -> int:
+    """A step from an event's free-form JSON detail: -1 (none) unless it is an int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return -1
+    return value
 
 
 def _straggler_detail(d: dict[str, Any]) -> str:

@@ -16,7 +16,8 @@ Policies (the fault model in docs/architecture.md):
   trace); a recurrence at the same data means the data, so that window is skipped; a recurrence at
   other data suggests hardware, so the job bisects;
 - fingerprint mismatch: a named rank's node is cordoned and replaced (the majority's state is right);
-  with nobody named, roll back to the last snapshot whose fingerprints agreed;
+  with nobody named, roll back to the last snapshot whose fingerprints agreed (the ranks do it in
+  place at their verdict and say so: then the decision only records it);
 - audit mismatch: the named rank's node is cordoned and replaced, and the survivors roll back past
   the onset window first (every replica applied the corrupted average since then);
 - restart-loop guards: a cap on restarts and on restarts without progress;
@@ -309,6 +310,9 @@ class Detector:
     suspect_ranks: tuple[int, ...] = ()
     onset_step: int = -1
     detail: str = ""
+    # A fingerprint mismatch: the step of the snapshot every rank rolled back to in place at the
+    # verdict (-1: they did not), so no rollback request is needed for it.
+    rolls_back_to: int = -1
 
 
 @dataclass(frozen=True)
@@ -843,14 +847,25 @@ def on_detector(job: Job, ev: Detector, nodes: Mapping[str, NodeView], now: floa
                 f"state at or before step {ev.step} and heals the replacement",
             )
             return dataclasses.replace(d, actions=marks + cordons + d.actions)
+        why = f"replica fingerprints disagree at step {ev.step} and no rank can be named ({ev.detail})"
+        pending = [job.pending_rollback.to_step] if job.pending_rollback else []
+        if 0 <= ev.rolls_back_to <= max(ev.onset_step, 0) and all(
+            s >= ev.rolls_back_to for s in (*_open_onsets(job), *pending)
+        ):
+            # The ranks went back at their verdict, before the report reached here: asking again
+            # would send them back a second time, over the steps they have redone since.
+            return Decision(
+                dataclasses.replace(job, alarms=_resolve_alarms(job, generation=job.generation)),
+                marks,
+                f"{why}: the ranks rolled back in place to step {ev.rolls_back_to}, where they agreed",
+            )
         return _rollback(
             job,
             max(ev.onset_step, 0),
             (),
             now,
             RestartReason.FINGERPRINT,
-            f"replica fingerprints disagree at step {ev.step} and no rank can be named ({ev.detail}): "
-            f"rolling back to step {ev.onset_step}, where they agreed",
+            f"{why}: rolling back to step {ev.onset_step}, where they agreed",
             marks,
         )
     if ev.kind == EventKind.AUDIT_MISMATCH:

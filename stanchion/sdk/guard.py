@@ -975,7 +975,7 @@ class Guard:
             if c.snapshot.due(step_no):  # a rollback target once the verdict says the replicas agree
                 self.take_snapshot(verified=False)
             return
-        if self.check_fingerprints(reason="periodic"):
+        if self.check_fingerprints(reason="periodic", rolls_back=self.protections.on_mismatch == "rollback"):
             if c.snapshot.due(step_no):
                 self.take_snapshot()
         elif self.protections.on_mismatch == "rollback":  # every rank saw the same comparison
@@ -994,15 +994,24 @@ class Guard:
             return False
         # Someone differs: the whole vectors name the odd rank and the tensors.
         rows = all_gather_rows(pending.values.to(self.rt.device), "fingerprint all-gather")
-        if self.judge_fingerprints(pending.step, pending.names, rows, reason="periodic"):
+        rolls_back = self.protections.on_mismatch == "rollback"
+        if self.judge_fingerprints(
+            pending.step, pending.names, rows, reason="periodic", rolls_back=rolls_back
+        ):
             self.snapshots.verify(pending.step)
             return False
         self.snapshots.reject_unverified()  # a snapshot of this state is no rollback target
         return True
 
     def rollback_mismatch(self) -> None:
+        """Back to the last state the replicas agreed on: the target the mismatch event named."""
         self.rollback(
-            contract.Request(id=self.cursor.request_id, kind="rollback", reason="fingerprint mismatch")
+            contract.Request(
+                id=self.cursor.request_id,
+                kind="rollback",
+                to_step=self.cursor.last_agreed_step,
+                reason="fingerprint mismatch",
+            )
         )
 
     def finish_record(self, record: dict[str, Any], s: Step, sq: torch.Tensor, labels: list[str]) -> None:
@@ -1054,7 +1063,7 @@ class Guard:
             )
         return True
 
-    def check_fingerprints(self, *, reason: str) -> bool:
+    def check_fingerprints(self, *, reason: str, rolls_back: bool = False) -> bool:
         """All-gather fingerprints of parameters and optimizer state; compare replicas exactly."""
         self._pending_check = None  # this check supersedes one waiting for the next agreement
         step = self.cursor.step
@@ -1063,11 +1072,15 @@ class Guard:
             return True
         names, values = fingerprint.fingerprints(fingerprint.named_state(self.model, self.optimizer))
         rows = all_gather_rows(values.to(self.rt.device), "fingerprint all-gather")
-        return self.judge_fingerprints(step, names, rows, reason=reason)
+        return self.judge_fingerprints(step, names, rows, reason=reason, rolls_back=rolls_back)
 
-    def judge_fingerprints(self, step: int, names: list[str], rows: torch.Tensor, *, reason: str) -> bool:
+    def judge_fingerprints(
+        self, step: int, names: list[str], rows: torch.Tensor, *, reason: str, rolls_back: bool = False
+    ) -> bool:
         """Compare each replica group's rows of fingerprints of the state after ``step``; an event
-        names the odd ranks and tensors when they differ."""
+        names the odd ranks and tensors when they differ. ``rolls_back``: the caller rolls every rank
+        back in place at this verdict; the event says to which step (``rolls_back_to``, -1: no
+        snapshot to go to), so the coordinator need not ask for the same rollback again."""
         for group in self.replica_groups():
             if len(group) < 2:
                 continue
@@ -1077,6 +1090,9 @@ class Guard:
                 # The rollback target is the last agreement, on every rank alike (a majority's
                 # snapshot of this step is not one: all ranks must hold the same targets).
                 self.snapshots.pin(self.cursor.last_agreed_step)
+                target = (
+                    self.snapshots.newest_at_or_before(self.cursor.last_agreed_step) if rolls_back else None
+                )
                 self.rt.event(
                     EventKind.FINGERPRINT_MISMATCH,
                     step=step,
@@ -1085,6 +1101,7 @@ class Guard:
                     tensors=list(cmp.mismatched_tensors)[:20],
                     onset_window=[self.cursor.last_agreed_step, step],
                     check=reason,
+                    rolls_back_to=-1 if target is None else target.step,
                 )
                 return False
         self.cursor.last_agreed_step = step

@@ -273,7 +273,10 @@ def test_fingerprint_mismatch_rollback_replays_the_fault_free_run_exactly(
     extra = [*ROLLBACK_ARGS, "--faults", str(faults)]
     r = run_trainer(trainer_cmd(small_data, run, nproc=2, steps=ROLLBACK_STEPS, extra=extra))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert [e["step"] for e in events(run, 0, EventKind.FINGERPRINT_MISMATCH)] == [flip_step // 4 * 4 + 4]
+    (mismatch,) = events(run, 0, EventKind.FINGERPRINT_MISMATCH)
+    assert mismatch["step"] == flip_step // 4 * 4 + 4
+    # The event names the step every rank goes back to, so a coordinator need not ask again.
+    assert mismatch["rolls_back_to"] == flip_step // 4 * 4 == events(run, 0, EventKind.ROLLBACK)[0]["step"]
     assert_replayed_exactly(run, fault_free, to_step=flip_step // 4 * 4)
 
 

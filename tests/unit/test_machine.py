@@ -199,6 +199,47 @@ def test_fingerprint_mismatch_named_cordons_and_replaces_unnamed_rolls_back() ->
     assert isinstance(rb, m.SendRollback) and rb.to_step == 30
 
 
+def test_a_mismatch_the_ranks_rolled_back_in_place_needs_no_second_rollback() -> None:
+    """Two replicas that disagree roll back at their verdict, before the report reaches the
+    coordinator: a request to the same step would send them back again over the steps redone."""
+    cluster = nodes("a", "b")
+    job = running(cluster)
+    for step in (20, 40):
+        job = m.step(job, m.CheckpointCommitted(1, step, f"/ck/{step}"), cluster, 1.0).job
+    ev = m.Detector(EventKind.FINGERPRINT_MISMATCH, "a", 1, step=36, onset_step=30, rolls_back_to=30)
+    d = m.step(job, ev, cluster, 2.0)
+    assert [type(a).__name__ for a in d.actions] == ["MarkCheckpoint"]  # the step-40 one: after the onset
+    assert d.actions[0].step == 40 and not d.actions[0].good
+    assert "rolled back in place to step 30" in d.reason and d.job.pending_rollback is None
+    assert d.job.state is job.state and d.job.generation == job.generation
+    assert not [a for a in d.job.alarms if a.resolved_epoch < 0 and a.resolved_generation < 0]
+    # A checkpoint written after the rollback, in the same generation and request epoch, is good.
+    after = m.step(d.job, m.CheckpointCommitted(1, 34, "/ck/34"), cluster, 3.0)
+    assert after.actions[0].good, after.reason
+
+
+@pytest.mark.parametrize("earlier", ["alarm", "rollback"])
+def test_a_mismatch_rolled_back_in_place_still_gets_a_request_when_something_needs_earlier_state(
+    earlier: str,
+) -> None:
+    cluster = nodes("a", "b")
+    job = running(cluster)
+    if earlier == "alarm":  # an open alarm from before the ranks' target (a NaN still replaying)
+        job = dataclasses.replace(job, alarms=(m.Alarm(EventKind.SPIKE, 20, 22, job.generation),))
+    else:  # a rollback in flight to before it
+        job = m.step(
+            job, m.Detector(EventKind.FINGERPRINT_MISMATCH, "a", 1, step=25, onset_step=20), cluster, 1.0
+        ).job
+        assert job.pending_rollback is not None and job.pending_rollback.to_step == 20
+    ev = m.Detector(EventKind.FINGERPRINT_MISMATCH, "a", 1, step=36, onset_step=30, rolls_back_to=30)
+    d = m.step(job, ev, cluster, 2.0)
+    if earlier == "alarm":  # one request goes back past both
+        (rb,) = [a for a in d.actions if isinstance(a, m.SendRollback)]
+        assert rb.to_step == 20, d.reason
+    else:  # the request in flight already goes back past it: nothing more
+        assert d.actions == () and d.job.pending_rollback.to_step == 20, d.reason
+
+
 def test_audit_mismatch_rolls_survivors_back_past_the_onset_and_marks_checkpoints_bad() -> None:
     cluster = nodes("a", "b", "c", spares=("s",))
     spec = dataclasses.replace(

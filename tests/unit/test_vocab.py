@@ -194,3 +194,22 @@ def test_a_fault_age_the_controller_cannot_read_counts_from_the_report(age: obje
     controller = Controller(CoordinatorConfig(insecure=True), Store(":memory:"))
     ev = controller._machine_event("node-a", event, detail)
     assert isinstance(ev, WorkerFailed) and ev.fault_age_s == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "step"), [(30, 30), (0, 0), (-1, -1), ("30", -1), (2.5, -1), (True, -1), (None, -1)]
+)
+def test_the_step_ranks_rolled_back_to_is_read_from_a_mismatch_event_or_taken_as_none(
+    value: object, step: int
+) -> None:
+    """Only an int >= 0 says the ranks rolled back in place; anything else leaves the rollback to
+    the coordinator, as before."""
+    from coordinator.machine import Detector
+
+    detail = {"reason": "rank ? differs", "onset_window": [30, 36], "rolls_back_to": value}
+    event = types_pb2.Event(
+        kind=EventKind.FINGERPRINT_MISMATCH, generation=1, step=36, rank=0, detail_json=json.dumps(detail)
+    )
+    controller = Controller(CoordinatorConfig(insecure=True), Store(":memory:"))
+    ev = controller._machine_event("node-a", event, detail)
+    assert isinstance(ev, Detector) and (ev.onset_step, ev.rolls_back_to) == (30, step)
