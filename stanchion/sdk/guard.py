@@ -339,6 +339,7 @@ class Guard:
         self._broken: BaseException | None = None  # the generation failed: re-form before going on
         self._in_step: Step | None = None
         self._pending_check: PendingCheck | None = None  # fingerprints awaiting the next agreement
+        self._rolls_back = False  # the last mismatch verdict rolls every rank back in place
         self._act_norms: list[torch.Tensor] = []
         self._act_hooks = [
             m.register_forward_hook(self._activation_hook(i)) for i, m in enumerate(activations or ())
@@ -742,8 +743,7 @@ class Guard:
         self.watch_stragglers(step_no, agreed)
         # The previous step's fingerprints travelled in this agreement: if the replicas disagreed,
         # the state this step would update is already wrong (see settle_check).
-        mismatch = self.settle_check(agreed)
-        roll_back = mismatch and self.protections.on_mismatch == "rollback"
+        roll_back = self.settle_check(agreed) and self._rolls_back
         sq, labels, grad_norm = self.grad_norms()
         record = self.new_record(s, grad_norm)
         force_check = False  # replicas diverged under the audit: check fingerprints this step
@@ -975,10 +975,10 @@ class Guard:
             if c.snapshot.due(step_no):  # a rollback target once the verdict says the replicas agree
                 self.take_snapshot(verified=False)
             return
-        if self.check_fingerprints(reason="periodic", rolls_back=self.protections.on_mismatch == "rollback"):
+        if self.check_fingerprints(reason="periodic", in_place=True):
             if c.snapshot.due(step_no):
                 self.take_snapshot()
-        elif self.protections.on_mismatch == "rollback":  # every rank saw the same comparison
+        elif self._rolls_back:  # every rank saw the same comparison
             self.rollback_mismatch()
 
     def settle_check(self, agreed: Agreement) -> bool:
@@ -994,10 +994,7 @@ class Guard:
             return False
         # Someone differs: the whole vectors name the odd rank and the tensors.
         rows = all_gather_rows(pending.values.to(self.rt.device), "fingerprint all-gather")
-        rolls_back = self.protections.on_mismatch == "rollback"
-        if self.judge_fingerprints(
-            pending.step, pending.names, rows, reason="periodic", rolls_back=rolls_back
-        ):
+        if self.judge_fingerprints(pending.step, pending.names, rows, reason="periodic", in_place=True):
             self.snapshots.verify(pending.step)
             return False
         self.snapshots.reject_unverified()  # a snapshot of this state is no rollback target
@@ -1063,7 +1060,7 @@ class Guard:
             )
         return True
 
-    def check_fingerprints(self, *, reason: str, rolls_back: bool = False) -> bool:
+    def check_fingerprints(self, *, reason: str, in_place: bool = False) -> bool:
         """All-gather fingerprints of parameters and optimizer state; compare replicas exactly."""
         self._pending_check = None  # this check supersedes one waiting for the next agreement
         step = self.cursor.step
@@ -1072,15 +1069,20 @@ class Guard:
             return True
         names, values = fingerprint.fingerprints(fingerprint.named_state(self.model, self.optimizer))
         rows = all_gather_rows(values.to(self.rt.device), "fingerprint all-gather")
-        return self.judge_fingerprints(step, names, rows, reason=reason, rolls_back=rolls_back)
+        return self.judge_fingerprints(step, names, rows, reason=reason, in_place=in_place)
 
     def judge_fingerprints(
-        self, step: int, names: list[str], rows: torch.Tensor, *, reason: str, rolls_back: bool = False
+        self, step: int, names: list[str], rows: torch.Tensor, *, reason: str, in_place: bool = False
     ) -> bool:
         """Compare each replica group's rows of fingerprints of the state after ``step``; an event
-        names the odd ranks and tensors when they differ. ``rolls_back``: the caller rolls every rank
-        back in place at this verdict; the event says to which step (``rolls_back_to``, -1: no
-        snapshot to go to), so the coordinator need not ask for the same rollback again."""
+        names the odd ranks and tensors when they differ.
+
+        ``in_place``: the caller can roll back at this verdict (a periodic check). It then does,
+        when ``self._rolls_back`` says so: with ``on_mismatch="rollback"``, or under an agent when no
+        rank can be named (no majority) and a snapshot of agreed state is at hand, which is what the
+        coordinator would ask for, only 2-3 steps later. The event names the step
+        (``rolls_back_to``; -1: the coordinator's to answer), so it does not ask again."""
+        self._rolls_back = False
         for group in self.replica_groups():
             if len(group) < 2:
                 continue
@@ -1090,8 +1092,10 @@ class Guard:
                 # The rollback target is the last agreement, on every rank alike (a majority's
                 # snapshot of this step is not one: all ranks must hold the same targets).
                 self.snapshots.pin(self.cursor.last_agreed_step)
-                target = (
-                    self.snapshots.newest_at_or_before(self.cursor.last_agreed_step) if rolls_back else None
+                mode = self.protections.on_mismatch
+                target = self.snapshots.newest_at_or_before(self.cursor.last_agreed_step)
+                self._rolls_back = in_place and (
+                    mode == "rollback" or (self.rt.managed and not cmp.suspect_ranks and target is not None)
                 )
                 self.rt.event(
                     EventKind.FINGERPRINT_MISMATCH,
@@ -1101,7 +1105,7 @@ class Guard:
                     tensors=list(cmp.mismatched_tensors)[:20],
                     onset_window=[self.cursor.last_agreed_step, step],
                     check=reason,
-                    rolls_back_to=-1 if target is None else target.step,
+                    rolls_back_to=target.step if self._rolls_back and target is not None else -1,
                 )
                 return False
         self.cursor.last_agreed_step = step
