@@ -430,6 +430,13 @@ def test_the_job_succeeded_through_its_faults(telemetry: Telemetry) -> None:
     for state in ("pending", "running", "recovering", "bisecting", "failed", "cancelled"):
         assert value(coordinator, "stanchion_job_state", job_id=t.job_id, state=state) == 0, state
     assert value(coordinator, "stanchion_job_step", job_id=t.job_id) == STEPS
+    # Two replicas cannot name the flipped one: both rolled back in place at their verdict, and the
+    # coordinator recorded it rather than asking for the same rollback again.
+    assert any(
+        f"replica fingerprints disagree at step {FLIP_STEP + 1}" in r
+        and "the ranks rolled back in place" in r
+        for r in reasons
+    ), reasons
 
 
 def test_promtool_accepts_both_expositions_without_a_word(telemetry: Telemetry) -> None:
