@@ -464,6 +464,8 @@ class Up:
         self.external = [f for f in self.faults if f.kind in EXTERNAL]  # in injection order
         self.job_id = ""
         self.seen_decisions = 0
+        self.seen_adoptions = 0
+        self.awaiting_adoption = False  # an agent was killed: say when its successor adopts the ranks
         self.started = 0.0
         self.finished = 0.0
         self.uncordoned: list[dict[str, str]] = []
@@ -683,6 +685,15 @@ class Up:
                 continue  # routine; `stanchion job explain` lists them all
             self.say(f"[{time.strftime('%H:%M:%S')}] gen {d.generation}: {d.reason}")
         self.seen_decisions = len(decisions)
+        if self.awaiting_adoption:  # not a decision: the coordinator records it as an event
+            try:
+                adoptions = self._adoptions()
+            except Exception:  # noqa: BLE001 - the coordinator may be restarting
+                return
+            for a in adoptions[self.seen_adoptions :]:
+                self.say(f"[{time.strftime('%H:%M:%S')}] {a.reason}")
+                self.awaiting_adoption = False
+            self.seen_adoptions = len(adoptions)
 
     def repair(self) -> None:
         """Injected faults are transient: a node cordoned for one (a bit flip's replica with three or more
@@ -787,6 +798,7 @@ class Up:
             c.kill_agent(f.target)
             f.detail = f"SIGKILL the agent of {f.target} (its ranks train on)"
             c.restart_agent(f.target)  # as systemd would; it adopts the ranks its predecessor left
+            self.awaiting_adoption = True
         elif f.kind == "coordinator":
             c.kill_coordinator()
             f.detail = "SIGKILL the coordinator, then restart it on the same state"
