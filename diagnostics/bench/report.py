@@ -31,7 +31,7 @@ NOT_MEASURED = "Not measured yet."
 # The code each benchmark's figures describe (paths of this repository, besides the benchmarks'
 # shared diagnostics/bench/common.py): a change to any of them after the commit a JSON records
 # makes its figures stale. Keyed by the JSON's "benchmark" field, else its file name's first word.
-_CLUSTER = ("stanchion", "trainer", "agent", "coordinator", "protos", "diagnostics/up.py")
+_CLUSTER = ("stanchion", "trainer", "agent", "coordinator", "protos", "diagnostics/localcluster.py")
 _TORCHFT = ("diagnostics/bench/torchft.py", "diagnostics/bench/torchft_worker.py")
 MEASURED_CODE: dict[str, tuple[str, ...]] = {
     "trainer": ("stanchion", "trainer", "diagnostics/bench/trainer.py"),
@@ -47,8 +47,8 @@ MEASURED_CODE: dict[str, tuple[str, ...]] = {
         "diagnostics/bench/checkpoint.py",
     ),
     "coordinator": ("coordinator", "protos", "diagnostics/bench/coordinator.py"),
-    "goodput": (*_CLUSTER, "diagnostics/bench/goodput.py", *_TORCHFT),
-    "chaos": _CLUSTER,  # chaos-drill.json: `stanchion up`
+    "goodput": (*_CLUSTER, "diagnostics/bench/goodput.py", "diagnostics/bench/recovery.py", *_TORCHFT),
+    "chaos": (*_CLUSTER, "diagnostics/up.py"),  # chaos-drill.json: `stanchion up`
     "bisect": ("coordinator", "agent", "trainer/trial.py", "diagnostics/commands/diag.py"),
 }
 BENCH_COMMON = ("diagnostics/bench/common.py",)

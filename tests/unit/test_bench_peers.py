@@ -802,3 +802,33 @@ def test_time_lost_to_an_agent_restart_is_the_window_beyond_its_steps_at_the_med
     assert steps == 5 and lost < 1e-9  # floating-point sums of 0.1
     # the job ended before the window closed, or too few steps before the kill to know the pace
     assert time_lost(recs, 1.05, 5.0) is None and time_lost(recs, 0.15, 1.0) is None
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "module"),
+    [
+        ("recovery", "diagnostics/bench/recovery.py"),
+        ("goodput", "diagnostics/bench/goodput.py"),
+        ("agent-restart", "diagnostics/bench/agent_restart.py"),
+    ],
+)
+def test_a_benchmark_watches_every_module_of_this_repository_it_imports(benchmark: str, module: str) -> None:
+    """Its figures go stale when any code they ran changes: the diagnostics modules it imports (the
+    local cluster, another benchmark's helpers) must be among the paths the report watches."""
+    import ast
+
+    repo = Path(__file__).resolve().parents[2]
+    watched = (*rp.MEASURED_CODE[benchmark], *rp.BENCH_COMMON)
+    used = set()
+    for node in ast.walk(ast.parse((repo / module).read_text())):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").startswith("diagnostics")
+        ):
+            base = node.module.replace(".", "/")
+            for alias in node.names:  # `from diagnostics.bench import torchft` names a module
+                sub = f"{base}/{alias.name}.py"
+                used.add(sub if (repo / sub).is_file() else f"{base}.py")
+    unwatched = [p for p in sorted(used) if not any(p == w or p.startswith(f"{w}/") for w in watched)]
+    assert used and not unwatched, unwatched
