@@ -813,8 +813,8 @@ def model_text(settings: Mapping[str, Any]) -> str:
     return f"`{name}`: {MODEL_TEXT.get(name, 'see the JSON settings')}"
 
 
-RECOVERY_MEANING: Commentary | None = Commentary.load("recovery_meaning")
-GOODPUT_MEANING: Commentary | None = Commentary.load("goodput_meaning")
+RECOVERY_MEANING = Commentary.load("recovery_meaning")
+GOODPUT_MEANING = Commentary.load("goodput_meaning")
 
 
 def recovery_section(rep: Report) -> list[str]:
@@ -930,9 +930,7 @@ def recovery_section(rep: Report) -> list[str]:
     )
     out += [f"![Recovery phases per trial]({rep.link(png)})", ""]
     out += goals_lines(d)
-    if RECOVERY_MEANING is not None:
-        out += RECOVERY_MEANING.render(d)
-    return out
+    return out + RECOVERY_MEANING.render(d)
 
 
 def goals_lines(d: Mapping[str, Any]) -> list[str]:
@@ -1363,9 +1361,7 @@ def goodput_section(rep: Report) -> list[str]:
         if png:
             out += [f"![{sched} loss curves]({rep.link(png)})", ""]
         out += goals_lines(d)
-    if GOODPUT_MEANING is not None:
-        out += GOODPUT_MEANING.render(docs[-1])
-    return out
+    return out + GOODPUT_MEANING.render(docs[-1])
 
 
 # ---------------------------------------------------------------------------------------------
